@@ -1,0 +1,125 @@
+"""Checks at the public boundary. Every message names the argument, what was
+expected and what was given."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+METRICS = ("sqeuclidean", "cosine", "dot")
+REDUCTIONS = ("mean", "sum", "none")
+BACKEND_NAMES = ("auto", "reference", "torch", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not built, no GPU, no Triton)."""
+
+
+def embeddings(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), "
+                        f"got {x.dtype}")
+
+
+def labels(name, y, n, of):
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer labels, got {type(y).__name__}")
+    if y.dtype == torch.bool or y.dtype.is_floating_point or y.dtype.is_complex:
+        raise TypeError(f"{name} must have an integer dtype, got {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match {of}, got {tuple(y.shape)}")
+
+
+def label_range(name, y, num_classes):
+    if y.numel() and (bool(y.min() < 0) or bool(y.max() >= num_classes)):
+        raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), "
+                         f"got values in [{int(y.min())}, {int(y.max())}]")
+
+
+def num_classes(value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"num_classes must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"num_classes must be >= 1, got {value}")
+
+
+def same_dim(name, x, ref_name, r):
+    if x.shape[1] != r.shape[1]:
+        raise ValueError(f"{name} must have the feature dimension of {ref_name} "
+                         f"({r.shape[1]}), got {x.shape[1]}")
+
+
+def same_device(**tensors):
+    devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def choice(name, value, options):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {options}, got {type(value).__name__}")
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def temperature(value, device):
+    """Return the temperature as a 0-dim tensor on ``device``."""
+    if isinstance(value, bool):
+        raise TypeError("temperature must be a float or a 0-dim tensor, got bool")
+    if isinstance(value, (int, float)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {value}")
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if value.dim() != 0:
+        raise ValueError(f"temperature must be a 0-dim tensor, got shape {tuple(value.shape)}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"temperature must be a floating tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"temperature must be on the embeddings' device {device}, got {value.device}")
+    ok = torch.isfinite(value) & (value > 0)
+    if value.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(f"temperature must be finite and > 0, got {value.item()}")
+    elif not torch.compiler.is_compiling():
+        # no host sync on accelerators: the check fires asynchronously
+        torch._assert_async(ok, "temperature must be finite and > 0")
+    return value
+
+
+def backend(value, device):
+    """Resolve ``backend`` (and ``NBKERNELS_BACKEND`` for "auto") to a concrete name."""
+    choice("backend", value, BACKEND_NAMES)
+    if value == "auto":
+        env = os.environ.get("NBKERNELS_BACKEND", "auto")
+        if env not in BACKEND_NAMES:
+            raise ValueError(f"environment variable NBKERNELS_BACKEND must be one of "
+                             f"{BACKEND_NAMES}, got {env!r}")
+        value = env
+    if value == "auto":
+        return "triton" if device.type == "cuda" and _triton_ok(device) else "torch"
+    if value == "triton" and not _triton_ok(device):
+        raise BackendUnavailableError(
+            f"backend 'triton' cannot run on {device}: it needs the triton package and a CUDA "
+            "device, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors")
+    if value == "cuda":
+        raise BackendUnavailableError(
+            "backend 'cuda' is not built in this installation: install from source on a machine "
+            "with a CUDA toolkit and a CUDA build of torch (FORCE_CUDA=1 pip install -e .), "
+            "or use backend='triton' or 'torch'")
+    return value
+
+
+def _triton_ok(device):
+    try:
+        from nbkernels.backends import triton as triton_backend
+    except ImportError:
+        return False
+    return triton_backend.is_available(device)

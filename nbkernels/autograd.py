@@ -1,0 +1,148 @@
+"""``torch.autograd.Function``s behind the public API.
+
+* :class:`NeighborLSE` returns ``(lse_all, lse_pos)``, the two row log-sum-exps.
+* :class:`ClassProbs` returns ``yhat``, the label-weighted vote of the softmax.
+
+Both are differentiable with respect to the queries, the references and a tensor
+temperature, and run one of the fused backends (``"torch"``, ``"triton"``, ``"cuda"``).
+They do no input validation: use :mod:`nbkernels.functional` for that. Row statistics
+come back in the accumulation dtype (fp32, or fp64 for fp64 inputs), as in
+FlashAttention, so that a loss formed from them keeps its precision in half precision.
+
+Example::
+
+    T = torch.tensor(0.1)
+    lse_all, lse_pos = NeighborLSE.apply(x, x, y, y, T, "sqeuclidean", 0, "torch")
+    loss = (lse_all - lse_pos).mean()
+
+When ``q`` and ``r`` are the same tensor, autograd adds the two gradients, which is
+the gradient of the batch loss. ``"cosine"`` normalizes the rows here and hands the
+kernels ``"dot"``; the backward applies the normalization's Jacobian.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+_EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+def backend_module(name):
+    """The launcher module of a fused backend."""
+    return importlib.import_module(f"nbkernels.backends.{name}")
+
+
+def _normalize(x):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.nn.functional.normalize(x.to(acc), dim=1, eps=_EPS).to(x.dtype)
+
+
+def _normalize_backward(x, grad):
+    """Gradient through x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(acc)
+    grad = grad.to(acc)
+    norm = x.norm(dim=1, keepdim=True)
+    x_hat = x / norm.clamp_min(_EPS)
+    radial = torch.where(norm > _EPS, (x_hat * grad).sum(1, keepdim=True), torch.zeros_like(norm))
+    return (grad - x_hat * radial) / norm.clamp_min(_EPS)
+
+
+def _kernel_inputs(q, r, metric):
+    if metric == "cosine":
+        qk = _normalize(q)
+        rk = qk if r is q else _normalize(r)
+        return qk, rk, "dot"
+    return q, r, metric
+
+
+def _input_grads(ctx, q, r, dq, dr):
+    if ctx.metric == "cosine":
+        dq = None if dq is None else _normalize_backward(q, dq).to(q.dtype)
+        dr = None if dr is None else _normalize_backward(r, dr).to(r.dtype)
+    return dq, dr
+
+
+def _empty(q, r):
+    return q.shape[0] == 0 or r.shape[0] == 0
+
+
+class NeighborLSE(torch.autograd.Function):
+    """``(lse_all, lse_pos) = NeighborLSE.apply(q, r, q_labels, r_labels, T, metric, offset, backend)``.
+
+    q: (N, D), r: (M, D) floating, same dtype; labels int64 (N,), (M,); T: 0-dim tensor;
+    metric: "sqeuclidean" | "cosine" | "dot"; offset: None or int (query i skips
+    reference i + offset); backend: "torch" | "triton" | "cuda". Returns two (N,)
+    tensors in the accumulation dtype; ``lse_pos`` is -inf on rows with no positive.
+    """
+
+    @staticmethod
+    def forward(ctx, q, r, q_labels, r_labels, temperature, metric="sqeuclidean", offset=None,
+                backend="torch"):
+        qk, rk, kmetric = _kernel_inputs(q, r, metric)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if _empty(q, r):
+            lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
+            lse_pos = lse_all.clone()
+        else:
+            lse_all, lse_pos = backend_module(backend).lse_forward(
+                qk, rk, q_labels, r_labels, temperature, metric=kmetric, offset=offset)
+        ctx.save_for_backward(q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos)
+        ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
+        if kmetric == "sqeuclidean":
+            # the kernels leave out the row constant -||q||^2 / T; add it back
+            shift = qk.to(acc).pow(2).sum(1) / temperature.to(acc)
+            return lse_all - shift, lse_pos - shift
+        return lse_all.clone(), lse_pos.clone()
+
+    @staticmethod
+    def backward(ctx, g_all, g_pos):
+        q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos = ctx.saved_tensors
+        need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
+        if _empty(q, r) or not (need_q or need_r or need_t):
+            return (None,) * 8
+        g_all = torch.zeros_like(lse_all) if g_all is None else g_all
+        g_pos = torch.zeros_like(lse_pos) if g_pos is None else g_pos
+        dq, dr, dt = backend_module(ctx.backend).lse_backward(
+            qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+            metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
+        dq, dr = _input_grads(ctx, q, r, dq, dr)
+        dt = None if dt is None else dt.to(temperature.dtype)
+        return dq, dr, None, None, dt, None, None, None
+
+
+class ClassProbs(torch.autograd.Function):
+    """``yhat = ClassProbs.apply(q, r, r_labels, T, num_classes, metric, offset, backend)``.
+
+    Returns yhat (N, num_classes) in the accumulation dtype: ``yhat_ic`` is the softmax
+    mass of the references labelled ``c``. Arguments as in :class:`NeighborLSE`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, r, r_labels, temperature, num_classes, metric="sqeuclidean", offset=None,
+                backend="torch"):
+        qk, rk, kmetric = _kernel_inputs(q, r, metric)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if _empty(q, r):
+            yhat = torch.full((q.shape[0], num_classes), float("nan"), dtype=acc, device=q.device)
+            lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
+        else:
+            yhat, lse_all = backend_module(backend).probs_forward(
+                qk, rk, r_labels, temperature, num_classes, metric=kmetric, offset=offset)
+        ctx.save_for_backward(q, r, qk, rk, r_labels, temperature, yhat, lse_all)
+        ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
+        return yhat.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, r, qk, rk, r_labels, temperature, yhat, lse_all = ctx.saved_tensors
+        need_q, need_r, _, need_t = ctx.needs_input_grad[:4]
+        if _empty(q, r) or not (need_q or need_r or need_t):
+            return (None,) * 8
+        dq, dr, dt = backend_module(ctx.backend).probs_backward(
+            qk, rk, r_labels, temperature, yhat, lse_all, g,
+            metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
+        dq, dr = _input_grads(ctx, q, r, dq, dr)
+        dt = None if dt is None else dt.to(temperature.dtype)
+        return dq, dr, None, dt, None, None, None, None

@@ -1,0 +1,106 @@
+r"""Reference backend: the formula in plain torch ops, differentiated by autograd.
+
+This module is the oracle every other backend is tested against. It materializes
+the full N x M logit matrix and is meant for small inputs and for checking.
+
+The math
+========
+
+Queries ``q_i`` (N x D) with labels ``a_i``; references ``r_j`` (M x D) with labels
+``b_j``; temperature ``T > 0``.
+
+Logits::
+
+    logit_ij = sim(q_i, r_j) / T
+    sim = -||q - r||^2      ("sqeuclidean")
+        = q . r             ("dot")
+        = q . r / |q||r|    ("cosine", i.e. "dot" on L2-normalized rows)
+
+Self-exclusion with offset ``o``: the pair ``(i, j = i + o)`` is removed from every
+sum below (``o = 0`` when the references are the queries themselves).
+
+Row statistics::
+
+    lse_all_i = log sum_j        exp(logit_ij)
+    lse_pos_i = log sum_{b_j=a_i} exp(logit_ij)        (-inf when no positive)
+    loss_i    = lse_all_i - lse_pos_i = -log sum_{b_j=a_i} p_ij
+    yhat_ic   = sum_{b_j=c} p_ij,       p_ij = exp(logit_ij - lse_all_i)
+
+Gradients. With upstream ``g_all``, ``g_pos`` for the two log-sum-exps::
+
+    dlogit_ij = g_all_i p_ij + g_pos_i p+_ij,   p+_ij = [b_j=a_i] exp(logit_ij - lse_pos_i)
+
+so for the loss (``g_all = g``, ``g_pos = -g``) ``dlogit_ij = g_i (p_ij - p+_ij)``.
+With upstream ``G`` (N x C) for yhat::
+
+    dlogit_ij = p_ij (G_{i,b_j} - delta_i),    delta_i = sum_c G_ic yhat_ic
+
+and then, writing ``ds = dlogit``::
+
+    "dot":          dq_i = sum_j ds_ij r_j / T        dr_j = sum_i ds_ij q_i / T
+    "sqeuclidean":  dq_i = 2/T (sum_j ds_ij r_j - q_i sum_j ds_ij)
+                    dr_j = 2/T (sum_i ds_ij q_i - r_j sum_i ds_ij)
+    all metrics:    dT   = -1/T sum_ij ds_ij logit_ij
+
+For "sqeuclidean" the fused backends use the shifted logit
+``(2 q.r - ||r||^2) / T``; the dropped ``-||q||^2/T`` is constant along a row, so it
+cancels in every softmax and in the loss and is added back to the returned lse.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def logits(q, r, temperature, metric, offset):
+    """Materialized (N, M) logits in the accumulation dtype, excluded pair at -inf."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q = q.to(acc)
+    r = r.to(acc)
+    if metric == "cosine":
+        q = torch.nn.functional.normalize(q, dim=1)
+        r = torch.nn.functional.normalize(r, dim=1)
+    if metric == "sqeuclidean":
+        sim = -(q.pow(2).sum(1, keepdim=True) - 2.0 * q @ r.T + r.pow(2).sum(1))
+    else:
+        sim = q @ r.T
+    s = sim / temperature.to(acc)
+    if offset is not None:
+        s = s.masked_fill(_excluded(q.shape[0], r.shape[0], offset, q.device), float("-inf"))
+    return s
+
+
+def _excluded(n, m, offset, device):
+    """Boolean (N, M) mask of the excluded pairs j == i + offset."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(m, device=device)[None, :]
+    return j == i + offset
+
+
+def _masked_lse(s, mask):
+    """Row logsumexp over ``mask``; -inf (and zero gradient) for rows with no entry."""
+    has = mask.any(1)
+    safe = torch.where(mask, s, float("-inf"))
+    safe = torch.where(has[:, None], safe, torch.zeros_like(s))
+    return torch.where(has, torch.logsumexp(safe, 1), torch.full_like(s[:, 0], float("-inf")))
+
+
+def neighbor_lse(q, r, q_labels, r_labels, temperature, *, metric="sqeuclidean", offset=None):
+    """Return ``(lse_all, lse_pos)``, each (N,), in the accumulation dtype (autograd-differentiable)."""
+    s = logits(q, r, temperature, metric, offset)
+    present = torch.ones_like(s, dtype=torch.bool)
+    if offset is not None:
+        present = ~_excluded(s.shape[0], s.shape[1], offset, s.device)
+    pos = present & (q_labels[:, None] == r_labels[None, :])
+    # NaN logits must propagate: the masks come from labels, never from values.
+    lse_all = _masked_lse(s, present)
+    lse_pos = _masked_lse(s, pos)
+    return lse_all, lse_pos
+
+
+def class_probs(q, r, r_labels, temperature, num_classes, *, metric="sqeuclidean", offset=None):
+    """Return yhat (N, num_classes) in q's dtype; row i sums to 1 when it has references."""
+    s = logits(q, r, temperature, metric, offset)
+    p = torch.softmax(s, dim=1)
+    yhat = torch.zeros(s.shape[0], num_classes, dtype=s.dtype, device=s.device)
+    yhat = yhat.index_add(1, r_labels, p)
+    return yhat.to(q.dtype)

@@ -1,0 +1,101 @@
+"""``nn.Module`` wrappers of the neighbor losses."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nbkernels import _validation as check
+from nbkernels import functional as F
+
+
+class _TemperatureMixin(nn.Module):
+    def _init_temperature(self, temperature, learn_temperature):
+        check.temperature(temperature, torch.device("cpu"))
+        if learn_temperature:
+            # log-parametrized: T = exp(log_temperature) stays > 0 under any update
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(temperature))))
+        else:
+            self._temperature = float(temperature)
+
+    @property
+    def temperature(self):
+        if hasattr(self, "log_temperature"):
+            return self.log_temperature.exp()
+        return self._temperature
+
+    def _t(self, device):
+        t = self.temperature
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+class NCALoss(_TemperatureMixin):
+    """Module form of :func:`nbkernels.nca_loss`.
+
+    Args:
+        temperature: initial T (float > 0). metric, reduction, backend: as in ``nca_loss``.
+        learn_temperature: hold T as a parameter ``log_temperature`` (T = exp of it).
+
+    Example::
+
+        criterion = nbkernels.NCALoss(temperature=0.1, learn_temperature=True)
+        loss = criterion(model(x), y)
+    """
+
+    def __init__(self, temperature=0.1, *, metric="sqeuclidean", reduction="mean",
+                 backend="auto", learn_temperature=False):
+        super().__init__()
+        check.choice("metric", metric, check.METRICS)
+        check.choice("reduction", reduction, check.REDUCTIONS)
+        check.choice("backend", backend, check.BACKEND_NAMES)
+        self.metric, self.reduction, self.backend = metric, reduction, backend
+        self._init_temperature(temperature, learn_temperature)
+
+    def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
+        return F.nca_loss(embeddings, labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                          temperature=self._t(embeddings.device), metric=self.metric,
+                          reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, metric={self.metric!r}, reduction={self.reduction!r}"
+
+
+class PrototypeLoss(_TemperatureMixin):
+    """Module form of :func:`nbkernels.prototype_loss`.
+
+    With ``num_classes`` and ``dim`` it owns learned prototypes (ProxyNCA), a
+    ``(num_classes, dim)`` parameter; otherwise it uses the class means of each batch,
+    or the prototypes passed to ``forward``.
+
+    Example::
+
+        criterion = nbkernels.PrototypeLoss(num_classes=10, dim=64, metric="cosine")
+        loss = criterion(model(x), y)
+    """
+
+    def __init__(self, temperature=0.1, *, metric="sqeuclidean", reduction="mean",
+                 backend="auto", learn_temperature=False, num_classes=None, dim=None):
+        super().__init__()
+        check.choice("metric", metric, check.METRICS)
+        check.choice("reduction", reduction, check.REDUCTIONS)
+        check.choice("backend", backend, check.BACKEND_NAMES)
+        self.metric, self.reduction, self.backend = metric, reduction, backend
+        self._init_temperature(temperature, learn_temperature)
+        if (num_classes is None) != (dim is None):
+            raise ValueError("num_classes and dim go together: pass both to learn prototypes, "
+                             f"or neither; got num_classes={num_classes}, dim={dim}")
+        self.prototypes = None
+        if num_classes is not None:
+            check.num_classes(num_classes)
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+            self.prototypes = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
+
+    def forward(self, embeddings, labels, prototypes=None, prototype_labels=None):
+        if prototypes is None and prototype_labels is None:
+            prototypes = self.prototypes
+        return F.prototype_loss(embeddings, labels, prototypes=prototypes,
+                                prototype_labels=prototype_labels,
+                                temperature=self._t(embeddings.device), metric=self.metric,
+                                reduction=self.reduction, backend=self.backend)

@@ -1,0 +1,122 @@
+"""NeighborCache: push order, overwrite, loss before push, predict, state_dict."""
+import pytest
+import torch
+
+import nbkernels
+
+
+def _batch(n, dim=4, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_push_order_and_overwrite():
+    cache = nbkernels.NeighborCache(5, 2, 10)
+    assert len(cache) == 0
+    rows = torch.arange(14, dtype=torch.float32)[:, None].repeat(1, 2)
+    labels = torch.arange(14) % 10
+    cache.push(rows[:3], labels[:3])
+    assert len(cache) == 3 and int(cache.ptr) == 3
+    assert torch.equal(cache.memory[:3, 0], torch.tensor([0.0, 1.0, 2.0]))
+    cache.push(rows[3:7], labels[3:7])  # wraps: slots 3, 4, 0, 1
+    assert len(cache) == 5 and int(cache.ptr) == 2
+    assert torch.equal(cache.memory[:, 0], torch.tensor([5.0, 6.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(cache.labels, torch.tensor([5, 6, 2, 3, 4]))
+
+
+def test_batch_larger_than_cache_keeps_last_rows():
+    cache = nbkernels.NeighborCache(4, 1, 10)
+    rows = torch.arange(7, dtype=torch.float32)[:, None]
+    with pytest.warns(UserWarning, match="only its last 4 rows"):
+        cache.push(rows, torch.arange(7))
+    assert sorted(cache.memory[:, 0].tolist()) == [3.0, 4.0, 5.0, 6.0]
+    assert len(cache) == 4
+    # chronological order is kept: the next push overwrites the oldest (3.0)
+    cache.push(torch.tensor([[9.0]]), torch.tensor([9]))
+    assert sorted(cache.memory[:, 0].tolist()) == [4.0, 5.0, 6.0, 9.0]
+
+
+def test_forward_scores_then_pushes():
+    cache = nbkernels.NeighborCache(16, 4, 3, temperature=0.2)
+    x, y = _batch(6)
+    x.requires_grad_()
+    loss = cache(x, y)  # empty cache: zero with a gradient path
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert len(cache) == 6 and not cache.memory.requires_grad
+
+    x2, y2 = _batch(5, seed=1)
+    x2.requires_grad_()
+    want = nbkernels.nca_loss(x2, y2, ref_embeddings=x.detach(), ref_labels=y, metric="cosine",
+                              temperature=0.2, backend="reference")
+    loss = cache(x2, y2)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert x2.grad.abs().sum() > 0
+    assert len(cache) == 11
+
+
+def test_gradients_reach_queries_only():
+    cache = nbkernels.NeighborCache(8, 4, 3)
+    x, y = _batch(6)
+    x.requires_grad_()
+    cache(x, y)
+    x3, y3 = _batch(4, seed=3)
+    x3.requires_grad_()
+    loss = cache(x3, y3)
+    loss.backward()
+    assert x.grad is None  # the first batch was detached when pushed
+
+
+def test_predict_and_second_opinion():
+    cache = nbkernels.NeighborCache(32, 4, 3, temperature=0.5)
+    ref, ry = _batch(20)
+    cache.push(ref, ry)
+    q, _ = _batch(7, seed=5)
+    probs = cache.predict(q)
+    want = nbkernels.soft_knn_predict(q, ref, ry, 3, temperature=0.5, metric="cosine",
+                                      backend="reference")
+    torch.testing.assert_close(probs, want)
+    model_probs = torch.softmax(torch.randn(7, 3), 1)
+    mixed = cache.predict(q, model_probs=model_probs, weight=0.3)
+    torch.testing.assert_close(mixed, 0.7 * model_probs + 0.3 * want)
+    torch.testing.assert_close(mixed.sum(1), torch.ones(7))
+
+
+def test_predict_on_empty_cache_raises():
+    with pytest.raises(RuntimeError, match="filled cache"):
+        nbkernels.NeighborCache(4, 2, 2).predict(torch.randn(1, 2))
+
+
+def test_state_dict_round_trip_is_exact():
+    cache = nbkernels.NeighborCache(6, 3, 4)
+    x, y = _batch(9, dim=3, classes=4)
+    cache.push(x[:5], y[:5])
+    cache.push(x[5:], y[5:])  # wraps around
+    other = nbkernels.NeighborCache(6, 3, 4)
+    other.load_state_dict(cache.state_dict())
+    for name in ("memory", "labels", "ptr", "filled"):
+        assert torch.equal(getattr(other, name), getattr(cache, name))
+    q, qy = _batch(3, dim=3, classes=4, seed=9)
+    assert torch.equal(other.loss(q, qy), cache.loss(q, qy))
+    # both continue identically
+    cache.push(q, qy)
+    other.push(q, qy)
+    assert torch.equal(other.memory, cache.memory)
+
+
+def test_reset():
+    cache = nbkernels.NeighborCache(4, 2, 2)
+    cache.push(torch.randn(3, 2), torch.tensor([0, 1, 1]))
+    cache.reset()
+    assert len(cache) == 0 and int(cache.ptr) == 0 and (cache.labels == -1).all()
+
+
+def test_nan_batch_is_not_hidden():
+    cache = nbkernels.NeighborCache(8, 4, 3)
+    x, y = _batch(6)
+    x[0, 0] = float("nan")
+    assert torch.isnan(cache(x, y))  # empty-cache zero still carries the NaN
+    x2, y2 = _batch(6, seed=2)
+    assert torch.isnan(cache(x2, y2))  # the NaN row now sits in the cache
