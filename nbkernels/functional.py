@@ -104,7 +104,8 @@ def nca_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, temper
         r_labels, offset = ref_labels, None
     check.same_device(embeddings=embeddings, labels=labels)
     t, backend = _common(temperature, metric, backend, embeddings.device)
-    q_labels, r_labels = labels.long(), r_labels.long()
+    q_labels = labels.long()
+    r_labels = q_labels if ref_embeddings is None else r_labels.long()
     lse_all, lse_pos = _lse(q, r, q_labels, r_labels, t, metric, offset, backend)
     valid = positive_counts(q_labels, r_labels, offset) > 0
     return _reduce(_loss_from_lse(lse_all, lse_pos, valid), valid, reduction, q.dtype)

@@ -28,6 +28,7 @@ def small_blocks(monkeypatch):
     """Tiny odd tile sizes so that every tiling edge case shows up on small inputs."""
     monkeypatch.setattr(torch_backend, "BLOCK_M", 5)
     monkeypatch.setattr(torch_backend, "BLOCK_N", 7)
+    monkeypatch.setattr(torch_backend, "BLOCK_SYM", 6)
 
 
 def make_batch(n, d, classes, *, dtype=torch.float64, seed=0, scale=1.0):

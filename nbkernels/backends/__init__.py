@@ -17,6 +17,8 @@ that take and return tensors. ``nbkernels.autograd`` wraps them in
   partial states: two chunks of references combine with ``logaddexp``.
 * Gradients are those of the *true* logits (the row constant included); each is
   returned in its input's dtype, or ``None`` when its ``need_*`` flag is false.
+  When ``q is r`` (the batch loss) a launcher may return the summed gradient as
+  ``dq`` and ``None`` as ``dr``: autograd adds the two anyway.
 
 Launchers::
 

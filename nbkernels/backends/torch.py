@@ -23,6 +23,8 @@ import torch
 # current x86 servers while leaving the matrix products large enough to run at speed.
 BLOCK_M = 256
 BLOCK_N = 1024
+# Symmetric (batch-loss) tiles are square: block I against block J, and J against I.
+BLOCK_SYM = 512
 
 _NEG_INF = float("-inf")
 
@@ -34,8 +36,10 @@ def _acc_dtype(dtype):
 class _Problem:
     """Inputs sorted by label and cast to the accumulation dtype, plus tile bookkeeping."""
 
-    def __init__(self, q, r, q_labels, r_labels, temperature, metric, offset):
+    def __init__(self, q, r, q_labels, r_labels, temperature, metric, offset,
+                 block_m=None, block_n=None):
         acc = _acc_dtype(q.dtype)
+        block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
         self.n, self.m = q.shape[0], r.shape[0]
         self.metric = metric
         self.inv_t = 1.0 / temperature.to(acc)
@@ -61,8 +65,8 @@ class _Problem:
             j = self.q_order + offset
             ok = (j >= 0) & (j < self.m)
             self.ex = torch.where(ok, r_pos[j.clamp(0, max(self.m - 1, 0))], -1)
-        self.q_blocks = [(i, min(i + BLOCK_M, self.n)) for i in range(0, self.n, BLOCK_M)]
-        self.r_blocks = [(j, min(j + BLOCK_N, self.m)) for j in range(0, self.m, BLOCK_N)]
+        self.q_blocks = [(i, min(i + block_m, self.n)) for i in range(0, self.n, block_m)]
+        self.r_blocks = [(j, min(j + block_n, self.m)) for j in range(0, self.m, block_n)]
         # label range of each block (one host read): positives only where ranges overlap
         qb = self.ql[[i for i, _ in self.q_blocks] + [e - 1 for _, e in self.q_blocks]].tolist()
         rb = self.rl[[j for j, _ in self.r_blocks] + [e - 1 for _, e in self.r_blocks]].tolist()
@@ -76,6 +80,18 @@ class _Problem:
             for bj, (j0, j1) in enumerate(self.r_blocks):
                 (qlo, qhi), (rlo, rhi) = self.q_range[bi], self.r_range[bj]
                 yield (i0, i1), (j0, j1), (qlo <= rhi and rlo <= qhi)
+
+    def pairs(self):
+        """Symmetric problems: yield each unordered pair of blocks once, (I, J) with I <= J."""
+        for (i0, i1), (j0, j1), has_pos in self.tiles():
+            if j0 >= i0:
+                yield (i0, i1), (j0, j1), has_pos
+
+    def gram_pair(self, i0, i1, j0, j1):
+        """Symmetric problems: the [BI, BJ] tiles of shifted logits for rows I (against
+        J) and, transposed, for rows J (against I), from one matrix product."""
+        g = torch.mm(self.q_scaled[i0:i1], self.r[j0:j1].T)
+        return g + self.bias[j0:j1], g.add_(self.bias[i0:i1, None])
 
     def logits(self, i0, i1, j0, j1):
         # [BM, BN] shifted logits, excluded pair at -inf
@@ -130,15 +146,16 @@ class _OnlineLSE:
         self.m = torch.full((n,), _NEG_INF, dtype=dtype, device=device)
         self.l = torch.zeros(n, dtype=dtype, device=device)
 
-    def update(self, i0, i1, s):
-        """Fold tile ``s`` [BM, BN] into rows i0:i1; ``s`` is overwritten by exp(s - max).
-        Returns the rescale factor of the old sums and the new (safe) max."""
+    def update(self, i0, i1, s, dim=1):
+        """Fold tile ``s`` into rows i0:i1, which index ``s`` along ``1 - dim`` (the sums
+        run over ``dim``). ``s`` is overwritten by exp(s - max); returns the rescale
+        factor of the old sums and that tile of exponentials."""
         m_old = self.m[i0:i1]
-        m_new = torch.maximum(m_old, s.amax(1))
+        m_new = torch.maximum(m_old, s.amax(dim))
         m_safe = _finite_or_zero(m_new)
         alpha = torch.exp(m_old - m_safe)
-        p = _exp_(s.sub_(m_safe[:, None]))
-        tile_sum = torch.where(m_new == _NEG_INF, torch.zeros_like(m_safe), p.sum(1))
+        p = _exp_(s.sub_(m_safe.unsqueeze(dim)))
+        tile_sum = torch.where(m_new == _NEG_INF, torch.zeros_like(m_safe), p.sum(dim))
         self.l[i0:i1] = self.l[i0:i1] * alpha + tile_sum
         self.m[i0:i1] = m_new
         return alpha, p
@@ -147,17 +164,34 @@ class _OnlineLSE:
         return self.m + torch.log(self.l)
 
 
+def _symmetric(q, r, q_labels, r_labels, offset):
+    """The batch loss: references are the queries, self excluded. The logit matrix is
+    then symmetric up to a per-row shift, and each block pair needs one matrix product."""
+    return q is r and q_labels is r_labels and offset == 0
+
+
 def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
-    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset)
+    sym = _symmetric(q, r, q_labels, r_labels, offset)
+    block = (BLOCK_SYM, BLOCK_SYM) if sym else (None, None)
+    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block)
     acc, dev = pb.q.dtype, pb.q.device
     run_all, run_pos = _OnlineLSE(pb.n, acc, dev), _OnlineLSE(pb.n, acc, dev)
-    for (i0, i1), (j0, j1), has_pos in pb.tiles():
-        s = pb.logits(i0, i1, j0, j1)
-        if has_pos:
+
+    def fold(s, lo, hi, dim, pos):
+        if pos is not None:
             # positives keep their own running max: at tiny T they can sit far below the
             # global max and would underflow against it
-            run_pos.update(i0, i1, s.masked_fill(~pb.pos_mask(i0, i1, j0, j1), _NEG_INF))
-        run_all.update(i0, i1, s)
+            run_pos.update(lo, hi, s.masked_fill(~pos, _NEG_INF), dim)
+        run_all.update(lo, hi, s, dim)
+
+    for (i0, i1), (j0, j1), has_pos in (pb.pairs() if sym else pb.tiles()):
+        pos = pb.pos_mask(i0, i1, j0, j1) if has_pos else None
+        if sym and j0 != i0:
+            s_rows, s_cols = pb.gram_pair(i0, i1, j0, j1)
+            fold(s_rows, i0, i1, 1, pos)
+            fold(s_cols, j0, j1, 0, pos)
+        else:
+            fold(pb.logits(i0, i1, j0, j1), i0, i1, 1, pos)
     return pb.unsort_rows(run_all.lse()), pb.unsort_rows(run_pos.lse())
 
 
@@ -231,21 +265,63 @@ def _row_terms(pb, lse, g):
     return _finite_or_zero(lse), g
 
 
+def _lse_ds(s, own, rows, pos, dim):
+    """ds = g_all p + g_pos p+ for a tile whose owning rows (the softmax rows) are the
+    slice ``own`` of ``rows``' vectors, laid along ``1 - dim`` of ``s``."""
+    lse_all, lse_pos, g_all, g_pos = (v[own].unsqueeze(dim) for v in rows)
+    # ds_ij = g_all_i p_ij + g_pos_i p+_ij
+    if pos is not None:
+        ds_pos = _exp_(s.masked_fill(~pos, _NEG_INF).sub_(lse_pos)).mul_(g_pos)
+    ds = _exp_(s.sub_(lse_all)).mul_(g_all)
+    return ds.add_(ds_pos) if pos is not None else ds
+
+
 def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
                  *, metric, offset, need_q, need_r, need_t):
-    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset)
+    sym = _symmetric(q, r, q_labels, r_labels, offset)
+    block = (BLOCK_SYM, BLOCK_SYM) if sym else (None, None)
+    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block)
     lse_all, g_all = _row_terms(pb, lse_all, g_all)
     lse_pos, g_pos = _row_terms(pb, lse_pos, g_pos)
+    rows = (lse_all, lse_pos, g_all, g_pos)
+    if sym:
+        return _symmetric_backward(pb, rows, q.dtype)
 
     def make_ds(s, i0, i1, j0, j1, has_pos):
-        # ds_ij = g_all_i p_ij + g_pos_i p+_ij
-        if has_pos:
-            s_pos = s.masked_fill(~pb.pos_mask(i0, i1, j0, j1), _NEG_INF)
-            ds_pos = _exp_(s_pos.sub_(lse_pos[i0:i1, None])).mul_(g_pos[i0:i1, None])
-        ds = _exp_(s.sub_(lse_all[i0:i1, None])).mul_(g_all[i0:i1, None])
-        return ds.add_(ds_pos) if has_pos else ds
+        pos = pb.pos_mask(i0, i1, j0, j1) if has_pos else None
+        return _lse_ds(s, slice(i0, i1), rows, pos, 1)
 
     return _backward(pb, make_ds, q.dtype, r.dtype, need_q, need_r, need_t)
+
+
+def _symmetric_backward(pb, rows, dtype):
+    """Gradient of the batch loss w.r.t. x (= q = r), returned whole as ``dq``.
+
+    With W = ds + ds^T, dx_k = 2/T (sum_j W_kj x_j - x_k sum_j W_kj) for "sqeuclidean"
+    and sum_j W_kj x_j / T for "dot". Both logits are homogeneous of degree 2 in x, so
+    sum_ij ds_ij s_ij = <x, dx> / 2 (Euler) and dT = -<x, dx> / (2T).
+    """
+    wx = torch.zeros_like(pb.q)  # sum_j W_kj x_j
+    w_rowsum = torch.zeros(pb.n, dtype=pb.q.dtype, device=pb.q.device)
+    for (i0, i1), (j0, j1), has_pos in pb.pairs():
+        pos = pb.pos_mask(i0, i1, j0, j1) if has_pos else None
+        if j0 == i0:
+            ds = _lse_ds(pb.logits(i0, i1, i0, i1), slice(i0, i1), rows, pos, 1)
+            w = ds.add_(ds.T.clone())
+        else:
+            s_rows, s_cols = pb.gram_pair(i0, i1, j0, j1)
+            w = _lse_ds(s_rows, slice(i0, i1), rows, pos, 1)
+            w += _lse_ds(s_cols, slice(j0, j1), rows, pos, 0)
+            wx[j0:j1].addmm_(w.T, pb.q[i0:i1])
+            w_rowsum[j0:j1] += w.sum(0)
+        wx[i0:i1].addmm_(w, pb.r[j0:j1])
+        w_rowsum[i0:i1] += w.sum(1)
+    if pb.metric == "sqeuclidean":
+        dx = (2.0 * pb.inv_t) * (wx - w_rowsum[:, None] * pb.q)
+    else:
+        dx = pb.inv_t * wx
+    dt = -0.5 * pb.inv_t * (pb.q * dx).sum()
+    return pb.unsort_rows(dx).to(dtype), None, dt
 
 
 def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g,

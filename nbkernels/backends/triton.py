@@ -1,0 +1,304 @@
+"""Triton backend: launchers for the kernels in ``triton_kernels.py``.
+
+Implements the launcher interface of ``nbkernels.backends`` (see its docstring),
+plus ``precision`` for fp32 inputs and ``is_available``. Each launcher is a thin
+wrapper over a ``torch.library.custom_op`` (``nbkernels::triton_*``) with a fake
+implementation, so the autograd Functions that call them compile under
+``torch.compile(fullgraph=True)`` without graph breaks. Custom ops take no ``None``
+offset and return no ``None`` gradient: the wrappers encode ``offset`` as
+``(offset, has_offset)`` and turn the empty placeholder gradients back into ``None``.
+
+No launcher reads a device value on the host: temperature is loaded in-kernel and
+every reduction after a kernel stays on the device.
+
+Importing this module imports triton; with ``TRITON_INTERPRET=1`` set before that
+import the kernels run on CPU tensors through the Triton interpreter.
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from . import triton_kernels as tk
+except ImportError:  # the package works without triton; is_available says False
+    triton = None
+
+METRICS = ("sqeuclidean", "dot")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def is_available(device) -> bool:
+    """True when triton imports and can run on ``device``: CUDA, or CPU under the interpreter."""
+    if triton is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    # the kernels were decorated for the interpreter only if the variable was set at import
+    return device.type == "cpu" and tk.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check(metric, precision):
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+
+
+@torch.compiler.assume_constant_result
+def _default_precision():
+    """"tf32" when torch allows TF32 matmuls, else "ieee".
+
+    Read once per trace under torch.compile (a constant, not a guard). Newer torch
+    raises on reading ``allow_tf32`` once ``fp32_precision`` was set: read that first.
+    """
+    matmul = torch.backends.cuda.matmul
+    fp32_precision = getattr(matmul, "fp32_precision", "none")
+    if fp32_precision != "none":
+        return "tf32" if fp32_precision == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
+
+
+def _dot_precision(dtype, precision):
+    """input_precision for the logit dot: only fp32 inputs have a choice."""
+    if dtype != torch.float32:
+        return "ieee"
+    return precision
+
+
+def _block(n, cap):
+    """Power of two >= n (and >= 16, the smallest tl.dot), at most cap."""
+    return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
+
+
+def _common(q, r, temperature, metric, offset, has_offset, precision):
+    """Kernel arguments shared by every launch."""
+    n, d = q.shape
+    m = r.shape[0]
+    return dict(q=q, r=r, temperature=temperature, N=n, M=m, D=d, offset=offset,
+                s_qn=q.stride(0), s_qd=q.stride(1), s_rm=r.stride(0), s_rd=r.stride(1),
+                N_KEY=triton.next_power_of_2(max(n, 1)), M_KEY=triton.next_power_of_2(max(m, 1)),
+                D_KEY=triton.next_power_of_2(max(d, 1)),
+                SQEUCLID=metric == "sqeuclidean", HAS_OFFSET=has_offset,
+                ACC=_tl_acc(q.dtype), PRECISION=_dot_precision(q.dtype, precision),
+                BLOCK_D=_block(d, tk.MAX_BLOCK_D))
+
+
+# ------------------------------------------------------------------------ custom ops
+
+
+@torch.library.custom_op("nbkernels::triton_lse_fwd", mutates_args=())
+def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
+             temperature: torch.Tensor, metric: str, offset: int, has_offset: bool,
+             precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = q.shape[0]
+    acc = _acc_dtype(q.dtype)
+    lse_all = torch.empty(n, dtype=acc, device=q.device)
+    lse_pos = torch.empty(n, dtype=acc, device=q.device)
+    if n > 0:
+        tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)](
+            q_labels=q_labels.contiguous(), r_labels=r_labels.contiguous(), perm=None,
+            tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, mass=None, tile_max=None,
+            tile_sum=None, C=0, CLASS=False, MASS_PRECISION="ieee", BLOCK_C=16,
+            **_common(q, r, temperature, metric, offset, has_offset, precision))
+    return lse_all, lse_pos
+
+
+@_lse_fwd.register_fake
+def _(q, r, q_labels, r_labels, temperature, metric, offset, has_offset, precision):
+    acc = _acc_dtype(q.dtype)
+    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("nbkernels::triton_probs_fwd", mutates_args=())
+def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
+               temperature: torch.Tensor, num_classes: int, metric: str, offset: int,
+               has_offset: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, m, c = q.shape[0], r.shape[0], num_classes
+    acc = _acc_dtype(q.dtype)
+    block_c = _block(c, tk.MAX_BLOCK_C)
+    n_tiles = triton.cdiv(c, block_c)
+    # references in label order; class tile t owns perm[tile_ptr[t]:tile_ptr[t + 1]]
+    labels, perm = torch.sort(r_labels.contiguous(), stable=True)
+    bounds = torch.arange(n_tiles + 1, device=q.device, dtype=labels.dtype) * block_c
+    tile_ptr = torch.searchsorted(labels, bounds)
+    # labels outside [0, C) land in the first / last tile: they count in lse_all, not in yhat
+    tile_ptr[0] = 0
+    tile_ptr[-1] = m
+    mass = torch.empty(n, c, dtype=acc, device=q.device)
+    tile_max = torch.empty(n, n_tiles, dtype=acc, device=q.device)
+    tile_sum = torch.empty(n, n_tiles, dtype=acc, device=q.device)
+    if n > 0 and c > 0:
+        tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
+            q_labels=None, r_labels=labels, perm=perm, tile_ptr=tile_ptr, lse_all=None,
+            lse_pos=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, C=c, CLASS=True,
+            # p in [0, 1]: tf32 would cost 1e-3 of yhat; 3xTF32 is near fp32, the one-hot exact
+            MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x3", BLOCK_C=block_c,
+            **_common(q, r, temperature, metric, offset, has_offset, precision))
+    # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
+    # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
+    lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
+    scale = torch.exp(tile_max - lse_all[:, None])
+    yhat = mass * scale.repeat_interleave(block_c, dim=1)[:, :c]
+    return yhat, lse_all
+
+
+@_probs_fwd.register_fake
+def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, precision):
+    acc = _acc_dtype(q.dtype)
+    return q.new_empty(q.shape[0], num_classes, dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+
+
+def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, g_cls,
+              delta, num_classes, metric, offset, has_offset, need_q, need_r, need_t, precision):
+    """Launch the dq and / or dr kernels; reduce the per-row dT partial sums in torch."""
+    # the kernels index 1-D row data with unit stride; upstream gradients often come expanded
+    q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, delta = (
+        None if x is None else x.contiguous()
+        for x in (q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, delta))
+    n, d = q.shape
+    m = r.shape[0]
+    acc = _acc_dtype(q.dtype)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_q else q.new_empty(0)
+    dr = torch.empty(r.shape, dtype=r.dtype, device=r.device) if need_r else r.new_empty(0)
+    # dT partial sums come from the dr kernel when it runs alone, else from the dq kernel
+    t_from_r = need_t and need_r and not need_q
+    t_from_q = need_t and not t_from_r
+    block_dx = _block(d, tk.MAX_BLOCK_DX)
+    args = dict(q_labels=q_labels, r_labels=r_labels, lse_all=lse_all, lse_pos=lse_pos,
+                g_all=g_all, g_pos=g_pos, g_cls=g_cls, delta=delta, C=num_classes,
+                s_gn=0 if g_cls is None else g_cls.stride(0),
+                s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
+                BLOCK_DX=block_dx,
+                **_common(q, r, temperature, metric, offset, has_offset, precision))
+    part = None
+    for ref_major, need_dx, need_dt, dx, n_own in ((False, need_q, t_from_q, dq, n),
+                                                   (True, need_r, t_from_r, dr, m)):
+        if not (need_dx or need_dt) or n_own == 0:
+            continue
+        dt_part = torch.empty(n_own, dtype=acc, device=q.device) if need_dt else None
+        n_dx = max(1, triton.cdiv(d, block_dx)) if need_dx else 1
+        grid = (lambda meta, n_own=n_own, n_dx=n_dx: (triton.cdiv(n_own, meta["BLOCK_OWN"]), n_dx))
+        tk.neighbor_bwd_kernel[grid](
+            dx=dx if need_dx else None, dt_part=dt_part,
+            s_xn=dx.stride(0) if need_dx else 0, s_xd=dx.stride(1) if need_dx else 0,
+            REF_MAJOR=ref_major, NEED_DX=need_dx, NEED_DT=need_dt, **args)
+        if need_dt:
+            part = dt_part
+    if need_t:
+        # dT = -1/T sum_ij ds_ij logit_ij
+        total = part.sum() if part is not None else torch.zeros((), dtype=acc, device=q.device)
+        dt = (-total / temperature.to(acc)).to(temperature.dtype)
+    else:
+        dt = temperature.new_empty(0)
+    return dq, dr, dt
+
+
+def _fake_grads(q, r, temperature, need_q, need_r, need_t):
+    return (q.new_empty(q.shape if need_q else (0,)), r.new_empty(r.shape if need_r else (0,)),
+            temperature.new_empty(() if need_t else (0,)))
+
+
+@torch.library.custom_op("nbkernels::triton_lse_bwd", mutates_args=())
+def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
+             temperature: torch.Tensor, lse_all: torch.Tensor, lse_pos: torch.Tensor,
+             g_all: torch.Tensor, g_pos: torch.Tensor, metric: str, offset: int,
+             has_offset: bool, need_q: bool, need_r: bool, need_t: bool,
+             precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+                     None, None, 0, metric, offset, has_offset, need_q, need_r, need_t, precision)
+
+
+@_lse_bwd.register_fake
+def _(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric, offset,
+      has_offset, need_q, need_r, need_t, precision):
+    return _fake_grads(q, r, temperature, need_q, need_r, need_t)
+
+
+@torch.library.custom_op("nbkernels::triton_probs_bwd", mutates_args=())
+def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
+               temperature: torch.Tensor, yhat: torch.Tensor, lse_all: torch.Tensor,
+               g: torch.Tensor, metric: str, offset: int, has_offset: bool, need_q: bool,
+               need_r: bool, need_t: bool,
+               precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = _acc_dtype(q.dtype)
+    # delta_i = sum_c G_ic yhat_ic
+    delta = (g.to(acc) * yhat.to(acc)).sum(1)
+    return _backward(q, r, None, r_labels, temperature, lse_all, None, None, None, g, delta,
+                     g.shape[1], metric, offset, has_offset, need_q, need_r, need_t, precision)
+
+
+@_probs_bwd.register_fake
+def _(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, has_offset, need_q,
+      need_r, need_t, precision):
+    return _fake_grads(q, r, temperature, need_q, need_r, need_t)
+
+
+# ------------------------------------------------------------------------- launchers
+
+
+def _none_unless(t, need):
+    return t if need else None
+
+
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset, precision=None):
+    """Shifted ``(lse_all, lse_pos)``, each (N,) in the accumulation dtype."""
+    _check(metric, precision)
+    precision = precision or _default_precision()
+    return torch.ops.nbkernels.triton_lse_fwd(q, r, q_labels, r_labels, temperature, metric,
+                                              offset or 0, offset is not None, precision)
+
+
+def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, *,
+                 metric, offset, need_q, need_r, need_t, precision=None):
+    """``(dq, dr, dt)`` of ``sum(g_all * lse_all + g_pos * lse_pos)``; ``None`` where not needed.
+
+    ``g_all`` or ``g_pos`` may be ``None`` (zero).
+    """
+    _check(metric, precision)
+    precision = precision or _default_precision()
+    acc = _acc_dtype(q.dtype)
+    g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
+    g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos
+    dq, dr, dt = torch.ops.nbkernels.triton_lse_bwd(
+        q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric,
+        offset or 0, offset is not None, need_q, need_r, need_t, precision)
+    return _none_unless(dq, need_q), _none_unless(dr, need_r), _none_unless(dt, need_t)
+
+
+def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset, precision=None):
+    """``(yhat, lse_all)``: class distribution (N, num_classes) and shifted lse (N,), acc dtype.
+
+    Rows without any reference get yhat = NaN (as the reference) and lse_all = -inf. Labels
+    outside ``[0, num_classes)`` count in lse_all but in no class.
+    """
+    _check(metric, precision)
+    precision = precision or _default_precision()
+    return torch.ops.nbkernels.triton_probs_fwd(q, r, r_labels, temperature, int(num_classes),
+                                                metric, offset or 0, offset is not None,
+                                                precision)
+
+
+def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, *, metric, offset, need_q,
+                   need_r, need_t, precision=None):
+    """``(dq, dr, dt)`` of ``sum(g * yhat)``; ``None`` where not needed."""
+    _check(metric, precision)
+    precision = precision or _default_precision()
+    dq, dr, dt = torch.ops.nbkernels.triton_probs_bwd(
+        q, r, r_labels, temperature, yhat, lse_all, g, metric, offset or 0,
+        offset is not None, need_q, need_r, need_t, precision)
+    return _none_unless(dq, need_q), _none_unless(dr, need_r), _none_unless(dt, need_t)

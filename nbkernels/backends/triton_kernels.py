@@ -1,0 +1,311 @@
+"""Triton kernels for the fused neighbor losses; the math is in ``reference.py``.
+
+Two kernels, each one body with ``tl.constexpr`` flags (metric, self-exclusion,
+class output, accumulation dtype, dot precision):
+
+* ``neighbor_fwd_kernel``: a program owns BLOCK_M queries and streams BLOCK_N
+  reference tiles with an online log-sum-exp. Without CLASS it keeps two (all
+  references, positives), each with its own running max. With CLASS the grid has a
+  second axis over BLOCK_C class tiles; references are pre-sorted by label, so the
+  program for class tile ``c`` streams only the references whose labels fall in it
+  (``tile_ptr``) and accumulates their mass with a one-hot ``tl.dot``. It writes the
+  mass relative to its own running max plus that max and sum; the launcher merges the
+  class tiles with a logsumexp. Every reference is visited once per query block, so
+  the cost does not grow with ``num_classes``, and one pass suffices (no lse pass).
+* ``neighbor_bwd_kernel``: recomputes logit tiles and ``ds``. REF_MAJOR=False: a
+  program owns queries and writes dq; REF_MAJOR=True: it owns references and writes
+  dr. Either writes per-row partial sums of ``ds * logit`` for dT, which the launcher
+  reduces with torch. No atomics: every output element has exactly one writer, so
+  gradients are bitwise deterministic.
+
+Blocks: BLOCK_D (inner loop over the feature dim for the logit dot) and BLOCK_DX
+(the slice of dq / dr a program writes; a second grid axis when D > BLOCK_DX) are
+chosen by the launcher from D; BLOCK_M / BLOCK_N / BLOCK_OWN / BLOCK_OTHER are
+autotuned on power-of-two buckets of (N, M, D) and the input dtype. Under the
+interpreter (TRITON_INTERPRET=1) a single 16-wide config keeps the tests fast and
+still exercises multi-block paths. All blocks are >= 16, the smallest ``tl.dot``.
+
+Known costs, kept for simplicity: the query tile is reloaded (from cache) for every
+reference tile, since D is looped in BLOCK_D chunks; for D > BLOCK_DX the backward
+recomputes the logits once per dq / dr slice.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Feature-dim chunk of the logit dot, and widest dq / dr slice one program writes.
+MAX_BLOCK_D = 16 if INTERPRET else 64
+MAX_BLOCK_DX = 64 if INTERPRET else 128
+# Class tile width of the class-distribution forward (one-hot dot of [BN, BC]).
+MAX_BLOCK_C = 16 if INTERPRET else 64
+
+if INTERPRET:
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+    BWD_CONFIGS = [triton.Config({"BLOCK_OWN": 16, "BLOCK_OTHER": 16})]
+else:
+    FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+    ]
+    BWD_CONFIGS = [
+        triton.Config({"BLOCK_OWN": bo, "BLOCK_OTHER": bt}, num_warps=w, num_stages=s)
+        for bo, bt, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+    ]
+TUNE_KEY = ["N_KEY", "M_KEY", "D_KEY"]  # power-of-two buckets; tensor dtypes join the key
+
+
+@triton.jit
+def _online_lse(b_m, b_l, b_s):
+    """One step of an online log-sum-exp over the rows of b_s [BM, BN].
+
+    Returns the new running max and sum, the tile's exp(s - max) and the rescale
+    factor of the old sum. tl.max may drop NaN; b_l still turns NaN through exp.
+    """
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    # all terms so far masked (-inf): shift by 0 so that exp sees -inf, not NaN
+    b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_alpha = tl.exp(b_m - b_ms)
+    b_p = tl.exp(b_s - b_ms[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    return b_mn, b_l, b_p, b_alpha
+
+
+@triton.jit
+def _tile_logits(q, r, o_m, m_m, o_r, m_r, D, offset, b_it,
+                 s_qn, s_qd, s_rm, s_rd,
+                 SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, ACC: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Shifted logits [BM, BN] of queries o_m against references o_r, -inf where masked.
+
+    "sqeuclidean": (2 q.r - ||r||^2) / T; "dot": q.r / T. The norms come from the
+    tiles already loaded for the dot (no extra pass or buffer, any strides). Also
+    returns the validity mask and ||q||^2 [BM] (zeros for "dot").
+    """
+    b_qr = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    b_qn = tl.zeros([BLOCK_M], dtype=ACC)
+    b_rn = tl.zeros([BLOCK_N], dtype=ACC)
+    for i_k in range(0, D, BLOCK_D):
+        o_k = i_k + tl.arange(0, BLOCK_D)
+        m_k = o_k < D
+        # [BM, BD]
+        b_q = tl.load(q + o_m[:, None] * s_qn + o_k[None, :] * s_qd,
+                      mask=m_m[:, None] & m_k[None, :], other=0)
+        # [BD, BN]
+        b_rt = tl.load(r + o_r[None, :] * s_rm + o_k[:, None] * s_rd,
+                       mask=m_r[None, :] & m_k[:, None], other=0)
+        b_qr = tl.dot(b_q, b_rt, b_qr, input_precision=PRECISION)
+        if SQEUCLID:
+            b_qn += tl.sum(b_q.to(ACC) * b_q.to(ACC), 1)
+            b_rn += tl.sum(b_rt.to(ACC) * b_rt.to(ACC), 0)
+    if SQEUCLID:
+        b_s = (2 * b_qr - b_rn[None, :]) * b_it
+    else:
+        b_s = b_qr * b_it
+    m_s = m_m[:, None] & m_r[None, :]
+    if HAS_OFFSET:
+        m_s = m_s & (o_r[None, :] != o_m[:, None] + offset)
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    return b_s, m_s, b_qn
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr,
+                        lse_all, lse_pos, mass, tile_max, tile_sum,
+                        N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd,
+                        N_KEY, M_KEY, D_KEY,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """Online log-sum-exps (CLASS=False) or per-class-tile mass (CLASS=True).
+
+    CLASS=False writes lse_all, lse_pos (N,). CLASS=True reads the references in
+    label order (perm, sorted r_labels, tile_ptr: references of class tile c are
+    perm[tile_ptr[c]:tile_ptr[c+1]]) and writes mass (N, C) relative to tile_max,
+    plus tile_max, tile_sum (N, n_tiles).
+    """
+    i_m = tl.program_id(0).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    b_it = 1 / tl.load(temperature).to(ACC)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    b_l = tl.zeros([BLOCK_M], dtype=ACC)
+    if CLASS:
+        i_c = tl.program_id(1).to(tl.int64)
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        lo = tl.load(tile_ptr + i_c)
+        hi = tl.load(tile_ptr + i_c + 1)
+        b_y = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+    else:
+        lo = 0
+        hi = M
+        # [BM]
+        b_a = tl.load(q_labels + o_m, mask=m_m, other=0)
+        b_mp = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+        b_lp = tl.zeros([BLOCK_M], dtype=ACC)
+    for i_n in range(lo, hi, BLOCK_N):
+        o_n = (i_n + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m_n = o_n < hi
+        if CLASS:
+            # [BN] original index of the references, in label order
+            o_r = tl.load(perm + o_n, mask=m_n, other=0)
+        else:
+            o_r = o_n
+        b_s, _, _ = _tile_logits(q, r, o_m, m_m, o_r, m_n, D, offset, b_it,
+                                 s_qn, s_qd, s_rm, s_rd, SQEUCLID=SQEUCLID,
+                                 HAS_OFFSET=HAS_OFFSET, ACC=ACC, PRECISION=PRECISION,
+                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
+        if CLASS:
+            # [BN] sorted labels
+            b_b = tl.load(r_labels + o_n, mask=m_n, other=-1)
+            # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp(s_ij - max_i), rescaled like b_l
+            b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
+            b_y = tl.dot(b_p, b_hot, b_y * b_alpha[:, None], input_precision=MASS_PRECISION)
+        else:
+            # [BN]
+            b_b = tl.load(r_labels + o_r, mask=m_n, other=0)
+            b_sp = tl.where(b_a[:, None] == b_b[None, :], b_s, float("-inf"))
+            b_mp, b_lp, _, _ = _online_lse(b_mp, b_lp, b_sp)
+    if CLASS:
+        n_tiles = tl.num_programs(1)
+        tl.store(mass + o_m[:, None] * C + o_c[None, :], b_y,
+                 mask=m_m[:, None] & (o_c < C)[None, :])
+        tl.store(tile_max + o_m * n_tiles + i_c, b_m, mask=m_m)
+        tl.store(tile_sum + o_m * n_tiles + i_c, b_l, mask=m_m)
+    else:
+        # no term: max -inf and sum 0 give -inf
+        tl.store(lse_all + o_m, b_m + tl.log(b_l), mask=m_m)
+        tl.store(lse_pos + o_m, b_mp + tl.log(b_lp), mask=m_m)
+
+
+@triton.jit
+def _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, g_cls, delta,
+                  o_m, o_n, N, M, D, C, offset, b_it,
+                  s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
+                  SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Recompute ds [BM, BN] = dloss / dlogit and ds * logit (true logit) for dT."""
+    m_m = o_m < N
+    m_n = o_n < M
+    b_s, m_s, b_qn = _tile_logits(q, r, o_m, m_m, o_n, m_n, D, offset, b_it,
+                                  s_qn, s_qd, s_rm, s_rd, SQEUCLID=SQEUCLID,
+                                  HAS_OFFSET=HAS_OFFSET, ACC=ACC, PRECISION=PRECISION,
+                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+    # [BM]
+    b_lse = tl.load(lse_all + o_m, mask=m_m, other=0).to(ACC)
+    # p_ij = exp(s_ij - lse_all_i), both shifted by the same row constant. Each term of
+    # ds is selected by tl.where, so rows without terms (lse -inf, delta NaN) give 0
+    b_p = tl.exp(b_s - b_lse[:, None])
+    # [BN]
+    b_b = tl.load(r_labels + o_n, mask=m_n, other=-1)
+    if CLASS:
+        m_g = m_s & (b_b >= 0)[None, :] & (b_b < C)[None, :]
+        # [BM, BN] G_{i, b_j}, gathered
+        b_g = tl.load(g_cls + o_m[:, None] * s_gn + b_b[None, :] * s_gc, mask=m_g, other=0).to(ACC)
+        b_delta = tl.load(delta + o_m, mask=m_m, other=0).to(ACC)
+        # ds_ij = p_ij (G_{i,b_j} - delta_i)
+        b_ds = tl.where(m_s, b_p * (b_g - b_delta[:, None]), 0)
+    else:
+        b_a = tl.load(q_labels + o_m, mask=m_m, other=0)
+        b_lsep = tl.load(lse_pos + o_m, mask=m_m, other=0).to(ACC)
+        b_ga = tl.load(g_all + o_m, mask=m_m, other=0).to(ACC)
+        b_gp = tl.load(g_pos + o_m, mask=m_m, other=0).to(ACC)
+        m_pos = m_s & (b_a[:, None] == b_b[None, :])
+        # p+_ij = [b_j = a_i] exp(s_ij - lse_pos_i)
+        b_pp = tl.exp(b_s - b_lsep[:, None])
+        # ds_ij = g_all_i p_ij + g_pos_i p+_ij
+        b_ds = tl.where(m_s, b_ga[:, None] * b_p, 0) + tl.where(m_pos, b_gp[:, None] * b_pp, 0)
+    if SQEUCLID:
+        # true logit: restore the row constant -||q_i||^2 / T
+        b_z = b_s - b_qn[:, None] * b_it
+    else:
+        b_z = b_s
+    # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
+    b_dsz = tl.where(b_ds != 0, b_ds * b_z, 0)
+    return b_ds, b_dsz
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, lse_all, lse_pos,
+                        g_all, g_pos, g_cls, delta, dx, dt_part,
+                        N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
+                        N_KEY, M_KEY, D_KEY,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                        REF_MAJOR: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
+    """dq (REF_MAJOR=False) or dr (REF_MAJOR=True) and per-row sums of ds * logit.
+
+    A program owns BLOCK_OWN rows of x (q or r) and the feature slice BLOCK_DX of dx,
+    and streams the other side y (r or q) in BLOCK_OTHER tiles:
+        "dot":          dx = 1/T sum ds y
+        "sqeuclidean":  dx = 2/T (sum ds y - x sum ds)
+    dt_part[own] = sum_other ds * logit, written by the slice-0 programs only.
+    """
+    i_o = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    o_own = i_o * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    o_dx = i_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
+    m_dx = o_dx < D
+    b_it = 1 / tl.load(temperature).to(ACC)
+    if REF_MAJOR:
+        n_own, n_other = M, N
+        x, s_x, s_xk = r, s_rm, s_rd
+        y, s_y, s_yk = q, s_qn, s_qd
+    else:
+        n_own, n_other = N, M
+        x, s_x, s_xk = q, s_qn, s_qd
+        y, s_y, s_yk = r, s_rm, s_rd
+    m_own = o_own < n_own
+    b_acc = tl.zeros([BLOCK_OWN, BLOCK_DX], dtype=ACC)
+    b_sum = tl.zeros([BLOCK_OWN], dtype=ACC)
+    b_dt = tl.zeros([BLOCK_OWN], dtype=ACC)
+    for i_t in range(0, n_other, BLOCK_OTHER):
+        o_other = (i_t + tl.arange(0, BLOCK_OTHER)).to(tl.int64)
+        if REF_MAJOR:
+            b_ds, b_dsz = _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all,
+                                        g_pos, g_cls, delta, o_other, o_own, N, M, D, C,
+                                        offset, b_it, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
+                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, CLASS=CLASS,
+                                        ACC=ACC, PRECISION=PRECISION, BLOCK_M=BLOCK_OTHER,
+                                        BLOCK_N=BLOCK_OWN, BLOCK_D=BLOCK_D)
+            # [BOWN, BOTHER]
+            b_ds = tl.trans(b_ds)
+            b_dsz = tl.trans(b_dsz)
+        else:
+            b_ds, b_dsz = _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all,
+                                        g_pos, g_cls, delta, o_own, o_other, N, M, D, C,
+                                        offset, b_it, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
+                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, CLASS=CLASS,
+                                        ACC=ACC, PRECISION=PRECISION, BLOCK_M=BLOCK_OWN,
+                                        BLOCK_N=BLOCK_OTHER, BLOCK_D=BLOCK_D)
+        b_sum += tl.sum(b_ds, 1)
+        b_dt += tl.sum(b_dsz, 1)
+        if NEED_DX:
+            # [BOTHER, BDX]
+            b_y = tl.load(y + o_other[:, None] * s_y + o_dx[None, :] * s_yk,
+                          mask=(o_other < n_other)[:, None] & m_dx[None, :], other=0)
+            # sum_other ds y; 16-bit inputs: ds rounded to their dtype for the tensor-core dot
+            b_acc = tl.dot(b_ds.to(b_y.dtype), b_y, b_acc, input_precision=PRECISION)
+    if NEED_DX:
+        if SQEUCLID:
+            # [BOWN, BDX]
+            b_x = tl.load(x + o_own[:, None] * s_x + o_dx[None, :] * s_xk,
+                          mask=m_own[:, None] & m_dx[None, :], other=0).to(ACC)
+            b_acc = 2 * (b_acc - b_x * b_sum[:, None]) * b_it
+        else:
+            b_acc = b_acc * b_it
+        tl.store(dx + o_own[:, None] * s_xn + o_dx[None, :] * s_xd,
+                 b_acc.to(dx.dtype.element_ty), mask=m_own[:, None] & m_dx[None, :])
+    if NEED_DT:  # compile-time flag, then a runtime test: kept as two ifs
+        if i_d == 0:
+            tl.store(dt_part + o_own, b_dt, mask=m_own)
