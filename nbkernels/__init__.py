@@ -8,11 +8,13 @@ from nbkernels._validation import BackendUnavailableError
 from nbkernels.cache import NeighborCache
 from nbkernels.functional import nca_loss, prototype_loss, soft_knn_predict
 from nbkernels.modules import NCALoss, PrototypeLoss
+from nbkernels.sampler import ClassBalancedBatchSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ClassBalancedBatchSampler",
     "NCALoss",
     "NeighborCache",
     "PrototypeLoss",

@@ -1,0 +1,158 @@
+"""python -m nbkernels.demo: end-to-end on a small budget, reproducibility, options, data errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sklearn  # noqa: F401  (demo dependencies: installed by .ci/run)
+import matplotlib  # noqa: F401
+import tqdm  # noqa: F401
+
+from nbkernels.demo.cli import build_parser, main
+from nbkernels.demo.data import load_digits, split
+from nbkernels.demo.train import LOSSES, Config, train
+
+PNG = b"\x89PNG\r\n\x1a\n"
+METRIC_KEYS = {"knn_acc", "soft_knn_acc", "classifier_acc", "cache_opinion_acc", "silhouette",
+               "intra_inter_ratio", "train_seconds"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_end_to_end_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--quick", "--steps", "40", "--log-every", "10", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert "wrote report.md" in capsys.readouterr().out
+    for name in ("tsne.png", "training.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"].startswith("cpu") and metrics["seconds"] > 0
+    assert list(metrics["losses"]) == list(LOSSES)
+    for name, m in metrics["losses"].items():
+        assert METRIC_KEYS <= set(m)
+        # 40 steps on digits: every embedding is far above the 10% of guessing
+        assert 0.5 < m["soft_knn_acc"] <= 1 and 0.5 < m["knn_acc"] <= 1
+        assert -1 <= m["silhouette"] <= 1 and 0 < m["intra_inter_ratio"] < 1
+        assert m["overfit_passed"] is True
+        has_head = name in ("softmax", "softmax+cache")
+        assert (m["classifier_acc"] is not None) == has_head
+        assert (m["cache_opinion_acc"] is not None) == has_head
+    report = (out / "report.md").read_text()
+    assert "| loss | soft-kNN acc | 5-NN acc |" in report
+    for name in LOSSES:
+        assert f"| {name} |" in report
+    assert "tsne.png" in report and "training.png" in report
+
+
+def test_same_seed_same_training_on_digits():
+    data = split(*load_digits())
+    cfg = Config(steps=12, log_every=4, seed=3)
+    for name in ("nca", "softmax+cache"):
+        a, b = train(name, data, cfg, "cpu"), train(name, data, cfg, "cpu")
+        assert a.monitor.series("train_loss") == b.monitor.series("train_loss")
+        assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    seeded_3 = train("nca", data, cfg, "cpu")
+    seeded_4 = train("nca", data, Config(steps=12, log_every=4, seed=4), "cpu")
+    assert seeded_4.monitor.series("train_loss") != seeded_3.monitor.series("train_loss")
+
+
+def test_user_npz_data(tmp_path):
+    g = np.random.default_rng(0)
+    y = np.repeat(np.array(["cat", "dog", "owl"]), 40)
+    x = g.normal(size=(120, 4, 3)) + (np.arange(120) // 40)[:, None, None] * 2.0  # images, flattened
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    out = tmp_path / "out"
+    assert main(["--data", str(tmp_path / "mine.npz"), "--losses", "nca,softmax", "--steps", "15",
+                 "--samples-per-class", "4", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == {"source": "mine.npz (user data)", "train": 90, "test": 30, "features": 12,
+                               "classes": 3}
+    assert list(metrics["losses"]) == ["nca", "softmax"]
+    assert metrics["config"]["classes_per_batch"] == 3  # capped at the 3 classes
+
+
+def _bad_npz(tmp_path, kind):
+    path = tmp_path / f"{kind}.npz"
+    x, y = np.zeros((20, 3)), np.repeat([0, 1], 10)
+    if kind == "text":
+        path.write_text("not an archive")
+    elif kind == "npy":
+        np.save(tmp_path / "arr.npy", x)
+        os.replace(tmp_path / "arr.npy", path)
+    elif kind == "no_y":
+        np.savez(path, x=x, labels=y)
+    elif kind == "x_1d":
+        np.savez(path, x=np.zeros(20), y=y)
+    elif kind == "length":
+        np.savez(path, x=x, y=y[:-1])
+    elif kind == "float_y":
+        np.savez(path, x=x, y=np.linspace(0, 1, 20))
+    elif kind == "nan_x":
+        x[3, 1] = np.nan
+        np.savez(path, x=x, y=y)
+    elif kind == "one_class":
+        np.savez(path, x=x, y=np.zeros(20, dtype=int))
+    elif kind == "singleton":
+        np.savez(path, x=x, y=np.r_[np.zeros(19, dtype=int), 1])
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--lr", "-1"], "argument --lr: expected a positive finite number, got -1"),
+    (["--temperature", "nan"], "argument --temperature: expected a positive finite number"),
+    (["--losses", "softmax,bogus"], "unknown: bogus"),
+    (["--test-size", "1.5"], "argument --test-size: expected a number in (0, 1), got 1.5"),
+    (["--samples-per-class", "1"], "argument --samples-per-class: must be at least 2"),
+    (["--device", "tpu"], "argument --device"),
+    (["--seed", "x"], "argument --seed: expected an integer >= 0, got 'x'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--data", "/nonexistent/file.npz"], "no such file"),
+] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))
+def test_bad_options_exit_with_a_clear_error(argv, fragment, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--out", str(tmp_path / "o"), "--no-progress"])
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("text", "is not a readable .npz archive"),
+    ("npy", "holds a single array, not an .npz archive"),
+    ("no_y", "lacks array(s) ['y']; it has ['x', 'labels']"),
+    ("x_1d", "x must have shape (N, features)"),
+    ("length", "x and y must have the same length, got 20 and 19"),
+    ("float_y", "y holds non-integer floats"),
+    ("nan_x", "x holds NaN or inf in 1 row(s)"),
+    ("one_class", "need at least 2 classes, got 1"),
+    ("singleton", "every class needs at least 2 samples"),
+])
+def test_malformed_data_file_is_reported(kind, fragment, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["--data", _bad_npz(tmp_path, kind), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and fragment in err
+
+
+def test_help_documents_every_option():
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+        assert action.help and len(action.help) > 10, action.option_strings
+    result = subprocess.run([sys.executable, "-m", "nbkernels.demo", "--help"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0 and "--quick" in result.stdout and "metrics.json" in result.stdout

@@ -1,0 +1,140 @@
+"""ClassBalancedBatchSampler: batch composition, replacement, reproducibility, validation."""
+import collections
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from nbkernels.sampler import ClassBalancedBatchSampler
+
+
+def _labels():
+    # 5 classes with non-contiguous ids and unequal sizes: 20, 12, 9, 30, 3 samples.
+    sizes = {0: 20, 3: 12, 7: 9, 11: 30, 42: 3}
+    y = torch.cat([torch.full((n,), c) for c, n in sizes.items()])
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], sizes
+
+
+@pytest.mark.parametrize("k, m", [(1, 1), (2, 4), (3, 3), (5, 2)])
+def test_every_batch_has_m_samples_of_k_distinct_classes(k, m):
+    y, _ = _labels()
+    sampler = ClassBalancedBatchSampler(y, k, m, num_batches=50, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 50
+    for batch in batches:
+        assert len(batch) == k * m
+        labels = y[batch].tolist()
+        counts = collections.Counter(labels)
+        assert len(counts) == k
+        assert set(counts.values()) == {m}
+        # grouped by class: each consecutive run of m indices shares one label
+        for start in range(0, k * m, m):
+            assert len(set(labels[start:start + m])) == 1
+
+
+def test_no_duplicates_when_the_class_is_large_enough():
+    y, _ = _labels()
+    for batch in ClassBalancedBatchSampler(y, 4, 9, num_batches=100, seed=2):
+        for start in range(0, len(batch), 9):
+            group = batch[start:start + 9]
+            if int(y[group[0]]) != 42:  # class 42 has 3 samples: drawn with replacement
+                assert len(set(group)) == 9
+
+
+def test_small_class_is_drawn_with_replacement():
+    y, sizes = _labels()
+    m = 8
+    assert sizes[42] < m
+    seen = []
+    for batch in ClassBalancedBatchSampler(y, 5, m, num_batches=20, seed=3):
+        group = [i for i in batch if int(y[i]) == 42]
+        assert len(group) == m
+        assert len(set(group)) <= sizes[42]
+        seen += group
+    assert set(seen) == set(torch.nonzero(y == 42).flatten().tolist())
+
+
+def test_classes_and_samples_are_covered_evenly():
+    y, _ = _labels()
+    # k divides C: every round of C/k batches shows every class exactly once.
+    sampler = ClassBalancedBatchSampler(y, 5, 3, num_batches=40, seed=4)
+    class_count = collections.Counter()
+    sample_count = collections.Counter()
+    for batch in sampler:
+        class_count.update(set(y[batch].tolist()))
+        sample_count.update(batch)
+    assert set(class_count.values()) == {40}
+    # class 11 (30 samples) is drawn 3 per batch, 120 draws: every sample 4 times
+    members_11 = torch.nonzero(y == 11).flatten().tolist()
+    assert {sample_count[i] for i in members_11} == {4}
+    # k = 2 of 5 classes: rounds are topped up, so class counts differ by at most one round
+    counts = collections.Counter()
+    for batch in ClassBalancedBatchSampler(y, 2, 2, num_batches=100, seed=5):
+        counts.update(set(y[batch].tolist()))
+    assert sum(counts.values()) == 200
+    assert max(counts.values()) - min(counts.values()) <= 2
+
+
+def test_same_seed_same_batches_and_passes_continue():
+    y, _ = _labels()
+    a = ClassBalancedBatchSampler(y, 3, 4, num_batches=10, seed=7)
+    b = ClassBalancedBatchSampler(y, 3, 4, num_batches=10, seed=7)
+    first_a, first_b = list(a), list(b)
+    assert first_a == first_b
+    second_a = list(a)
+    assert second_a == list(b)
+    assert second_a != first_a  # a new pass draws new batches
+    assert list(ClassBalancedBatchSampler(y, 3, 4, num_batches=10, seed=8)) != first_a
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert list(ClassBalancedBatchSampler(y, 3, 4, num_batches=5, generator=g1)) == \
+        list(ClassBalancedBatchSampler(y, 3, 4, num_batches=5, generator=g2))
+    torch.manual_seed(10)
+    c = list(ClassBalancedBatchSampler(y, 3, 4, num_batches=5))
+    torch.manual_seed(10)
+    assert list(ClassBalancedBatchSampler(y, 3, 4, num_batches=5)) == c
+
+
+def test_default_length_and_other_label_containers():
+    y, _ = _labels()
+    assert len(ClassBalancedBatchSampler(y, 2, 4, seed=0)) == len(y) // 8
+    assert len(ClassBalancedBatchSampler(torch.tensor([0, 1, 1]), 2, 4, seed=0)) == 1
+    from_numpy = list(ClassBalancedBatchSampler(y.numpy(), 2, 4, seed=0))
+    from_list = list(ClassBalancedBatchSampler(y.tolist(), 2, 4, seed=0))
+    assert from_numpy == from_list == list(ClassBalancedBatchSampler(y, 2, 4, seed=0))
+    assert len(ClassBalancedBatchSampler(y, np.int64(2), np.int64(4), seed=np.int64(0))) == len(y) // 8
+
+
+def test_works_as_a_dataloader_batch_sampler():
+    y, _ = _labels()
+    x = torch.arange(len(y), dtype=torch.float32)[:, None]
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=ClassBalancedBatchSampler(y, 3, 2, num_batches=4, seed=0))
+    batches = list(loader)
+    assert len(batches) == 4
+    for xb, yb in batches:
+        assert xb.shape == (6, 1)
+        assert torch.equal(y[xb[:, 0].long()], yb)
+        assert sorted(collections.Counter(yb.tolist()).values()) == [2, 2, 2]
+
+
+@pytest.mark.parametrize("labels, kwargs, exc, fragment", [
+    (torch.tensor([0.0, 1.0]), {}, TypeError, "labels must have an integer dtype, got torch.float32"),
+    (torch.tensor([[0, 1]]), {}, ValueError, "labels must be 1-D"),
+    (torch.tensor([], dtype=torch.long), {}, ValueError, "labels must not be empty"),
+    ("ab", {}, TypeError, "labels must be a 1-D sequence of integers"),
+    (torch.tensor([0, 1, 1]), {"classes_per_batch": 3}, ValueError,
+     "classes_per_batch must be <= the number of distinct labels (2), got 3"),
+    (torch.tensor([0, 1, 1]), {"classes_per_batch": 0}, ValueError, "classes_per_batch must be >= 1, got 0"),
+    (torch.tensor([0, 1, 1]), {"samples_per_class": 0}, ValueError, "samples_per_class must be >= 1, got 0"),
+    (torch.tensor([0, 1, 1]), {"samples_per_class": 2.0}, TypeError, "samples_per_class must be an int, got float"),
+    (torch.tensor([0, 1, 1]), {"num_batches": 0}, ValueError, "num_batches must be >= 1, got 0"),
+    (torch.tensor([0, 1, 1]), {"seed": 1, "generator": torch.Generator()}, ValueError,
+     "pass either generator or seed"),
+    (torch.tensor([0, 1, 1]), {"seed": "1"}, TypeError, "seed must be an int or None, got str"),
+    (torch.tensor([0, 1, 1]), {"generator": 3}, TypeError, "generator must be a torch.Generator, got int"),
+])
+def test_bad_arguments_name_the_argument(labels, kwargs, exc, fragment):
+    args = {"classes_per_batch": 2, "samples_per_class": 2, **kwargs}
+    with pytest.raises(exc) as info:
+        ClassBalancedBatchSampler(labels, args.pop("classes_per_batch"), args.pop("samples_per_class"), **args)
+    assert fragment in str(info.value)
