@@ -109,12 +109,21 @@ def backend(value, device):
         raise BackendUnavailableError(
             f"backend 'triton' cannot run on {device}: it needs the triton package and a CUDA "
             "device, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors")
-    if value == "cuda":
+    if value == "cuda" and not _cuda_ok(device):
         raise BackendUnavailableError(
-            "backend 'cuda' is not built in this installation: install from source on a machine "
-            "with a CUDA toolkit and a CUDA build of torch (FORCE_CUDA=1 pip install -e .), "
+            f"backend 'cuda' cannot run on {device}: it needs CUDA tensors and the compiled "
+            "extension nbkernels._C, built by installing from source on a machine with a CUDA "
+            "toolkit and a CUDA build of torch (FORCE_CUDA=1 pip install -e .); "
             "or use backend='triton' or 'torch'")
     return value
+
+
+def _cuda_ok(device):
+    try:
+        from nbkernels.backends import cuda as cuda_backend
+    except ImportError:
+        return False
+    return cuda_backend.is_available(device)
 
 
 def _triton_ok(device):
