@@ -10,8 +10,12 @@ from nbkernels import _validation as check
 from nbkernels import functional as F
 
 
-class _TemperatureMixin(nn.Module):
-    def _init_temperature(self, temperature, learn_temperature):
+class _NeighborLossModule(nn.Module):
+    def _init_options(self, temperature, metric, reduction, backend, learn_temperature):
+        check.choice("metric", metric, check.METRICS)
+        check.choice("reduction", reduction, check.REDUCTIONS)
+        check.choice("backend", backend, check.BACKEND_NAMES)
+        self.metric, self.reduction, self.backend = metric, reduction, backend
         check.temperature(temperature, torch.device("cpu"))
         if learn_temperature:
             # log-parametrized: T = exp(log_temperature) stays > 0 under any update
@@ -30,7 +34,7 @@ class _TemperatureMixin(nn.Module):
         return t.to(device) if isinstance(t, torch.Tensor) else t
 
 
-class NCALoss(_TemperatureMixin):
+class NCALoss(_NeighborLossModule):
     """Module form of :func:`nbkernels.nca_loss`.
 
     Args:
@@ -46,11 +50,7 @@ class NCALoss(_TemperatureMixin):
     def __init__(self, temperature=0.1, *, metric="sqeuclidean", reduction="mean",
                  backend="auto", learn_temperature=False):
         super().__init__()
-        check.choice("metric", metric, check.METRICS)
-        check.choice("reduction", reduction, check.REDUCTIONS)
-        check.choice("backend", backend, check.BACKEND_NAMES)
-        self.metric, self.reduction, self.backend = metric, reduction, backend
-        self._init_temperature(temperature, learn_temperature)
+        self._init_options(temperature, metric, reduction, backend, learn_temperature)
 
     def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
         return F.nca_loss(embeddings, labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
@@ -61,7 +61,7 @@ class NCALoss(_TemperatureMixin):
         return f"temperature={self.temperature}, metric={self.metric!r}, reduction={self.reduction!r}"
 
 
-class PrototypeLoss(_TemperatureMixin):
+class PrototypeLoss(_NeighborLossModule):
     """Module form of :func:`nbkernels.prototype_loss`.
 
     With ``num_classes`` and ``dim`` it owns learned prototypes (ProxyNCA), a
@@ -77,11 +77,7 @@ class PrototypeLoss(_TemperatureMixin):
     def __init__(self, temperature=0.1, *, metric="sqeuclidean", reduction="mean",
                  backend="auto", learn_temperature=False, num_classes=None, dim=None):
         super().__init__()
-        check.choice("metric", metric, check.METRICS)
-        check.choice("reduction", reduction, check.REDUCTIONS)
-        check.choice("backend", backend, check.BACKEND_NAMES)
-        self.metric, self.reduction, self.backend = metric, reduction, backend
-        self._init_temperature(temperature, learn_temperature)
+        self._init_options(temperature, metric, reduction, backend, learn_temperature)
         if (num_classes is None) != (dim is None):
             raise ValueError("num_classes and dim go together: pass both to learn prototypes, "
                              f"or neither; got num_classes={num_classes}, dim={dim}")
