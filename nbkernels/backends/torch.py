@@ -330,6 +330,7 @@ def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g,
     pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset)
     acc = pb.q.dtype
     delta = pb.sort_rows((g.to(acc) * yhat.to(acc)).sum(1))  # delta_i = sum_c G_ic yhat_ic
+    delta = torch.where(pb.sort_rows(lse_all) == _NEG_INF, torch.zeros_like(delta), delta)
     lse_all, g = _row_terms(pb, lse_all, g)
 
     def make_ds(s, i0, i1, j0, j1, has_pos):

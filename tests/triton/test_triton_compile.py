@@ -1,0 +1,44 @@
+"""The launchers as torch.library custom ops: fake implementations and torch.compile."""
+import pytest
+import torch
+
+
+def _case(h):
+    return h.make_case(n=9, m=7, d=5, c=3, dtype=torch.float32)
+
+
+def test_compile_fullgraph(tb, h):
+    case = _case(h)
+
+    def loss(q, r, t):
+        lse_all, lse_pos = tb.lse_forward(q, r, case.a, case.b, t, metric="sqeuclidean", offset=0)
+        return (lse_all - lse_pos).sum()
+
+    want = loss(case.q, case.r, case.t)
+    got = torch.compile(loss, fullgraph=True)(case.q, case.r, case.t)
+    torch.testing.assert_close(got, want)
+
+
+def _op_args(case):
+    """Positional arguments of each nbkernels::triton_* op, as the launchers pass them."""
+    q, r, a, b, t = case.q, case.r, case.a, case.b, case.t
+    lse = torch.randn(q.shape[0], device=q.device)
+    g = torch.randn(q.shape[0], device=q.device)
+    yhat = torch.softmax(torch.randn(q.shape[0], case.c, device=q.device), 1)
+    gc = torch.randn(q.shape[0], case.c, device=q.device)
+    return {
+        "triton_lse_fwd": (q, r, a, b, t, "sqeuclidean", 0, True, "ieee"),
+        "triton_probs_fwd": (q, r, b, t, case.c, "dot", 0, False, "ieee"),
+        "triton_lse_bwd": (q, r, a, b, t, lse, lse, g, g, "sqeuclidean", 2, True, True, False, True,
+                           "ieee"),
+        "triton_probs_bwd": (q, r, b, t, yhat, lse, gc, "dot", 0, False, False, True, True, "ieee"),
+    }
+
+
+@pytest.mark.parametrize("name", ["triton_lse_fwd", "triton_probs_fwd", "triton_lse_bwd",
+                                  "triton_probs_bwd"])
+def test_fake_matches_real(tb, h, name):
+    # schema, fake (meta) implementation and registration checks of torch.library
+    args = _op_args(_case(h))[name]
+    torch.library.opcheck(getattr(torch.ops.nbkernels, name).default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -1,0 +1,136 @@
+"""NaN propagation, extreme temperatures, determinism and fp64 gradcheck."""
+import pytest
+import torch
+
+from nbkernels.backends import reference
+
+METRICS = ["sqeuclidean", "dot"]
+ALL = dict(need_q=True, need_r=True, need_t=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_propagates(tb, h, dtype, metric):
+    # tl.max / tl.maximum drop NaN (fmax): NaN must still reach the lse through the sum.
+    # A NaN query poisons its row; a NaN reference every row but the one that excludes it.
+    case = h.make_case(dtype=dtype)
+    case.q[10, 2] = float("nan")
+    case.r[7, 0] = float("nan")
+    for offset in (None, 3):
+        lse_all, lse_pos = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric=metric,
+                                          offset=offset)
+        ref_all, ref_pos = reference.neighbor_lse(case.q.double(), case.r.double(), case.a, case.b,
+                                                  case.t.double(), metric=metric, offset=offset)
+        shift = h.row_shift(case, metric)
+        assert torch.equal(torch.isnan(lse_all + shift), torch.isnan(ref_all))
+        assert torch.equal(torch.isnan(lse_pos + shift), torch.isnan(ref_pos))
+        assert torch.isnan(lse_all).sum() == (37 if offset is None else 36)
+        yhat, lse2 = tb.probs_forward(case.q, case.r, case.b, case.t, case.c, metric=metric,
+                                      offset=offset)
+        assert torch.equal(torch.isnan(lse2), torch.isnan(lse_all))
+        assert torch.isnan(yhat).any(1).equal(torch.isnan(lse_all))
+        g = torch.ones_like(lse_all)
+        dq, dr, dt = tb.lse_backward(case.q, case.r, case.a, case.b, case.t, lse_all, lse_pos, g,
+                                     -g, metric=metric, offset=offset, **ALL)
+        assert torch.isnan(dq).any() and torch.isnan(dr).any() and torch.isnan(dt)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_extreme_temperature_stays_finite(tb, h, dtype, rtol):
+    # T = 1e-4 with squared distances ~ 1.5e4: logits ~ -1e8. Positives sit far below the
+    # row max; with one shared running max their exp would underflow to lse_pos = -inf.
+    case = h.make_case(n=23, m=31, d=19, c=4, dtype=dtype, scale=20.0, temperature=1e-4)
+    lse_all, lse_pos = tb.lse_forward(case.q, case.r, case.a, case.b, case.t,
+                                      metric="sqeuclidean", offset=0)
+    ref_all, ref_pos = reference.neighbor_lse(case.q.double(), case.r.double(), case.a, case.b,
+                                              case.t.double(), metric="sqeuclidean", offset=0)
+    has_pos = torch.isfinite(ref_pos)
+    assert has_pos.sum() > 15 and ((ref_all - ref_pos)[has_pos] > 1e5).sum() >= 5
+    shift = h.row_shift(case, "sqeuclidean")
+    assert torch.isfinite(lse_all).all() and torch.equal(torch.isfinite(lse_pos), has_pos)
+    torch.testing.assert_close((lse_all + shift).double(), ref_all, atol=0, rtol=rtol)
+    torch.testing.assert_close((lse_pos + shift).double()[has_pos], ref_pos[has_pos], atol=0,
+                               rtol=rtol)
+    g = has_pos.to(lse_all.dtype)
+    grads = tb.lse_backward(case.q, case.r, case.a, case.b, case.t, lse_all, lse_pos, g, -g,
+                            metric="sqeuclidean", offset=0, **ALL)
+    assert all(torch.isfinite(x).all() for x in grads)
+    yhat, _ = tb.probs_forward(case.q, case.r, case.b, case.t, case.c, metric="sqeuclidean",
+                               offset=0)
+    torch.testing.assert_close(yhat.sum(1), torch.ones_like(yhat[:, 0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_backward_is_deterministic(tb, h, metric):
+    case = h.make_case(dtype=torch.float32)
+    lse_all, lse_pos = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric=metric,
+                                      offset=0)
+    g = torch.linspace(-1, 1, 37, device=h.device)
+    g_pos = torch.where(torch.isinf(lse_pos), 0.0, -g)
+    first = tb.lse_backward(case.q, case.r, case.a, case.b, case.t, lse_all, lse_pos, g, g_pos,
+                            metric=metric, offset=0, **ALL)
+    second = tb.lse_backward(case.q, case.r, case.a, case.b, case.t, lse_all, lse_pos, g, g_pos,
+                             metric=metric, offset=0, **ALL)
+    yhat, lse = tb.probs_forward(case.q, case.r, case.b, case.t, case.c, metric=metric, offset=0)
+    gc = torch.ones_like(yhat).cumsum(1)
+    third = tb.probs_backward(case.q, case.r, case.b, case.t, yhat, lse, gc, metric=metric,
+                              offset=0, **ALL)
+    fourth = tb.probs_backward(case.q, case.r, case.b, case.t, yhat, lse, gc, metric=metric,
+                               offset=0, **ALL)
+    for x, y in zip(first + third, second + fourth):
+        assert torch.equal(x, y)
+
+
+class _LSE(torch.autograd.Function):
+    """(lse_all, lse_pos) with the row constant restored, as nbkernels.autograd does."""
+
+    @staticmethod
+    def forward(ctx, q, r, t, a, b, metric, offset, tb):
+        lse_all, lse_pos = tb.lse_forward(q, r, a, b, t, metric=metric, offset=offset)
+        ctx.save_for_backward(q, r, t, a, b, lse_all, lse_pos)
+        ctx.args = metric, offset, tb
+        shift = q.pow(2).sum(1) / t if metric == "sqeuclidean" else torch.zeros_like(lse_all)
+        return lse_all - shift, lse_pos - shift
+
+    @staticmethod
+    def backward(ctx, g_all, g_pos):
+        q, r, t, a, b, lse_all, lse_pos = ctx.saved_tensors
+        metric, offset, tb = ctx.args
+        dq, dr, dt = tb.lse_backward(q, r, a, b, t, lse_all, lse_pos, g_all, g_pos,
+                                     metric=metric, offset=offset, need_q=ctx.needs_input_grad[0],
+                                     need_r=ctx.needs_input_grad[1], need_t=ctx.needs_input_grad[2])
+        return dq, dr, dt, None, None, None, None, None
+
+
+class _Probs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, r, t, b, c, metric, offset, tb):
+        yhat, lse_all = tb.probs_forward(q, r, b, t, c, metric=metric, offset=offset)
+        ctx.save_for_backward(q, r, t, b, yhat, lse_all)
+        ctx.args = metric, offset, tb
+        return yhat
+
+    @staticmethod
+    def backward(ctx, g):
+        q, r, t, b, yhat, lse_all = ctx.saved_tensors
+        metric, offset, tb = ctx.args
+        dq, dr, dt = tb.probs_backward(q, r, b, t, yhat, lse_all, g, metric=metric, offset=offset,
+                                       need_q=True, need_r=True, need_t=True)
+        return dq, dr, dt, None, None, None, None, None
+
+
+@pytest.mark.parametrize("metric, offset", [("sqeuclidean", 0), ("dot", None)])
+def test_gradcheck_fp64(tb, h, metric, offset):
+    # every row has a positive (lse_pos finite), labels 0 / 1 alternate
+    labels = torch.arange(6) % 2
+    case = h.make_case(n=5, m=6, d=3, dtype=torch.float64, q_labels=labels[:5], r_labels=labels)
+    inputs = [x.clone().requires_grad_() for x in (case.q, case.r, case.t)]
+    assert torch.autograd.gradcheck(
+        lambda q, r, t: _LSE.apply(q, r, t, case.a, case.b, metric, offset, tb), inputs)
+    assert torch.autograd.gradcheck(
+        lambda q, r, t: _Probs.apply(q, r, t, case.b, 3, metric, offset, tb), inputs)
+
+
+def test_is_available(tb):
+    assert tb.is_available("cpu") or tb.is_available("cuda")
+    assert not tb.is_available("meta")
