@@ -125,18 +125,21 @@ def _finite_or_zero(x):
     return torch.where(x == _NEG_INF, torch.zeros_like(x), x)
 
 
-def _exp_(x):
-    """In-place exp of a tile whose entries are <= 0 (or NaN), with tiny results set to 0.
+def _exp_(x, zero_tiny=True):
+    """In-place exp of a tile whose entries are <= 0 (or NaN).
 
     x86 math and BLAS libraries take a slow path of ~50 ns per element on denormal
     numbers, 100x the normal cost, both in exp and in the matrix products that consume
-    its results. Arguments are floored where exp is still normal, and results below
-    ``_TINY`` (1e-30 in fp32) become exactly 0: a row's terms sum to >= 1 (the maximum's
-    exp(0)), so the dropped mass is below the rounding of that sum for any M < 1e23.
+    its results. Arguments are floored where exp is still normal (1e-38 in fp32), and
+    with ``zero_tiny`` results below 1e-30 (fp32) become exactly 0, so that products with
+    the upstream gradient stay normal too. A row's terms sum to >= 1 (the maximum's
+    exp(0)), so either change is below the rounding of that sum for any M < 1e23.
     """
     fp64 = x.dtype == torch.float64
     x.clamp_(min=-708.0 if fp64 else -87.0).exp_()
-    return torch.nn.functional.threshold_(x, 1e-290 if fp64 else 1e-30, 0.0)
+    if zero_tiny:
+        torch.nn.functional.threshold_(x, 1e-290 if fp64 else 1e-30, 0.0)
+    return x
 
 
 class _OnlineLSE:
@@ -154,7 +157,7 @@ class _OnlineLSE:
         m_new = torch.maximum(m_old, s.amax(dim))
         m_safe = _finite_or_zero(m_new)
         alpha = torch.exp(m_old - m_safe)
-        p = _exp_(s.sub_(m_safe.unsqueeze(dim)))
+        p = _exp_(s.sub_(m_safe.unsqueeze(dim)), zero_tiny=False)
         tile_sum = torch.where(m_new == _NEG_INF, torch.zeros_like(m_safe), p.sum(dim))
         self.l[i0:i1] = self.l[i0:i1] * alpha + tile_sum
         self.m[i0:i1] = m_new
