@@ -75,7 +75,8 @@ def temperature(value, device):
     if isinstance(value, (int, float)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"temperature must be finite and > 0, got {value}")
-        return torch.tensor(float(value), dtype=torch.float32, device=device)
+        # torch.full writes on the device: no blocking host-to-device copy
+        return torch.full((), float(value), dtype=torch.float32, device=device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(value).__name__}")
     if value.dim() != 0:
