@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nbkernels
-from conftest import TOLERANCES, assert_match, make_batch, run
+from helpers import TOLERANCES, assert_match, make_batch, run
 
 METRICS = ["sqeuclidean", "cosine", "dot"]
 BACKENDS = ["torch"]

@@ -7,7 +7,7 @@ import torch
 
 import nbkernels
 from nbkernels import BackendUnavailableError
-from conftest import make_batch
+from helpers import make_batch
 
 BACKENDS = ["reference", "torch"]
 

@@ -5,7 +5,7 @@ from torch.autograd import gradcheck
 
 import nbkernels
 from nbkernels.autograd import ClassProbs, NeighborLSE
-from conftest import make_batch
+from helpers import make_batch
 
 BACKENDS = ["reference", "torch"]
 

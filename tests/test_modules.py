@@ -4,7 +4,7 @@ import math
 import torch
 
 import nbkernels
-from conftest import make_batch
+from helpers import make_batch
 
 
 def test_nca_module_matches_function():
