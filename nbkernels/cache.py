@@ -3,6 +3,11 @@
 A circular memory of detached past embeddings and their labels. Each query scores
 every filled slot, a softmax follows, and the label-weighted vote is the cache's
 class distribution; ``-log`` of the true class's mass is the loss.
+
+The memory may live on the CPU (pinned) while the queries are on a GPU: it is then
+streamed in chunks (``nbkernels.streaming``). With ``distributed=True`` every rank keeps
+its own slots and the loss and the prediction are those of the union of all ranks'
+slots (``nbkernels.distributed``).
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import torch
 from torch import nn
 
 from nbkernels import _validation as check
+from nbkernels import distributed as dist_
 from nbkernels import functional as F
+from nbkernels.streaming import DEFAULT_CHUNK_SIZE, Spec
 
 
 class NeighborCache(nn.Module):
@@ -22,6 +29,17 @@ class NeighborCache(nn.Module):
         size: number of slots (>= 1). dim: embedding dimension. num_classes: C.
         temperature: T of the softmax (the paper's scale is 1/T). metric: as in ``nca_loss``.
         backend: as in ``nca_loss``. dtype, device: of the memory (default float32, CPU).
+        chunk_size: as in ``nca_loss``: a memory on the CPU scored by queries on a GPU is
+            streamed in chunks of this many slots (default 65536).
+        pin_memory: allocate a CPU memory in pinned (page-locked) host memory, so that
+            the chunks' copies to the GPU overlap with the compute. Needs CUDA.
+        distributed: every rank keeps its own ``size`` slots and pushes only its own
+            batches; ``loss`` and ``predict`` score the local queries against the union of
+            every rank's slots (the queries are gathered, each rank scores them against its
+            slots, the partial results are merged across ranks). Gradients reach the local
+            queries exactly. Every rank must call ``loss``/``predict`` (and backward)
+            together. Needs an initialised torch.distributed process group.
+        group: the process group (default: the world); needs ``distributed=True``.
 
     ``memory``, ``labels``, ``ptr`` (next slot to write) and ``filled`` are buffers, so a
     state_dict round-trips the cache exactly.
@@ -34,7 +52,8 @@ class NeighborCache(nn.Module):
     """
 
     def __init__(self, size, dim, num_classes, *, temperature=0.05, metric="cosine",
-                 backend="auto", dtype=torch.float32, device=None):
+                 backend="auto", dtype=torch.float32, device=None, chunk_size=None,
+                 pin_memory=False, distributed=False, group=None):
         super().__init__()
         for name, value in (("size", size), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -47,10 +66,21 @@ class NeighborCache(nn.Module):
         check.temperature(temperature, torch.device("cpu"))
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        F._scale_options(chunk_size, distributed, group)
+        if not isinstance(pin_memory, bool):
+            raise TypeError(f"pin_memory must be a bool, got {type(pin_memory).__name__}")
+        if pin_memory and (torch.device(device or "cpu").type != "cpu"
+                           or not torch.cuda.is_available()):
+            raise ValueError(f"pin_memory=True needs a CPU memory (device=None or 'cpu') and "
+                             f"CUDA, got device={device}, cuda available="
+                             f"{torch.cuda.is_available()}")
         self.size, self.dim, self.num_classes = size, dim, num_classes
         self.temperature, self.metric, self.backend = temperature, metric, backend
-        self.register_buffer("memory", torch.zeros(size, dim, dtype=dtype, device=device))
-        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long, device=device))
+        self.chunk_size, self.distributed, self.group = chunk_size, distributed, group
+        memory = torch.zeros(size, dim, dtype=dtype, device=device)
+        self.register_buffer("memory", memory.pin_memory() if pin_memory else memory)
+        labels = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.register_buffer("labels", labels.pin_memory() if pin_memory else labels)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
 
@@ -66,16 +96,37 @@ class NeighborCache(nn.Module):
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must have dimension dim={self.dim} of this cache, "
                              f"got {embeddings.shape[1]}")
-        check.same_device(embeddings=embeddings, memory=self.memory)
+        mem = self.memory.device
+        if embeddings.device != mem and not (mem.type == "cpu" and embeddings.device.type == "cuda"):
+            raise ValueError(f"embeddings must be on the memory's device {mem}, or on a CUDA "
+                             f"device while the memory is on the CPU, got {embeddings.device}")
         if labels is not None:
             check.labels("labels", labels, embeddings.shape[0], "embeddings")
             check.same_device(embeddings=embeddings, labels=labels)
             check.label_range("labels", labels, self.num_classes)
 
-    def _content(self):
-        # a snapshot: the backward recomputes from it after later pushes overwrote slots
+    def _content(self, embeddings):
         n = len(self)
-        return self.memory[:n].clone(), self.labels[:n].clone()
+        memory, labels = self.memory[:n], self.labels[:n]
+        if torch.is_grad_enabled() and embeddings.requires_grad:
+            # a snapshot: the backward recomputes from it after later pushes overwrote slots
+            pinned = memory.device.type == "cpu" and memory.is_pinned()
+            memory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device,
+                                 pin_memory=pinned).copy_(memory)
+            labels = labels.clone()
+        return memory, labels
+
+    def _sharded(self, embeddings, fn, q_labels=None):
+        """``fn.apply`` (ShardedLSE or ShardedProbs) on this rank's slots: ``(q, outputs)``."""
+        memory, mem_labels = self._content(embeddings)
+        t = check.temperature(self.temperature, embeddings.device)
+        backend = check.backend(self.backend, embeddings.device)
+        q = embeddings.to(torch.promote_types(embeddings.dtype, memory.dtype))
+        streamed = memory.device != q.device or self.chunk_size is not None
+        chunk = (self.chunk_size or DEFAULT_CHUNK_SIZE) if streamed else max(len(self), 1)
+        spec = Spec(self.metric, None, backend, chunk, self.num_classes)
+        labels = [] if q_labels is None else [q_labels]
+        return q, fn.apply(q, memory, *labels, mem_labels, t, spec, self.group)
 
     def push(self, embeddings, labels):
         """Write a batch into the oldest slots (detached). A batch larger than the
@@ -89,8 +140,8 @@ class NeighborCache(nn.Module):
         start = int(self.ptr)
         slots = (start + torch.arange(n, device=self.memory.device)) % self.size
         with torch.no_grad():
-            self.memory[slots] = embeddings.detach().to(self.memory.dtype)
-            self.labels[slots] = labels.to(torch.long)
+            self.memory[slots] = embeddings.detach().to(self.memory.device, self.memory.dtype)
+            self.labels[slots] = labels.to(self.memory.device, torch.long)
             self.ptr.fill_((start + n) % self.size)
             self.filled.fill_(min(self.size, len(self) + n))
 
@@ -102,17 +153,24 @@ class NeighborCache(nn.Module):
         self.filled.zero_()
 
     def loss(self, embeddings, labels, reduction="mean"):
-        """Loss of the queries against the current content; 0 (with a gradient path)
-        while the cache is empty. Gradients reach the queries only."""
+        """Loss of the queries against the current content (of every rank, when
+        distributed); 0 (with a gradient path) while it is empty. Gradients reach the
+        queries only."""
         self._check_batch(embeddings, labels)
+        check.choice("reduction", reduction, check.REDUCTIONS)
+        zero = embeddings.sum(1) * 0.0  # keeps the graph and propagates NaN
+        if self.distributed:
+            q, (lse_all, lse_pos, positives) = self._sharded(embeddings, dist_.ShardedLSE,
+                                                             labels.long())
+            valid = positives > 0
+            loss = F._loss_from_lse(lse_all, lse_pos, valid) + zero  # zero: for an empty union
+            return F._reduce(loss, valid, reduction, q.dtype)
         if len(self) == 0:
-            check.choice("reduction", reduction, check.REDUCTIONS)
-            zero = embeddings.sum(1) * 0.0  # keeps the graph and propagates NaN
             return zero if reduction == "none" else zero.sum()
-        memory, mem_labels = self._content()
+        memory, mem_labels = self._content(embeddings)
         return F.nca_loss(embeddings, labels, ref_embeddings=memory, ref_labels=mem_labels,
                           temperature=self.temperature, metric=self.metric,
-                          reduction=reduction, backend=self.backend)
+                          reduction=reduction, backend=self.backend, chunk_size=self.chunk_size)
 
     def forward(self, embeddings, labels):
         """Loss against the current content, then push the detached batch."""
@@ -124,14 +182,21 @@ class NeighborCache(nn.Module):
         """The cache's class distribution (N, C), or with the model's own softmax output
         ``(1 - weight) * model_probs + weight * cache``: the cache as a second opinion."""
         self._check_batch(embeddings, None)
-        if len(self) == 0:
+        filled = len(self)
+        if self.distributed:  # every rank raises, or none
+            filled = int(dist_.global_sum(self.filled.to(embeddings.device), self.group))
+        if filled == 0:
             raise RuntimeError("predict() needs a filled cache: push embeddings first")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
             raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
-        memory, mem_labels = self._content()
-        probs = F.soft_knn_predict(embeddings, memory, mem_labels, self.num_classes,
-                                   temperature=self.temperature, metric=self.metric,
-                                   backend=self.backend)
+        if self.distributed:
+            q, probs = self._sharded(embeddings, dist_.ShardedProbs)
+            probs = probs.to(q.dtype)
+        else:
+            memory, mem_labels = self._content(embeddings)
+            probs = F.soft_knn_predict(embeddings, memory, mem_labels, self.num_classes,
+                                       temperature=self.temperature, metric=self.metric,
+                                       backend=self.backend, chunk_size=self.chunk_size)
         if model_probs is None:
             return probs
         if not isinstance(model_probs, torch.Tensor):

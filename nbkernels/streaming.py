@@ -1,0 +1,184 @@
+"""References in chunks: banks larger than device memory, streamed from the host.
+
+:func:`iter_chunks` hands out a bank chunk by chunk on the queries' device. A bank on the
+same device is sliced (no copy). A bank on the CPU while the queries are on a GPU is
+copied chunk by chunk on a side CUDA stream, the copy of chunk k+1 running while the
+kernels work on chunk k; at most two chunks are on the device at once, so
+``chunk_size`` bounds the device memory: about ``2 * chunk_size * D`` elements plus
+the kernels' O(N) state. Pin the bank (``bank.pin_memory()``) so that the copies are
+truly asynchronous; an unpinned bank still gives the same result, with copies that
+do not overlap.
+
+:class:`StreamedLSE` and :class:`StreamedProbs` are the chunked counterparts of
+``NeighborLSE`` and ``ClassProbs``: the forward merges the chunks' partial states
+(:mod:`nbkernels.partials`), the backward streams the bank again and computes each
+chunk's gradient with the final merged normalizers. Gradients reach the queries,
+the bank (copied back to its device, chunk by chunk) and a tensor temperature.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from nbkernels import partials as P
+from nbkernels.autograd import _normalize, _normalize_backward
+
+# 65536 rows of 128 fp32 features are 32 MiB: large enough to keep the kernels busy, small
+# enough that two in flight are negligible next to a device's memory.
+DEFAULT_CHUNK_SIZE = 65536
+
+
+def iter_chunks(r, r_labels, chunk_size, device, dtype):
+    """Yield ``(start, r[start:start + chunk_size], labels)`` on ``device`` in ``dtype``.
+
+    From a CPU bank to a CUDA device, each chunk's copy is issued on a side stream one
+    chunk ahead, and the compute stream waits on its event before using it.
+    """
+    m = r.shape[0]
+    starts = range(0, m, chunk_size)
+    if r.device == device:
+        for j0 in starts:
+            yield j0, r[j0:j0 + chunk_size].to(dtype), r_labels[j0:j0 + chunk_size]
+        return
+    copy_stream = torch.cuda.Stream(device=device)
+    compute_stream = torch.cuda.current_stream(device)
+
+    def fetch(j0):
+        with torch.cuda.stream(copy_stream):
+            rc = r[j0:j0 + chunk_size].to(device, non_blocking=True)
+            lc = r_labels[j0:j0 + chunk_size].to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+        return rc, lc, done
+
+    nxt = fetch(0) if m else None
+    try:
+        for j0 in starts:
+            rc, lc, done = nxt
+            compute_stream.wait_event(done)
+            # allocated on the copy stream, used on the compute stream: tell the allocator
+            rc.record_stream(compute_stream)
+            lc.record_stream(compute_stream)
+            if j0 + chunk_size < m:
+                nxt = fetch(j0 + chunk_size)  # overlaps with the work on this chunk
+            yield j0, rc.to(dtype), lc
+    finally:
+        # the host may overwrite the bank (a cache push) once we return
+        copy_stream.synchronize()
+
+
+class Spec(NamedTuple):
+    """What a chunked call computes. ``offset`` is global (query i skips reference i + offset)."""
+
+    metric: str
+    offset: int | None
+    backend: str
+    chunk_size: int
+    num_classes: int | None = None
+
+
+def kernel_query(q, metric):
+    return (_normalize(q), "dot") if metric == "cosine" else (q, metric)
+
+
+def forward_chunks(mod, qk, q_labels, r, r_labels, t, kmetric, spec, dtype):
+    """The merged Partials of kernel queries ``qk`` against every chunk of ``r``."""
+    part = None
+    for j0, rc, lc in iter_chunks(r, r_labels, spec.chunk_size, qk.device, dtype):
+        rk = _normalize(rc) if spec.metric == "cosine" else rc
+        p = P.kernel_partials(mod, qk, rk, q_labels, lc, t, kmetric,
+                              P.local_offset(spec.offset, j0), spec.num_classes)
+        part = p if part is None else P.merge(part, p)
+    if part is None:
+        part = P.empty_partials(qk.shape[0], spec.num_classes, q_labels is not None,
+                                qk.dtype, qk.device)
+    return part
+
+
+def backward_chunks(mod, qk, q_labels, r, r_labels, t, kmetric, spec, dtype, final,
+                    g_all, g_pos, g_yhat, need_q, need_r, need_t):
+    """``(dqk, dr, dt)``: dqk w.r.t. the kernel queries (acc dtype), dr w.r.t. ``r`` (on
+    r's device, r's dtype, the cosine normalization applied), dt (0-dim) or None."""
+    dqk = dt = None
+    dr = torch.zeros_like(r) if need_r else None
+    for j0, rc, lc in iter_chunks(r, r_labels, spec.chunk_size, qk.device, dtype):
+        rk = _normalize(rc) if spec.metric == "cosine" else rc
+        dq_c, dr_c, dt_c = P.kernel_backward(
+            mod, qk, rk, q_labels, lc, t, kmetric, P.local_offset(spec.offset, j0), final,
+            g_all, g_pos, g_yhat, need_q=need_q, need_r=need_r, need_t=need_t)
+        dqk, dt = P.add(dqk, dq_c), P.add(dt, dt_c)
+        if need_r and dr_c is not None:
+            if spec.metric == "cosine":
+                dr_c = _normalize_backward(rc, dr_c)
+            dr[j0:j0 + rc.shape[0]].copy_(dr_c)
+    return dqk, dr, dt
+
+
+def query_grad(q, dqk, metric):
+    if dqk is None:
+        return torch.zeros_like(q)
+    if metric == "cosine":
+        dqk = _normalize_backward(q, dqk)
+    return dqk.to(q.dtype)
+
+
+class StreamedLSE(torch.autograd.Function):
+    """``(lse_all, lse_pos, positives) = StreamedLSE.apply(q, r, q_labels, r_labels, T, spec)``.
+
+    As ``NeighborLSE`` (same lse values, up to rounding), over the chunks of ``r``, which
+    may sit on the CPU while ``q`` is on a GPU. ``positives`` (N,) int64 counts each
+    query's positives (not differentiable). ``r`` may have another floating dtype than
+    ``q``: chunks are converted to q's dtype on the device.
+    """
+
+    @staticmethod
+    def forward(ctx, q, r, q_labels, r_labels, temperature, spec):
+        mod = P.launchers(spec.backend)
+        qk, kmetric = kernel_query(q, spec.metric)
+        part = forward_chunks(mod, qk, q_labels, r, r_labels, temperature, kmetric,
+                              spec._replace(num_classes=None), q.dtype)
+        ctx.save_for_backward(q, r, qk, q_labels, r_labels, temperature, part.lse_all,
+                              part.lse_pos, part.positives)
+        ctx.spec, ctx.kmetric = spec._replace(num_classes=None), kmetric
+        ctx.mark_non_differentiable(part.positives)
+        shift = P.row_shift(mod, qk, temperature, kmetric)
+        return part.lse_all - shift, part.lse_pos - shift, part.positives
+
+    @staticmethod
+    def backward(ctx, g_all, g_pos, _):
+        q, r, qk, q_labels, r_labels, t, lse_all, lse_pos, positives = ctx.saved_tensors
+        need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
+        final = P.Partials(lse_all, lse_pos, positives)
+        dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, q_labels, r, r_labels,
+                                      t, ctx.kmetric, ctx.spec, q.dtype, final, g_all, g_pos,
+                                      None, need_q, need_r, need_t)
+        dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
+        dt = None if dt is None else dt.to(t.dtype)
+        return dq, dr, None, None, dt, None
+
+
+class StreamedProbs(torch.autograd.Function):
+    """``yhat = StreamedProbs.apply(q, r, r_labels, T, spec)``: as ``ClassProbs`` over the
+    chunks of ``r`` (``spec.num_classes`` set); yhat (N, C) in the accumulation dtype."""
+
+    @staticmethod
+    def forward(ctx, q, r, r_labels, temperature, spec):
+        mod = P.launchers(spec.backend)
+        qk, kmetric = kernel_query(q, spec.metric)
+        part = forward_chunks(mod, qk, None, r, r_labels, temperature, kmetric, spec, q.dtype)
+        ctx.save_for_backward(q, r, qk, r_labels, temperature, part.lse_all, part.yhat)
+        ctx.spec, ctx.kmetric = spec, kmetric
+        return part.yhat.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        q, r, qk, r_labels, t, lse_all, yhat = ctx.saved_tensors
+        need_q, need_r, _, need_t = ctx.needs_input_grad[:4]
+        final = P.Partials(lse_all, yhat=yhat)
+        dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, None, r, r_labels, t,
+                                      ctx.kmetric, ctx.spec, q.dtype, final, None, None, g,
+                                      need_q, need_r, need_t)
+        dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
+        dt = None if dt is None else dt.to(t.dtype)
+        return dq, dr, None, dt, None
