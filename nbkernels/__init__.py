@@ -3,7 +3,7 @@
 Soft-kNN / NCA, prototype and cache losses computed FlashAttention style: distances,
 temperature softmax and label aggregation in one pass, never holding the N x M matrix.
 """
-from nbkernels import autograd
+from nbkernels import autograd, distributed, partials
 from nbkernels._validation import BackendUnavailableError
 from nbkernels.cache import NeighborCache
 from nbkernels.functional import nca_loss, prototype_loss, soft_knn_predict
@@ -19,6 +19,8 @@ __all__ = [
     "NeighborCache",
     "PrototypeLoss",
     "autograd",
+    "distributed",
+    "partials",
     "nca_loss",
     "prototype_loss",
     "soft_knn_predict",

@@ -11,7 +11,9 @@ from nbkernels import functional as F
 
 
 class _NeighborLossModule(nn.Module):
-    def _init_options(self, temperature, metric, reduction, backend, learn_temperature):
+    def _init_options(self, temperature, metric, reduction, backend, learn_temperature,
+                      scale_out):
+        self.scale_out = scale_out  # chunk_size, distributed, group: see nca_loss
         check.choice("metric", metric, check.METRICS)
         check.choice("reduction", reduction, check.REDUCTIONS)
         check.choice("backend", backend, check.BACKEND_NAMES)
@@ -48,14 +50,16 @@ class NCALoss(_NeighborLossModule):
     """
 
     def __init__(self, temperature=0.1, *, metric="sqeuclidean", reduction="mean",
-                 backend="auto", learn_temperature=False):
+                 backend="auto", learn_temperature=False, chunk_size=None, distributed=False,
+                 group=None):
         super().__init__()
-        self._init_options(temperature, metric, reduction, backend, learn_temperature)
+        self._init_options(temperature, metric, reduction, backend, learn_temperature,
+                           dict(chunk_size=chunk_size, distributed=distributed, group=group))
 
     def forward(self, embeddings, labels, ref_embeddings=None, ref_labels=None):
         return F.nca_loss(embeddings, labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                           temperature=self._t(embeddings.device), metric=self.metric,
-                          reduction=self.reduction, backend=self.backend)
+                          reduction=self.reduction, backend=self.backend, **self.scale_out)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, metric={self.metric!r}, reduction={self.reduction!r}"
@@ -75,9 +79,11 @@ class PrototypeLoss(_NeighborLossModule):
     """
 
     def __init__(self, temperature=0.1, *, metric="sqeuclidean", reduction="mean",
-                 backend="auto", learn_temperature=False, num_classes=None, dim=None):
+                 backend="auto", learn_temperature=False, num_classes=None, dim=None,
+                 distributed=False, group=None):
         super().__init__()
-        self._init_options(temperature, metric, reduction, backend, learn_temperature)
+        self._init_options(temperature, metric, reduction, backend, learn_temperature,
+                           dict(distributed=distributed, group=group))
         if (num_classes is None) != (dim is None):
             raise ValueError("num_classes and dim go together: pass both to learn prototypes, "
                              f"or neither; got num_classes={num_classes}, dim={dim}")
@@ -94,4 +100,4 @@ class PrototypeLoss(_NeighborLossModule):
         return F.prototype_loss(embeddings, labels, prototypes=prototypes,
                                 prototype_labels=prototype_labels,
                                 temperature=self._t(embeddings.device), metric=self.metric,
-                                reduction=self.reduction, backend=self.backend)
+                                reduction=self.reduction, backend=self.backend, **self.scale_out)
