@@ -5,11 +5,12 @@
 #     OUT=/some/folder bash bench/gpu_check.sh        (OUT defaults to ./gpu_out)
 # Wheels in .whl/ (see bench/README.md, "Wheels for the GPU machine") are installed first.
 # Stages, each under its own `timeout` so that a hang costs only that stage:
-#     wheels -> env -> csrc build (skipped while setup.py has no CUDA extension)
-#     -> tests/triton on cuda -> other tests that read NBK_TEST_DEVICE -> determinism
-#     -> benchmarks (bench/bench_gpu.py, stopped by a deadline) -> markdown table
-# Writes at most 7 files, all directly under $OUT:
-#     gpu_check.log  junit_triton.xml  junit_main.xml  determinism.json
+#     wheels -> env -> csrc build (the CUDA extension, this card's arch only)
+#     -> tests/triton on cuda -> tests/cuda (backend "cuda") -> other tests that read
+#     NBK_TEST_DEVICE -> determinism -> benchmarks (bench/bench_gpu.py, stopped by a
+#     deadline) -> markdown table
+# Writes at most 8 files, all directly under $OUT:
+#     gpu_check.log  junit_triton.xml  junit_cuda.xml  junit_main.xml  determinism.json
 #     gpu_<gpu name>.json  table.md  (and gpu_<gpu name>.json.tmp only if killed mid-write)
 # Knobs: GPU_CHECK_TOTAL_S (default 360), GPU_CHECK_QUICK=1 (small benchmark sizes), PYTHON.
 # Exit status: 0 if every stage that ran passed, else 1.
@@ -65,9 +66,14 @@ for mod in ('triton', 'nbkernels', 'pytorch_metric_learning', 'pykeops'):
         print(mod, 'NOT importable:', type(e).__name__, e)
 EOF"
 
-# --- csrc: the CUDA extension, once setup.py builds one --------------------------------------
+# --- csrc: the CUDA extension nbkernels/_C*.so, in place, for this card's arch only --------
+# (ninja builds the binding and the kernel files in parallel; the longest, the backward,
+# took ~35 s single-threaded at -O3 for one arch on a CPU-only machine)
 if [ -f setup.py ] && grep -q "CUDAExtension" setup.py; then
-    stage csrc-build 180 env FORCE_CUDA=1 MAX_JOBS=16 "$PY" setup.py build_ext --inplace
+    ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" \
+        2>/dev/null || echo "9.0")
+    stage csrc-build 150 env FORCE_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$ARCH" \
+        "$PY" setup.py build_ext --inplace
 else
     echo "=== stage csrc-build: SKIPPED, setup.py has no CUDA extension (backend 'cuda' not built)"
 fi
@@ -79,6 +85,13 @@ if [ -d tests/triton ]; then
         --junitxml="$OUT/junit_triton.xml"
 else
     echo "=== stage tests-triton: SKIPPED, no tests/triton folder"
+fi
+# The CUDA C++ backend against the reference and the Triton backend, every dtype.
+if [ -d tests/cuda ]; then
+    stage tests-cuda 90 "$PY" -m pytest tests/cuda -q -p no:cacheprovider --maxfail=20 \
+        --junitxml="$OUT/junit_cuda.xml"
+else
+    echo "=== stage tests-cuda: SKIPPED, no tests/cuda folder"
 fi
 # Other test files that honour NBK_TEST_DEVICE (the CPU suite proper runs in CI, not here).
 MAIN_TESTS=$(grep -l NBK_TEST_DEVICE tests/*.py 2>/dev/null | grep -v conftest.py | tr '\n' ' ')

@@ -10,6 +10,9 @@ collect_ignore = []
 if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("NBK_TEST_DEVICE", "cpu") == "cpu":
     # run separately: TRITON_INTERPRET=1 python -m pytest tests/triton
     collect_ignore.append("triton")
+if os.environ.get("NBK_TEST_DEVICE", "cpu") != "cuda" and os.environ.get("NBK_CUDA_EMULATE") != "1":
+    # run separately: NBK_CUDA_EMULATE=1 python -m pytest tests/cuda (kernels emulated on CPU)
+    collect_ignore.append("cuda")
 
 
 @pytest.fixture

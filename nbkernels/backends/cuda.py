@@ -1,0 +1,224 @@
+"""CUDA backend: launchers over the compiled kernels of csrc/ (``torch.ops.nbkernels.cuda_*``).
+
+Implements the launcher interface of ``nbkernels.backends`` (see its docstring), plus
+``is_available``. The ops come from the extension ``nbkernels._C``, which setup.py builds
+only where a CUDA toolkit and a CUDA build of torch are present (see ``BUILD_HINT``).
+Their fake (meta) implementations are registered below, so the autograd Functions that
+call these launchers compile under ``torch.compile(fullgraph=True)``.
+
+The glue around the kernels is plain torch, as in the Triton backend: squared row norms
+("sqeuclidean"), label sorting for the class distribution, the merge of class tiles, and
+the reduction of per-row dT partial sums. Nothing is read on the host.
+
+Precision: fp16 / bf16 products on tensor cores with fp32 accumulation; fp32 inputs as
+3xTF32 on tensor cores (about fp32 accuracy, whatever ``torch.backends.cuda.matmul``
+allows). fp64 inputs fall back to the ``torch`` backend, with a one-time warning.
+"""
+import warnings
+
+import torch
+
+from nbkernels._validation import BackendUnavailableError
+
+try:
+    from nbkernels import _C  # loading it registers torch.ops.nbkernels.cuda_*
+    _IMPORT_ERROR = None
+except ImportError as e:  # the package works without the extension; is_available says False
+    _C = None
+    _IMPORT_ERROR = e
+
+METRICS = ("sqeuclidean", "dot")
+CLASS_TILE = 32  # == nbk::kClassTile in csrc/cuda/neighbor_cuda.h (the op checks it)
+BUILD_HINT = (
+    "the CUDA extension nbkernels._C is not built. Build it from a source checkout on a "
+    "machine with a CUDA toolkit (nvcc) and a CUDA build of torch: "
+    "`FORCE_CUDA=1 pip install --no-build-isolation -e .` (or "
+    "`python setup.py build_ext --inplace`); TORCH_CUDA_ARCH_LIST picks the GPU archs "
+    "(default \"8.0;9.0\"). Or use backend='triton' or 'torch'.")
+
+
+def is_available(device) -> bool:
+    """True when the extension is built and ``device`` is a CUDA device torch can use."""
+    device = torch.device(device)
+    return _C is not None and device.type == "cuda" and torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+_warned_fp64 = False
+
+
+def _fp64_fallback():
+    """The ``torch`` backend, for fp64 inputs; warns once per process."""
+    global _warned_fp64
+    if not _warned_fp64:
+        _warned_fp64 = True
+        warnings.warn("backend 'cuda' has no float64 kernels (they use tensor cores): float64 "
+                      "inputs run on backend 'torch' instead", UserWarning, stacklevel=3)
+    from nbkernels.backends import torch as torch_backend
+    return torch_backend
+
+
+def _check(q, metric):
+    if _C is None:
+        raise BackendUnavailableError(f"backend 'cuda': {BUILD_HINT} (import error: {_IMPORT_ERROR})")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if q.device.type != "cuda":
+        raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got {q.device}")
+
+
+def _sqnorms(q, r, metric):
+    """fp32 ||q||^2 (N,) and ||r||^2 (M,) for "sqeuclidean"; empty for "dot"."""
+    if metric != "sqeuclidean":
+        empty = q.new_empty(0, dtype=torch.float32)
+        return empty, empty
+    qn = q.float().square().sum(1)
+    return qn, qn if r is q else r.float().square().sum(1)
+
+
+def _rows(x, dtype=torch.float32):
+    """1-D row data as the kernels index it: contiguous, int64 labels or fp32 values."""
+    return None if x is None else x.to(dtype).contiguous()
+
+
+def _temp(temperature):
+    return temperature.to(torch.float32).reshape(())
+
+
+def _offset(offset):
+    return (0 if offset is None else int(offset)), offset is not None
+
+
+# ------------------------------------------------------------------------- launchers
+
+
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
+    """Shifted ``(lse_all, lse_pos)``, each (N,) fp32."""
+    if q.dtype == torch.float64:
+        return _fp64_fallback().lse_forward(q, r, q_labels, r_labels, temperature,
+                                            metric=metric, offset=offset)
+    _check(q, metric)
+    _, rn = _sqnorms(q, r, metric)
+    return torch.ops.nbkernels.cuda_lse_fwd(
+        q, r, _rows(q_labels, torch.int64), _rows(r_labels, torch.int64), _temp(temperature),
+        rn, metric == "sqeuclidean", *_offset(offset))
+
+
+def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
+    """``(yhat, lse_all)``: class distribution (N, num_classes) and shifted lse (N,), fp32.
+
+    Rows without any reference get yhat = NaN (as the reference) and lse_all = -inf. Labels
+    outside ``[0, num_classes)`` count in lse_all but in no class.
+    """
+    if q.dtype == torch.float64:
+        return _fp64_fallback().probs_forward(q, r, r_labels, temperature, num_classes,
+                                              metric=metric, offset=offset)
+    _check(q, metric)
+    m, c = r.shape[0], int(num_classes)
+    n_tiles = -(-c // CLASS_TILE)
+    # references in label order; class tile t owns positions tile_ptr[t]:tile_ptr[t + 1]
+    labels, perm = torch.sort(_rows(r_labels, torch.int64), stable=True)
+    inner = torch.arange(1, n_tiles, device=q.device, dtype=torch.int64) * CLASS_TILE
+    # labels outside [0, C) land in the first / last tile: they count in lse_all, not in yhat
+    tile_ptr = torch.cat([labels.new_zeros(1), torch.searchsorted(labels, inner),
+                          labels.new_full((1,), m)])
+    _, rn = _sqnorms(q, r, metric)
+    mass, tile_max, tile_sum = torch.ops.nbkernels.cuda_class_fwd(
+        q, r, labels, perm, tile_ptr, _temp(temperature), rn, c, CLASS_TILE,
+        metric == "sqeuclidean", *_offset(offset))
+    # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse)
+    # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
+    lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
+    scale = torch.exp(tile_max - lse_all.unsqueeze(1))
+    yhat = mass * scale.repeat_interleave(CLASS_TILE, dim=1).narrow(1, 0, c)
+    return yhat, lse_all
+
+
+def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, g_cls,
+              delta, *, metric, offset, need_q, need_r, need_t):
+    """Run the dq and / or dr kernels; reduce the per-row dT partial sums in torch."""
+    qn, rn = _sqnorms(q, r, metric)
+    args = (q, r, _rows(q_labels, torch.int64), _rows(r_labels, torch.int64), _temp(temperature),
+            qn, rn, _rows(lse_all), _rows(lse_pos), _rows(g_all), _rows(g_pos), g_cls,
+            _rows(delta), metric == "sqeuclidean", *_offset(offset))
+    # dT partial sums come from the dr kernel when it runs alone, else from the dq kernel
+    t_from_r = need_t and need_r and not need_q
+    t_from_q = need_t and not t_from_r
+    dq = dr = part = None
+    if need_q or t_from_q:
+        dx, dt_part = torch.ops.nbkernels.cuda_bwd(*args, False, need_q, t_from_q)
+        dq = dx if need_q else None
+        part = dt_part if t_from_q else part
+    if need_r or t_from_r:
+        dx, dt_part = torch.ops.nbkernels.cuda_bwd(*args, True, need_r, t_from_r)
+        dr = dx if need_r else None
+        part = dt_part if t_from_r else part
+    dt = None
+    if need_t:
+        # dT = -1/T sum_ij ds_ij logit_ij
+        dt = (-part.sum() / temperature.to(torch.float32)).to(temperature.dtype)
+    return dq, dr, dt
+
+
+def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, *,
+                 metric, offset, need_q, need_r, need_t):
+    """``(dq, dr, dt)`` of ``sum(g_all * lse_all + g_pos * lse_pos)``; ``None`` where not needed.
+
+    ``g_all`` or ``g_pos`` may be ``None`` (zero).
+    """
+    if q.dtype == torch.float64:
+        return _fp64_fallback().lse_backward(
+            q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+            metric=metric, offset=offset, need_q=need_q, need_r=need_r, need_t=need_t)
+    _check(q, metric)
+    g_all = torch.zeros_like(lse_all) if g_all is None else g_all
+    g_pos = torch.zeros_like(lse_pos) if g_pos is None else g_pos
+    return _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+                     None, None, metric=metric, offset=offset, need_q=need_q, need_r=need_r,
+                     need_t=need_t)
+
+
+def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, *, metric, offset, need_q,
+                   need_r, need_t):
+    """``(dq, dr, dt)`` of ``sum(g * yhat)``; ``None`` where not needed."""
+    if q.dtype == torch.float64:
+        return _fp64_fallback().probs_backward(
+            q, r, r_labels, temperature, yhat, lse_all, g, metric=metric, offset=offset,
+            need_q=need_q, need_r=need_r, need_t=need_t)
+    _check(q, metric)
+    g = g.to(torch.float32)
+    # delta_i = sum_c G_ic yhat_ic
+    delta = (g * yhat.to(torch.float32)).sum(1)
+    return _backward(q, r, None, r_labels, temperature, lse_all, None, None, None, g, delta,
+                     metric=metric, offset=offset, need_q=need_q, need_r=need_r, need_t=need_t)
+
+
+# ------------------------------------------------------------- fake implementations
+
+
+def _register_fakes():
+    """Shapes and dtypes of the ops' outputs, for FakeTensor / torch.compile tracing."""
+    @torch.library.register_fake("nbkernels::cuda_lse_fwd")
+    def _(q, r, q_labels, r_labels, temperature, r_sqnorm, sqeuclidean, offset, has_offset):
+        n = q.shape[0]
+        return q.new_empty(n, dtype=torch.float32), q.new_empty(n, dtype=torch.float32)
+
+    @torch.library.register_fake("nbkernels::cuda_class_fwd")
+    def _(q, r, r_labels_sorted, perm, tile_ptr, temperature, r_sqnorm, num_classes, block_c,
+          sqeuclidean, offset, has_offset):
+        n, n_tiles = q.shape[0], -(-num_classes // block_c)
+        return (q.new_empty(n, num_classes, dtype=torch.float32),
+                q.new_empty(n, n_tiles, dtype=torch.float32),
+                q.new_empty(n, n_tiles, dtype=torch.float32))
+
+    @torch.library.register_fake("nbkernels::cuda_bwd")
+    def _(q, r, q_labels, r_labels, temperature, q_sqnorm, r_sqnorm, lse_all, lse_pos, g_all,
+          g_pos, g_cls, delta, sqeuclidean, offset, has_offset, ref_major, need_dx, need_dt):
+        x = r if ref_major else q
+        dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+        return dx, q.new_empty(x.shape[0] if need_dt else 0, dtype=torch.float32)
+
+
+if _C is not None:
+    _register_fakes()
