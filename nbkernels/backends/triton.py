@@ -9,11 +9,13 @@ offset and return no ``None`` gradient: the wrappers encode ``offset`` as
 ``(offset, has_offset)`` and turn the empty placeholder gradients back into ``None``.
 
 No launcher reads a device value on the host: temperature is loaded in-kernel and
-every reduction after a kernel stays on the device.
+every reduction after a kernel stays on the device. Launches run under the inputs'
+CUDA device (``torch.cuda.device``), whatever the current device is.
 
 Importing this module imports triton; with ``TRITON_INTERPRET=1`` set before that
 import the kernels run on CPU tensors through the Triton interpreter.
 """
+import contextlib
 import os
 
 import torch
@@ -85,6 +87,25 @@ def _block(n, cap):
     return max(16, min(triton.next_power_of_2(max(n, 1)), cap))
 
 
+def _on_device(x):
+    """Context of x's CUDA device for a launch (triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _ds_scales(gmax):
+    """fp16 ds scales from a bound gmax (N,) >= |ds| per query row: (per row, for all rows).
+
+    Powers of two 2^(12 - ceil(log2 gmax)): scaled |ds| stays <= 2^12 (2^13 for the class
+    ds, bounded by 2 gmax; fp16 tops out near 2^16) and the small terms stay above its
+    normal floor. Computed on the device; rows with gmax = 0 get a large finite scale
+    (their ds is 0), NaN stays NaN.
+    """
+    e = torch.ceil(torch.log2(gmax.float().clamp_min(2.0 ** -100)))
+    row = torch.exp2(12 - e)
+    top = torch.exp2(12 - e.amax()).reshape(1) if e.numel() else row.new_ones(1)
+    return row, top
+
+
 def _common(q, r, temperature, metric, offset, has_offset, precision):
     """Kernel arguments shared by every launch."""
     n, d = q.shape
@@ -110,11 +131,12 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
     lse_all = torch.empty(n, dtype=acc, device=q.device)
     lse_pos = torch.empty(n, dtype=acc, device=q.device)
     if n > 0:
-        tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)](
-            q_labels=q_labels.contiguous(), r_labels=r_labels.contiguous(), perm=None,
-            tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, mass=None, tile_max=None,
-            tile_sum=None, C=0, CLASS=False, MASS_PRECISION="ieee", BLOCK_C=16,
-            **_common(q, r, temperature, metric, offset, has_offset, precision))
+        with _on_device(q):
+            tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)](
+                q_labels=q_labels.contiguous(), r_labels=r_labels.contiguous(), perm=None,
+                tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, mass=None, tile_max=None,
+                tile_sum=None, CLASS=False, MASS_PRECISION="ieee", BLOCK_C=16,
+                **_common(q, r, temperature, metric, offset, has_offset, precision))
     return lse_all, lse_pos
 
 
@@ -130,42 +152,56 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                has_offset: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, m, c = q.shape[0], r.shape[0], num_classes
     acc = _acc_dtype(q.dtype)
-    block_c = _block(c, tk.MAX_BLOCK_C)
-    n_tiles = triton.cdiv(c, block_c)
+    block_c, n_tiles = _class_tiles(c)
     # references in label order; class tile t owns perm[tile_ptr[t]:tile_ptr[t + 1]]
     labels, perm = torch.sort(r_labels.contiguous(), stable=True)
     bounds = torch.arange(n_tiles + 1, device=q.device, dtype=labels.dtype) * block_c
     tile_ptr = torch.searchsorted(labels, bounds)
     # labels outside [0, C) land in the first / last tile: they count in lse_all, not in yhat
+    # (with C = 0, one tile holds every reference)
     tile_ptr[0] = 0
     tile_ptr[-1] = m
-    mass = torch.empty(n, c, dtype=acc, device=q.device)
+    # every column written, those >= C (padding of the last tile) cut off below
+    mass = torch.empty(n, n_tiles * block_c, dtype=acc, device=q.device)
     tile_max = torch.empty(n, n_tiles, dtype=acc, device=q.device)
     tile_sum = torch.empty(n, n_tiles, dtype=acc, device=q.device)
-    if n > 0 and c > 0:
-        tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
-            q_labels=None, r_labels=labels, perm=perm, tile_ptr=tile_ptr, lse_all=None,
-            lse_pos=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, C=c, CLASS=True,
-            # p in [0, 1]: tf32 would cost 1e-3 of yhat; 3xTF32 is near fp32, the one-hot exact
-            MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x3", BLOCK_C=block_c,
-            **_common(q, r, temperature, metric, offset, has_offset, precision))
+    if n > 0:
+        with _on_device(q):
+            tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
+                q_labels=None, r_labels=labels, perm=perm, tile_ptr=tile_ptr, lse_all=None,
+                lse_pos=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
+                # p in [0, 1]: tf32 would cost 1e-3 of yhat; 3xTF32 is near fp32, one-hot exact
+                MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x3", BLOCK_C=block_c,
+                **_common(q, r, temperature, metric, offset, has_offset, precision))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
     scale = torch.exp(tile_max - lse_all[:, None])
-    yhat = mass * scale.repeat_interleave(block_c, dim=1)[:, :c]
-    return yhat, lse_all
+    mass.view(n, n_tiles, block_c).mul_(scale[:, :, None])
+    return mass[:, :c], lse_all
+
+
+def _class_tiles(c):
+    """(BLOCK_C, number of class tiles): at least one tile, so that C = 0 still has lse_all."""
+    block_c = _block(c, tk.MAX_BLOCK_C)
+    return block_c, max(1, triton.cdiv(c, block_c))
 
 
 @_probs_fwd.register_fake
 def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, precision):
     acc = _acc_dtype(q.dtype)
-    return q.new_empty(q.shape[0], num_classes, dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+    block_c, n_tiles = _class_tiles(num_classes)
+    mass = q.new_empty(q.shape[0], n_tiles * block_c, dtype=acc)
+    return mass[:, :num_classes], q.new_empty(q.shape[0], dtype=acc)
 
 
 def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, g_cls,
-              delta, num_classes, metric, offset, has_offset, need_q, need_r, need_t, precision):
-    """Launch the dq and / or dr kernels; reduce the per-row dT partial sums in torch."""
+              delta, gmax, num_classes, metric, offset, has_offset, need_q, need_r, need_t,
+              precision):
+    """Launch the dq and / or dr kernels; reduce the per-row dT partial sums in torch.
+
+    ``gmax`` (N,) bounds |ds| per query row, given for fp16 inputs only (ds scaling).
+    """
     # the kernels index 1-D row data with unit stride; upstream gradients often come expanded
     q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, delta = (
         None if x is None else x.contiguous()
@@ -179,24 +215,29 @@ def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_
     t_from_r = need_t and need_r and not need_q
     t_from_q = need_t and not t_from_r
     block_dx = _block(d, tk.MAX_BLOCK_DX)
+    # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
+    scale_ds = gmax is not None
+    ds_scales = _ds_scales(gmax) if scale_ds else (None, None)
     args = dict(q_labels=q_labels, r_labels=r_labels, lse_all=lse_all, lse_pos=lse_pos,
                 g_all=g_all, g_pos=g_pos, g_cls=g_cls, delta=delta, C=num_classes,
                 s_gn=0 if g_cls is None else g_cls.stride(0),
                 s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
-                BLOCK_DX=block_dx,
+                SCALE_DS=scale_ds, BLOCK_DX=block_dx,
                 **_common(q, r, temperature, metric, offset, has_offset, precision))
     part = None
-    for ref_major, need_dx, need_dt, dx, n_own in ((False, need_q, t_from_q, dq, n),
-                                                   (True, need_r, t_from_r, dr, m)):
+    for ref_major, need_dx, need_dt, dx, n_own, ds_scale in (
+            (False, need_q, t_from_q, dq, n, ds_scales[0]),
+            (True, need_r, t_from_r, dr, m, ds_scales[1])):
         if not (need_dx or need_dt) or n_own == 0:
             continue
         dt_part = torch.empty(n_own, dtype=acc, device=q.device) if need_dt else None
         n_dx = max(1, triton.cdiv(d, block_dx)) if need_dx else 1
         grid = (lambda meta, n_own=n_own, n_dx=n_dx: (triton.cdiv(n_own, meta["BLOCK_OWN"]), n_dx))
-        tk.neighbor_bwd_kernel[grid](
-            dx=dx if need_dx else None, dt_part=dt_part,
-            s_xn=dx.stride(0) if need_dx else 0, s_xd=dx.stride(1) if need_dx else 0,
-            REF_MAJOR=ref_major, NEED_DX=need_dx, NEED_DT=need_dt, **args)
+        with _on_device(q):
+            tk.neighbor_bwd_kernel[grid](
+                dx=dx if need_dx else None, dt_part=dt_part, ds_scale=ds_scale,
+                s_xn=dx.stride(0) if need_dx else 0, s_xd=dx.stride(1) if need_dx else 0,
+                REF_MAJOR=ref_major, NEED_DX=need_dx, NEED_DT=need_dt, **args)
         if need_dt:
             part = dt_part
     if need_t:
@@ -219,8 +260,14 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
              g_all: torch.Tensor, g_pos: torch.Tensor, metric: str, offset: int,
              has_offset: bool, need_q: bool, need_r: bool, need_t: bool,
              precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gmax = None
+    if q.dtype == torch.float16:
+        # |ds_ij| <= |g_all_i| + |g_pos_i|, counting only the terms a row has
+        gmax = (torch.where(lse_all == float("-inf"), 0.0, g_all.float().abs())
+                + torch.where(lse_pos == float("-inf"), 0.0, g_pos.float().abs()))
     return _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                     None, None, 0, metric, offset, has_offset, need_q, need_r, need_t, precision)
+                     None, None, gmax, 0, metric, offset, has_offset, need_q, need_r, need_t,
+                     precision)
 
 
 @_lse_bwd.register_fake
@@ -238,8 +285,14 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     acc = _acc_dtype(q.dtype)
     # delta_i = sum_c G_ic yhat_ic
     delta = (g.to(acc) * yhat.to(acc)).sum(1)
+    gmax = None
+    if q.dtype == torch.float16:
+        # |ds_ij| <= 2 max_c |G_ic| (rows without a term have no ds)
+        gmax = g.float().abs().amax(1) if g.shape[1] else lse_all.new_zeros(g.shape[0])
+        gmax = torch.where(lse_all == float("-inf"), 0.0, gmax)
     return _backward(q, r, None, r_labels, temperature, lse_all, None, None, None, g, delta,
-                     g.shape[1], metric, offset, has_offset, need_q, need_r, need_t, precision)
+                     gmax, g.shape[1], metric, offset, has_offset, need_q, need_r, need_t,
+                     precision)
 
 
 @_probs_bwd.register_fake

@@ -21,14 +21,24 @@ class output, accumulation dtype, dot precision):
 Blocks: BLOCK_D (inner loop over the feature dim for the logit dot) and BLOCK_DX
 (the slice of dq / dr a program writes; a second grid axis when D > BLOCK_DX) are
 chosen by the launcher from D; BLOCK_M / BLOCK_N / BLOCK_OWN / BLOCK_OTHER are
-autotuned on power-of-two buckets of (N, M, D) and the input dtype. Under the
-interpreter (TRITON_INTERPRET=1) a single 16-wide config keeps the tests fast and
-still exercises multi-block paths. All blocks are >= 16, the smallest ``tl.dot``.
+autotuned on power-of-two buckets of (N, M, D), the input dtype and the flags that
+change the kernel. Under the interpreter (TRITON_INTERPRET=1) a single 16-wide config
+keeps the tests fast and still exercises multi-block paths; NBK_TRITON_AUTOTUNE=0
+(read at import) fixes the smallest GPU config, for tests that must not autotune. All
+blocks are >= 16, the smallest ``tl.dot``.
+
+fp16 gradient dot: ds is rounded to fp16 for the tensor-core dot, and |ds| <= |g| can
+sit far below fp16's normal range (g ~ 1/N for a mean loss). With SCALE_DS the
+launcher passes powers of two (``ds_scale``) that bring the largest |ds| near 2^12:
+per query row for dq, one for all rows for dr. The kernel multiplies before the cast
+and divides after the dot, exactly; the row sums of ds ("sqeuclidean") use the same
+rounded values, so ``x sum ds`` cancels against the dot consistently.
 
 Known costs, kept for simplicity: the query tile is reloaded (from cache) for every
 reference tile, since D is looped in BLOCK_D chunks; for D > BLOCK_DX the backward
 recomputes the logits once per dq / dr slice.
 """
+import contextlib
 import os
 
 import triton
@@ -42,19 +52,44 @@ MAX_BLOCK_DX = 64 if INTERPRET else 128
 # Class tile width of the class-distribution forward (one-hot dot of [BN, BC]).
 MAX_BLOCK_C = 16 if INTERPRET else 64
 
+# The configs a GPU autotunes over (also run one by one by the GPU tests).
+GPU_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+]
+GPU_BWD_CONFIGS = [
+    triton.Config({"BLOCK_OWN": bo, "BLOCK_OTHER": bt}, num_warps=w, num_stages=s)
+    for bo, bt, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+]
 if INTERPRET:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
     BWD_CONFIGS = [triton.Config({"BLOCK_OWN": 16, "BLOCK_OTHER": 16})]
+elif os.environ.get("NBK_TRITON_AUTOTUNE", "1") == "0":
+    # one config: no benchmarking; the smallest fits every dtype's shared memory
+    FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS[-1:], GPU_BWD_CONFIGS[-1:]
 else:
-    FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
-    ]
-    BWD_CONFIGS = [
-        triton.Config({"BLOCK_OWN": bo, "BLOCK_OTHER": bt}, num_warps=w, num_stages=s)
-        for bo, bt, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
-    ]
-TUNE_KEY = ["N_KEY", "M_KEY", "D_KEY"]  # power-of-two buckets; tensor dtypes join the key
+    FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS, GPU_BWD_CONFIGS
+# Tuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
+# the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
+# BLOCK_D and BLOCK_DX.
+FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "PRECISION", "BLOCK_C"]
+BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "REF_MAJOR", "NEED_DX",
+           "NEED_DT", "PRECISION"]
+# Integers that vary per call and gain nothing from specialization (== 1, % 16): one
+# compiled kernel for every size. Strides and D stay specialized.
+FWD_NO_SPECIALIZE = ["N", "M", "offset", "N_KEY", "M_KEY", "D_KEY"]
+BWD_NO_SPECIALIZE = FWD_NO_SPECIALIZE + ["C"]
+
+
+@contextlib.contextmanager
+def fixed_configs(fwd, bwd):
+    """Run both kernels with one given config each (tests go through every GPU config)."""
+    saved = neighbor_fwd_kernel.configs, neighbor_bwd_kernel.configs
+    neighbor_fwd_kernel.configs, neighbor_bwd_kernel.configs = [fwd], [bwd]
+    try:
+        yield
+    finally:
+        neighbor_fwd_kernel.configs, neighbor_bwd_kernel.configs = saved
 
 
 @triton.jit
@@ -89,7 +124,7 @@ def _tile_logits(q, r, o_m, m_m, o_r, m_r, D, offset, b_it,
     b_qn = tl.zeros([BLOCK_M], dtype=ACC)
     b_rn = tl.zeros([BLOCK_N], dtype=ACC)
     for i_k in range(0, D, BLOCK_D):
-        o_k = i_k + tl.arange(0, BLOCK_D)
+        o_k = (i_k + tl.arange(0, BLOCK_D)).to(tl.int64)
         m_k = o_k < D
         # [BM, BD]
         b_q = tl.load(q + o_m[:, None] * s_qn + o_k[None, :] * s_qd,
@@ -112,11 +147,11 @@ def _tile_logits(q, r, o_m, m_m, o_r, m_r, D, offset, b_it,
     return b_s, m_s, b_qn
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
-@triton.jit
+@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY)
+@triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
 def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr,
                         lse_all, lse_pos, mass, tile_max, tile_sum,
-                        N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd,
+                        N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
@@ -126,8 +161,9 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr,
 
     CLASS=False writes lse_all, lse_pos (N,). CLASS=True reads the references in
     label order (perm, sorted r_labels, tile_ptr: references of class tile c are
-    perm[tile_ptr[c]:tile_ptr[c+1]]) and writes mass (N, C) relative to tile_max,
-    plus tile_max, tile_sum (N, n_tiles).
+    perm[tile_ptr[c]:tile_ptr[c+1]]) and writes mass (N, n_tiles * BLOCK_C), every
+    column (those >= C are cut off by the launcher), relative to tile_max, plus
+    tile_max, tile_sum (N, n_tiles).
     """
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -174,8 +210,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr,
             b_mp, b_lp, _, _ = _online_lse(b_mp, b_lp, b_sp)
     if CLASS:
         n_tiles = tl.num_programs(1)
-        tl.store(mass + o_m[:, None] * C + o_c[None, :], b_y,
-                 mask=m_m[:, None] & (o_c < C)[None, :])
+        tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
+                 mask=m_m[:, None])
         tl.store(tile_max + o_m * n_tiles + i_c, b_m, mask=m_m)
         tl.store(tile_sum + o_m * n_tiles + i_c, b_l, mask=m_m)
     else:
@@ -208,7 +244,8 @@ def _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, g_cl
     if CLASS:
         m_g = m_s & (b_b >= 0)[None, :] & (b_b < C)[None, :]
         # [BM, BN] G_{i, b_j}, gathered
-        b_g = tl.load(g_cls + o_m[:, None] * s_gn + b_b[None, :] * s_gc, mask=m_g, other=0).to(ACC)
+        b_g = tl.load(g_cls + o_m[:, None] * s_gn + b_b.to(tl.int64)[None, :] * s_gc, mask=m_g,
+                      other=0).to(ACC)
         b_delta = tl.load(delta + o_m, mask=m_m, other=0).to(ACC)
         # ds_ij = p_ij (G_{i,b_j} - delta_i)
         b_ds = tl.where(m_s, b_p * (b_g - b_delta[:, None]), 0)
@@ -232,15 +269,15 @@ def _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, g_cl
     return b_ds, b_dsz
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
-@triton.jit
+@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY)
+@triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
 def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, lse_all, lse_pos,
-                        g_all, g_pos, g_cls, delta, dx, dt_part,
+                        g_all, g_pos, g_cls, delta, ds_scale, dx, dt_part,
                         N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
                         REF_MAJOR: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        SCALE_DS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
     """dq (REF_MAJOR=False) or dr (REF_MAJOR=True) and per-row sums of ds * logit.
@@ -250,6 +287,7 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, lse_all, lse_pos,
         "dot":          dx = 1/T sum ds y
         "sqeuclidean":  dx = 2/T (sum ds y - x sum ds)
     dt_part[own] = sum_other ds * logit, written by the slice-0 programs only.
+    SCALE_DS: ds_scale holds the scale of each query (N,), or of all (1,) when REF_MAJOR.
     """
     i_o = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
@@ -266,6 +304,12 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, lse_all, lse_pos,
         x, s_x, s_xk = q, s_qn, s_qd
         y, s_y, s_yk = r, s_rm, s_rd
     m_own = o_own < n_own
+    if SCALE_DS:
+        # [BOWN] powers of two
+        if REF_MAJOR:
+            b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)
+        else:
+            b_sc = tl.load(ds_scale + o_own, mask=m_own, other=1).to(ACC)
     b_acc = tl.zeros([BLOCK_OWN, BLOCK_DX], dtype=ACC)
     b_sum = tl.zeros([BLOCK_OWN], dtype=ACC)
     b_dt = tl.zeros([BLOCK_OWN], dtype=ACC)
@@ -288,15 +332,23 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, lse_all, lse_pos,
                                         SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, CLASS=CLASS,
                                         ACC=ACC, PRECISION=PRECISION, BLOCK_M=BLOCK_OWN,
                                         BLOCK_N=BLOCK_OTHER, BLOCK_D=BLOCK_D)
-        b_sum += tl.sum(b_ds, 1)
         b_dt += tl.sum(b_dsz, 1)
         if NEED_DX:
             # [BOTHER, BDX]
             b_y = tl.load(y + o_other[:, None] * s_y + o_dx[None, :] * s_yk,
                           mask=(o_other < n_other)[:, None] & m_dx[None, :], other=0)
-            # sum_other ds y; 16-bit inputs: ds rounded to their dtype for the tensor-core dot
-            b_acc = tl.dot(b_ds.to(b_y.dtype), b_y, b_acc, input_precision=PRECISION)
+            # 16-bit inputs: ds rounded to their dtype for the tensor-core dot (fp16: scaled)
+            if SCALE_DS:
+                b_dsr = (b_ds * b_sc[:, None]).to(b_y.dtype)
+            else:
+                b_dsr = b_ds.to(b_y.dtype)
+            if SQEUCLID:
+                b_sum += tl.sum(b_dsr.to(ACC), 1)
+            b_acc = tl.dot(b_dsr, b_y, b_acc, input_precision=PRECISION)
     if NEED_DX:
+        if SCALE_DS:
+            b_acc = b_acc / b_sc[:, None]
+            b_sum = b_sum / b_sc
         if SQEUCLID:
             # [BOWN, BDX]
             b_x = tl.load(x + o_own[:, None] * s_x + o_dx[None, :] * s_xk,

@@ -4,6 +4,10 @@ TRITON_INTERPRET once, when it is imported::
     TRITON_INTERPRET=1 python -m pytest tests/triton        # CPU, Triton interpreter
     NBK_TEST_DEVICE=cuda python -m pytest tests/triton      # GPU; adds bf16
 
+On a GPU the kernels run with one fixed config (NBK_TRITON_AUTOTUNE=0, set here unless
+already set, before the backend is imported): autotuning would benchmark every config
+for every new shape bucket. ``test_triton_configs.py`` runs each tuned config instead.
+
 The oracle is ``nbkernels.backends.reference`` on the same (rounded) inputs upcast to
 fp64, differentiated by autograd: the tolerance tables then bound each kernel's own
 error, not the sum of its error and an fp32 oracle's.
@@ -16,6 +20,8 @@ import torch
 
 from nbkernels.backends import reference
 
+# before the triton backend is imported (the tb fixture), which reads it
+os.environ.setdefault("NBK_TRITON_AUTOTUNE", "0")
 DEVICE = os.environ.get("NBK_TEST_DEVICE", "cpu")
 
 

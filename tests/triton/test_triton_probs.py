@@ -130,3 +130,16 @@ def test_strided_upstream(tb, h):
     g_rows = torch.randn(4, dtype=torch.float64, device=h.device)
     for g in (g_rows.expand(21, 4), upstream(h, case).T.contiguous().T):
         check(tb, h, case, "sqeuclidean", 0, *F64, g=g)
+
+
+def test_no_classes(tb, h):
+    # C = 0 (the API asks for C >= 1): yhat is empty, lse_all still sums every reference
+    case = h.make_case(n=9, m=11, d=5, dtype=torch.float64)
+    yhat, lse_all = tb.probs_forward(case.q, case.r, case.b, case.t, 0, metric="dot", offset=None)
+    want, _ = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric="dot", offset=None)
+    assert yhat.shape == (9, 0)
+    torch.testing.assert_close(lse_all, want, atol=1e-12, rtol=1e-12)
+    g = torch.zeros(9, 0, dtype=torch.float64, device=h.device)
+    for grad in tb.probs_backward(case.q, case.r, case.b, case.t, yhat, lse_all, g, metric="dot",
+                                  offset=None, need_q=True, need_r=True, need_t=True):
+        assert torch.equal(grad, torch.zeros_like(grad))
