@@ -20,7 +20,7 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 PY=${PYTHON:-python3}
-TOTAL=${GPU_CHECK_TOTAL_S:-360}
+TOTAL=${GPU_CHECK_TOTAL_S:-420}
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 FAILED=()
@@ -79,9 +79,11 @@ else
 fi
 
 # --- tests on the GPU: the Triton kernel suite, every dtype, bf16 included -----------------
-export NBK_TEST_DEVICE=cuda
+# one fixed Triton config (no autotuning); tests/triton/test_triton_configs.py runs each tuned one
+export NBK_TEST_DEVICE=cuda NBK_TRITON_AUTOTUNE=0
+XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 if [ -d tests/triton ]; then
-    stage tests-triton 100 "$PY" -m pytest tests/triton -q -p no:cacheprovider --maxfail=20 \
+    stage tests-triton 150 "$PY" -m pytest tests/triton -q -p no:cacheprovider --maxfail=20 "${XDIST[@]}" \
         --junitxml="$OUT/junit_triton.xml"
 else
     echo "=== stage tests-triton: SKIPPED, no tests/triton folder"
@@ -101,7 +103,7 @@ if [ -n "$MAIN_TESTS" ]; then
 else
     echo "=== stage tests-main: SKIPPED, no file in tests/ reads NBK_TEST_DEVICE"
 fi
-unset NBK_TEST_DEVICE
+unset NBK_TEST_DEVICE NBK_TRITON_AUTOTUNE   # the benchmarks autotune
 
 # --- determinism: bitwise-equal outputs and gradients over repeated runs -------------------
 stage determinism 40 "$PY" bench/check_determinism.py --device cuda --n 8192 \
@@ -112,6 +114,8 @@ BENCH_LIMIT=$(( $(left) - 25 )); (( BENCH_LIMIT > 200 )) && BENCH_LIMIT=200
 export NBK_BENCH_RESULTS=$OUT NBK_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 25 ))
 QUICK=(); [ "${GPU_CHECK_QUICK:-0}" != 0 ] && QUICK=(--quick)
 stage bench 200 "$PY" -m pytest bench/bench_gpu.py -q "${QUICK[@]}"
+# streamed bank (issue 5): 4M x 128 fp32 bank in pinned host memory, streamed vs on device
+stage bench-bank 60 "$PY" -m pytest bench/bench_bank.py -q -k gpu "${QUICK[@]}"
 
 # --- the markdown table, generated from the JSON just written -----------------------------
 stage report 15 bash -c "$PY bench/report.py --results '$OUT' --print > '$OUT/table.md'"
