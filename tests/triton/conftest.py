@@ -12,13 +12,14 @@ The oracle is ``nbkernels.backends.reference`` on the same (rounded) inputs upca
 fp64, differentiated by autograd: the tolerance tables then bound each kernel's own
 error, not the sum of its error and an fp32 oracle's.
 """
+import functools
 import os
 import types
 
 import pytest
 import torch
 
-from nbkernels.backends import reference
+import launcher_cases as cases
 
 # before the triton backend is imported (the tb fixture), which reads it
 os.environ.setdefault("NBK_TRITON_AUTOTUNE", "0")
@@ -39,61 +40,6 @@ def pytest_configure(config):
         raise pytest.UsageError("NBK_TEST_DEVICE=cuda but torch sees no CUDA device")
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def make_case(n=37, m=29, d=19, c=5, dtype=torch.float32, *, seed=0, scale=1.0, temperature=0.7,
-              q_labels=None, r_labels=None):
-    """Random inputs on the test device; drawn in fp64 on the CPU so every device sees the same."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
-    r = torch.randn(m, d, generator=g, dtype=torch.float64) * scale
-    a = torch.randint(0, c, (n,), generator=g) if q_labels is None else q_labels
-    b = torch.randint(0, c, (m,), generator=g) if r_labels is None else r_labels
-    to = dict(device=DEVICE)
-    return types.SimpleNamespace(
-        q=q.to(dtype=dtype, **to), r=r.to(dtype=dtype, **to), a=a.to(**to), b=b.to(**to),
-        t=torch.tensor(temperature, dtype=acc_dtype(dtype), **to),
-        c=c)
-
-
-def _leaves(case):
-    return [x.detach().to(torch.float64).requires_grad_() for x in (case.q, case.r, case.t)]
-
-
-def ref_lse(case, metric, offset, g_all, g_pos):
-    """Reference (lse_all, lse_pos) and grads of sum(g_all lse_all + g_pos lse_pos)."""
-    q, r, t = _leaves(case)
-    lse_all, lse_pos = reference.neighbor_lse(q, r, case.a, case.b, t, metric=metric, offset=offset)
-    loss = (g_all.to(lse_all) * lse_all).sum() + (g_pos.to(lse_pos) * lse_pos).sum()
-    dq, dr, dt = torch.autograd.grad(loss, (q, r, t))
-    return lse_all.detach(), lse_pos.detach(), dq, dr, dt
-
-
-def ref_probs(case, metric, offset, g):
-    """Reference yhat, lse_all and grads of sum(g yhat)."""
-    q, r, t = _leaves(case)
-    yhat = reference.class_probs(q, r, case.b, t, case.c, metric=metric, offset=offset)
-    lse_all, _ = reference.neighbor_lse(q, r, case.a, case.b, t, metric=metric, offset=offset)
-    dq, dr, dt = torch.autograd.grad((g.to(yhat) * yhat).sum(), (q, r, t))
-    return yhat.detach(), lse_all.detach(), dq, dr, dt
-
-
-def row_shift(case, metric):
-    """The row constant -||q||^2 / T that the kernels leave out of the lse ("sqeuclidean")."""
-    if metric != "sqeuclidean":
-        return 0.0
-    acc = acc_dtype(case.q.dtype)
-    return -case.q.to(acc).pow(2).sum(1) / case.t.to(acc)
-
-
-def close(actual, expected, atol, rtol, **kw):
-    """assert_close in the expected (reference) dtype; NaN must match NaN."""
-    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol,
-                               equal_nan=True, **kw)
-
-
 @pytest.fixture(scope="session")
 def tb():
     """The triton backend module (imported here, after the configure-time checks)."""
@@ -104,6 +50,7 @@ def tb():
 @pytest.fixture(scope="session")
 def h():
     """Shared helpers: make_case, ref_lse, ref_probs, row_shift, close, acc_dtype."""
-    return types.SimpleNamespace(make_case=make_case, ref_lse=ref_lse, ref_probs=ref_probs,
-                                 row_shift=row_shift, close=close, acc_dtype=acc_dtype,
-                                 device=DEVICE)
+    return types.SimpleNamespace(make_case=functools.partial(cases.make_case, DEVICE),
+                                 ref_lse=cases.ref_lse, ref_probs=cases.ref_probs,
+                                 row_shift=cases.row_shift, close=cases.close,
+                                 acc_dtype=cases.acc_dtype, device=DEVICE)
