@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from nbkernels._validation import BackendUnavailableError
+from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
 
 try:
     from nbkernels import _C  # loading it registers torch.ops.nbkernels.cuda_*
@@ -68,13 +69,18 @@ def _check(q, metric):
         raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got {q.device}")
 
 
-def _sqnorms(q, r, metric):
-    """fp32 ||q||^2 (N,) and ||r||^2 (M,) for "sqeuclidean"; empty for "dot"."""
+def _sqnorms(q, r, metric, r_far=None):
+    """fp32 ||q||^2 (N,) and ||r||^2 (M,) for "sqeuclidean"; empty for "dot".
+
+    References at infinity (``r_far``, rows zeroed by ``finite_rows``) get ||r||^2 = inf:
+    their logit (2 q.r - ||r||^2) / T is then -inf, weight 0, in every kernel.
+    """
     if metric != "sqeuclidean":
         empty = q.new_empty(0, dtype=torch.float32)
         return empty, empty
     qn = q.float().square().sum(1)
-    return qn, qn if r is q else r.float().square().sum(1)
+    rn = qn if r is q else r.float().square().sum(1)
+    return qn, rn if r_far is None else rn.masked_fill(r_far, float("inf"))
 
 
 def _rows(x, dtype=torch.float32):
@@ -99,10 +105,12 @@ def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
         return _fp64_fallback().lse_forward(q, r, q_labels, r_labels, temperature,
                                             metric=metric, offset=offset)
     _check(q, metric)
-    _, rn = _sqnorms(q, r, metric)
-    return torch.ops.nbkernels.cuda_lse_fwd(
+    q, r, q_far, r_far = finite_rows(q, r, metric)
+    _, rn = _sqnorms(q, r, metric, r_far)
+    lse_all, lse_pos = torch.ops.nbkernels.cuda_lse_fwd(
         q, r, _rows(q_labels, torch.int64), _rows(r_labels, torch.int64), _temp(temperature),
         rn, metric == "sqeuclidean", *_offset(offset))
+    return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
 
 
 def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
@@ -115,6 +123,7 @@ def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
         return _fp64_fallback().probs_forward(q, r, r_labels, temperature, num_classes,
                                               metric=metric, offset=offset)
     _check(q, metric)
+    q, r, q_far, r_far = finite_rows(q, r, metric)
     m, c = r.shape[0], int(num_classes)
     n_tiles = -(-c // CLASS_TILE)
     # references in label order; class tile t owns positions tile_ptr[t]:tile_ptr[t + 1]
@@ -123,7 +132,7 @@ def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
     # labels outside [0, C) land in the first / last tile: they count in lse_all, not in yhat
     tile_ptr = torch.cat([labels.new_zeros(1), torch.searchsorted(labels, inner),
                           labels.new_full((1,), m)])
-    _, rn = _sqnorms(q, r, metric)
+    _, rn = _sqnorms(q, r, metric, r_far)
     mass, tile_max, tile_sum = torch.ops.nbkernels.cuda_class_fwd(
         q, r, labels, perm, tile_ptr, _temp(temperature), rn, c, CLASS_TILE,
         metric == "sqeuclidean", *_offset(offset))
@@ -132,13 +141,16 @@ def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
     scale = torch.exp(tile_max - lse_all.unsqueeze(1))
     yhat = mass * scale.repeat_interleave(CLASS_TILE, dim=1).narrow(1, 0, c)
-    return yhat, lse_all
+    return undefined_rows(yhat, q_far), undefined_rows(lse_all, q_far)
 
 
 def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, g_cls,
               delta, *, metric, offset, need_q, need_r, need_t):
     """Run the dq and / or dr kernels; reduce the per-row dT partial sums in torch."""
-    qn, rn = _sqnorms(q, r, metric)
+    q, r, q_far, r_far = finite_rows(q, r, metric)
+    lse_all, lse_pos, g_all, g_pos, g_cls, delta = silent_rows(q_far, lse_all, lse_pos, g_all,
+                                                               g_pos, g_cls, delta)
+    qn, rn = _sqnorms(q, r, metric, r_far)
     args = (q, r, _rows(q_labels, torch.int64), _rows(r_labels, torch.int64), _temp(temperature),
             qn, rn, _rows(lse_all), _rows(lse_pos), _rows(g_all), _rows(g_pos), g_cls,
             _rows(delta), metric == "sqeuclidean", *_offset(offset))

@@ -42,6 +42,22 @@ and then, writing ``ds = dlogit``::
                     dr_j = 2/T (sum_i ds_ij q_i - r_j sum_i ds_ij)
     all metrics:    dT   = -1/T sum_ij ds_ij logit_ij
 
+Non-finite inputs
+=================
+
+NaN in a row makes every output it enters NaN. A row with an infinite entry and no NaN
+is a *point at infinity*:
+
+* "sqeuclidean": as a reference it is infinitely far from every finite query, its logit
+  is -inf, so it has weight 0 and gets no gradient, and the other rows are as if it were
+  absent (the direct formula -||q - r||^2; the expansion ||q||^2 - 2 q.r + ||r||^2 would
+  give inf - inf). As a query every logit is -inf and its softmax is undefined: its
+  rows (lse, loss, yhat) are NaN and it gets no gradient.
+* "cosine": the row is normalized to its limit direction (the signs of its infinite
+  entries, at unit length), with zero gradient.
+* "dot": the direct formula: a -inf logit has weight 0; a +inf logit leaves the softmax
+  undefined, so that query's row is NaN. Gradients through infinite entries are NaN.
+
 For "sqeuclidean" the fused backends use the shifted logit
 ``(2 q.r - ||r||^2) / T``; the dropped ``-||q||^2/T`` is constant along a row, so it
 cancels in every softmax and in the loss and is added back to the returned lse.
@@ -51,24 +67,48 @@ from __future__ import annotations
 import torch
 
 
+def at_infinity(x):
+    """(N,) bool: rows with an infinite entry and no NaN, points at infinity."""
+    return torch.isinf(x).any(1) & torch.logical_not(torch.isnan(x).any(1))
+
+
+def unit_rows(x):
+    """L2-normalized rows (as ``torch.nn.functional.normalize``); a row at infinity
+    becomes its limit direction, the signs of its infinite entries, at unit length."""
+    far = at_infinity(x)
+    x = torch.where(far[:, None], torch.where(torch.isinf(x), torch.sign(x), 0.0), x)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
 def logits(q, r, temperature, metric, offset):
-    """Materialized (N, M) logits in the accumulation dtype, excluded pair at -inf."""
+    """Materialized (N, M) logits in the accumulation dtype, excluded pair at -inf.
+
+    Points at infinity (see the module docstring): under "sqeuclidean" a reference at
+    infinity has logit -inf (weight 0, no gradient) and a query at infinity a NaN row
+    (no gradient); under "dot" a +inf logit is NaN (the softmax is undefined there).
+    Autocast does not apply: the products run in the accumulation dtype.
+    """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q = q.to(acc)
-    r = r.to(acc)
-    if metric == "cosine":
-        q = torch.nn.functional.normalize(q, dim=1)
-        r = torch.nn.functional.normalize(r, dim=1)
-    if metric == "sqeuclidean":
-        sim = -(q.pow(2).sum(1, keepdim=True) - 2.0 * q @ r.T + r.pow(2).sum(1))
-    else:
-        sim = q @ r.T
-    s = sim / temperature.to(acc)
+    with torch.autocast(q.device.type, enabled=False):
+        q = q.to(acc)
+        r = r.to(acc)
+        if metric == "cosine":
+            q, r = unit_rows(q), unit_rows(r)
+        if metric == "sqeuclidean":
+            q_far, r_far = at_infinity(q), at_infinity(r)
+            q = torch.where(q_far[:, None], 0.0, q)
+            r = torch.where(r_far[:, None], 0.0, r)
+            sim = -(q.pow(2).sum(1, keepdim=True) - 2.0 * q @ r.T + r.pow(2).sum(1))
+            sim = sim.masked_fill(r_far[None, :], float("-inf"))
+            sim = sim.masked_fill(q_far[:, None], float("nan"))
+        else:
+            sim = q @ r.T
+        s = sim / temperature.to(acc)
+        if metric == "dot":
+            s = s.masked_fill(s == float("inf"), float("nan"))
     if offset is not None:
         s = s.masked_fill(_excluded(q.shape[0], r.shape[0], offset, q.device), float("-inf"))
     return s
-
-
 def _excluded(n, m, offset, device):
     """Boolean (N, M) mask of the excluded pairs j == i + offset."""
     i = torch.arange(n, device=device)[:, None]
@@ -81,7 +121,10 @@ def _masked_lse(s, mask):
     has = mask.any(1)
     safe = torch.where(mask, s, float("-inf"))
     safe = torch.where(has[:, None], safe, torch.zeros_like(s))
-    return torch.where(has, torch.logsumexp(safe, 1), torch.full_like(s[:, 0], float("-inf")))
+    empty = torch.full(s.shape[:1], float("-inf"), dtype=s.dtype, device=s.device)
+    if s.shape[1] == 0:
+        return empty
+    return torch.where(has, torch.logsumexp(safe, 1), empty)
 
 
 def neighbor_lse(q, r, q_labels, r_labels, temperature, *, metric="sqeuclidean", offset=None):
@@ -100,6 +143,10 @@ def neighbor_lse(q, r, q_labels, r_labels, temperature, *, metric="sqeuclidean",
 def class_probs(q, r, r_labels, temperature, num_classes, *, metric="sqeuclidean", offset=None):
     """Return yhat (N, num_classes) in q's dtype; row i sums to 1 when it has references."""
     s = logits(q, r, temperature, metric, offset)
+    if s.shape[1] == 0:
+        # no reference: undefined (NaN), as for a row whose only reference is excluded
+        return torch.full((s.shape[0], num_classes), float("nan"), dtype=q.dtype,
+                          device=q.device)
     p = torch.softmax(s, dim=1)
     yhat = torch.zeros(s.shape[0], num_classes, dtype=s.dtype, device=s.device)
     yhat = yhat.index_add(1, r_labels, p)

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
+
 try:
     import triton
     import triton.language as tl
@@ -106,11 +108,14 @@ def _ds_scales(gmax):
     return row, top
 
 
-def _common(q, r, temperature, metric, offset, has_offset, precision):
-    """Kernel arguments shared by every launch."""
+def _common(q, r, temperature, metric, offset, has_offset, precision, r_far):
+    """Kernel arguments shared by every launch; ``r_far`` (M,) bool or None flags the
+    references at infinity (``finite_rows``)."""
     n, d = q.shape
     m = r.shape[0]
+    ref_mask = None if r_far is None else r_far.to(torch.int8)
     return dict(q=q, r=r, temperature=temperature, N=n, M=m, D=d, offset=offset,
+                ref_mask=ref_mask, REF_MASK=ref_mask is not None,
                 s_qn=q.stride(0), s_qd=q.stride(1), s_rm=r.stride(0), s_rd=r.stride(1),
                 N_KEY=triton.next_power_of_2(max(n, 1)), M_KEY=triton.next_power_of_2(max(m, 1)),
                 D_KEY=triton.next_power_of_2(max(d, 1)),
@@ -128,6 +133,7 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = q.shape[0]
     acc = _acc_dtype(q.dtype)
+    q, r, q_far, r_far = finite_rows(q, r, metric)
     lse_all = torch.empty(n, dtype=acc, device=q.device)
     lse_pos = torch.empty(n, dtype=acc, device=q.device)
     if n > 0:
@@ -136,8 +142,8 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
                 q_labels=q_labels.contiguous(), r_labels=r_labels.contiguous(), perm=None,
                 tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, mass=None, tile_max=None,
                 tile_sum=None, CLASS=False, MASS_PRECISION="ieee", BLOCK_C=16,
-                **_common(q, r, temperature, metric, offset, has_offset, precision))
-    return lse_all, lse_pos
+                **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
+    return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
 
 
 @_lse_fwd.register_fake
@@ -152,6 +158,7 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                has_offset: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, m, c = q.shape[0], r.shape[0], num_classes
     acc = _acc_dtype(q.dtype)
+    q, r, q_far, r_far = finite_rows(q, r, metric)
     block_c, n_tiles = _class_tiles(c)
     # references in label order; class tile t owns perm[tile_ptr[t]:tile_ptr[t + 1]]
     labels, perm = torch.sort(r_labels.contiguous(), stable=True)
@@ -172,13 +179,13 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                 lse_pos=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; 3xTF32 is near fp32, one-hot exact
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x3", BLOCK_C=block_c,
-                **_common(q, r, temperature, metric, offset, has_offset, precision))
+                **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
     scale = torch.exp(tile_max - lse_all[:, None])
     mass.view(n, n_tiles, block_c).mul_(scale[:, :, None])
-    return mass[:, :c], lse_all
+    return undefined_rows(mass[:, :c], q_far), undefined_rows(lse_all, q_far)
 
 
 def _class_tiles(c):
@@ -197,7 +204,7 @@ def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, prec
 
 def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, g_cls,
               delta, gmax, num_classes, metric, offset, has_offset, need_q, need_r, need_t,
-              precision):
+              precision, r_far):
     """Launch the dq and / or dr kernels; reduce the per-row dT partial sums in torch.
 
     ``gmax`` (N,) bounds |ds| per query row, given for fp16 inputs only (ds scaling).
@@ -223,7 +230,7 @@ def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_
                 s_gn=0 if g_cls is None else g_cls.stride(0),
                 s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
                 SCALE_DS=scale_ds, BLOCK_DX=block_dx,
-                **_common(q, r, temperature, metric, offset, has_offset, precision))
+                **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
     part = None
     for ref_major, need_dx, need_dt, dx, n_own, ds_scale in (
             (False, need_q, t_from_q, dq, n, ds_scales[0]),
@@ -260,6 +267,8 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
              g_all: torch.Tensor, g_pos: torch.Tensor, metric: str, offset: int,
              has_offset: bool, need_q: bool, need_r: bool, need_t: bool,
              precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, r, q_far, r_far = finite_rows(q, r, metric)
+    lse_all, lse_pos, g_all, g_pos = silent_rows(q_far, lse_all, lse_pos, g_all, g_pos)
     gmax = None
     if q.dtype == torch.float16:
         # |ds_ij| <= |g_all_i| + |g_pos_i|, counting only the terms a row has
@@ -267,7 +276,7 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
                 + torch.where(lse_pos == float("-inf"), 0.0, g_pos.float().abs()))
     return _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
                      None, None, gmax, 0, metric, offset, has_offset, need_q, need_r, need_t,
-                     precision)
+                     precision, r_far)
 
 
 @_lse_bwd.register_fake
@@ -283,6 +292,8 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                need_r: bool, need_t: bool,
                precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(q.dtype)
+    q, r, q_far, r_far = finite_rows(q, r, metric)
+    yhat, lse_all, g = silent_rows(q_far, yhat, lse_all, g)
     # delta_i = sum_c G_ic yhat_ic
     delta = (g.to(acc) * yhat.to(acc)).sum(1)
     gmax = None
@@ -292,7 +303,7 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
         gmax = torch.where(lse_all == float("-inf"), 0.0, gmax)
     return _backward(q, r, None, r_labels, temperature, lse_all, None, None, None, g, delta,
                      gmax, g.shape[1], metric, offset, has_offset, need_q, need_r, need_t,
-                     precision)
+                     precision, r_far)
 
 
 @_probs_bwd.register_fake

@@ -72,9 +72,10 @@ else:
 # Tuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
 # the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
 # BLOCK_D and BLOCK_DX.
-FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "PRECISION", "BLOCK_C"]
-BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "REF_MAJOR", "NEED_DX",
-           "NEED_DT", "PRECISION"]
+FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "REF_MASK", "CLASS", "PRECISION",
+           "BLOCK_C"]
+BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "REF_MASK", "CLASS", "REF_MAJOR",
+           "NEED_DX", "NEED_DT", "PRECISION"]
 # Integers that vary per call and gain nothing from specialization (== 1, % 16): one
 # compiled kernel for every size. Strides and D stay specialized.
 FWD_NO_SPECIALIZE = ["N", "M", "offset", "N_KEY", "M_KEY", "D_KEY"]
@@ -109,16 +110,18 @@ def _online_lse(b_m, b_l, b_s):
 
 
 @triton.jit
-def _tile_logits(q, r, o_m, m_m, o_r, m_r, D, offset, b_it,
+def _tile_logits(q, r, ref_mask, o_m, m_m, o_r, m_r, D, offset, b_it,
                  s_qn, s_qd, s_rm, s_rd,
-                 SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, ACC: tl.constexpr,
+                 SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
+                 ACC: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     """Shifted logits [BM, BN] of queries o_m against references o_r, -inf where masked.
 
     "sqeuclidean": (2 q.r - ||r||^2) / T; "dot": q.r / T. The norms come from the
-    tiles already loaded for the dot (no extra pass or buffer, any strides). Also
-    returns the validity mask and ||q||^2 [BM] (zeros for "dot").
+    tiles already loaded for the dot (no extra pass or buffer, any strides). REF_MASK:
+    references flagged in ``ref_mask`` (M,) are masked out. Also returns the validity
+    mask and ||q||^2 [BM] (zeros for "dot").
     """
     b_qr = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     b_qn = tl.zeros([BLOCK_M], dtype=ACC)
@@ -140,6 +143,9 @@ def _tile_logits(q, r, o_m, m_m, o_r, m_r, D, offset, b_it,
         b_s = (2 * b_qr - b_rn[None, :]) * b_it
     else:
         b_s = b_qr * b_it
+    if REF_MASK:
+        # [BN] references at infinity (zeroed by the launcher): weight 0
+        m_r = m_r & (tl.load(ref_mask + o_r, mask=m_r, other=1) == 0)
     m_s = m_m[:, None] & m_r[None, :]
     if HAS_OFFSET:
         m_s = m_s & (o_r[None, :] != o_m[:, None] + offset)
@@ -149,11 +155,12 @@ def _tile_logits(q, r, o_m, m_m, o_r, m_r, D, offset, b_it,
 
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY)
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
-def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr,
+def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, ref_mask,
                         lse_all, lse_pos, mass, tile_max, tile_sum,
                         N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
-                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
+                        CLASS: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_C: tl.constexpr):
@@ -192,9 +199,10 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr,
             o_r = tl.load(perm + o_n, mask=m_n, other=0)
         else:
             o_r = o_n
-        b_s, _, _ = _tile_logits(q, r, o_m, m_m, o_r, m_n, D, offset, b_it,
+        b_s, _, _ = _tile_logits(q, r, ref_mask, o_m, m_m, o_r, m_n, D, offset, b_it,
                                  s_qn, s_qd, s_rm, s_rd, SQEUCLID=SQEUCLID,
-                                 HAS_OFFSET=HAS_OFFSET, ACC=ACC, PRECISION=PRECISION,
+                                 HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK, ACC=ACC,
+                                 PRECISION=PRECISION,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
         b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
         if CLASS:
@@ -221,18 +229,20 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr,
 
 
 @triton.jit
-def _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, g_cls, delta,
-                  o_m, o_n, N, M, D, C, offset, b_it,
+def _tile_dlogits(q, r, ref_mask, q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, g_cls,
+                  delta, o_m, o_n, N, M, D, C, offset, b_it,
                   s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
-                  SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                  SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
+                  CLASS: tl.constexpr,
                   ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Recompute ds [BM, BN] = dloss / dlogit and ds * logit (true logit) for dT."""
     m_m = o_m < N
     m_n = o_n < M
-    b_s, m_s, b_qn = _tile_logits(q, r, o_m, m_m, o_n, m_n, D, offset, b_it,
+    b_s, m_s, b_qn = _tile_logits(q, r, ref_mask, o_m, m_m, o_n, m_n, D, offset, b_it,
                                   s_qn, s_qd, s_rm, s_rd, SQEUCLID=SQEUCLID,
-                                  HAS_OFFSET=HAS_OFFSET, ACC=ACC, PRECISION=PRECISION,
+                                  HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK, ACC=ACC,
+                                  PRECISION=PRECISION,
                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     # [BM]
     b_lse = tl.load(lse_all + o_m, mask=m_m, other=0).to(ACC)
@@ -271,11 +281,12 @@ def _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, g_cl
 
 @triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY)
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
-def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, lse_all, lse_pos,
+def neighbor_bwd_kernel(q, r, ref_mask, q_labels, r_labels, temperature, lse_all, lse_pos,
                         g_all, g_pos, g_cls, delta, ds_scale, dx, dt_part,
                         N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
                         N_KEY, M_KEY, D_KEY,
-                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
+                        CLASS: tl.constexpr,
                         REF_MAJOR: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
                         SCALE_DS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
@@ -316,20 +327,22 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, lse_all, lse_pos,
     for i_t in range(0, n_other, BLOCK_OTHER):
         o_other = (i_t + tl.arange(0, BLOCK_OTHER)).to(tl.int64)
         if REF_MAJOR:
-            b_ds, b_dsz = _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all,
-                                        g_pos, g_cls, delta, o_other, o_own, N, M, D, C,
+            b_ds, b_dsz = _tile_dlogits(q, r, ref_mask, q_labels, r_labels, lse_all, lse_pos,
+                                        g_all, g_pos, g_cls, delta, o_other, o_own, N, M, D, C,
                                         offset, b_it, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
-                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, CLASS=CLASS,
+                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK,
+                                        CLASS=CLASS,
                                         ACC=ACC, PRECISION=PRECISION, BLOCK_M=BLOCK_OTHER,
                                         BLOCK_N=BLOCK_OWN, BLOCK_D=BLOCK_D)
             # [BOWN, BOTHER]
             b_ds = tl.trans(b_ds)
             b_dsz = tl.trans(b_dsz)
         else:
-            b_ds, b_dsz = _tile_dlogits(q, r, q_labels, r_labels, lse_all, lse_pos, g_all,
-                                        g_pos, g_cls, delta, o_own, o_other, N, M, D, C,
+            b_ds, b_dsz = _tile_dlogits(q, r, ref_mask, q_labels, r_labels, lse_all, lse_pos,
+                                        g_all, g_pos, g_cls, delta, o_own, o_other, N, M, D, C,
                                         offset, b_it, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
-                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, CLASS=CLASS,
+                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK,
+                                        CLASS=CLASS,
                                         ACC=ACC, PRECISION=PRECISION, BLOCK_M=BLOCK_OWN,
                                         BLOCK_N=BLOCK_OTHER, BLOCK_D=BLOCK_D)
         b_dt += tl.sum(b_dsz, 1)
