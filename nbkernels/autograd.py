@@ -21,32 +21,111 @@ kernels ``"dot"``; the backward applies the normalization's Jacobian.
 """
 from __future__ import annotations
 
-import importlib
+import functools
 
 import torch
+
+from nbkernels.backends.infinity import at_infinity
 
 _EPS = 1e-12  # as torch.nn.functional.normalize
 
 
 def backend_module(name):
-    """The launcher module of a fused backend."""
-    return importlib.import_module(f"nbkernels.backends.{name}")
+    """The launcher module of a fused backend.
+
+    Plain imports (not ``importlib``), so that Dynamo traces the dispatch; the triton and
+    cuda modules load on first use only.
+    """
+    if name == "torch":
+        from nbkernels.backends import torch as module
+    elif name == "triton":
+        from nbkernels.backends import triton as module
+    elif name == "cuda":
+        from nbkernels.backends import cuda as module
+    else:
+        raise ValueError(f"backend must be one of ('torch', 'triton', 'cuda'), got {name!r}")
+    return module
+
+
+def _limit_direction(x):
+    """Rows at infinity become the signs of their infinite entries (their direction)."""
+    far = at_infinity(x)[:, None]
+    return torch.where(far, torch.where(torch.isinf(x), torch.sign(x), 0.0), x)
 
 
 def _normalize(x):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.nn.functional.normalize(x.to(acc), dim=1, eps=_EPS).to(x.dtype)
+    unit = torch.nn.functional.normalize(_limit_direction(x.to(acc)), dim=1, eps=_EPS)
+    return unit.to(x.dtype)
 
 
 def _normalize_backward(x, grad):
-    """Gradient through x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||."""
+    """Gradient through x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||; 0 for rows at
+    infinity (||x|| = inf)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(acc)
     grad = grad.to(acc)
     norm = x.norm(dim=1, keepdim=True)
-    x_hat = x / norm.clamp_min(_EPS)
+    x_hat = torch.nn.functional.normalize(_limit_direction(x), dim=1, eps=_EPS)
     radial = torch.where(norm > _EPS, (x_hat * grad).sum(1, keepdim=True), torch.zeros_like(norm))
     return (grad - x_hat * radial) / norm.clamp_min(_EPS)
+
+
+_SECOND_ORDER = (
+    "nbkernels: {what} has no double backward: its gradient is computed by fused kernels "
+    "and is not itself differentiable. For gradients of gradients (gradient penalties, "
+    "Hessian-vector products) use backend=\"reference\"{hint}, which materializes the N x M "
+    "logits and is differentiated by autograd twice.")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the gradients of a fused backward, whose own backward raises.
+
+    Applied when the backward runs with ``create_graph=True``: the first derivative is
+    exact, and differentiating it again fails loudly instead of silently returning a
+    partial (wrong) second derivative.
+    """
+
+    @staticmethod
+    def forward(ctx, message, n_anchors, *tensors):
+        ctx.message = message
+        return tuple(t.view_as(t) for t in tensors[n_anchors:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def fused_backward(describe):
+    """Decorate an ``autograd.Function.backward`` that runs fused launchers.
+
+    The launchers run under ``no_grad`` and outside autocast; when the backward is
+    recorded (``create_graph=True``) its gradients are linked to the saved inputs through
+    :class:`_FirstOrderOnly`, so that a second differentiation raises a clear error.
+    ``describe(ctx)`` returns ``(what, hint)`` for the message.
+    """
+    def wrap(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            recording = torch.is_grad_enabled()
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            present = [g for g in out if isinstance(g, torch.Tensor)]
+            if not (recording and present):
+                return out
+            anchors = [t for t in ctx.saved_tensors if t.requires_grad]
+            what, hint = describe(ctx)
+            linked = iter(_FirstOrderOnly.apply(_SECOND_ORDER.format(what=what, hint=hint),
+                                                len(anchors), *anchors, *present))
+            return tuple(next(linked) if isinstance(g, torch.Tensor) else g for g in out)
+
+        return run
+
+    return wrap
+
+
+def _describe(ctx):
+    return f"backend={ctx.backend!r}", ""
 
 
 def _kernel_inputs(q, r, metric):
@@ -80,6 +159,12 @@ class NeighborLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, q_labels, r_labels, temperature, metric="sqeuclidean", offset=None,
                 backend="torch"):
+        with torch.autocast(q.device.type, enabled=False):
+            return NeighborLSE._forward(ctx, q, r, q_labels, r_labels, temperature, metric,
+                                        offset, backend)
+
+    @staticmethod
+    def _forward(ctx, q, r, q_labels, r_labels, temperature, metric, offset, backend):
         qk, rk, kmetric = _kernel_inputs(q, r, metric)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if _empty(q, r):
@@ -97,6 +182,7 @@ class NeighborLSE(torch.autograd.Function):
         return lse_all.clone(), lse_pos.clone()
 
     @staticmethod
+    @fused_backward(_describe)
     def backward(ctx, g_all, g_pos):
         q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos = ctx.saved_tensors
         need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
@@ -122,6 +208,12 @@ class ClassProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, r_labels, temperature, num_classes, metric="sqeuclidean", offset=None,
                 backend="torch"):
+        with torch.autocast(q.device.type, enabled=False):
+            return ClassProbs._forward(ctx, q, r, r_labels, temperature, num_classes, metric,
+                                       offset, backend)
+
+    @staticmethod
+    def _forward(ctx, q, r, r_labels, temperature, num_classes, metric, offset, backend):
         qk, rk, kmetric = _kernel_inputs(q, r, metric)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if _empty(q, r):
@@ -135,14 +227,15 @@ class ClassProbs(torch.autograd.Function):
         return yhat.clone()
 
     @staticmethod
+    @fused_backward(_describe)
     def backward(ctx, g):
         q, r, qk, rk, r_labels, temperature, yhat, lse_all = ctx.saved_tensors
         need_q, need_r, _, need_t = ctx.needs_input_grad[:4]
         if _empty(q, r) or not (need_q or need_r or need_t):
             return (None,) * 8
         dq, dr, dt = backend_module(ctx.backend).probs_backward(
-            qk, rk, r_labels, temperature, yhat, lse_all, g,
-            metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
+            qk, rk, r_labels, temperature, yhat, lse_all, g, metric=ctx.kmetric,
+            offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
         dt = None if dt is None else dt.to(temperature.dtype)
         return dq, dr, None, dt, None, None, None, None

@@ -26,6 +26,11 @@ import torch.distributed as dist
 
 from nbkernels import partials as P
 from nbkernels import streaming as S
+from nbkernels.autograd import fused_backward
+
+
+def _describe(ctx):
+    return f"the sharded cache path (backend={ctx.spec.backend!r})", " on an unsharded NeighborCache"
 
 
 def require(group=None):
@@ -253,6 +258,7 @@ class ShardedLSE(torch.autograd.Function):
         return final.lse_all[own] - shift, final.lse_pos[own] - shift, positives
 
     @staticmethod
+    @fused_backward(_describe)
     def backward(ctx, g_all, g_pos, _):
         need_q, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         lse = ctx.saved_tensors[6]
@@ -273,6 +279,7 @@ class ShardedProbs(torch.autograd.Function):
         return final.yhat[own].clone()
 
     @staticmethod
+    @fused_backward(_describe)
     def backward(ctx, g):
         need_q, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         dq, dt = _sharded_backward(ctx, None, None, g, need_q, need_t)

@@ -22,7 +22,13 @@ from typing import NamedTuple
 import torch
 
 from nbkernels import partials as P
-from nbkernels.autograd import _normalize, _normalize_backward
+from nbkernels.autograd import _normalize, _normalize_backward, fused_backward
+
+
+def _describe(ctx):
+    return (f"the chunked / streamed path (backend={ctx.spec.backend!r})",
+            " without chunk_size and with the references on the queries' device")
+
 
 # 65536 rows of 128 fp32 features are 32 MiB: large enough to keep the kernels busy, small
 # enough that two in flight are negligible next to a device's memory.
@@ -146,6 +152,7 @@ class StreamedLSE(torch.autograd.Function):
         return part.lse_all - shift, part.lse_pos - shift, part.positives
 
     @staticmethod
+    @fused_backward(_describe)
     def backward(ctx, g_all, g_pos, _):
         q, r, qk, q_labels, r_labels, t, lse_all, lse_pos, positives = ctx.saved_tensors
         need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
@@ -172,6 +179,7 @@ class StreamedProbs(torch.autograd.Function):
         return part.yhat.clone()
 
     @staticmethod
+    @fused_backward(_describe)
     def backward(ctx, g):
         q, r, qk, r_labels, t, lse_all, yhat = ctx.saved_tensors
         need_q, need_r, _, need_t = ctx.needs_input_grad[:4]

@@ -17,7 +17,12 @@ masking every tile. Results are scattered back to the caller's order.
 """
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
+
+from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
 
 # Tile sizes. 256 x 1024 fp32 logits are 1 MiB, which stays in a core's L2 cache on
 # current x86 servers while leaving the matrix products large enough to run at speed.
@@ -37,7 +42,7 @@ class _Problem:
     """Inputs sorted by label and cast to the accumulation dtype, plus tile bookkeeping."""
 
     def __init__(self, q, r, q_labels, r_labels, temperature, metric, offset,
-                 block_m=None, block_n=None):
+                 block_m=None, block_n=None, r_far=None):
         acc = _acc_dtype(q.dtype)
         block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
         self.n, self.m = q.shape[0], r.shape[0]
@@ -54,6 +59,8 @@ class _Problem:
             self.q_scaled = self.q * (2.0 * self.inv_t)
             self.r_sqnorm = self.r.pow(2).sum(1)
             self.bias = -self.r_sqnorm * self.inv_t
+            if r_far is not None:  # references at infinity (zeroed rows): weight 0
+                self.bias = self.bias.masked_fill(r_far[self.r_order], _NEG_INF)
         else:
             self.q_scaled = self.q * self.inv_t
             self.bias = torch.zeros(self.m, dtype=acc, device=q.device)
@@ -173,10 +180,9 @@ def _symmetric(q, r, q_labels, r_labels, offset):
     return q is r and q_labels is r_labels and offset == 0
 
 
-def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
-    sym = _symmetric(q, r, q_labels, r_labels, offset)
+def _lse_forward(q, r, q_labels, r_labels, temperature, metric, offset, sym, r_far):
     block = (BLOCK_SYM, BLOCK_SYM) if sym else (None, None)
-    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block)
+    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block, r_far=r_far)
     acc, dev = pb.q.dtype, pb.q.device
     run_all, run_pos = _OnlineLSE(pb.n, acc, dev), _OnlineLSE(pb.n, acc, dev)
 
@@ -198,9 +204,9 @@ def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
     return pb.unsort_rows(run_all.lse()), pb.unsort_rows(run_pos.lse())
 
 
-def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
+def _probs_forward(q, r, r_labels, temperature, num_classes, metric, offset, r_far):
     q_labels = torch.zeros(q.shape[0], dtype=r_labels.dtype, device=q.device)
-    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset)
+    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, r_far=r_far)
     acc, dev = pb.q.dtype, pb.q.device
     run = _OnlineLSE(pb.n, acc, dev)
     mass = torch.zeros(pb.n, num_classes, dtype=acc, device=dev)  # relative to the running max
@@ -279,11 +285,10 @@ def _lse_ds(s, own, rows, pos, dim):
     return ds.add_(ds_pos) if pos is not None else ds
 
 
-def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                 *, metric, offset, need_q, need_r, need_t):
-    sym = _symmetric(q, r, q_labels, r_labels, offset)
+def _lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+                  metric, offset, sym, r_far, need_q, need_r, need_t):
     block = (BLOCK_SYM, BLOCK_SYM) if sym else (None, None)
-    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block)
+    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block, r_far=r_far)
     lse_all, g_all = _row_terms(pb, lse_all, g_all)
     lse_pos, g_pos = _row_terms(pb, lse_pos, g_pos)
     rows = (lse_all, lse_pos, g_all, g_pos)
@@ -327,10 +332,10 @@ def _symmetric_backward(pb, rows, dtype):
     return pb.unsort_rows(dx).to(dtype), None, dt
 
 
-def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g,
-                   *, metric, offset, need_q, need_r, need_t):
+def _probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, r_far,
+                    need_q, need_r, need_t):
     q_labels = torch.zeros(q.shape[0], dtype=r_labels.dtype, device=q.device)
-    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset)
+    pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, r_far=r_far)
     acc = pb.q.dtype
     delta = pb.sort_rows((g.to(acc) * yhat.to(acc)).sum(1))  # delta_i = sum_c G_ic yhat_ic
     delta = torch.where(pb.sort_rows(lse_all) == _NEG_INF, torch.zeros_like(delta), delta)
@@ -342,3 +347,158 @@ def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g,
         return p.mul_(g[i0:i1].index_select(1, pb.rl[j0:j1]).sub_(delta[i0:i1, None]))
 
     return _backward(pb, make_ds, q.dtype, r.dtype, need_q, need_r, need_t)
+
+
+# ------------------------------------------------------------------------ custom ops
+# The launchers run as opaque ``torch.library.custom_op``s with fake implementations, so
+# that the autograd Functions calling them trace under ``torch.compile(fullgraph=True)``
+# (the tiling reads label ranges on the host). Custom ops take no ``None`` gradient and no
+# tensor identity: ``symmetric`` says ``r is q`` (the batch loss), and gradients that are
+# not produced come back empty. Autocast does not apply inside (accumulation stays fp32).
+
+
+def _outside_autocast(fn):
+    @functools.wraps(fn)
+    def run(q, *args):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args)
+
+    return run
+
+
+def _inputs(q, r, q_labels, r_labels, metric, symmetric):
+    if symmetric:
+        r, r_labels = q, q_labels
+    q, r, q_far, r_far = finite_rows(q, r, metric)
+    return q, r, q_labels, r_labels, q_far, r_far
+
+
+@torch.library.custom_op("nbkernels::torch_lse_fwd", mutates_args=())
+@_outside_autocast
+def _lse_fwd_op(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor,
+                r_labels: torch.Tensor, temperature: torch.Tensor, metric: str,
+                offset: Optional[int], symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    q, r, q_labels, r_labels, q_far, r_far = _inputs(q, r, q_labels, r_labels, metric, symmetric)
+    lse_all, lse_pos = _lse_forward(q, r, q_labels, r_labels, temperature, metric, offset,
+                                    symmetric, r_far)
+    return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
+
+
+@_lse_fwd_op.register_fake
+def _(q, r, q_labels, r_labels, temperature, metric, offset, symmetric):
+    acc = _acc_dtype(q.dtype)
+    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("nbkernels::torch_probs_fwd", mutates_args=())
+@_outside_autocast
+def _probs_fwd_op(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
+                  temperature: torch.Tensor, num_classes: int, metric: str,
+                  offset: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    q, r, _, r_labels, q_far, r_far = _inputs(q, r, None, r_labels, metric, False)
+    yhat, lse_all = _probs_forward(q, r, r_labels, temperature, num_classes, metric, offset,
+                                   r_far)
+    return undefined_rows(yhat, q_far), undefined_rows(lse_all, q_far)
+
+
+@_probs_fwd_op.register_fake
+def _(q, r, r_labels, temperature, num_classes, metric, offset):
+    acc = _acc_dtype(q.dtype)
+    return q.new_empty(q.shape[0], num_classes, dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+
+
+def _grads_out(q, r, temperature, grads):
+    """Custom ops return no None: an empty tensor stands for a gradient not computed."""
+    empty = (q.new_empty(0), r.new_empty(0), temperature.new_empty(0))
+    return tuple(e if g is None else g for g, e in zip(grads, empty))
+
+
+def _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric=False):
+    return (q.new_empty(q.shape if need_q or (symmetric and need_r) else (0,)),
+            r.new_empty(r.shape if need_r and not symmetric else (0,)),
+            temperature.new_empty(() if need_t else (0,), dtype=_acc_dtype(q.dtype)))
+
+
+@torch.library.custom_op("nbkernels::torch_lse_bwd", mutates_args=())
+@_outside_autocast
+def _lse_bwd_op(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor,
+                r_labels: torch.Tensor, temperature: torch.Tensor, lse_all: torch.Tensor,
+                lse_pos: torch.Tensor, g_all: torch.Tensor, g_pos: torch.Tensor, metric: str,
+                offset: Optional[int], symmetric: bool, need_q: bool, need_r: bool,
+                need_t: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_in, r_in = q, r
+    q, r, q_labels, r_labels, q_far, r_far = _inputs(q, r, q_labels, r_labels, metric, symmetric)
+    lse_all, lse_pos, g_all, g_pos = silent_rows(q_far, lse_all, lse_pos, g_all, g_pos)
+    grads = _lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+                          metric, offset, symmetric, r_far, need_q, need_r, need_t)
+    dq = grads[0] if need_q or (symmetric and need_r) else None
+    return _grads_out(q_in, r_in, temperature, (dq, grads[1], grads[2] if need_t else None))
+
+
+@_lse_bwd_op.register_fake
+def _(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric, offset,
+      symmetric, need_q, need_r, need_t):
+    return _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric)
+
+
+@torch.library.custom_op("nbkernels::torch_probs_bwd", mutates_args=())
+@_outside_autocast
+def _probs_bwd_op(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
+                  temperature: torch.Tensor, yhat: torch.Tensor, lse_all: torch.Tensor,
+                  g: torch.Tensor, metric: str, offset: Optional[int], need_q: bool,
+                  need_r: bool, need_t: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_in, r_in = q, r
+    q, r, _, r_labels, q_far, r_far = _inputs(q, r, None, r_labels, metric, False)
+    yhat, lse_all, g = silent_rows(q_far, yhat, lse_all, g)
+    grads = _probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, r_far,
+                            need_q, need_r, need_t)
+    return _grads_out(q_in, r_in, temperature, grads)
+
+
+@_probs_bwd_op.register_fake
+def _(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, need_q, need_r, need_t):
+    return _fake_grads(q, r, temperature, need_q, need_r, need_t)
+
+
+# ------------------------------------------------------------------------- launchers
+
+
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
+    """Shifted ``(lse_all, lse_pos)``, each (N,) in the accumulation dtype."""
+    sym = _symmetric(q, r, q_labels, r_labels, offset)
+    return torch.ops.nbkernels.torch_lse_fwd(q, r, q_labels, r_labels, temperature, metric,
+                                             offset, sym)
+
+
+def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
+    """``(yhat, lse_all)``: (N, num_classes) and shifted (N,), in the accumulation dtype."""
+    return torch.ops.nbkernels.torch_probs_fwd(q, r, r_labels, temperature, int(num_classes),
+                                               metric, offset)
+
+
+def _none_unless(grads, need_q, need_r, need_t, sym=False):
+    dq, dr, dt = grads
+    return (dq if need_q or (sym and need_r) else None, dr if need_r and not sym else None,
+            dt if need_t else None)
+
+
+def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+                 *, metric, offset, need_q, need_r, need_t):
+    """``(dq, dr, dt)`` of ``sum(g_all lse_all + g_pos lse_pos)``; None where not needed.
+    For the batch loss (``q is r``) ``dq`` is the whole gradient and ``dr`` None."""
+    sym = _symmetric(q, r, q_labels, r_labels, offset)
+    acc = _acc_dtype(q.dtype)
+    g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
+    g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos
+    grads = torch.ops.nbkernels.torch_lse_bwd(q, r, q_labels, r_labels, temperature, lse_all,
+                                              lse_pos, g_all, g_pos, metric, offset, sym,
+                                              need_q, need_r, need_t)
+    return _none_unless(grads, need_q, need_r, need_t, sym)
+
+
+def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, *, metric, offset, need_q,
+                   need_r, need_t):
+    """``(dq, dr, dt)`` of ``sum(g yhat)``; None where not needed."""
+    grads = torch.ops.nbkernels.torch_probs_bwd(q, r, r_labels, temperature, yhat, lse_all, g,
+                                                metric, offset, need_q, need_r, need_t)
+    return _none_unless(grads, need_q, need_r, need_t)
