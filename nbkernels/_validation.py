@@ -35,10 +35,40 @@ def labels(name, y, n, of):
         raise ValueError(f"{name} must have shape ({n},) to match {of}, got {tuple(y.shape)}")
 
 
+def device_check(ok, message, detail=None):
+    """Raise ``ValueError`` unless the 0-dim bool tensor ``ok`` holds.
+
+    On the CPU the error is immediate, with ``detail()`` (the values seen) when given.
+    On accelerators, and while compiling, there is no host sync: the check fires
+    asynchronously with ``message``, as ``torch._assert_async`` does.
+    """
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(detail() if detail is not None else message)
+    else:
+        torch._assert_async(ok, message)
+
+
 def label_range(name, y, num_classes):
-    if y.numel() and (bool(y.min() < 0) or bool(y.max() >= num_classes)):
-        raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), "
-                         f"got values in [{int(y.min())}, {int(y.max())}]")
+    """``y`` in [0, num_classes), without a host sync on accelerators."""
+    if y.numel() == 0:
+        return
+    message = f"{name} must lie in [0, num_classes={num_classes})"
+    device_check(((y >= 0) & (y < num_classes)).all(), message,
+                 lambda: f"{message}, got values in [{int(y.min())}, {int(y.max())}]")
+
+
+def labels_among(name, y, known_name, known):
+    """Every value of ``y`` occurs in ``known``, without a host sync on accelerators."""
+    if y.numel() == 0:
+        return
+    message = f"{name} must only hold labels that {known_name} holds"
+
+    def detail():
+        missing = torch.unique(y[~torch.isin(y, known)])
+        return f"{message}, got {missing[:8].tolist()} that {known_name} lacks"
+
+    device_check(torch.isin(y, known).all(), message, detail)
 
 
 def num_classes(value):
@@ -68,15 +98,24 @@ def choice(name, value, options):
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
-def temperature(value, device):
-    """Return the temperature as a 0-dim tensor on ``device``."""
+def acc_dtype(dtype):
+    """The accumulation dtype of inputs of ``dtype``: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def temperature(value, device, dtype=torch.float32):
+    """Return the temperature as a 0-dim tensor on ``device``.
+
+    A Python number becomes a tensor of ``dtype`` (pass the accumulation dtype of the
+    inputs: fp64 for fp64 inputs, so that T = 0.1 is exact there); a tensor keeps its own.
+    """
     if isinstance(value, bool):
         raise TypeError("temperature must be a float or a 0-dim tensor, got bool")
     if isinstance(value, (int, float)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"temperature must be finite and > 0, got {value}")
         # torch.full writes on the device: no blocking host-to-device copy
-        return torch.full((), float(value), dtype=torch.float32, device=device)
+        return torch.full((), float(value), dtype=dtype, device=device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(value).__name__}")
     if value.dim() != 0:
@@ -85,13 +124,9 @@ def temperature(value, device):
         raise TypeError(f"temperature must be a floating tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"temperature must be on the embeddings' device {device}, got {value.device}")
-    ok = torch.isfinite(value) & (value > 0)
-    if value.device.type == "cpu":
-        if not bool(ok):
-            raise ValueError(f"temperature must be finite and > 0, got {value.item()}")
-    elif not torch.compiler.is_compiling():
-        # no host sync on accelerators: the check fires asynchronously
-        torch._assert_async(ok, "temperature must be finite and > 0")
+    message = "temperature must be finite and > 0"
+    device_check(torch.isfinite(value) & (value > 0), message,
+                 lambda: f"{message}, got {value.item()}")
     return value
 
 

@@ -75,6 +75,7 @@ class NeighborCache(nn.Module):
                              f"CUDA, got device={device}, cuda available="
                              f"{torch.cuda.is_available()}")
         self.size, self.dim, self.num_classes = size, dim, num_classes
+        self._warned_cast = False
         self.temperature, self.metric, self.backend = temperature, metric, backend
         self.chunk_size, self.distributed, self.group = chunk_size, distributed, group
         memory = torch.zeros(size, dim, dtype=dtype, device=device)
@@ -119,9 +120,9 @@ class NeighborCache(nn.Module):
     def _sharded(self, embeddings, fn, q_labels=None):
         """``fn.apply`` (ShardedLSE or ShardedProbs) on this rank's slots: ``(q, outputs)``."""
         memory, mem_labels = self._content(embeddings)
-        t = check.temperature(self.temperature, embeddings.device)
-        backend = check.backend(self.backend, embeddings.device)
         q = embeddings.to(torch.promote_types(embeddings.dtype, memory.dtype))
+        t = check.temperature(self.temperature, q.device, check.acc_dtype(q.dtype))
+        backend = check.backend(self.backend, q.device)
         streamed = memory.device != q.device or self.chunk_size is not None
         chunk = (self.chunk_size or DEFAULT_CHUNK_SIZE) if streamed else max(len(self), 1)
         spec = Spec(self.metric, None, backend, chunk, self.num_classes)
@@ -130,12 +131,36 @@ class NeighborCache(nn.Module):
 
     def push(self, embeddings, labels):
         """Write a batch into the oldest slots (detached). A batch larger than the
-        cache keeps its last ``size`` rows, with a warning."""
+        cache keeps its last ``size`` rows, with a warning.
+
+        Raises ``ValueError`` when a row holds NaN or inf (nothing is written: one such
+        row would poison every later loss and prediction). Embeddings of a dtype that the
+        memory cannot hold exactly (fp64 into an fp32 memory, say) are cast to the
+        memory's dtype, with a warning the first time.
+        """
+        self._check_push(embeddings, labels)
+        self._write(embeddings, labels)
+
+    def _check_push(self, embeddings, labels):
         self._check_batch(embeddings, labels)
+        bad = ~torch.isfinite(embeddings).all(1)
+        if bool(bad.any()):  # a push reads ptr on the host anyway: no extra sync point
+            rows = bad.nonzero().flatten()
+            raise ValueError(f"embeddings pushed into the cache must be finite, got NaN or inf "
+                             f"in {rows.numel()} row(s), e.g. rows {rows[:8].tolist()}; "
+                             "nothing was pushed")
+        if (torch.promote_types(embeddings.dtype, self.memory.dtype) != self.memory.dtype
+                and not self._warned_cast):
+            self._warned_cast = True
+            warnings.warn(f"embeddings of dtype {embeddings.dtype} are stored in the cache's "
+                          f"{self.memory.dtype} memory (rounded); pass dtype={embeddings.dtype} "
+                          "to NeighborCache to keep them exactly", stacklevel=3)
+
+    def _write(self, embeddings, labels):
         n = embeddings.shape[0]
         if n > self.size:
             warnings.warn(f"a batch of {n} rows was pushed into a cache of {self.size} slots: "
-                          f"only its last {self.size} rows are kept", stacklevel=2)
+                          f"only its last {self.size} rows are kept", stacklevel=3)
             embeddings, labels, n = embeddings[-self.size:], labels[-self.size:], self.size
         start = int(self.ptr)
         slots = (start + torch.arange(n, device=self.memory.device)) % self.size
@@ -161,7 +186,7 @@ class NeighborCache(nn.Module):
         zero = embeddings.sum(1) * 0.0  # keeps the graph and propagates NaN
         if self.distributed:
             q, (lse_all, lse_pos, positives) = self._sharded(embeddings, dist_.ShardedLSE,
-                                                             labels.long())
+                                                             labels.long().contiguous())
             valid = positives > 0
             loss = F._loss_from_lse(lse_all, lse_pos, valid) + zero  # zero: for an empty union
             return F._reduce(loss, valid, reduction, q.dtype)
@@ -173,9 +198,11 @@ class NeighborCache(nn.Module):
                           reduction=reduction, backend=self.backend, chunk_size=self.chunk_size)
 
     def forward(self, embeddings, labels):
-        """Loss against the current content, then push the detached batch."""
+        """Loss against the current content, then push the detached batch (checked first:
+        a batch that ``push`` refuses raises before any loss is computed)."""
+        self._check_push(embeddings, labels)
         loss = self.loss(embeddings, labels)
-        self.push(embeddings, labels)
+        self._write(embeddings, labels)
         return loss
 
     def predict(self, embeddings, model_probs=None, weight=0.5):

@@ -25,9 +25,11 @@ from nbkernels.streaming import DEFAULT_CHUNK_SIZE, Spec, StreamedLSE, StreamedP
 __all__ = ["class_means", "nca_loss", "positive_counts", "prototype_loss", "soft_knn_predict"]
 
 
-def _common(temperature, metric, backend, device):
+def _common(temperature, metric, backend, device, dtype):
+    """Checked (temperature tensor, backend name); a float temperature is made in the
+    accumulation dtype of ``dtype`` (fp64 inputs: an exact fp64 T)."""
     check.choice("metric", metric, check.METRICS)
-    t = check.temperature(temperature, device)
+    t = check.temperature(temperature, device, check.acc_dtype(dtype))
     return t, check.backend(backend, device)
 
 
@@ -163,8 +165,11 @@ def nca_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, temper
         check.same_dim("ref_embeddings", ref_embeddings, "embeddings", embeddings)
         bank_device("ref_embeddings", ref_embeddings, "ref_labels", ref_labels, embeddings)
     _scale_options(chunk_size, distributed, group)
-    t, backend = _common(temperature, metric, backend, embeddings.device)
-    q_labels = labels.long()
+    dtype = embeddings.dtype if ref_embeddings is None else torch.promote_types(
+        embeddings.dtype, ref_embeddings.dtype)
+    t, backend = _common(temperature, metric, backend, embeddings.device, dtype)
+    # contiguous: internal ops (searchsorted, the kernels) index labels with unit stride
+    q_labels = labels.long().contiguous()
     if ref_embeddings is None:
         q, r, r_labels, offset = embeddings, embeddings, q_labels, 0
         if distributed:
@@ -174,7 +179,7 @@ def nca_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, temper
             r_labels = dist_.gather_rows(q_labels, group, sizes)
             offset = sum(sizes[:rank])
     else:
-        r, r_labels, offset = ref_embeddings, ref_labels.long(), None
+        r, r_labels, offset = ref_embeddings, ref_labels.long().contiguous(), None
         if _streamed(embeddings, r, chunk_size):  # chunks are cast on the device
             q = embeddings.to(torch.promote_types(embeddings.dtype, r.dtype))
         else:
@@ -246,9 +251,16 @@ def prototype_loss(embeddings, labels, *, prototypes=None, prototype_labels=None
     else:
         check.embeddings("prototypes", prototypes)
         check.same_dim("prototypes", prototypes, "embeddings", embeddings)
+        check.same_device(labels=labels, prototypes=prototypes)
         if prototype_labels is None:
+            # one prototype per class: a label without its prototype would silently drop
+            # its rows from the loss
+            check.label_range("labels", labels, prototypes.shape[0])
             prototype_labels = torch.arange(prototypes.shape[0], device=prototypes.device)
-        check.labels("prototype_labels", prototype_labels, prototypes.shape[0], "prototypes")
+        else:
+            check.labels("prototype_labels", prototype_labels, prototypes.shape[0], "prototypes")
+            check.same_device(labels=labels, prototype_labels=prototype_labels)
+            check.labels_among("labels", labels, "prototype_labels", prototype_labels)
     return nca_loss(embeddings, labels, ref_embeddings=prototypes, ref_labels=prototype_labels,
                     temperature=temperature, metric=metric, reduction=reduction, backend=backend,
                     distributed=distributed, group=group)
@@ -290,9 +302,10 @@ def soft_knn_predict(queries, ref_embeddings, ref_labels, num_classes, *, temper
         raise ValueError(f"ref_embeddings must hold at least {min_refs} row(s) so that every "
                          f"query has a neighbour, got {ref_embeddings.shape[0]}")
     _scale_options(chunk_size, False, None)
-    t, backend = _common(temperature, metric, backend, queries.device)
+    t, backend = _common(temperature, metric, backend, queries.device,
+                         torch.promote_types(queries.dtype, ref_embeddings.dtype))
     offset = 0 if exclude_self else None
-    r_labels = ref_labels.long()
+    r_labels = ref_labels.long().contiguous()
     if _streamed(queries, ref_embeddings, chunk_size):
         q = queries.to(torch.promote_types(queries.dtype, ref_embeddings.dtype))
         spec = Spec(metric, offset, backend, chunk_size or DEFAULT_CHUNK_SIZE, num_classes)

@@ -20,8 +20,10 @@ class _NeighborLossModule(nn.Module):
         self.metric, self.reduction, self.backend = metric, reduction, backend
         check.temperature(temperature, torch.device("cpu"))
         if learn_temperature:
-            # log-parametrized: T = exp(log_temperature) stays > 0 under any update
-            self.log_temperature = nn.Parameter(torch.tensor(math.log(float(temperature))))
+            # log-parametrized: T = exp(log_temperature) stays > 0 under any update. Held in
+            # fp64, so that T is exact for fp64 inputs (one scalar: no cost elsewhere)
+            self.log_temperature = nn.Parameter(
+                torch.tensor(math.log(float(temperature)), dtype=torch.float64))
         else:
             self._temperature = float(temperature)
 

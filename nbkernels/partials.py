@@ -252,7 +252,8 @@ def _check(q, r, temperature, metric, backend):
     check.embeddings("r", r)
     check.same_dim("r", r, "q", q)
     check.choice("metric", metric, check.METRICS)
-    return check.temperature(temperature, q.device), check.backend(backend, q.device)
+    t = check.temperature(temperature, q.device, check.acc_dtype(q.dtype))
+    return t, check.backend(backend, q.device)
 
 
 def chunk_partials(q, r, q_labels, r_labels, temperature, *, num_classes=None,

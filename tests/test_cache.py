@@ -113,10 +113,19 @@ def test_reset():
     assert len(cache) == 0 and int(cache.ptr) == 0 and (cache.labels == -1).all()
 
 
-def test_nan_batch_is_not_hidden():
+def test_nan_batch_is_refused_and_the_cache_stays_clean():
     cache = nbkernels.NeighborCache(8, 4, 3)
+    cache.push(*_batch(3, seed=1))
     x, y = _batch(6)
-    x[0, 0] = float("nan")
-    assert torch.isnan(cache(x, y))  # empty-cache zero still carries the NaN
+    for bad in (float("nan"), float("inf")):
+        x[0, 0] = bad
+        with pytest.raises(ValueError, match="must be finite.*rows \\[0\\]"):
+            cache(x, y)
+        with pytest.raises(ValueError, match="nothing was pushed"):
+            cache.push(x, y)
+    assert len(cache) == 3 and int(cache.ptr) == 3
     x2, y2 = _batch(6, seed=2)
-    assert torch.isnan(cache(x2, y2))  # the NaN row now sits in the cache
+    assert torch.isfinite(cache(x2, y2))  # nothing poisoned the cache
+    # NaN queries are scored, never pushed: NaN comes out
+    x[0, 0] = float("nan")
+    assert torch.isnan(cache.loss(x, y))
