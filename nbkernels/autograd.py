@@ -12,11 +12,12 @@ FlashAttention, so that a loss formed from them keeps its precision in half prec
 Example::
 
     T = torch.tensor(0.1)
-    lse_all, lse_pos = NeighborLSE.apply(x, x, y, y, T, "sqeuclidean", 0, "torch")
+    lse_all, lse_pos = NeighborLSE.apply(x, None, y, None, T, "sqeuclidean", 0, "torch")
     loss = (lse_all - lse_pos).mean()
 
-When ``q`` and ``r`` are the same tensor, autograd adds the two gradients, which is
-the gradient of the batch loss. ``"cosine"`` normalizes the rows here and hands the
+For the batch against itself pass ``r=None`` (and ``r_labels=None``): the references
+are then the queries, and the gradient of both roles goes to ``q`` (Dynamo does not
+trace one tensor passed twice to an ``autograd.Function``). ``"cosine"`` normalizes the rows here and hands the
 kernels ``"dot"``; the backward applies the normalization's Jacobian.
 """
 from __future__ import annotations
@@ -143,8 +144,26 @@ def _input_grads(ctx, q, r, dq, dr):
     return dq, dr
 
 
+def _batch_grads(ctx, dq, dr):
+    """``r=None`` (the references are the queries): the whole gradient goes to ``q``."""
+    if not ctx.batch:
+        return dq, dr
+    return (dq if dr is None else dr if dq is None else dq + dr), None
+
+
+def is_empty(*sizes):
+    """Whether some size is 0, for the shortcuts on empty inputs. A size unknown while
+    compiling (class means: one row per class present) counts as non-empty: the
+    launchers handle empty inputs themselves at run time."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import guard_or_false
+    except ImportError:  # older torch: sizes are known
+        return any(n == 0 for n in sizes)
+    return any(guard_or_false(n == 0) for n in sizes)
+
+
 def _empty(q, r):
-    return q.shape[0] == 0 or r.shape[0] == 0
+    return is_empty(q.shape[0], r.shape[0])
 
 
 class NeighborLSE(torch.autograd.Function):
@@ -165,6 +184,9 @@ class NeighborLSE(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, r, q_labels, r_labels, temperature, metric, offset, backend):
+        ctx.batch = r is None
+        if ctx.batch:
+            r, r_labels = q, q_labels
         qk, rk, kmetric = _kernel_inputs(q, r, metric)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if _empty(q, r):
@@ -186,6 +208,7 @@ class NeighborLSE(torch.autograd.Function):
     def backward(ctx, g_all, g_pos):
         q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos = ctx.saved_tensors
         need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
+        need_r = need_r or (ctx.batch and need_q)
         if _empty(q, r) or not (need_q or need_r or need_t):
             return (None,) * 8
         g_all = torch.zeros_like(lse_all) if g_all is None else g_all
@@ -195,6 +218,7 @@ class NeighborLSE(torch.autograd.Function):
             metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
         dt = None if dt is None else dt.to(temperature.dtype)
+        dq, dr = _batch_grads(ctx, dq, dr)
         return dq, dr, None, None, dt, None, None, None
 
 
@@ -214,6 +238,9 @@ class ClassProbs(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, r, r_labels, temperature, num_classes, metric, offset, backend):
+        ctx.batch = r is None
+        if ctx.batch:
+            r = q
         qk, rk, kmetric = _kernel_inputs(q, r, metric)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if _empty(q, r):
@@ -231,6 +258,7 @@ class ClassProbs(torch.autograd.Function):
     def backward(ctx, g):
         q, r, qk, rk, r_labels, temperature, yhat, lse_all = ctx.saved_tensors
         need_q, need_r, _, need_t = ctx.needs_input_grad[:4]
+        need_r = need_r or (ctx.batch and need_q)
         if _empty(q, r) or not (need_q or need_r or need_t):
             return (None,) * 8
         dq, dr, dt = backend_module(ctx.backend).probs_backward(
@@ -238,4 +266,5 @@ class ClassProbs(torch.autograd.Function):
             offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
         dt = None if dt is None else dt.to(temperature.dtype)
+        dq, dr = _batch_grads(ctx, dq, dr)
         return dq, dr, None, dt, None, None, None, None

@@ -43,6 +43,8 @@ def _promote(*xs):
 def _lse(q, r, q_labels, r_labels, t, metric, offset, backend):
     if backend == "reference":
         return reference.neighbor_lse(q, r, q_labels, r_labels, t, metric=metric, offset=offset)
+    if r is q and r_labels is q_labels:  # the batch against itself
+        r = r_labels = None
     return NeighborLSE.apply(q, r, q_labels, r_labels, t, metric, offset, backend)
 
 
@@ -195,6 +197,9 @@ def nca_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, temper
 def class_means(embeddings, labels):
     """Per-class means of the rows: ``(means (C, D), classes (C,))`` for the C classes present."""
     classes, inverse = torch.unique(labels, return_inverse=True)
+    if labels.shape[0] > 0:  # a size that compilers cannot infer: 1 <= C <= N
+        torch._check(classes.shape[0] >= 1)
+        torch._check(classes.shape[0] <= labels.shape[0])
     sums = torch.zeros(classes.shape[0], embeddings.shape[1], dtype=embeddings.dtype,
                        device=embeddings.device).index_add(0, inverse, embeddings)
     counts = torch.bincount(inverse, minlength=classes.shape[0]).to(embeddings.dtype)
@@ -313,5 +318,6 @@ def soft_knn_predict(queries, ref_embeddings, ref_labels, num_classes, *, temper
     q, r = _promote(queries, ref_embeddings)
     if backend == "reference":
         return reference.class_probs(q, r, r_labels, t, num_classes, metric=metric, offset=offset)
-    yhat = ClassProbs.apply(q, r, r_labels, t, num_classes, metric, offset, backend)
+    yhat = ClassProbs.apply(q, None if r is q else r, r_labels, t, num_classes, metric, offset,
+                            backend)
     return yhat.to(q.dtype)

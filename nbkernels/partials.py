@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from nbkernels import _validation as check
-from nbkernels.autograd import _normalize, _normalize_backward, backend_module
+from nbkernels.autograd import _normalize, _normalize_backward, backend_module, is_empty
 from nbkernels.backends import reference
 
 _NEG_INF = float("-inf")
@@ -71,7 +71,7 @@ def acc_dtype(dtype):
 
 def positive_counts(q_labels, r_labels, offset=None):
     """Number of positives of each query, from the labels alone (no N x M work)."""
-    if r_labels.shape[0] == 0:
+    if is_empty(r_labels.shape[0]):
         return torch.zeros(q_labels.shape[0], dtype=torch.long, device=q_labels.device)
     ordered = torch.sort(r_labels).values
     count = (torch.searchsorted(ordered, q_labels, right=True)

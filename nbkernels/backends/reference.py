@@ -122,8 +122,6 @@ def _masked_lse(s, mask):
     safe = torch.where(mask, s, float("-inf"))
     safe = torch.where(has[:, None], safe, torch.zeros_like(s))
     empty = torch.full(s.shape[:1], float("-inf"), dtype=s.dtype, device=s.device)
-    if s.shape[1] == 0:
-        return empty
     return torch.where(has, torch.logsumexp(safe, 1), empty)
 
 
@@ -143,11 +141,10 @@ def neighbor_lse(q, r, q_labels, r_labels, temperature, *, metric="sqeuclidean",
 def class_probs(q, r, r_labels, temperature, num_classes, *, metric="sqeuclidean", offset=None):
     """Return yhat (N, num_classes) in q's dtype; row i sums to 1 when it has references."""
     s = logits(q, r, temperature, metric, offset)
-    if s.shape[1] == 0:
-        # no reference: undefined (NaN), as for a row whose only reference is excluded
-        return torch.full((s.shape[0], num_classes), float("nan"), dtype=q.dtype,
-                          device=q.device)
     p = torch.softmax(s, dim=1)
     yhat = torch.zeros(s.shape[0], num_classes, dtype=s.dtype, device=s.device)
     yhat = yhat.index_add(1, r_labels, p)
+    # a row without any reference (M = 0, or its only one excluded) is undefined: NaN
+    has_ref = ((s > float("-inf")) | torch.isnan(s)).any(1, keepdim=True)
+    yhat = yhat.masked_fill(torch.logical_not(has_ref), float("nan"))
     return yhat.to(q.dtype)
