@@ -144,6 +144,16 @@ def _input_grads(ctx, q, r, dq, dr):
     return dq, dr
 
 
+def _setup(ctx, q, r, metric, offset, backend):
+    """Forward set-up shared by the Functions: ``r=None`` stands for ``q`` (the batch).
+    Returns ``(r, qk, rk, kernel metric, accumulation dtype)``."""
+    ctx.batch = r is None
+    r = q if ctx.batch else r
+    qk, rk, kmetric = _kernel_inputs(q, r, metric)
+    ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
+    return r, qk, rk, kmetric, torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _batch_grads(ctx, dq, dr):
     """``r=None`` (the references are the queries): the whole gradient goes to ``q``."""
     if not ctx.batch:
@@ -169,7 +179,8 @@ def _empty(q, r):
 class NeighborLSE(torch.autograd.Function):
     """``(lse_all, lse_pos) = NeighborLSE.apply(q, r, q_labels, r_labels, T, metric, offset, backend)``.
 
-    q: (N, D), r: (M, D) floating, same dtype; labels int64 (N,), (M,); T: 0-dim tensor;
+    q: (N, D), r: (M, D) floating, same dtype, or ``r=None`` (with ``r_labels=None``) for
+    the batch against itself; labels int64 (N,), (M,); T: 0-dim tensor;
     metric: "sqeuclidean" | "cosine" | "dot"; offset: None or int (query i skips
     reference i + offset); backend: "torch" | "triton" | "cuda". Returns two (N,)
     tensors in the accumulation dtype; ``lse_pos`` is -inf on rows with no positive.
@@ -184,11 +195,8 @@ class NeighborLSE(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, r, q_labels, r_labels, temperature, metric, offset, backend):
-        ctx.batch = r is None
-        if ctx.batch:
-            r, r_labels = q, q_labels
-        qk, rk, kmetric = _kernel_inputs(q, r, metric)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        r_labels = q_labels if r is None else r_labels
+        r, qk, rk, kmetric, acc = _setup(ctx, q, r, metric, offset, backend)
         if _empty(q, r):
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
             lse_pos = lse_all.clone()
@@ -196,7 +204,6 @@ class NeighborLSE(torch.autograd.Function):
             lse_all, lse_pos = backend_module(backend).lse_forward(
                 qk, rk, q_labels, r_labels, temperature, metric=kmetric, offset=offset)
         ctx.save_for_backward(q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos)
-        ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
         if kmetric == "sqeuclidean":
             # the kernels leave out the row constant -||q||^2 / T; add it back
             shift = qk.to(acc).pow(2).sum(1) / temperature.to(acc)
@@ -226,7 +233,8 @@ class ClassProbs(torch.autograd.Function):
     """``yhat = ClassProbs.apply(q, r, r_labels, T, num_classes, metric, offset, backend)``.
 
     Returns yhat (N, num_classes) in the accumulation dtype: ``yhat_ic`` is the softmax
-    mass of the references labelled ``c``. Arguments as in :class:`NeighborLSE`.
+    mass of the references labelled ``c``. Arguments as in :class:`NeighborLSE`
+    (``r=None``: the references are the queries).
     """
 
     @staticmethod
@@ -238,11 +246,7 @@ class ClassProbs(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, r, r_labels, temperature, num_classes, metric, offset, backend):
-        ctx.batch = r is None
-        if ctx.batch:
-            r = q
-        qk, rk, kmetric = _kernel_inputs(q, r, metric)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        r, qk, rk, kmetric, acc = _setup(ctx, q, r, metric, offset, backend)
         if _empty(q, r):
             yhat = torch.full((q.shape[0], num_classes), float("nan"), dtype=acc, device=q.device)
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
@@ -250,7 +254,6 @@ class ClassProbs(torch.autograd.Function):
             yhat, lse_all = backend_module(backend).probs_forward(
                 qk, rk, r_labels, temperature, num_classes, metric=kmetric, offset=offset)
         ctx.save_for_backward(q, r, qk, rk, r_labels, temperature, yhat, lse_all)
-        ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
         return yhat.clone()
 
     @staticmethod
