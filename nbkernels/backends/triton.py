@@ -185,7 +185,8 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
     scale = torch.exp(tile_max - lse_all[:, None])
     mass.view(n, n_tiles, block_c).mul_(scale[:, :, None])
-    return undefined_rows(mass[:, :c], q_far), undefined_rows(lse_all, q_far)
+    # contiguous: the fake returns a plain (N, C) tensor
+    return undefined_rows(mass[:, :c].contiguous(), q_far), undefined_rows(lse_all, q_far)
 
 
 def _class_tiles(c):
@@ -197,9 +198,8 @@ def _class_tiles(c):
 @_probs_fwd.register_fake
 def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, precision):
     acc = _acc_dtype(q.dtype)
-    block_c, n_tiles = _class_tiles(num_classes)
-    mass = q.new_empty(q.shape[0], n_tiles * block_c, dtype=acc)
-    return mass[:, :num_classes], q.new_empty(q.shape[0], dtype=acc)
+    return (q.new_empty(q.shape[0], num_classes, dtype=acc),
+            q.new_empty(q.shape[0], dtype=acc))
 
 
 def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, g_cls,

@@ -42,3 +42,31 @@ def test_fake_matches_real(tb, h, name):
     args = _op_args(_case(h))[name]
     torch.library.opcheck(getattr(torch.ops.nbkernels, name).default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_training_step_equals_eager(h, compiler):
+    """The public API with backend="triton", forward and backward, under
+    torch.compile(fullgraph=True): loss and parameter gradients equal eager ones."""
+    import nbkernels
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(6, 4).to(h.device)
+    x = torch.randn(21, 6, generator=g).to(h.device)
+    y = torch.randint(0, 3, (21,), generator=g).to(h.device)
+
+    def step(x, y):
+        emb = model(x)
+        return (nbkernels.nca_loss(emb, y, temperature=0.5, backend="triton")
+                + nbkernels.prototype_loss(emb, y, metric="cosine", backend="triton")
+                + nbkernels.soft_knn_predict(emb, emb, y, 3, exclude_self=True,
+                                             backend="triton")[:, 0].sum())
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend=compiler)):
+        model.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
