@@ -1,0 +1,9 @@
+"""Static performance model of the kernels, read from compiled sm_90 SASS (no GPU needed).
+
+build.py compiles every kernel variant the launchers select (and csrc/cuda/*.cu) for a
+deviceless sm_90 target; sass.py finds the main loop of the disassembly and counts its
+instructions per query-reference pair; model.py turns those counts into cycles per pair
+on H100 pipes; anchor_fa2.py is the calibration kernel; budgets.py holds the regression
+budgets; report.py writes bench/results/sass_sm90.json and the table in bench/README.md.
+Every number here is *predicted from compiled SASS*, never measured.
+"""

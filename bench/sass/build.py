@@ -1,0 +1,370 @@
+"""Compile the kernels for sm_90 without a GPU: every Triton variant the launchers select,
+the FA-2 anchor, and csrc/cuda/*.cu through nvcc.
+
+Triton variants. ``variants()`` lists one entry per (kernel, input dtype, metric, class
+output, REF_MAJOR, autotune config) at the launch the launchers of
+nbkernels/backends/triton.py make for N = M = 65536, D = 128, 100 classes, contiguous
+inputs (the problem of bench/README's GPU targets):
+
+* forward without class output = ``lse_forward`` of ``nca_loss`` (the batch against itself,
+  self excluded: HAS_OFFSET, offset 0); with class output = ``probs_forward`` of
+  ``soft_knn_predict`` (a bank, no offset), BLOCK_C = 64, MASS_PRECISION = "tf32x3";
+* backward: the dq kernel (REF_MAJOR=False) and the dr kernel (REF_MAJOR=True) of a loss
+  with a float temperature (NEED_DX, not NEED_DT); fp16 scales ds (SCALE_DS, ``ds_scale``);
+* fp32 runs its dots as TF32 ("tf32": torch's ``allow_tf32``; "ieee" fp32 dots would not
+  use tensor cores), bf16 / fp16 dot on tensor cores with fp32 accumulation;
+* "cosine" reaches the kernels as "dot" on normalised inputs: no variant of its own.
+
+* "sqeuclidean" launches pass ``ref_mask`` (int8, the references at infinity) with
+  REF_MASK; "dot" passes neither.
+
+Arguments are built by name from ``fn.params`` (so a new argument does not break the
+harness): ``_launch_values`` holds what each launch passes; an argument it does not
+know takes its default, else ``None`` (a pointer off: a constexpr, as the JIT makes it)
+or, for a constexpr, False (a flag off). Specialisation is the
+JIT's own (``native_specialize_impl`` on meta tensors and ints; a copy of its rules where
+that function is missing): ints equal to 1 and ``None`` become constexprs, ints divisible
+by 16 and pointers get ``tt.divisibility = 16``, ``do_not_specialize`` honoured.
+"""
+import functools
+import hashlib
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SM = 90
+N = M = 65536
+D = 128
+NUM_CLASSES = 100
+
+# ------------------------------------------------------------------------- tools, compat
+
+
+def triton_bin():
+    """triton's bundled nvidia tools folder (cuobjdump, nvdisasm, ptxas), or None."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return path if path.is_dir() else None
+
+
+def tool(name):
+    b = triton_bin()
+    if b is not None and (b / name).exists():
+        return str(b / name)
+    return shutil.which(name)
+
+
+def unavailable_reason():
+    """None when a deviceless sm_90 Triton compile and its analysis can run here, else why not."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1: triton was imported for the interpreter, not for compiling"
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        return f"triton (with an nvidia backend) is not importable: {e}"
+    for t in ("cuobjdump", "nvdisasm", "ptxas"):
+        if tool(t) is None:
+            return f"triton {triton.__version__} ships no {t} (backends/nvidia/bin) and none is on PATH"
+    ver = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+    if ver < (3, 6):
+        return (f"triton {triton.__version__}: this harness speaks the ASTSource API of triton "
+                ">= 3.6 (signature by argument name, constexprs / attrs by argument path)")
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters and \
+            "constants" not in inspect.signature(ASTSource.__init__).parameters:
+        return f"triton {triton.__version__}: ASTSource takes neither constexprs nor constants"
+    return None
+
+
+def _target():
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", SM, 32)
+
+
+def _specialize(backend, value, is_const, specialize, align):
+    """(type string, specialisation string or None), as the JIT's binder computes it."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+    except ImportError:
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        from triton.backends.compiler import BaseBackend
+        try:
+            return native_specialize_impl(BaseBackend, value, is_const, specialize, align)
+        except TypeError:   # another arity in another triton: the Python rules below
+            pass
+    # the same rules in Python (triton 3.6's runtime/jit.py specialize_impl)
+    import torch
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        ty = "i32" if -2**31 <= value < 2**31 else "i64"
+        if specialize and value == 1:
+            return "constexpr", 1
+        return ty, ("D" if specialize and align and value % 16 == 0 else "")
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                 torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1",
+                 torch.uint8: "u8", torch.int8: "i8"}
+        return "*" + ("k" if is_const else "") + names[value.dtype], \
+            ("D" if specialize and align else "")
+    raise TypeError(f"cannot specialise {type(value).__name__}")
+
+
+def ast_source(fn, values):
+    """ASTSource of JITFunction ``fn`` for the argument values ``values`` (by name)."""
+    from triton.compiler import ASTSource, make_backend
+    backend = make_backend(_target())
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = v
+            continue
+        ty, desc = _specialize(backend, v, p.is_const, not p.do_not_specialize,
+                               not getattr(p, "do_not_specialize_on_alignment", False))
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = v if desc is None else desc
+        elif desc:
+            attrs[(i,)] = backend.parse_attr(desc)
+    params = inspect.signature(ASTSource.__init__).parameters
+    key = "constexprs" if "constexprs" in params else "constants"
+    return ASTSource(fn=fn, signature=signature, attrs=attrs, **{key: constexprs}), signature
+
+
+# ------------------------------------------------------------------------------ variants
+
+
+@dataclass
+class Variant:
+    """One compiled kernel: what it is, how it is launched, how its loop maps to pairs."""
+    name: str
+    kind: str                  # "fwd" | "bwd" | "anchor" | "cuda"
+    dtype: str                 # "bf16" | "fp16" | "fp32"
+    metric: str = "sqeuclidean"
+    cls: bool = False
+    ref_major: bool | None = None
+    block_m: int = 0           # pairs per main-loop iteration = block_m * block_n
+    block_n: int = 0
+    block_d: int = 0           # the inner D-loop step (0: no inner loop)
+    num_warps: int = 4
+    num_stages: int = 0
+    config: str = ""
+    flop_per_pair: float = 0   # useful FLOP per pair of this kernel (2 D per dot)
+    passes: int = 1            # programs that each cover a pair (dx slices recomputing logits)
+    values: dict = field(default_factory=dict, repr=False)
+    fn: object = field(default=None, repr=False)
+
+    @property
+    def inner_trips(self):
+        return -(-D // self.block_d) if self.block_d else 1
+
+
+def _meta(dtype):
+    import torch
+    return torch.empty(0, dtype=dtype, device="meta")
+
+
+def _torch_dtype(name):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _fill_unknown(fn, values):
+    """Defaults for arguments this table does not know (added to the kernel since)."""
+    out = dict(values)
+    for p in fn.params:
+        if p.name in out:
+            continue
+        default = p.default if p.default is not inspect.Parameter.empty else None
+        if p.is_constexpr:
+            out[p.name] = False if default is None else default   # a flag, off
+        else:
+            out[p.name] = default   # a pointer (or anything else) off: None
+    return out
+
+
+def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
+    """The arguments the launchers pass for this variant (triton.py's _common and callers)."""
+    import torch
+    import triton.language as tl
+    from nbkernels.backends import triton_kernels as tk
+    t = _torch_dtype(dtype)
+    f32, i64 = _meta(torch.float32), _meta(torch.int64)
+    block = lambda n, cap: max(16, min(1 << (max(n, 1) - 1).bit_length(), cap))  # noqa: E731
+    sq = metric == "sqeuclidean"
+    # sqeuclidean flags the references at infinity (infinity.finite_rows): an int8 mask
+    common = dict(q=_meta(t), r=_meta(t), temperature=f32, N=N, M=M, D=D, offset=0,
+                  ref_mask=_meta(torch.int8) if sq else None, REF_MASK=sq,
+                  s_qn=D, s_qd=1, s_rm=D, s_rd=1, N_KEY=N, M_KEY=M, D_KEY=D,
+                  SQEUCLID=sq, HAS_OFFSET=not cls, ACC=tl.float32,
+                  PRECISION="tf32" if dtype == "fp32" else "ieee",
+                  BLOCK_D=block(D, tk.MAX_BLOCK_D))
+    if kind == "fwd":
+        v = dict(common, q_labels=None if cls else i64, r_labels=i64, perm=i64 if cls else None,
+                 tile_ptr=i64 if cls else None, lse_all=None if cls else f32,
+                 lse_pos=None if cls else f32, mass=f32 if cls else None,
+                 tile_max=f32 if cls else None, tile_sum=f32 if cls else None, CLASS=cls,
+                 MASS_PRECISION="tf32x3", BLOCK_C=block(NUM_CLASSES, tk.MAX_BLOCK_C) if cls else 16,
+                 BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        v = dict(common, q_labels=None if cls else i64, r_labels=i64, lse_all=f32,
+                 lse_pos=None if cls else f32, g_all=None if cls else f32,
+                 g_pos=None if cls else f32, g_cls=f32 if cls else None,
+                 delta=f32 if cls else None, C=NUM_CLASSES if cls else 0,
+                 s_gn=NUM_CLASSES if cls else 0, s_gc=1 if cls else 0,
+                 ds_scale=f32 if dtype == "fp16" else None, dx=_meta(t), dt_part=None,
+                 s_xn=D, s_xd=1, CLASS=cls, SCALE_DS=dtype == "fp16",
+                 BLOCK_DX=block(D, tk.MAX_BLOCK_DX), REF_MAJOR=ref_major, NEED_DX=True,
+                 NEED_DT=False, BLOCK_OWN=bm, BLOCK_OTHER=bn)
+    return v
+
+
+def _config_tuple(cfg, kind):
+    kw = cfg.kwargs
+    bm, bn = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "fwd" else (kw["BLOCK_OWN"], kw["BLOCK_OTHER"])
+    return bm, bn, cfg.num_warps, cfg.num_stages
+
+
+def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), classes=(False, True),
+             kinds=("fwd", "bwd"), configs=None):
+    """Every Triton variant (``configs``: indices into GPU_*_CONFIGS, default all)."""
+    from nbkernels.backends import triton_kernels as tk
+    out = []
+    for kind in kinds:
+        jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
+        fn = getattr(jit, "fn", jit)   # @autotune wraps the JITFunction
+        cfgs = tk.GPU_FWD_CONFIGS if kind == "fwd" else tk.GPU_BWD_CONFIGS
+        for ci, cfg in enumerate(cfgs):
+            if configs is not None and ci not in configs:
+                continue
+            bm, bn, w, s = _config_tuple(cfg, kind)
+            for dtype in dtypes:
+                for metric in metrics:
+                    for cls in classes:
+                        for rm in ((None,) if kind == "fwd" else (False, True)):
+                            vals = _fill_unknown(fn, _launch_values(kind, dtype, metric, cls, rm,
+                                                                    bm, bn))
+                            name = (f"{kind}{'_dr' if rm else '_dq' if rm is False else ''}"
+                                    f"_{dtype}_{metric}{'_class' if cls else ''}"
+                                    f"_{bm}x{bn}w{w}s{s}")
+                            # useful FLOP per pair: fwd one D-dot; bwd the recomputed logit
+                            # dot and the dx dot (the class mass dot is not counted)
+                            out.append(Variant(
+                                name=name, kind=kind, dtype=dtype, metric=metric, cls=cls,
+                                ref_major=rm, block_m=bm, block_n=bn, block_d=vals["BLOCK_D"],
+                                num_warps=w, num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
+                                flop_per_pair=2 * D if kind == "fwd" else 4 * D,
+                                values=vals, fn=fn))
+    return out
+
+
+# ------------------------------------------------------------------------------ compile
+
+
+def cache_dir():
+    d = os.environ.get("NBK_SASS_CACHE")
+    path = Path(d) if d else Path(tempfile.gettempdir()) / "nbkernels-sass"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class Compiled:
+    cubin: Path
+    name: str                  # symbol of the kernel in the cubin
+    shared: int                # bytes of dynamic shared memory the launch asks for
+    num_warps: int
+    signature: dict = field(default_factory=dict)
+
+
+_COMPILED = {}
+
+
+def compile_triton(fn, values, num_warps, num_stages, tag):
+    """Compile ``fn`` at ``values`` for sm_90; the cubin lands in cache_dir(). Memoised."""
+    key = (tag, num_warps, num_stages)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    import warnings
+
+    import triton
+    src, signature = ast_source(fn, values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # triton 3.9's FP-fusion default notice
+        k = triton.compile(src, target=_target(),
+                           options=dict(num_warps=num_warps, num_stages=num_stages))
+    digest = hashlib.sha1(k.asm["cubin"]).hexdigest()[:12]
+    path = cache_dir() / f"{tag}-{digest}.cubin"
+    path.write_bytes(k.asm["cubin"])
+    md = k.metadata
+    out = Compiled(cubin=path, name=md.name, shared=int(md.shared), num_warps=int(md.num_warps),
+                   signature=signature)
+    _COMPILED[key] = out
+    return out
+
+
+def compile_variant(v):
+    return compile_triton(v.fn, v.values, v.num_warps, v.num_stages, v.name)
+
+
+# ----------------------------------------------------------------------------- csrc/cuda
+
+
+def _nvcc():
+    """nvcc on PATH, else in torch's idea of CUDA_HOME, else None."""
+    from torch.utils.cpp_extension import CUDA_HOME
+    cands = [shutil.which("nvcc"), CUDA_HOME and str(Path(CUDA_HOME) / "bin" / "nvcc")]
+    return next((c for c in cands if c and Path(c).exists()), None)
+
+
+def compile_cuda(src):
+    """nvcc -cubin -arch=sm_90a -Xptxas -v of one csrc/cuda/*.cu: (cubin path, ptxas log).
+
+    Raises RuntimeError with nvcc's output when it does not compile standalone.
+    """
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (PATH, CUDA_HOME)")
+    from torch.utils.cpp_extension import include_paths
+    src = Path(src)
+    out = cache_dir() / f"cuda-{src.stem}-{hashlib.sha1(src.read_bytes()).hexdigest()[:12]}.cubin"
+    log_path = out.with_suffix(".log")
+    if out.exists() and log_path.exists():
+        return out, log_path.read_text()
+    # the flags of torch's cpp_extension build (as tests/test_cuda_build.py)
+    cmd = [nvcc, "-cubin", "-arch=sm_90a", "-Xptxas", "-v", "-std=c++17", "-O3",
+           "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+           "-D__CUDA_NO_HALF2_OPERATORS__", f"-I{ROOT / 'csrc'}",
+           *[f"-I{p}" for p in include_paths()], str(src), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    log = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {src.name}:\n{log[-3000:]}")
+    log_path.write_text(log)
+    return out, log
+
+
+@functools.lru_cache(maxsize=None)
+def demangle(name):
+    cxx = shutil.which("cu++filt") or shutil.which("c++filt")
+    if cxx is None:
+        return name
+    return subprocess.run([cxx, name], capture_output=True, text=True).stdout.strip() or name
