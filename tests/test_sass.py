@@ -1,0 +1,128 @@
+"""Static sm_90 SASS regression checks of the Triton kernels (bench/sass, no GPU needed).
+
+Compiles a representative set of kernel variants for sm_90 as the launchers select them
+(bf16 forward sqeuclidean, bf16 backward dq and dr, fp32/TF32 forward, bf16 forward with
+class output; first GPU autotune config, 128 x 64, 8 warps, 2 stages), reads their SASS
+and fails on a regression:
+
+* a spill (local memory, or LDL / STL in the code), except the known ones of
+  bench/sass/budgets.py, which may not grow;
+* a bf16 / fp16 (or TF32) kernel whose main loop has no HGMMA (warpgroup MMA on Hopper);
+* MUFU.EX2 per query-reference pair above the budget of bench/sass/budgets.py;
+* a predicted % of bf16 peak more than 10 % below the committed figure of
+  bench/results/sass_sm90.json (regenerate it with ``python bench/sass/report.py`` when a
+  kernel change is meant to move it);
+* the loop heuristic itself: the tensor-core FLOP found in the main loop must equal the
+  FLOP of the kernel's dots (2 D per pair forward, 4 D per backward kernel).
+
+Runs in the main suite without TRITON_INTERPRET (the interpreter's triton cannot compile).
+Skipped, with the reason, where triton lacks its bundled nvdisasm / cuobjdump / ptxas or
+its version cannot compile for a deviceless sm_90 target. Compiled cubins are memoised
+for the session (and triton's own cache keeps them across sessions).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.sass import build  # noqa: E402
+
+REASON = build.unavailable_reason()
+if REASON:
+    pytest.skip(f"static SASS model unavailable: {REASON}", allow_module_level=True)
+
+from bench.sass import analyze, budgets  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "sass_sm90.json"
+
+# (kind, dtype, metric, class, REF_MAJOR)
+CASES = [
+    ("fwd", "bf16", "sqeuclidean", False, None),
+    ("bwd", "bf16", "sqeuclidean", False, False),
+    ("bwd", "bf16", "sqeuclidean", False, True),
+    ("fwd", "fp32", "sqeuclidean", False, None),
+    ("fwd", "bf16", "sqeuclidean", True, None),
+]
+
+
+def _id(case):
+    kind, dtype, metric, cls, rm = case
+    return f"{kind}{'_dr' if rm else '_dq' if rm is False else ''}_{dtype}_{metric}" + \
+        ("_class" if cls else "")
+
+
+def _variant(case):
+    kind, dtype, metric, cls, rm = case
+    found = [v for v in build.variants(dtypes=(dtype,), metrics=(metric,), classes=(cls,),
+                                       kinds=(kind,), configs=[0]) if v.ref_major == rm]
+    assert len(found) == 1, found
+    return found[0]
+
+
+_ROWS = {}
+
+
+@pytest.fixture(params=CASES, ids=_id)
+def row(request):
+    v = _variant(request.param)
+    if v.name not in _ROWS:
+        _ROWS[v.name] = analyze.analyze_variant(v)
+    r = _ROWS[v.name]
+    assert "per_pair" in r, f"{v.name}: {r.get('error')}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def committed():
+    assert RESULTS.exists(), f"{RESULTS} missing: run python bench/sass/report.py"
+    data = json.loads(RESULTS.read_text())
+    return {r["name"]: r for r in data["variants"]}
+
+
+def test_no_spills(row):
+    allowed = budgets.spill_allowance(row["name"])
+    stack = max(row["stack_bytes"], row["local_bytes"])
+    if allowed is None:
+        assert not row["spills"], (
+            f"{row['name']} spills (predicted from compiled SASS): {row['regs']} registers, "
+            f"stack {row['stack_bytes']} B, local {row['local_bytes']} B, "
+            f"{row['spill_instrs']} LDL/STL")
+    else:
+        assert stack <= allowed, f"{row['name']}: known spill grew to {stack} B (> {allowed} B)"
+
+
+def test_tensor_cores(row):
+    if row["dtype"] in ("bf16", "fp16", "fp32"):
+        assert row["per_pair"]["hgmma"] > 0, (
+            f"{row['name']}: no HGMMA in the main loop (shapes {row['shapes']})")
+
+
+def test_loop_heuristic_finds_the_dots(row):
+    # the one-hot class dot (tf32x3 mass) adds its own FLOP on top of the logit dot
+    if row["cls"] and row["kind"] == "fwd":
+        assert row["tensor_flop_ratio"] > 1
+    else:
+        assert row["tensor_flop_ratio"] == pytest.approx(1.0), row["shapes"]
+
+
+def test_mufu_ex2_budget(row):
+    budget = budgets.ex2_budget(row)
+    assert budget is not None
+    got = row["per_pair"]["mufu_ex2"]
+    assert got <= budget, f"{row['name']}: {got:.3f} MUFU.EX2 per pair > budget {budget}"
+
+
+def test_predicted_peak_not_regressed(row, committed):
+    old = committed.get(row["name"])
+    if old is None or "predicted" not in old:
+        pytest.skip(f"{row['name']} not in {RESULTS.name}: regenerate it")
+    was = old["predicted"]["overlap"]["pct_bf16_peak"]
+    now = row["predicted"]["overlap"]["pct_bf16_peak"]
+    assert now >= was * (1 - budgets.PEAK_TOLERANCE), (
+        f"{row['name']}: predicted {now:.2f}% of bf16 peak, committed {was:.2f}% "
+        f"(more than {budgets.PEAK_TOLERANCE:.0%} lower)")
