@@ -220,6 +220,8 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
         v = dict(common, q_labels=None if cls else i64, r_labels=i64, perm=i64 if cls else None,
                  tile_ptr=i64 if cls else None, lse_all=None if cls else f32,
                  lse_pos=None if cls else f32, mass=f32 if cls else None,
+                 # the first pass (POS_PASS=False) flags rows for the rare positives' pass
+                 redo=None if cls else _meta(torch.int8), POS_PASS=False,
                  tile_max=f32 if cls else None, tile_sum=f32 if cls else None, CLASS=cls,
                  MASS_PRECISION="tf32x3", BLOCK_C=block(NUM_CLASSES, tk.MAX_BLOCK_C) if cls else 16,
                  BLOCK_M=bm, BLOCK_N=bn)

@@ -137,12 +137,17 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
     lse_all = torch.empty(n, dtype=acc, device=q.device)
     lse_pos = torch.empty(n, dtype=acc, device=q.device)
     if n > 0:
+        # rows whose positives underflowed against the shared max (see the kernel)
+        redo = torch.empty(n, dtype=torch.int8, device=q.device)
+        args = dict(q_labels=q_labels.contiguous(), r_labels=r_labels.contiguous(), perm=None,
+                    tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, redo=redo, mass=None,
+                    tile_max=None, tile_sum=None, CLASS=False, MASS_PRECISION="ieee",
+                    BLOCK_C=16,
+                    **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
         with _on_device(q):
-            tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)](
-                q_labels=q_labels.contiguous(), r_labels=r_labels.contiguous(), perm=None,
-                tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, mass=None, tile_max=None,
-                tile_sum=None, CLASS=False, MASS_PRECISION="ieee", BLOCK_C=16,
-                **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
+            tk.neighbor_fwd_kernel[grid](POS_PASS=False, **args)
+            tk.neighbor_fwd_kernel[grid](POS_PASS=True, **args)
     return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
 
 
@@ -176,7 +181,8 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
         with _on_device(q):
             tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
                 q_labels=None, r_labels=labels, perm=perm, tile_ptr=tile_ptr, lse_all=None,
-                lse_pos=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
+                lse_pos=None, redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum,
+                CLASS=True, POS_PASS=False,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; 3xTF32 is near fp32, one-hot exact
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x3", BLOCK_C=block_c,
                 **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))

@@ -45,6 +45,11 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Floors of the positives' sum under the shared max (neighbor_fwd_kernel): 2^-64, 2^-960
+POS_FLOOR_F32 = tl.constexpr(2.0 ** -64)
+POS_FLOOR_F64 = tl.constexpr(2.0 ** -960)
 
 # Feature-dim chunk of the logit dot, and widest dq / dr slice one program writes.
 MAX_BLOCK_D = 16 if INTERPRET else 64
@@ -72,8 +77,8 @@ else:
 # Tuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
 # the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
 # BLOCK_D and BLOCK_DX.
-FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "REF_MASK", "CLASS", "PRECISION",
-           "BLOCK_C"]
+FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "REF_MASK", "CLASS", "POS_PASS",
+           "PRECISION", "BLOCK_C"]
 BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "REF_MASK", "CLASS", "REF_MAJOR",
            "NEED_DX", "NEED_DT", "PRECISION"]
 # Integers that vary per call and gain nothing from specialization (== 1, % 16): one
@@ -156,17 +161,28 @@ def _tile_logits(q, r, ref_mask, o_m, m_m, o_r, m_r, D, offset, b_it,
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY)
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
 def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, ref_mask,
-                        lse_all, lse_pos, mass, tile_max, tile_sum,
+                        lse_all, lse_pos, redo, mass, tile_max, tile_sum,
                         N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
-                        CLASS: tl.constexpr,
+                        CLASS: tl.constexpr, POS_PASS: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """Online log-sum-exps (CLASS=False) or per-class-tile mass (CLASS=True).
 
-    CLASS=False writes lse_all, lse_pos (N,). CLASS=True reads the references in
+    CLASS=False writes lse_all, lse_pos (N,) with one exp2 per pair: logits are taken in
+    log2 units (log2(e)/T folded into one scale, as FlashAttention does), and the
+    positives' sum uses the same exponentials under the shared running max. That sum is
+    exact unless positives underflow against the max (extreme T: they sit far below the
+    nearest negative): rows whose positives' sum ends below POS_FLOOR (or is 0) are
+    flagged in ``redo`` (N,) int8, and a second launch with POS_PASS=True recomputes
+    lse_pos of the flagged rows only, with the positives' own running max (programs
+    without a flagged row skip the loop). Terms lost to underflow are each below 2^-126
+    of the shared max (fp32), so a sum >= POS_FLOOR = 2^-64 is exact to 2^-31 relative
+    for M < 2^31; fp64: 2^-1022 and 2^-960.
+
+    CLASS=True reads the references in
     label order (perm, sorted r_labels, tile_ptr: references of class tile c are
     perm[tile_ptr[c]:tile_ptr[c+1]]) and writes mass (N, n_tiles * BLOCK_C), every
     column (those >= C are cut off by the launcher), relative to tile_max, plus
@@ -176,6 +192,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
     b_it = 1 / tl.load(temperature).to(ACC)
+    if not CLASS:
+        b_it = b_it * LOG2E  # logits in log2 units: exp2 below
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BLOCK_M], dtype=ACC)
     if CLASS:
@@ -189,8 +207,11 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
         hi = M
         # [BM]
         b_a = tl.load(q_labels + o_m, mask=m_m, other=0)
-        b_mp = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
         b_lp = tl.zeros([BLOCK_M], dtype=ACC)
+        if POS_PASS:
+            b_redo = tl.load(redo + o_m, mask=m_m, other=0)
+            # no flagged row in this block: no reference tile at all
+            hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
     for i_n in range(lo, hi, BLOCK_N):
         o_n = (i_n + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < hi
@@ -204,8 +225,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
                                  HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK, ACC=ACC,
                                  PRECISION=PRECISION,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-        b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
         if CLASS:
+            b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
             # [BN] sorted labels
             b_b = tl.load(r_labels + o_n, mask=m_n, other=-1)
             # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp(s_ij - max_i), rescaled like b_l
@@ -214,18 +235,38 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
         else:
             # [BN]
             b_b = tl.load(r_labels + o_r, mask=m_n, other=0)
-            b_sp = tl.where(b_a[:, None] == b_b[None, :], b_s, float("-inf"))
-            b_mp, b_lp, _, _ = _online_lse(b_mp, b_lp, b_sp)
+            m_pos = b_a[:, None] == b_b[None, :]
+            if POS_PASS:
+                # the positives alone, with their own running max
+                b_s = tl.where(m_pos, b_s, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            # all terms so far masked (-inf): shift by 0 so that exp2 sees -inf, not NaN
+            b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+            b_alpha = tl.math.exp2(b_m - b_ms)
+            # [BM, BN] the one exponential of each pair
+            b_p = tl.math.exp2(b_s - b_ms[:, None])
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            if not POS_PASS:
+                b_lp = b_lp * b_alpha + tl.sum(tl.where(m_pos, b_p, 0.0), 1)
+            b_m = b_mn
     if CLASS:
         n_tiles = tl.num_programs(1)
         tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
                  mask=m_m[:, None])
         tl.store(tile_max + o_m * n_tiles + i_c, b_m, mask=m_m)
         tl.store(tile_sum + o_m * n_tiles + i_c, b_l, mask=m_m)
+    elif POS_PASS:
+        tl.store(lse_pos + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m & (b_redo != 0))
     else:
-        # no term: max -inf and sum 0 give -inf
-        tl.store(lse_all + o_m, b_m + tl.log(b_l), mask=m_m)
-        tl.store(lse_pos + o_m, b_mp + tl.log(b_lp), mask=m_m)
+        # no term: max -inf and sum 0 give -inf; back to natural units
+        tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m)
+        tl.store(lse_pos + o_m, (b_m + tl.log2(b_lp)) * LN2, mask=m_m)
+        # positives underflowed against the shared max, or none: exact second pass
+        if ACC == tl.float64:
+            b_redo = b_lp < POS_FLOOR_F64
+        else:
+            b_redo = b_lp < POS_FLOOR_F32
+        tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)
 
 
 @triton.jit

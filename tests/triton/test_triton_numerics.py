@@ -35,6 +35,43 @@ def test_nan_propagates(tb, h, dtype, metric):
         assert torch.isnan(dq).any() and torch.isnan(dr).any() and torch.isnan(dt)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_positives_underflow_fallback_in_some_rows_only(tb, h, dtype, rtol, metric):
+    """The forward takes the positives' sum from the shared exponentials, and recomputes
+    only the rows whose positives underflow against the row max. Rows 3k+1 here (outside
+    rows 16..31): their
+    positives (class 2) sit > 800 nats below the row max (exp underflows in fp32 and
+    fp64); the other rows keep the one-pass value. Several query blocks (16 rows each
+    under the interpreter), one without any flagged row."""
+    n, m, d = 45, 37, 5
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(n, d, generator=g, dtype=torch.float64).abs()
+    r = torch.randn(m, d, generator=g, dtype=torch.float64) * 0.1
+    a = torch.randint(0, 2, (n,), generator=g)
+    b = torch.randint(0, 2, (m,), generator=g)
+    b[5:8] = 2  # class 2: far from every query
+    r[5:8] = 25.0 if metric == "sqeuclidean" else -25.0
+    flagged = [i for i in range(1, n, 3) if not 16 <= i < 32]  # block 16..31: none
+    a[flagged] = 2
+    t = torch.tensor(0.05, dtype=torch.float64)
+    case = h.make_case(n=n, m=m, d=d, dtype=dtype)
+    case.q, case.r, case.a, case.b = q.to(h.device, dtype), r.to(h.device, dtype), a, b
+    case.t = t.to(h.device, h.acc_dtype(dtype))
+    lse_all, lse_pos = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric=metric,
+                                      offset=None)
+    ref_all, ref_pos = reference.neighbor_lse(case.q.double(), case.r.double(), a, b, t,
+                                              metric=metric, offset=None)
+    gap = ref_all - ref_pos
+    assert (gap[flagged] > 800).all()  # exp(-gap) underflows against the shared max
+    others = torch.ones(n, dtype=torch.bool)
+    others[flagged] = False
+    assert (gap[others] < 50).all()
+    shift = h.row_shift(case, metric)
+    torch.testing.assert_close((lse_all + shift).double(), ref_all, atol=0, rtol=rtol)
+    torch.testing.assert_close((lse_pos + shift).double(), ref_pos, atol=0, rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_extreme_temperature_stays_finite(tb, h, dtype, rtol):
     # T = 1e-4 with squared distances ~ 1.5e4: logits ~ -1e8. Positives sit far below the
