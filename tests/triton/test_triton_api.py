@@ -75,25 +75,6 @@ def test_prototype_loss(h):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_public_gradcheck_fp64(h):
-    """gradcheck through nca_loss and soft_knn_predict with backend="triton"."""
-    x, y, ref, ref_y, t = _inputs(h, torch.float64, n=9, m=7, d=5)
-    args = tuple(a.detach().clone().requires_grad_() for a in (x, ref, t))
-
-    def loss(x, r, t):
-        return nbkernels.nca_loss(x, y, ref_embeddings=r, ref_labels=ref_y, temperature=t,
-                                  metric="cosine", reduction="none", backend="triton")
-
-    def batch_loss(x, r, t):
-        return nbkernels.nca_loss(x, y, temperature=t, reduction="none", backend="triton")
-
-    def probs(x, r, t):
-        return nbkernels.soft_knn_predict(x, r, ref_y, 4, temperature=t, backend="triton")
-
-    for fn in (loss, batch_loss, probs):
-        assert torch.autograd.gradcheck(fn, args)
-
-
 def test_neighbor_cache(h):
     x, y, ref, ref_y, _ = _inputs(h, torch.float64)
     caches = {b: nbkernels.NeighborCache(12, 6, 4, backend=b, dtype=torch.float64,
