@@ -150,6 +150,13 @@ def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_
     q, r, q_far, r_far = finite_rows(q, r, metric)
     lse_all, lse_pos, g_all, g_pos, g_cls, delta = silent_rows(q_far, lse_all, lse_pos, g_all,
                                                                g_pos, g_cls, delta)
+    # a sum without any finite term (lse -inf), e.g. a row whose only positive is at
+    # infinity: the kernels' exp(s - lse) would meet -inf + inf; no term, no gradient
+    no_all = lse_all == float("-inf")
+    lse_all, g_all, g_cls, delta = silent_rows(no_all, lse_all, g_all, g_cls, delta)
+    if lse_pos is not None:
+        no_pos = lse_pos == float("-inf")
+        lse_pos, g_pos = silent_rows(no_pos, lse_pos, g_pos)
     qn, rn = _sqnorms(q, r, metric, r_far)
     args = (q, r, _rows(q_labels, torch.int64), _rows(r_labels, torch.int64), _temp(temperature),
             qn, rn, _rows(lse_all), _rows(lse_pos), _rows(g_all), _rows(g_pos), g_cls,

@@ -99,11 +99,12 @@ def logits(q, r, temperature, metric, offset):
             q = torch.where(q_far[:, None], 0.0, q)
             r = torch.where(r_far[:, None], 0.0, r)
             sim = -(q.pow(2).sum(1, keepdim=True) - 2.0 * q @ r.T + r.pow(2).sum(1))
-            sim = sim.masked_fill(r_far[None, :], float("-inf"))
-            sim = sim.masked_fill(q_far[:, None], float("nan"))
         else:
             sim = q @ r.T
         s = sim / temperature.to(acc)
+        if metric == "sqeuclidean":  # after the division: no gradient to T from them either
+            s = s.masked_fill(r_far[None, :], float("-inf"))
+            s = s.masked_fill(q_far[:, None], float("nan"))
         if metric == "dot":
             s = s.masked_fill(s == float("inf"), float("nan"))
     if offset is not None:

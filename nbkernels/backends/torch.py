@@ -214,7 +214,8 @@ def _probs_forward(q, r, r_labels, temperature, num_classes, metric, offset, r_f
         alpha, p = run.update(i0, i1, pb.logits(i0, i1, j0, j1))
         mass[i0:i1] *= alpha[:, None]
         mass[i0:i1].index_add_(1, pb.rl[j0:j1], p)
-    yhat = mass / run.l[:, None]
+    # a row without any term (l = 0) is undefined: NaN, not tiny / 0
+    yhat = torch.where(run.l[:, None] == 0, float("nan"), mass / run.l[:, None])
     return pb.unsort_rows(yhat), pb.unsort_rows(run.lse())
 
 
@@ -366,7 +367,12 @@ def _outside_autocast(fn):
     return run
 
 
+METRICS = ("sqeuclidean", "dot")
+
+
 def _inputs(q, r, q_labels, r_labels, metric, symmetric):
+    if metric not in METRICS:  # cosine reaches the launchers as "dot" on normalized rows
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if symmetric:
         r, r_labels = q, q_labels
     q, r, q_far, r_far = finite_rows(q, r, metric)

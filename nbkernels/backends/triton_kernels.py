@@ -265,11 +265,13 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
         # no term: max -inf and sum 0 give -inf; back to natural units
         tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m)
         tl.store(lse_pos + o_m, (b_m + tl.log2(b_lp)) * LN2, mask=m_m)
-        # positives underflowed against the shared max, or none: exact second pass
+        # positives underflowed against the shared max, or none, or the max is +inf (dot
+        # at infinity: exp2(inf - inf) is NaN for every term): exact second pass
         if ACC == tl.float64:
             b_redo = b_lp < POS_FLOOR_F64
         else:
             b_redo = b_lp < POS_FLOOR_F32
+        b_redo = b_redo | (b_m == float("inf"))
         tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)
 
 
