@@ -1,6 +1,7 @@
-"""Build script. The Python package always installs; the CUDA extension nbkernels._C
-(csrc/) is built only where a CUDA toolkit and a CUDA build of torch are present, or when
-FORCE_CUDA=1 is set. Without it the package works and backend="cuda" is unavailable.
+"""The optional CUDA extension nbkernels._C (csrc/). The package metadata lives in
+pyproject.toml; this file only adds the extension, built where a CUDA toolkit and a CUDA
+build of torch are present, or when FORCE_CUDA=1 is set. Without it the package works and
+backend="cuda" is unavailable.
 
     FORCE_CUDA=1 pip install --no-build-isolation -e .     # needs torch at build time
     TORCH_CUDA_ARCH_LIST="9.0" python setup.py build_ext --inplace   # one arch, quicker
@@ -11,7 +12,7 @@ ninja jobs.
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,18 +52,4 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 
-setup(
-    name="nbkernels",
-    version="0.1.0",
-    description="Fused GPU kernels for neighbor-based losses in deep metric learning",
-    packages=find_packages(include=["nbkernels", "nbkernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "pytorch-metric-learning"],
-        "demo": ["scikit-learn", "matplotlib", "tqdm"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
