@@ -24,3 +24,20 @@ def test_agrees_with_pytorch_metric_learning(backend, temperature):
     want.backward()
     got.backward()
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("softmax_scale", [1.0, 4.0, 20.0])
+def test_pml_default_normalized_is_cosine_at_half_inverse_scale(softmax_scale):
+    """PML's NCALoss normalises by default: exp(-s ||u_i - u_j||^2) with ||u - v||^2 = 2 - 2 cos,
+    which is nbkernels' metric="cosine" at temperature 1 / (2 s); T = 0.5 for PML's s = 1."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 12, generator=g, dtype=torch.float64) * 3.0
+    y = torch.arange(48) % 6
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    want = pml_losses.NCALoss(softmax_scale=softmax_scale)(x1, y)  # default LpDistance: normalised
+    got = nbkernels.nca_loss(x2, y, metric="cosine", temperature=1.0 / (2.0 * softmax_scale))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-8)
