@@ -156,3 +156,18 @@ def test_help_documents_every_option():
     result = subprocess.run([sys.executable, "-m", "nbkernels.demo", "--help"], capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0 and "--quick" in result.stdout and "metrics.json" in result.stdout
+
+
+def test_chance_check_cell_explains_expected_deviations():
+    from nbkernels.demo.report import chance_status
+
+    def row(first, chance, ok):
+        return {"first_loss": first, "chance_loss": chance, "chance_ok": ok}
+
+    assert chance_status("nca", row(2.3, 2.4, True)) == "ok"
+    assert chance_status("prototype", row(0.93, 2.30, False)) == \
+        "below chance, expected: each query is part of its own class mean"
+    assert chance_status("cache", row(0.5, 2.3, False)).startswith("below chance, expected when")
+    for name, first in (("softmax", 0.5), ("prototype", 9.0), ("nca", 9.0)):
+        assert chance_status(name, row(first, 2.3, False)).startswith("**far from chance**")
+    assert chance_status("softmax", row(2.3, 2.3, None)) == "not checked"
