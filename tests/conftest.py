@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import nbkernels.backends.torch as torch_backend
+import nbkernels.backends.torch_blocked as blocked
 
 collect_ignore = []
 if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("NBK_TEST_DEVICE", "cpu") == "cpu":
@@ -18,6 +18,6 @@ if os.environ.get("NBK_TEST_DEVICE", "cpu") != "cuda" and os.environ.get("NBK_CU
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiny odd tile sizes so that every tiling edge case shows up on small inputs."""
-    monkeypatch.setattr(torch_backend, "BLOCK_M", 5)
-    monkeypatch.setattr(torch_backend, "BLOCK_N", 7)
-    monkeypatch.setattr(torch_backend, "BLOCK_SYM", 6)
+    monkeypatch.setattr(blocked, "BLOCK_M", 5)
+    monkeypatch.setattr(blocked, "BLOCK_N", 7)
+    monkeypatch.setattr(blocked, "BLOCK_SYM", 6)

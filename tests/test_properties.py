@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nbkernels
-import nbkernels.backends.torch as torch_backend
+import nbkernels.backends.torch_blocked as blocked
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -33,9 +33,9 @@ def problems(draw):
 @given(problems())
 def test_torch_backend_equals_reference(problem):
     x, y, r, ry, t, metric, blocks = problem
-    old = torch_backend.BLOCK_M, torch_backend.BLOCK_N, torch_backend.BLOCK_SYM
-    torch_backend.BLOCK_M, torch_backend.BLOCK_N = blocks
-    torch_backend.BLOCK_SYM = blocks[0]
+    old = blocked.BLOCK_M, blocked.BLOCK_N, blocked.BLOCK_SYM
+    blocked.BLOCK_M, blocked.BLOCK_N = blocks
+    blocked.BLOCK_SYM = blocks[0]
     try:
         for refs in (None, (r, ry)):
             kw = dict(temperature=t, metric=metric, reduction="none")
@@ -52,7 +52,7 @@ def test_torch_backend_equals_reference(problem):
                                        backend="reference")
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
     finally:
-        torch_backend.BLOCK_M, torch_backend.BLOCK_N, torch_backend.BLOCK_SYM = old
+        blocked.BLOCK_M, blocked.BLOCK_N, blocked.BLOCK_SYM = old
 
 
 @SETTINGS
