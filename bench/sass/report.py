@@ -3,6 +3,7 @@
     python bench/sass/report.py              # compile all, write the JSON and bench/README.md
     python bench/sass/report.py --print      # print the table, write nothing
     python bench/sass/report.py --quick      # first autotune config only (faster)
+    python bench/sass/report.py --render     # README block from the committed JSONs only
 
 Compiles every Triton variant (build.variants: 3 dtypes x 2 metrics x class or not, the
 forward and both backward kernels, each GPU autotune config), the FA-2 anchor and the
@@ -12,6 +13,7 @@ compiled SASS*, never measured; the calibrated column scales each prediction by 
 anchor's measured / predicted throughput. The README table shows, per kernel, the
 autotune config with the best prediction (the one the model expects a Hopper to pick);
 the JSON holds every config. Takes ~5-10 minutes on 2 cores on a cold triton cache.
+The README block ends with previous kernels (PREVIOUS, or --previous PATH) vs current.
 """
 import argparse
 import datetime
@@ -30,6 +32,7 @@ if str(ROOT) not in sys.path:
 from bench.sass import analyze, anchor_fa2, budgets, build, model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sass_sm90.json"
+PREVIOUS = ROOT / "bench" / "results" / "sass_sm90_ee41360.json"  # the previous kernels' JSON
 README = ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- sass:begin -->", "<!-- sass:end -->"
 
@@ -72,11 +75,16 @@ def env():
             "problem": {"N": build.N, "M": build.M, "D": build.D, "classes": build.NUM_CLASSES}}
 
 
+def family(name):
+    """A kernel's name without its autotune config suffix `_<BM>x<BN>w<W>s<S>`."""
+    return re.sub(r"_\d+x\d+w\d+s\d+$", "", name)
+
+
 def best_configs(rows):
     """Per kernel (all but the config), the row with the highest raw prediction."""
     best = {}
     for r in rows:
-        key = re.sub(r"_\d+x\d+w\d+s\d+$", "", r["name"])
+        key = family(r["name"])
         if "predicted" not in r:
             best.setdefault(key, r)
             continue
@@ -93,12 +101,17 @@ def _f(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _md_table(head, rows):
+    """A markdown table: the header, its rule, one line per row of cells."""
+    lines = ["| " + " | ".join(str(c) for c in cells) + " |" for cells in [head, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(head), *lines[1:]])
+
+
 def table(data):
     head = ["kernel", "config", "regs", "spill", "smem KB", "occ. (CTAs)", "all", "HGMMA / HMMA",
             "EX2", "FMUL+FADD+FFMA", "FSEL+FSETP", "int", "LDS / LDSM", "cyc tensor", "cyc MUFU",
             "cyc FP32", "cyc issue", "bound", "tensor FLOP / useful", "TFLOP/s (% peak) raw",
             "TFLOP/s (% peak) cal."]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(r):
         if "per_pair" not in r:
@@ -115,24 +128,92 @@ def table(data):
                 _f(cy["mufu"], 3), _f(cy["fp32"], 3), _f(cy["issue"], 3), pr["bound_by"],
                 _f(r.get("tensor_flop_ratio")),
                 f"{pr['overlap']['tflops']:.0f} ({pr['overlap']['pct_bf16_peak']:.1f}%)",
-                f"{_f(pr.get('calibrated_tflops'), 0)} ({_f(pr.get('calibrated_pct_bf16_peak'), 1)}%)"]
+                f"{_f(pr.get('calibrated_tflops'), 0)} "
+                f"({_f(pr.get('calibrated_pct_bf16_peak'), 1)}%)"]
 
     by_name = {r["name"]: r for r in data["variants"]}
     rows = [data["anchor"]] + [by_name[n] for n in sorted(data["best"])] + data["cuda"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(c) for c in row(r)) + " |")
-    sums = ["", "| forward + backward (fwd + dq + dr, best config each) | predicted TFLOP/s raw "
-            "(overlap / no overlap) | % bf16 peak raw | calibrated TFLOP/s | % peak cal. |",
-            "|---|---|---|---|---|"]
+    sums_head = ["forward + backward (fwd + dq + dr, best config each)",
+                 "predicted TFLOP/s raw (overlap / no overlap)", "% bf16 peak raw",
+                 "calibrated TFLOP/s", "% peak cal."]
+    sums = [[s["name"], f"{p['overlap']['tflops']:.0f} / {p['no_overlap']['tflops']:.0f}",
+             f"{p['overlap']['pct_bf16_peak']:.1f}", _f(p.get("calibrated_tflops"), 0),
+             _f(p.get("calibrated_pct_bf16_peak"), 1)]
+            for s, p in ((s, s["predicted"]) for s in data["fwd_bwd"])]
+    return _md_table(head, [row(r) for r in rows]) + "\n\n" + _md_table(sums_head, sums)
+
+
+# ----------------------------------------------------------- previous vs current
+
+ANCHOR = "FA-2 anchor"
+FWD_BWD_COMPARED = tuple(f"fwd+bwd_bf16_{metric}{batch}" for metric in ("sqeuclidean", "dot")
+                         for batch in ("", "_batch"))  # _batch: fwd + the symmetric bwd
+COMPARED = [  # (column, the cell of one JSON's row); a KeyError is a cell that does not apply
+    ("best config", lambda r: r["config"]),
+    ("regs", lambda r: r["regs"]),
+    ("spills", lambda r: f"{r['stack_bytes']} B" if r["spills"] else "no"),
+    ("instr. / pair", lambda r: _f(r["per_pair"]["all"], 1)),
+    ("MUFU.EX2 / pair", lambda r: _f(r["per_pair"]["mufu_ex2"])),
+    ("bound", lambda r: r["predicted"]["bound_by"]),
+    ("% bf16 peak raw", lambda r: _f(r["predicted"]["overlap"]["pct_bf16_peak"], 1)),
+    ("% peak cal.", lambda r: _f(r["predicted"].get("calibrated_pct_bf16_peak"), 1)),
+]
+
+
+def _kernels(data):
+    """{row label: row} of one JSON: the anchor, each kernel's best config, the fwd+bwd sums."""
+    by_name = {r["name"]: r for r in data["variants"]}
+    out = {ANCHOR: data["anchor"]}
+    out.update((family(n), by_name[n]) for n in data["best"])
     for s in data["fwd_bwd"]:
-        p = s["predicted"]
-        sums.append(f"| {s['name']} | {p['overlap']['tflops']:.0f} / {p['no_overlap']['tflops']:.0f}"
-                    f" | {p['overlap']['pct_bf16_peak']:.1f} | {_f(p.get('calibrated_tflops'), 0)}"
-                    f" | {_f(p.get('calibrated_pct_bf16_peak'), 1)} |")
-    return "\n".join(lines + sums)
+        parts = [by_name[n] for n in s["parts"] if n in by_name]
+        if s["name"] in FWD_BWD_COMPARED and len(parts) == len(s["parts"]):
+            summed = {k: sum(p["per_pair"][k] for p in parts) for k in ("all", "mufu_ex2")}
+            out[s["name"]] = dict(s, per_pair=summed)
+    return out
 
 
-def block(data):
+def _cell(get, r):
+    if r is None:
+        return "—"
+    try:
+        return str(get(r))
+    except KeyError:
+        return "error" if "error" in r else "-"
+
+
+def _old_new(get, old, new):
+    a, b = _cell(get, old), _cell(get, new)
+    if {a, b} <= {"-", "—"} and "-" in (a, b):  # no value on either side: does not apply
+        return "-"
+    return f"{a} → {b}" if a == b else f"{a} → **{b}**"
+
+
+def _commit(data):
+    return f"`{(data['env'].get('git_commit') or 'unknown')[:7]}`"
+
+
+def comparison(old, new, old_path=PREVIOUS):
+    """Previous vs current kernels vs the FA-2 anchor, one row per kernel: a markdown text."""
+    a, b = _kernels(old), _kernels(new)
+    sums = [k for k in FWD_BWD_COMPARED if k in a or k in b]
+    labels = [ANCHOR] + sorted((set(a) | set(b)) - {ANCHOR, *sums}) + sums
+    rows = [[k] + [_old_new(get, a.get(k), b.get(k)) for _, get in COMPARED] for k in labels]
+    caption = (
+        "**Previous → current kernels**, *predicted from compiled SASS*, never measured: "
+        f"previous = commit {_commit(old)} (`{os.path.relpath(old_path, ROOT)}`), "
+        f"current = commit {_commit(new)} (`{RESULTS.relative_to(ROOT)}`). Each cell is "
+        "previous → current, **bold** where it changed, - where it does not apply, — where "
+        "the kernel is in one JSON only; each side at its own best-predicted config, the "
+        "FA-2 anchor first as the reference. \"% peak cal.\" uses each JSON's own "
+        f"calibration factor ({old['calibration_factor']:.3f} → "
+        f"{new['calibration_factor']:.3f}). The fwd+bwd rows sum instructions and EX2 per "
+        "pair over the row's kernels (fwd + dq + dr; `_batch`: fwd + the symmetric backward) "
+        "and repeat the fwd+bwd table's % peak.")
+    return caption + "\n\n" + _md_table(["kernel"] + [c for c, _ in COMPARED], rows)
+
+
+def block(data, previous=None, previous_path=PREVIOUS):
     e, a = data["env"], data["anchor"]
     pa = a["predicted"]["overlap"]
     lines = [
@@ -141,7 +222,8 @@ def block(data):
         f"(`bench/results/sass_sm90.json`, written by `python bench/sass/report.py`).",
         "",
         f"Anchor: predicted {pa['tflops']:.0f} TFLOP/s ({pa['pct_bf16_peak']:.1f}% of the "
-        f"{model.BF16_PEAK_TFLOPS:.1f} bf16 dense peak), measured {anchor_fa2.MEASURED_TFLOPS:.0f}: "
+        f"{model.BF16_PEAK_TFLOPS:.1f} bf16 dense peak), "
+        f"measured {anchor_fa2.MEASURED_TFLOPS:.0f}: "
         f"calibration factor **{data['calibration_factor']:.3f}** (measured / predicted), "
         "applied to every row's \"% peak cal.\". The measurement lies between the anchor's "
         f"no-overlap ({a['predicted']['no_overlap']['tflops']:.0f} TFLOP/s) and overlap bounds. "
@@ -167,6 +249,8 @@ def block(data):
     if data["cuda_errors"]:
         lines += ["", "csrc/cuda not analysed: " + "; ".join(
             f"{k}: {v.splitlines()[0]}" for k, v in data["cuda_errors"].items())]
+    if previous is not None:
+        lines += ["", comparison(previous, data, previous_path)]
     return "\n".join(lines)
 
 
@@ -201,42 +285,56 @@ def update_readme(text_block, readme=README):
     readme.write_text(pat.sub(lambda m: BEGIN + "\n" + text_block + "\n" + END, text))
 
 
+def compile_data(quick=False, jobs=2):
+    """Compile and analyse every kernel: the JSON's content."""
+    reason = build.unavailable_reason()
+    if reason:
+        sys.exit(f"cannot compile deviceless here: {reason}")
+    t0 = time.time()
+    rows, anchor, cuda, cuda_errors, factor = collect(quick, jobs)
+    best = best_configs(rows)
+    return {"env": env(), "model": {
+                "sms": model.SMS, "clock_hz": model.CLOCK_HZ, "hbm_bytes_s": model.HBM_BYTES_S,
+                "tensor_flop_per_clk_sm": model.TENSOR_RATE, "mufu_per_clk_sm": model.MUFU_RATE,
+                "fp32_per_clk_sm": model.FP32_RATE,
+                "issue_thread_instr_per_clk_sm": model.ISSUE_RATE,
+                "bf16_peak_tflops": model.BF16_PEAK_TFLOPS},
+            "calibration_factor": factor,
+            "anchor_measured_tflops": anchor_fa2.MEASURED_TFLOPS,
+            "budgets": {"mufu_ex2": {f"{k[0]}{'_class' if k[1] else ''}": v
+                                     for k, v in budgets.MUFU_EX2_BUDGET.items()},
+                        "peak_tolerance": budgets.PEAK_TOLERANCE},
+            "anchor": anchor, "best": [r["name"] for r in best],
+            "fwd_bwd": analyze.fwd_bwd_rows(best),
+            "cuda": cuda, "cuda_errors": cuda_errors, "variants": rows,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def load_previous(path):
+    """The previous kernels' JSON, or None (no comparison) where it is missing."""
+    if not Path(path).exists():
+        print(f"{path} not found: no previous-kernels comparison", file=sys.stderr)
+        return None
+    return json.loads(Path(path).read_text())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--print", action="store_true", help="print the table, write nothing")
+    ap.add_argument("--print", action="store_true", help="print the README block, write nothing")
     ap.add_argument("--quick", action="store_true", help="first autotune config only")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--from-json", action="store_true",
-                    help="re-render the README block from the committed JSON, compile nothing")
+    ap.add_argument("--render", "--from-json", dest="render", action="store_true",
+                    help=f"re-render the README block from {RESULTS.name} and the previous "
+                         "JSON, compile nothing")
+    ap.add_argument("--previous", type=Path, default=PREVIOUS,
+                    help=f"the previous kernels' JSON (default {PREVIOUS.relative_to(ROOT)})")
     args = ap.parse_args(argv)
-    reason = build.unavailable_reason()
-    if args.from_json:
-        data = json.loads(RESULTS.read_text())
-    else:
-        if reason:
-            sys.exit(f"cannot compile deviceless here: {reason}")
-        t0 = time.time()
-        rows, anchor, cuda, cuda_errors, factor = collect(args.quick, args.jobs)
-        best = best_configs(rows)
-        data = {"env": env(), "model": {
-                    "sms": model.SMS, "clock_hz": model.CLOCK_HZ, "hbm_bytes_s": model.HBM_BYTES_S,
-                    "tensor_flop_per_clk_sm": model.TENSOR_RATE, "mufu_per_clk_sm": model.MUFU_RATE,
-                    "fp32_per_clk_sm": model.FP32_RATE, "issue_thread_instr_per_clk_sm": model.ISSUE_RATE,
-                    "bf16_peak_tflops": model.BF16_PEAK_TFLOPS},
-                "calibration_factor": factor,
-                "anchor_measured_tflops": anchor_fa2.MEASURED_TFLOPS,
-                "budgets": {"mufu_ex2": {f"{k[0]}{'_class' if k[1] else ''}": v
-                                         for k, v in budgets.MUFU_EX2_BUDGET.items()},
-                            "peak_tolerance": budgets.PEAK_TOLERANCE},
-                "anchor": anchor, "best": [r["name"] for r in best],
-                "fwd_bwd": analyze.fwd_bwd_rows(best),
-                "cuda": cuda, "cuda_errors": cuda_errors, "variants": rows,
-                "seconds": round(time.time() - t0, 1)}
-    text = block(data)
+    data = json.loads(RESULTS.read_text()) if args.render else compile_data(args.quick, args.jobs)
+    text = block(data, load_previous(args.previous), args.previous)
     if args.print:
         print(text)
         return
-    if not args.from_json:
+    if not args.render:
         RESULTS.write_text(_dump(_rounded(data)))
         print(f"wrote {RESULTS.relative_to(ROOT)} ({len(data['variants'])} variants, "
               f"{data['seconds']} s)")
