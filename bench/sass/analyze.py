@@ -163,9 +163,13 @@ def fwd_bwd_rows(rows):
         if kind != "fwd":
             continue
         dq, dr = best.get(("bwd", False, dtype, metric, cls)), best.get(("bwd", True, dtype, metric, cls))
-        if not (dq and dr):
-            continue
-        out.append(_sum_row([f, dq, dr], dtype, metric, cls))
+        if dq and dr:
+            out.append(_sum_row([f, dq, dr], dtype, metric, cls))
+        # the batch loss: forward + the one symmetric backward kernel
+        sym = best.get(("bwd", "sym", dtype, metric, cls))
+        if sym:
+            row = _sum_row([f, sym], dtype, metric, cls)
+            out.append(dict(row, name=row["name"] + "_batch", symmetric=True))
     return out
 
 

@@ -15,8 +15,14 @@ inputs (the problem of bench/README's GPU targets):
   use tensor cores), bf16 / fp16 dot on tensor cores with fp32 accumulation;
 * "cosine" reaches the kernels as "dot" on normalised inputs: no variant of its own.
 
-* "sqeuclidean" launches pass ``ref_mask`` (int8, the references at infinity) with
-  REF_MASK; "dot" passes neither.
+* every launch passes ``r_norm`` (and, backward, ``q_norm``): ||x||^2 per row (zeros for
+  "dot"), padded, computed by the launcher. Labels are int32 (dense ranks, or
+  class labels with -1 outside [0, C)). D = 128 is RESIDENT: BLOCK_D = BLOCK_DX = 128.
+* the batch loss's backward is one SYMMETRIC kernel (``bwd_sym_*``, no class output),
+  the other losses' a dq and a dr kernel; the fix-up launch of rows whose positives
+  underflow (FIXUP) skips every tile without such a row and is not a variant here.
+* configs that ``triton_kernels.fits`` rejects (fp32 at 128 x 128, 3 stages: more
+  shared memory than sm_90 has) are left out, as the autotuner's prune leaves them out.
 
 Arguments are built by name from ``fn.params`` (so a new argument does not break the
 harness): ``_launch_values`` holds what each launch passes; an argument it does not
@@ -208,16 +214,18 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
     t = _torch_dtype(dtype)
     f32, i64 = _meta(torch.float32), _meta(torch.int64)
     block = lambda n, cap: max(16, min(1 << (max(n, 1) - 1).bit_length(), cap))  # noqa: E731
+    i32 = _meta(torch.int32)
     sq = metric == "sqeuclidean"
-    # sqeuclidean flags the references at infinity (infinity.finite_rows): an int8 mask
+    resident = D <= (tk.MAX_RESIDENT_D if kind == "fwd" else tk.MAX_RESIDENT_D_BWD)
+    block_d = block(D, 1 << 30) if resident else block(D, tk.MAX_BLOCK_D)
+    # sqeuclidean: the launcher's row norms (+inf at references at infinity)
     common = dict(q=_meta(t), r=_meta(t), temperature=f32, N=N, M=M, D=D, offset=0,
-                  ref_mask=_meta(torch.int8) if sq else None, REF_MASK=sq,
-                  s_qn=D, s_qd=1, s_rm=D, s_rd=1, N_KEY=N, M_KEY=M, D_KEY=D,
-                  SQEUCLID=sq, HAS_OFFSET=not cls, ACC=tl.float32,
-                  PRECISION="tf32" if dtype == "fp32" else "ieee",
-                  BLOCK_D=block(D, tk.MAX_BLOCK_D))
+                  r_norm=f32, s_qn=D, s_qd=1, s_rm=D, s_rd=1, N_KEY=N,
+                  M_KEY=M, D_KEY=D, SQEUCLID=sq, HAS_OFFSET=not cls, RESIDENT=resident,
+                  ACC=tl.float32, PRECISION="tf32" if dtype == "fp32" else "ieee",
+                  BLOCK_D=block_d)
     if kind == "fwd":
-        v = dict(common, q_labels=None if cls else i64, r_labels=i64, perm=i64 if cls else None,
+        v = dict(common, q_labels=None if cls else i32, r_labels=i32, perm=i64 if cls else None,
                  tile_ptr=i64 if cls else None, lse_all=None if cls else f32,
                  lse_pos=None if cls else f32, mass=f32 if cls else None,
                  # the first pass (POS_PASS=False) flags rows for the rare positives' pass
@@ -226,15 +234,16 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
                  MASS_PRECISION="tf32x3", BLOCK_C=block(NUM_CLASSES, tk.MAX_BLOCK_C) if cls else 16,
                  BLOCK_M=bm, BLOCK_N=bn)
     else:
-        v = dict(common, q_labels=None if cls else i64, r_labels=i64, lse_all=f32,
-                 lse_pos=None if cls else f32, g_all=None if cls else f32,
-                 g_pos=None if cls else f32, g_cls=f32 if cls else None,
-                 delta=f32 if cls else None, C=NUM_CLASSES if cls else 0,
-                 s_gn=NUM_CLASSES if cls else 0, s_gc=1 if cls else 0,
-                 ds_scale=f32 if dtype == "fp16" else None, dx=_meta(t), dt_part=None,
-                 s_xn=D, s_xd=1, CLASS=cls, SCALE_DS=dtype == "fp16",
-                 BLOCK_DX=block(D, tk.MAX_BLOCK_DX), REF_MAJOR=ref_major, NEED_DX=True,
-                 NEED_DT=False, BLOCK_OWN=bm, BLOCK_OTHER=bn)
+        # ref_major: False (dq), True (dr) or "sym" (the batch loss's one kernel)
+        v = dict(common, q_labels=None if cls else i32, r_labels=i32,
+                 q_norm=f32, row_shift=f32, w_neg=f32,
+                 w_pos=None if cls else f32, flags=None, g_cls=f32 if cls else None,
+                 C=NUM_CLASSES if cls else 0, s_gn=NUM_CLASSES if cls else 0,
+                 s_gc=1 if cls else 0, ds_scale=f32 if dtype == "fp16" else None,
+                 dx=f32, dt_part=None, s_xn=D, s_xd=1, CLASS=cls, SCALE_DS=dtype == "fp16",
+                 BLOCK_DX=block_d if resident else block(D, tk.MAX_BLOCK_DX),
+                 REF_MAJOR=ref_major is True, SYMMETRIC=ref_major == "sym", FIXUP=False,
+                 NEED_DX=True, NEED_DT=False, BLOCK_OWN=bm, BLOCK_OTHER=bn)
     return v
 
 
@@ -260,10 +269,15 @@ def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), cl
             for dtype in dtypes:
                 for metric in metrics:
                     for cls in classes:
-                        for rm in ((None,) if kind == "fwd" else (False, True)):
+                        if not tk.fits(cfg, 4 if dtype == "fp32" else 2, D, cls and kind == "fwd"):
+                            continue
+                        rms = (None,) if kind == "fwd" else (False, True) if cls else \
+                            (False, True, "sym")
+                        for rm in rms:
                             vals = _fill_unknown(fn, _launch_values(kind, dtype, metric, cls, rm,
                                                                     bm, bn))
-                            name = (f"{kind}{'_dr' if rm else '_dq' if rm is False else ''}"
+                            side = {None: "", False: "_dq", True: "_dr", "sym": "_sym"}[rm]
+                            name = (f"{kind}{side}"
                                     f"_{dtype}_{metric}{'_class' if cls else ''}"
                                     f"_{bm}x{bn}w{w}s{s}")
                             # useful FLOP per pair: fwd one D-dot; bwd the recomputed logit

@@ -108,20 +108,70 @@ def _ds_scales(gmax):
     return row, top
 
 
-def _common(q, r, temperature, metric, offset, has_offset, precision, r_far):
-    """Kernel arguments shared by every launch; ``r_far`` (M,) bool or None flags the
-    references at infinity (``finite_rows``)."""
+def _label_ranks(q_labels, r_labels):
+    """int32 dense ranks of both label vectors (equal labels, equal ranks), for the
+    kernels' one-compare positives test. Exact for any int64 labels; no host sync."""
+    same = r_labels is q_labels
+    both = q_labels if same else torch.cat([q_labels, r_labels])
+    s, idx = torch.sort(both)
+    new = torch.ones(s.shape, dtype=torch.int32, device=s.device)
+    new[1:] = (s[1:] != s[:-1]).to(torch.int32)
+    ranks = torch.empty_like(new).scatter_(0, idx, torch.cumsum(new, 0, dtype=torch.int32))
+    if same:
+        ranks = _padded(ranks, -2)
+        return ranks, ranks
+    n = q_labels.shape[0]
+    return _padded(ranks[:n], -2), _padded(ranks[n:], -2)
+
+
+def _padded(x, value):
+    """x (L,) padded with ``value`` to a multiple of ``PAD``: the kernels stream per-row
+    vectors in unmasked tiles (padding weighs nothing: norm +inf, label -2, weight 0)."""
+    extra = -x.shape[0] % tk.PAD
+    return torch.cat([x, x.new_full((extra,), value)]) if extra else x
+
+
+def _class_labels(labels, num_classes):
+    """int32 class labels for the kernels, -1 for labels outside [0, num_classes)."""
+    inside = (labels >= 0) & (labels < num_classes)
+    return _padded(torch.where(inside, labels, -1).to(torch.int32), -1)
+
+
+def _norms(q, r, r_far, metric):
+    """(||q||^2, ||r||^2) in the accumulation dtype, padded (``_padded``): zeros for
+    "dot"; +inf at the references at infinity ("sqeuclidean": weight 0, rows zeroed)."""
+    acc = _acc_dtype(q.dtype)
+    if metric != "sqeuclidean":
+        q_norm = torch.zeros(q.shape[0], dtype=acc, device=q.device)
+        r_norm = q_norm if r is q else torch.zeros(r.shape[0], dtype=acc, device=q.device)
+    else:
+        q_norm = q.to(acc).pow(2).sum(1)
+        r_norm = q_norm if r is q else r.to(acc).pow(2).sum(1)
+    if r_far is not None:
+        r_norm = r_norm.masked_fill(r_far, float("inf"))
+    return _padded(q_norm, float("inf")), _padded(r_norm, float("inf"))
+
+
+def _feature_blocks(d, max_resident):
+    """(RESIDENT, BLOCK_D, BLOCK_DX): the own tile held whole for D <= max_resident."""
+    if d <= max_resident:
+        b = _block(d, max_resident)
+        return True, b, b
+    return False, _block(d, tk.MAX_BLOCK_D), _block(d, tk.MAX_BLOCK_DX)
+
+
+def _common(q, r, temperature, metric, offset, has_offset, precision, max_resident):
+    """Kernel arguments shared by every launch."""
     n, d = q.shape
     m = r.shape[0]
-    ref_mask = None if r_far is None else r_far.to(torch.int8)
+    resident, block_d, _ = _feature_blocks(d, max_resident)
     return dict(q=q, r=r, temperature=temperature, N=n, M=m, D=d, offset=offset,
-                ref_mask=ref_mask, REF_MASK=ref_mask is not None,
                 s_qn=q.stride(0), s_qd=q.stride(1), s_rm=r.stride(0), s_rd=r.stride(1),
                 N_KEY=triton.next_power_of_2(max(n, 1)), M_KEY=triton.next_power_of_2(max(m, 1)),
                 D_KEY=triton.next_power_of_2(max(d, 1)),
-                SQEUCLID=metric == "sqeuclidean", HAS_OFFSET=has_offset,
+                SQEUCLID=metric == "sqeuclidean", HAS_OFFSET=has_offset, RESIDENT=resident,
                 ACC=_tl_acc(q.dtype), PRECISION=_dot_precision(q.dtype, precision),
-                BLOCK_D=_block(d, tk.MAX_BLOCK_D))
+                BLOCK_D=block_d)
 
 
 # ------------------------------------------------------------------------ custom ops
@@ -139,11 +189,12 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
     if n > 0:
         # rows whose positives underflowed against the shared max (see the kernel)
         redo = torch.empty(n, dtype=torch.int8, device=q.device)
-        args = dict(q_labels=q_labels.contiguous(), r_labels=r_labels.contiguous(), perm=None,
+        a, b = _label_ranks(q_labels, r_labels)
+        args = dict(q_labels=a, r_labels=b, r_norm=_norms(q, r, r_far, metric)[1], perm=None,
                     tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, redo=redo, mass=None,
                     tile_max=None, tile_sum=None, CLASS=False, MASS_PRECISION="ieee",
-                    BLOCK_C=16,
-                    **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
+                    BLOCK_C=16, **_common(q, r, temperature, metric, offset, has_offset,
+                                          precision, tk.MAX_RESIDENT_D))
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
         with _on_device(q):
             tk.neighbor_fwd_kernel[grid](POS_PASS=False, **args)
@@ -180,12 +231,13 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     if n > 0:
         with _on_device(q):
             tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
-                q_labels=None, r_labels=labels, perm=perm, tile_ptr=tile_ptr, lse_all=None,
-                lse_pos=None, redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum,
-                CLASS=True, POS_PASS=False,
+                q_labels=None, r_labels=_class_labels(labels, c), r_norm=_norms(q, r, r_far, metric)[1],
+                perm=perm, tile_ptr=tile_ptr, lse_all=None, lse_pos=None, redo=None, mass=mass,
+                tile_max=tile_max, tile_sum=tile_sum, CLASS=True, POS_PASS=False,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; 3xTF32 is near fp32, one-hot exact
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x3", BLOCK_C=block_c,
-                **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
+                **_common(q, r, temperature, metric, offset, has_offset, precision,
+                          tk.MAX_RESIDENT_D))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
@@ -208,51 +260,104 @@ def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, prec
             q.new_empty(q.shape[0], dtype=acc))
 
 
-def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, g_cls,
-              delta, gmax, num_classes, metric, offset, has_offset, need_q, need_r, need_t,
-              precision, r_far):
-    """Launch the dq and / or dr kernels; reduce the per-row dT partial sums in torch.
+LOG2E = 1.4426950408889634
 
-    ``gmax`` (N,) bounds |ds| per query row, given for fp16 inputs only (ds scaling).
+
+def _lse_rows(lse_all, lse_pos, g_all, g_pos):
+    """Per query row: (main pass, fix-up pass, flags) of the one-exp lse backward.
+
+    Each pass is (row_shift, w_neg, w_pos) in the kernel's log2 units (see
+    ``neighbor_bwd_kernel``). Main: p+ = p exp(lse_all - lse_pos), exact while that
+    gap is at most 2^64 (fp32; 2^960 fp64); rows beyond it (``flags``, int8) get their
+    positives' term from the fix-up pass with their own shift. Rows without terms
+    (lse_all -inf) and without positives (lse_pos -inf) carry no weight; NaN stays NaN.
     """
-    # the kernels index 1-D row data with unit stride; upstream gradients often come expanded
-    q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, delta = (
-        None if x is None else x.contiguous()
-        for x in (q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, delta))
+    limit = tk.POS_LOG2_LIMIT["fp64" if lse_all.dtype == torch.float64 else "fp32"]
+    none = lse_all == float("-inf")
+    no_pos = lse_pos == float("-inf")
+    gap = lse_all - lse_pos
+    flag = (gap * LOG2E > limit) & torch.logical_not(no_pos)
+    off = flag | no_pos
+    factor = torch.where(off, 0.0, torch.exp(torch.where(off, 0.0, gap)))
+    g_all = torch.where(none, 0.0, g_all)
+    main = (torch.where(none, 0.0, -lse_all * LOG2E), g_all, g_all + g_pos * factor)
+    fix = (torch.where(flag, -lse_pos * LOG2E, float("-inf")), torch.zeros_like(g_all),
+           torch.where(flag, g_pos, 0.0))
+    return main, fix, flag.to(torch.int8)
+
+
+def _scaled(rows, scale):
+    """The weights of ``rows`` (row_shift, w_neg, w_pos | g_cls) times the fp16 ds scale."""
+    if scale is None:
+        return rows
+    shift, *weights = rows
+    return (shift, *(None if w is None else w * (scale if w.dim() == 1 else scale[:, None])
+                     for w in weights))
+
+
+def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offset,
+              has_offset, need_q, need_r, need_t, precision, r_far, symmetric):
+    """Launch the dq / dr (or, ``symmetric``, the one batch) kernels; reduce dT in torch.
+
+    ``passes``: [(row_shift, w_neg, w_pos, g_cls), flags] per pass (main, then an optional
+    fix-up with flags). ``gmax`` (N,) bounds |ds| per query row, given for fp16 inputs
+    only (ds scaling). Gradients accumulate in the accumulation dtype and are cast once.
+    """
     n, d = q.shape
     m = r.shape[0]
     acc = _acc_dtype(q.dtype)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_q else q.new_empty(0)
-    dr = torch.empty(r.shape, dtype=r.dtype, device=r.device) if need_r else r.new_empty(0)
-    # dT partial sums come from the dr kernel when it runs alone, else from the dq kernel
-    t_from_r = need_t and need_r and not need_q
-    t_from_q = need_t and not t_from_r
-    block_dx = _block(d, tk.MAX_BLOCK_DX)
+    q_norm, r_norm = _norms(q, r, r_far, metric)
+    if symmetric:
+        q_norm = r_norm  # one set of rows: references at infinity have weight 0 both ways
+    resident, _, block_dx = _feature_blocks(d, tk.MAX_RESIDENT_D_BWD)
     # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
-    scale_ds = gmax is not None
-    ds_scales = _ds_scales(gmax) if scale_ds else (None, None)
-    args = dict(q_labels=q_labels, r_labels=r_labels, lse_all=lse_all, lse_pos=lse_pos,
-                g_all=g_all, g_pos=g_pos, g_cls=g_cls, delta=delta, C=num_classes,
-                s_gn=0 if g_cls is None else g_cls.stride(0),
-                s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
-                SCALE_DS=scale_ds, BLOCK_DX=block_dx,
-                **_common(q, r, temperature, metric, offset, has_offset, precision, r_far))
+    row_scale, top_scale = _ds_scales(gmax) if gmax is not None else (None, None)
+    common = dict(q_labels=labels[0], r_labels=labels[1], r_norm=r_norm, q_norm=q_norm,
+                  C=num_classes, SCALE_DS=gmax is not None, BLOCK_DX=block_dx,
+                  **_common(q, r, temperature, metric, offset, has_offset, precision,
+                            tk.MAX_RESIDENT_D_BWD))
+    # dT partial sums come from the dr kernel when it runs alone, else from the dq kernel
+    t_from_r = need_t and need_r and not need_q and not symmetric
+    kernels = []
+    if symmetric and (need_q or need_r):
+        kernels.append(("sym", n, True, need_t))
+    else:
+        if need_q or (need_t and not t_from_r):
+            kernels.append(("dq", n, need_q, need_t and not t_from_r))
+        if need_r:
+            kernels.append(("dr", m, True, t_from_r))
+    out = {"dq": None, "dr": None}
     part = None
-    for ref_major, need_dx, need_dt, dx, n_own, ds_scale in (
-            (False, need_q, t_from_q, dq, n, ds_scales[0]),
-            (True, need_r, t_from_r, dr, m, ds_scales[1])):
-        if not (need_dx or need_dt) or n_own == 0:
+    for mode, n_own, need_dx, need_dt in kernels:
+        if n_own == 0:
             continue
+        scale = row_scale if mode == "dq" else None if top_scale is None else top_scale.expand(n)
+        dx = torch.empty(n_own, d, dtype=acc, device=q.device) if need_dx else None
         dt_part = torch.empty(n_own, dtype=acc, device=q.device) if need_dt else None
-        n_dx = max(1, triton.cdiv(d, block_dx)) if need_dx else 1
+        n_dx = max(1, triton.cdiv(d, block_dx)) if need_dx and not resident else 1
         grid = (lambda meta, n_own=n_own, n_dx=n_dx: (triton.cdiv(n_own, meta["BLOCK_OWN"]), n_dx))
-        with _on_device(q):
-            tk.neighbor_bwd_kernel[grid](
-                dx=dx if need_dx else None, dt_part=dt_part, ds_scale=ds_scale,
-                s_xn=dx.stride(0) if need_dx else 0, s_xd=dx.stride(1) if need_dx else 0,
-                REF_MAJOR=ref_major, NEED_DX=need_dx, NEED_DT=need_dt, **args)
+        for fixup, ((shift, w_neg, w_pos, g_cls), flags) in enumerate(passes):
+            shift, w_neg, w_pos, g_cls = _scaled((shift, w_neg, w_pos, g_cls), scale)
+            shift, w_neg, w_pos, flags = (None if x is None else _padded(x, 0)
+                                          for x in (shift, w_neg, w_pos, flags))
+            with _on_device(q):
+                tk.neighbor_bwd_kernel[grid](
+                    row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
+                    s_gn=0 if g_cls is None else g_cls.stride(0),
+                    s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
+                    ds_scale=(row_scale if mode == "dq" else top_scale),
+                    dx=dx, dt_part=dt_part, s_xn=d if need_dx else 0, s_xd=1 if need_dx else 0,
+                    REF_MAJOR=mode == "dr", SYMMETRIC=mode == "sym", FIXUP=bool(fixup),
+                    NEED_DX=need_dx, NEED_DT=need_dt, **common)
+        if need_dx:
+            out["dr" if mode == "dr" else "dq"] = dx.to(q.dtype)
         if need_dt:
             part = dt_part
+    # empty sides (N or M = 0) launch nothing: their gradient is empty
+    dq = (out["dq"] if out["dq"] is not None else torch.zeros_like(q)) \
+        if need_q or (symmetric and need_r) else q.new_empty(0)
+    dr = (out["dr"] if out["dr"] is not None else torch.zeros_like(r)) \
+        if need_r and not symmetric else r.new_empty(0)
     if need_t:
         # dT = -1/T sum_ij ds_ij logit_ij
         total = part.sum() if part is not None else torch.zeros((), dtype=acc, device=q.device)
@@ -262,33 +367,46 @@ def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_
     return dq, dr, dt
 
 
-def _fake_grads(q, r, temperature, need_q, need_r, need_t):
-    return (q.new_empty(q.shape if need_q else (0,)), r.new_empty(r.shape if need_r else (0,)),
+def _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric=False):
+    return (q.new_empty(q.shape if need_q or (symmetric and need_r) else (0,)),
+            r.new_empty(r.shape if need_r and not symmetric else (0,)),
             temperature.new_empty(() if need_t else (0,)))
+
+
+def _symmetric(q, r, q_labels, r_labels, offset):
+    """The batch loss (``r is q``, one label vector, self excluded or not): one kernel
+    gives the whole gradient from the symmetric logits."""
+    return q is r and q_labels is r_labels and (offset is None or offset == 0)
 
 
 @torch.library.custom_op("nbkernels::triton_lse_bwd", mutates_args=())
 def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
              temperature: torch.Tensor, lse_all: torch.Tensor, lse_pos: torch.Tensor,
              g_all: torch.Tensor, g_pos: torch.Tensor, metric: str, offset: int,
-             has_offset: bool, need_q: bool, need_r: bool, need_t: bool,
+             has_offset: bool, symmetric: bool, need_q: bool, need_r: bool, need_t: bool,
              precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if symmetric:
+        r, r_labels = q, q_labels
     q, r, q_far, r_far = finite_rows(q, r, metric)
-    lse_all, lse_pos, g_all, g_pos = silent_rows(q_far, lse_all, lse_pos, g_all, g_pos)
+    acc = _acc_dtype(q.dtype)
+    lse_all, lse_pos, g_all, g_pos = (x.contiguous().to(acc) for x in silent_rows(
+        q_far, lse_all, lse_pos, g_all, g_pos))
     gmax = None
     if q.dtype == torch.float16:
         # |ds_ij| <= |g_all_i| + |g_pos_i|, counting only the terms a row has
         gmax = (torch.where(lse_all == float("-inf"), 0.0, g_all.float().abs())
                 + torch.where(lse_pos == float("-inf"), 0.0, g_pos.float().abs()))
-    return _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                     None, None, gmax, 0, metric, offset, has_offset, need_q, need_r, need_t,
-                     precision, r_far)
+    main, fix, flags = _lse_rows(lse_all, lse_pos, g_all, g_pos)
+    passes = [((*main, None), None), ((*fix, None), flags)]
+    return _backward(q, r, _label_ranks(q_labels, r_labels), temperature, passes, gmax, 0,
+                     metric, offset, has_offset, need_q, need_r, need_t, precision, r_far,
+                     symmetric)
 
 
 @_lse_bwd.register_fake
 def _(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric, offset,
-      has_offset, need_q, need_r, need_t, precision):
-    return _fake_grads(q, r, temperature, need_q, need_r, need_t)
+      has_offset, symmetric, need_q, need_r, need_t, precision):
+    return _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric)
 
 
 @torch.library.custom_op("nbkernels::triton_probs_bwd", mutates_args=())
@@ -300,16 +418,21 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     acc = _acc_dtype(q.dtype)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     yhat, lse_all, g = silent_rows(q_far, yhat, lse_all, g)
+    lse_all, g = lse_all.contiguous().to(acc), g.to(acc)
     # delta_i = sum_c G_ic yhat_ic
-    delta = (g.to(acc) * yhat.to(acc)).sum(1)
+    delta = (g * yhat.to(acc)).sum(1)
     gmax = None
     if q.dtype == torch.float16:
         # |ds_ij| <= 2 max_c |G_ic| (rows without a term have no ds)
         gmax = g.float().abs().amax(1) if g.shape[1] else lse_all.new_zeros(g.shape[0])
         gmax = torch.where(lse_all == float("-inf"), 0.0, gmax)
-    return _backward(q, r, None, r_labels, temperature, lse_all, None, None, None, g, delta,
-                     gmax, g.shape[1], metric, offset, has_offset, need_q, need_r, need_t,
-                     precision, r_far)
+    none = lse_all == float("-inf")
+    shift = torch.where(none, 0.0, -lse_all * LOG2E)
+    passes = [((shift, torch.where(none, 0.0, delta), None, g), None)]
+    c = g.shape[1]
+    labels = (None, _class_labels(r_labels, c))
+    return _backward(q, r, labels, temperature, passes, gmax, c, metric, offset, has_offset,
+                     need_q, need_r, need_t, precision, r_far, False)
 
 
 @_probs_bwd.register_fake
@@ -337,17 +460,20 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
                  metric, offset, need_q, need_r, need_t, precision=None):
     """``(dq, dr, dt)`` of ``sum(g_all * lse_all + g_pos * lse_pos)``; ``None`` where not needed.
 
-    ``g_all`` or ``g_pos`` may be ``None`` (zero).
+    ``g_all`` or ``g_pos`` may be ``None`` (zero). For the batch loss (``q is r``, one
+    label vector) ``dq`` is the whole gradient and ``dr`` is ``None``.
     """
     _check(metric, precision)
     precision = precision or _default_precision()
     acc = _acc_dtype(q.dtype)
     g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos
+    sym = _symmetric(q, r, q_labels, r_labels, offset)
     dq, dr, dt = torch.ops.nbkernels.triton_lse_bwd(
         q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric,
-        offset or 0, offset is not None, need_q, need_r, need_t, precision)
-    return _none_unless(dq, need_q), _none_unless(dr, need_r), _none_unless(dt, need_t)
+        offset or 0, offset is not None, sym, need_q, need_r, need_t, precision)
+    return (_none_unless(dq, need_q or (sym and need_r)), _none_unless(dr, need_r and not sym),
+            _none_unless(dt, need_t))
 
 
 def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset, precision=None):

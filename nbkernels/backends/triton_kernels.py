@@ -1,42 +1,53 @@
 """Triton kernels for the fused neighbor losses; the math is in ``reference.py``.
 
 Two kernels, each one body with ``tl.constexpr`` flags (metric, self-exclusion,
-class output, accumulation dtype, dot precision):
+class output, accumulation dtype, dot precision). Logits are taken in log2 units:
+log2(e)/T is folded into one scale and every exponential is one ``exp2``, as
+FlashAttention does. The launcher passes the per-row terms that do not depend on the
+pair, so that the loop does no per-pair work for them:
+
+* ``r_norm`` (M,): ||r_j||^2 for "sqeuclidean" (0 for "dot"), +inf for references at
+  infinity (weight 0). A reference tile turns it into the column term
+  ``-||r_j||^2 log2(e)/T``, and ``2 q.r log2(e)/T + column term`` is one FFMA per pair.
+* labels are int32 (the launcher ranks int64 labels densely, exactly): one compare
+  per pair, not two.
+* every per-row vector that a program streams (norms, labels, the backward's row
+  terms and flags) is padded by the launcher to a multiple of PAD with values that
+  weigh nothing (norm +inf, so the column term is -inf): its tile loads need no mask,
+  and vectorise.
+* self-exclusion (``offset``) is masked only in the reference tiles that meet the
+  diagonal ``j = i + offset``, with a per-tile branch.
+
+RESIDENT (D <= MAX_RESIDENT_D): the program's own rows (the query tile forward, the
+dx-owner tile backward) are loaded once, [BLOCK, BLOCK_D >= D], before the loop, and
+every logit tile is one ``tl.dot`` over the whole feature dim. Otherwise D is looped
+in BLOCK_D chunks and both sides are reloaded per tile.
 
 * ``neighbor_fwd_kernel``: a program owns BLOCK_M queries and streams BLOCK_N
-  reference tiles with an online log-sum-exp. Without CLASS it keeps two (all
-  references, positives), each with its own running max. With CLASS the grid has a
-  second axis over BLOCK_C class tiles; references are pre-sorted by label, so the
-  program for class tile ``c`` streams only the references whose labels fall in it
-  (``tile_ptr``) and accumulates their mass with a one-hot ``tl.dot``. It writes the
-  mass relative to its own running max plus that max and sum; the launcher merges the
-  class tiles with a logsumexp. Every reference is visited once per query block, so
-  the cost does not grow with ``num_classes``, and one pass suffices (no lse pass).
-* ``neighbor_bwd_kernel``: recomputes logit tiles and ``ds``. REF_MAJOR=False: a
-  program owns queries and writes dq; REF_MAJOR=True: it owns references and writes
-  dr. Either writes per-row partial sums of ``ds * logit`` for dT, which the launcher
-  reduces with torch. No atomics: every output element has exactly one writer, so
-  gradients are bitwise deterministic.
+  reference tiles with an online log-sum-exp. Without CLASS: one exp2 per pair; the
+  positives' sum is taken from the same exponentials under the shared running max,
+  and rows where it underflows get an exact second launch (POS_PASS). With CLASS the
+  grid has a second axis over BLOCK_C class tiles; references are pre-sorted by label,
+  so the program for class tile ``c`` streams only the references whose labels fall in
+  it (``tile_ptr``) and accumulates their mass with a one-hot ``tl.dot``.
+* ``neighbor_bwd_kernel``: recomputes each logit tile once and turns it into
+  ``ds = dloss / dlogit`` with one exp2 per pair and direction (see its docstring).
+  No atomics: every output element has exactly one writer per launch, and launches
+  run in a fixed order, so gradients are bitwise deterministic.
 
-Blocks: BLOCK_D (inner loop over the feature dim for the logit dot) and BLOCK_DX
-(the slice of dq / dr a program writes; a second grid axis when D > BLOCK_DX) are
-chosen by the launcher from D; BLOCK_M / BLOCK_N / BLOCK_OWN / BLOCK_OTHER are
-autotuned on power-of-two buckets of (N, M, D), the input dtype and the flags that
-change the kernel. Under the interpreter (TRITON_INTERPRET=1) a single 16-wide config
-keeps the tests fast and still exercises multi-block paths; NBK_TRITON_AUTOTUNE=0
-(read at import) fixes the smallest GPU config, for tests that must not autotune. All
-blocks are >= 16, the smallest ``tl.dot``.
+Blocks: BLOCK_D / BLOCK_DX are chosen by the launcher from D; BLOCK_M / BLOCK_N /
+BLOCK_OWN / BLOCK_OTHER are autotuned on power-of-two buckets of (N, M, D), the input
+dtype and the flags that change the kernel. Under the interpreter (TRITON_INTERPRET=1)
+a single 16-wide config keeps the tests fast and still exercises multi-block paths,
+and the resident limit is 32 so that tests reach both paths; NBK_TRITON_AUTOTUNE=0
+(read at import) fixes the smallest GPU config, for tests that must not autotune.
+All blocks are >= 16, the smallest ``tl.dot``.
 
 fp16 gradient dot: ds is rounded to fp16 for the tensor-core dot, and |ds| <= |g| can
 sit far below fp16's normal range (g ~ 1/N for a mean loss). With SCALE_DS the
-launcher passes powers of two (``ds_scale``) that bring the largest |ds| near 2^12:
-per query row for dq, one for all rows for dr. The kernel multiplies before the cast
-and divides after the dot, exactly; the row sums of ds ("sqeuclidean") use the same
-rounded values, so ``x sum ds`` cancels against the dot consistently.
-
-Known costs, kept for simplicity: the query tile is reloaded (from cache) for every
-reference tile, since D is looped in BLOCK_D chunks; for D > BLOCK_DX the backward
-recomputes the logits once per dq / dr slice.
+launcher has multiplied the per-row weights of ds by powers of two that bring the
+largest |ds| near 2^12 (per query row for dq, one for all rows otherwise), and passes
+them in ``ds_scale``; the kernel divides after the dot, exactly.
 """
 import contextlib
 import os
@@ -50,22 +61,57 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Floors of the positives' sum under the shared max (neighbor_fwd_kernel): 2^-64, 2^-960
 POS_FLOOR_F32 = tl.constexpr(2.0 ** -64)
 POS_FLOOR_F64 = tl.constexpr(2.0 ** -960)
+# The same limits in log2 units, for the backward's one-exp positives (launcher side)
+POS_LOG2_LIMIT = {"fp32": 64.0, "fp64": 960.0}
 
-# Feature-dim chunk of the logit dot, and widest dq / dr slice one program writes.
+# Feature-dim chunk of the logit dot when not resident, and widest dq / dr slice.
 MAX_BLOCK_D = 16 if INTERPRET else 64
 MAX_BLOCK_DX = 64 if INTERPRET else 128
+# Largest D whose own tile is held for the whole loop (forward / backward).
+MAX_RESIDENT_D = 32 if INTERPRET else 256
+MAX_RESIDENT_D_BWD = 32 if INTERPRET else 128
 # Class tile width of the class-distribution forward (one-hot dot of [BN, BC]).
 MAX_BLOCK_C = 16 if INTERPRET else 64
+# Streamed per-row vectors are padded to a multiple of this (>= every BLOCK_N / OTHER).
+PAD = 128
 
 # The configs a GPU autotunes over (also run one by one by the GPU tests).
 GPU_FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2),
+                         (64, 32, 4, 3), (32, 32, 4, 2)]
 ]
 GPU_BWD_CONFIGS = [
     triton.Config({"BLOCK_OWN": bo, "BLOCK_OTHER": bt}, num_warps=w, num_stages=s)
-    for bo, bt, w, s in [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+    for bo, bt, w, s in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2),
+                         (64, 32, 4, 3), (32, 32, 4, 2)]
 ]
+
+
+def fits(config, elem, block_d, cls=False):
+    """Whether a config suits the kernel: its tiles (the own tile plus ``num_stages``
+    other tiles of [rows, block_d] elements of ``elem`` bytes) fit in 200 KB of sm_90's
+    227 KB of shared memory (fp32 at 128 x 128 with 3 stages does not), and, for the
+    class forward (``cls``), its [BM, BN] tile is at most 128 x 64: beside the
+    [BM, BLOCK_C] class mass a 128 x 128 tile spills 4.5 KB (compiled SASS)."""
+    kw = config.kwargs
+    own = kw.get("BLOCK_M", kw.get("BLOCK_OWN"))
+    other = kw.get("BLOCK_N", kw.get("BLOCK_OTHER"))
+    if cls and own * other > 128 * 64:
+        return False
+    return (own + max(config.num_stages, 1) * other) * block_d * elem <= 200 * 1024
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's early prune: the configs that ``fits`` (at least one)."""
+    args = {**named_args, **kwargs}
+    q = args.get("q")
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    keep = [c for c in configs
+            if fits(c, elem, args.get("BLOCK_D", 64), bool(args.get("CLASS")) and "BLOCK_M" in c.kwargs)]
+    return keep or configs[-1:]
+
+
 if INTERPRET:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
     BWD_CONFIGS = [triton.Config({"BLOCK_OWN": 16, "BLOCK_OTHER": 16})]
@@ -74,13 +120,14 @@ elif os.environ.get("NBK_TRITON_AUTOTUNE", "1") == "0":
     FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS[-1:], GPU_BWD_CONFIGS[-1:]
 else:
     FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS, GPU_BWD_CONFIGS
+PRUNE = {"early_config_prune": _prune}
 # Tuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
 # the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
-# BLOCK_D and BLOCK_DX.
-FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "REF_MASK", "CLASS", "POS_PASS",
+# BLOCK_D, BLOCK_DX and RESIDENT.
+FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS",
            "PRECISION", "BLOCK_C"]
-BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "REF_MASK", "CLASS", "REF_MAJOR",
-           "NEED_DX", "NEED_DT", "PRECISION"]
+BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "REF_MAJOR",
+           "SYMMETRIC", "FIXUP", "NEED_DX", "NEED_DT", "PRECISION"]
 # Integers that vary per call and gain nothing from specialization (== 1, % 16): one
 # compiled kernel for every size. Strides and D stay specialized.
 FWD_NO_SPECIALIZE = ["N", "M", "offset", "N_KEY", "M_KEY", "D_KEY"]
@@ -99,101 +146,120 @@ def fixed_configs(fwd, bwd):
 
 
 @triton.jit
-def _online_lse(b_m, b_l, b_s):
-    """One step of an online log-sum-exp over the rows of b_s [BM, BN].
+def _load_rows(x, o, m, D, s_n, s_d, BLOCK_D: tl.constexpr):
+    """[B, BLOCK_D] rows ``o`` of x (zeros outside ``m`` and beyond D)."""
+    o_k = tl.arange(0, BLOCK_D)
+    return tl.load(x + o[:, None] * s_n + o_k[None, :] * s_d,
+                   mask=m[:, None] & (o_k < D)[None, :], other=0)
 
-    Returns the new running max and sum, the tile's exp(s - max) and the rescale
-    factor of the old sum. tl.max may drop NaN; b_l still turns NaN through exp.
+
+@triton.jit
+def _rows_dot(b_x, x, y, o_x, m_x, o_y, m_y, D, s_xn, s_xd, s_yn, s_yd,
+              RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x_i . y_j, [BX, BY] in ACC, and the y tile [BY, BLOCK_D] (RESIDENT only).
+
+    RESIDENT: b_x [BX, BLOCK_D >= D] is the caller's resident tile and y is loaded once
+    over the whole feature dim. Else D is looped in BLOCK_D chunks of both sides (the
+    returned y tile is then its last chunk, unused by callers).
+    """
+    if RESIDENT:
+        b_y = _load_rows(y, o_y, m_y, D, s_yn, s_yd, BLOCK_D)
+        b_xy = tl.dot(b_x, tl.trans(b_y), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        b_xy = tl.zeros([BLOCK_X, BLOCK_Y], dtype=ACC)
+        for i_k in range(0, D, BLOCK_D):
+            o_k = i_k + tl.arange(0, BLOCK_D)
+            m_k = o_k < D
+            b_xc = tl.load(x + o_x[:, None] * s_xn + o_k[None, :] * s_xd,
+                           mask=m_x[:, None] & m_k[None, :], other=0)
+            b_yc = tl.load(y + o_y[None, :] * s_yn + o_k[:, None] * s_yd,
+                           mask=m_y[None, :] & m_k[:, None], other=0)
+            b_xy = tl.dot(b_xc, b_yc, b_xy, input_precision=PRECISION)
+        b_y = tl.zeros([BLOCK_Y, BLOCK_D], dtype=b_x.dtype)
+    return b_xy, b_y
+
+
+@triton.jit
+def _norm_term(r_norm, o, m, b_scale, MASKED: tl.constexpr, ACC: tl.constexpr):
+    """[B] per-row logit term -||x||^2 * b_scale (0 for "dot"); -inf for rows at infinity
+    and for padding (r_norm +inf). MASKED: ``o`` may leave the padded vector (gathers)."""
+    if MASKED:
+        return -tl.load(r_norm + o, mask=m, other=float("inf")).to(ACC) * b_scale
+    else:
+        return -tl.load(r_norm + o).to(ACC) * b_scale
+
+
+@triton.jit
+def _meets_diagonal(i_x, i_y, offset, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
+    """Whether rows [i_x, i_x + BX) and columns [i_y, i_y + BY) hold a pair j = i + offset."""
+    return (i_y < i_x + offset + BLOCK_X) & (i_x + offset < i_y + BLOCK_Y)
+
+
+@triton.jit
+def _diagonal(i_x, i_y, offset, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
+    """[BX, BY] mask of the pairs j = i + offset of a tile that meets the diagonal, from
+    int32 tile-local indices (one compare per pair; the tile's shift fits in int32)."""
+    shift = (i_x + offset - i_y).to(tl.int32)
+    return tl.arange(0, BLOCK_Y)[None, :] == tl.arange(0, BLOCK_X)[:, None] + shift
+
+
+@triton.jit
+def _online_lse2(b_m, b_l, b_s):
+    """One step of an online log2-sum-exp2 over the rows of b_s [BM, BN] (log2 units).
+
+    Returns the new running max and sum, the tile's exp2(s - max) and the rescale
+    factor of the old sum. tl.max may drop NaN; b_l still turns NaN through exp2.
     """
     b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-    # all terms so far masked (-inf): shift by 0 so that exp sees -inf, not NaN
+    # all terms so far masked (-inf): shift by 0 so that exp2 sees -inf, not NaN
     b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-    b_alpha = tl.exp(b_m - b_ms)
-    b_p = tl.exp(b_s - b_ms[:, None])
+    b_alpha = tl.math.exp2(b_m - b_ms)
+    # [BM, BN] the one exponential of each pair
+    b_p = tl.math.exp2(b_s - b_ms[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     return b_mn, b_l, b_p, b_alpha
 
 
-@triton.jit
-def _tile_logits(q, r, ref_mask, o_m, m_m, o_r, m_r, D, offset, b_it,
-                 s_qn, s_qd, s_rm, s_rd,
-                 SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
-                 ACC: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """Shifted logits [BM, BN] of queries o_m against references o_r, -inf where masked.
-
-    "sqeuclidean": (2 q.r - ||r||^2) / T; "dot": q.r / T. The norms come from the
-    tiles already loaded for the dot (no extra pass or buffer, any strides). REF_MASK:
-    references flagged in ``ref_mask`` (M,) are masked out. Also returns the validity
-    mask and ||q||^2 [BM] (zeros for "dot").
-    """
-    b_qr = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    b_qn = tl.zeros([BLOCK_M], dtype=ACC)
-    b_rn = tl.zeros([BLOCK_N], dtype=ACC)
-    for i_k in range(0, D, BLOCK_D):
-        o_k = (i_k + tl.arange(0, BLOCK_D)).to(tl.int64)
-        m_k = o_k < D
-        # [BM, BD]
-        b_q = tl.load(q + o_m[:, None] * s_qn + o_k[None, :] * s_qd,
-                      mask=m_m[:, None] & m_k[None, :], other=0)
-        # [BD, BN]
-        b_rt = tl.load(r + o_r[None, :] * s_rm + o_k[:, None] * s_rd,
-                       mask=m_r[None, :] & m_k[:, None], other=0)
-        b_qr = tl.dot(b_q, b_rt, b_qr, input_precision=PRECISION)
-        if SQEUCLID:
-            b_qn += tl.sum(b_q.to(ACC) * b_q.to(ACC), 1)
-            b_rn += tl.sum(b_rt.to(ACC) * b_rt.to(ACC), 0)
-    if SQEUCLID:
-        b_s = (2 * b_qr - b_rn[None, :]) * b_it
-    else:
-        b_s = b_qr * b_it
-    if REF_MASK:
-        # [BN] references at infinity (zeroed by the launcher): weight 0
-        m_r = m_r & (tl.load(ref_mask + o_r, mask=m_r, other=1) == 0)
-    m_s = m_m[:, None] & m_r[None, :]
-    if HAS_OFFSET:
-        m_s = m_s & (o_r[None, :] != o_m[:, None] + offset)
-    b_s = tl.where(m_s, b_s, float("-inf"))
-    return b_s, m_s, b_qn
-
-
-@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY)
+@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
-def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, ref_mask,
+def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, tile_ptr,
                         lse_all, lse_pos, redo, mass, tile_max, tile_sum,
                         N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
-                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
-                        CLASS: tl.constexpr, POS_PASS: tl.constexpr,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                        CLASS: tl.constexpr, POS_PASS: tl.constexpr, RESIDENT: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """Online log-sum-exps (CLASS=False) or per-class-tile mass (CLASS=True).
 
-    CLASS=False writes lse_all, lse_pos (N,) with one exp2 per pair: logits are taken in
-    log2 units (log2(e)/T folded into one scale, as FlashAttention does), and the
-    positives' sum uses the same exponentials under the shared running max. That sum is
-    exact unless positives underflow against the max (extreme T: they sit far below the
-    nearest negative): rows whose positives' sum ends below POS_FLOOR (or is 0) are
-    flagged in ``redo`` (N,) int8, and a second launch with POS_PASS=True recomputes
-    lse_pos of the flagged rows only, with the positives' own running max (programs
-    without a flagged row skip the loop). Terms lost to underflow are each below 2^-126
-    of the shared max (fp32), so a sum >= POS_FLOOR = 2^-64 is exact to 2^-31 relative
-    for M < 2^31; fp64: 2^-1022 and 2^-960.
+    Logit tile, log2 units: ``s = q.r c + colterm`` with c = (2 or 1) log2(e)/T and the
+    column term of ``_norm_term`` (the row constant -||q||^2/T is left out: shifted lse).
 
-    CLASS=True reads the references in
-    label order (perm, sorted r_labels, tile_ptr: references of class tile c are
-    perm[tile_ptr[c]:tile_ptr[c+1]]) and writes mass (N, n_tiles * BLOCK_C), every
-    column (those >= C are cut off by the launcher), relative to tile_max, plus
-    tile_max, tile_sum (N, n_tiles).
+    CLASS=False writes lse_all, lse_pos (N,) with one exp2 per pair: the positives' sum
+    uses the same exponentials under the shared running max. That sum is exact unless
+    positives underflow against the max (extreme T: they sit far below the nearest
+    negative): rows whose positives' sum ends below POS_FLOOR (or is 0) are flagged in
+    ``redo`` (N,) int8, and a second launch with POS_PASS=True recomputes lse_pos of the
+    flagged rows only, with the positives' own running max (programs without a flagged
+    row skip the loop). Terms lost to underflow are each below 2^-126 of the shared max
+    (fp32), so a sum >= POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31;
+    fp64: 2^-1022 and 2^-960.
+
+    CLASS=True reads the references in label order (perm, sorted r_labels, tile_ptr:
+    references of class tile c are perm[tile_ptr[c]:tile_ptr[c+1]]) and writes mass
+    (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
+    relative to tile_max, plus tile_max (natural units) and tile_sum (N, n_tiles).
     """
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
-    b_it = 1 / tl.load(temperature).to(ACC)
-    if not CLASS:
-        b_it = b_it * LOG2E  # logits in log2 units: exp2 below
+    b_it = LOG2E / tl.load(temperature).to(ACC)
+    b_c = 2 * b_it if SQEUCLID else b_it
+    b_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype.element_ty)
+    if RESIDENT:
+        b_q = _load_rows(q, o_m, m_m, D, s_qn, s_qd, BLOCK_D)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BLOCK_M], dtype=ACC)
     if CLASS:
@@ -220,32 +286,31 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
             o_r = tl.load(perm + o_n, mask=m_n, other=0)
         else:
             o_r = o_n
-        b_s, _, _ = _tile_logits(q, r, ref_mask, o_m, m_m, o_r, m_n, D, offset, b_it,
-                                 s_qn, s_qd, s_rm, s_rd, SQEUCLID=SQEUCLID,
-                                 HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK, ACC=ACC,
-                                 PRECISION=PRECISION,
-                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        b_qr, _ = _rows_dot(b_q, q, r, o_m, m_m, o_r, m_n, D, s_qn, s_qd, s_rm, s_rd,
+                            RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                            BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+        b_s = b_qr * b_c + _norm_term(r_norm, o_r, m_n, b_it, CLASS, ACC)[None, :]
+        if HAS_OFFSET:
+            if CLASS:  # label order: the diagonal can be anywhere
+                b_s = tl.where(o_r[None, :] == o_m[:, None] + offset, float("-inf"), b_s)
+            elif _meets_diagonal(i_m * BLOCK_M, i_n, offset, BLOCK_M, BLOCK_N):
+                m_d = _diagonal(i_m * BLOCK_M, i_n, offset, BLOCK_M, BLOCK_N)
+                b_s = tl.where(m_d, float("-inf"), b_s)
         if CLASS:
-            b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
-            # [BN] sorted labels
+            b_m, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
+            # [BN] sorted labels (-1: in no class)
             b_b = tl.load(r_labels + o_n, mask=m_n, other=-1)
-            # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp(s_ij - max_i), rescaled like b_l
+            # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp2(s_ij - max_i), rescaled like b_l
             b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
             b_y = tl.dot(b_p, b_hot, b_y * b_alpha[:, None], input_precision=MASS_PRECISION)
         else:
-            # [BN]
-            b_b = tl.load(r_labels + o_r, mask=m_n, other=0)
+            # [BN] (padded: no mask)
+            b_b = tl.load(r_labels + o_r)
             m_pos = b_a[:, None] == b_b[None, :]
             if POS_PASS:
                 # the positives alone, with their own running max
                 b_s = tl.where(m_pos, b_s, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-            # all terms so far masked (-inf): shift by 0 so that exp2 sees -inf, not NaN
-            b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-            b_alpha = tl.math.exp2(b_m - b_ms)
-            # [BM, BN] the one exponential of each pair
-            b_p = tl.math.exp2(b_s - b_ms[:, None])
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_mn, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
             if not POS_PASS:
                 b_lp = b_lp * b_alpha + tl.sum(tl.where(m_pos, b_p, 0.0), 1)
             b_m = b_mn
@@ -253,7 +318,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
         n_tiles = tl.num_programs(1)
         tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
                  mask=m_m[:, None])
-        tl.store(tile_max + o_m * n_tiles + i_c, b_m, mask=m_m)
+        tl.store(tile_max + o_m * n_tiles + i_c, b_m * LN2, mask=m_m)
         tl.store(tile_sum + o_m * n_tiles + i_c, b_l, mask=m_m)
     elif POS_PASS:
         tl.store(lse_pos + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m & (b_redo != 0))
@@ -272,148 +337,216 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, perm, tile_ptr, r
 
 
 @triton.jit
-def _tile_dlogits(q, r, ref_mask, q_labels, r_labels, lse_all, lse_pos, g_all, g_pos, g_cls,
-                  delta, o_m, o_n, N, M, D, C, offset, b_it,
-                  s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
-                  SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
-                  CLASS: tl.constexpr,
-                  ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Recompute ds [BM, BN] = dloss / dlogit and ds * logit (true logit) for dT."""
-    m_m = o_m < N
-    m_n = o_n < M
-    b_s, m_s, b_qn = _tile_logits(q, r, ref_mask, o_m, m_m, o_n, m_n, D, offset, b_it,
-                                  s_qn, s_qd, s_rm, s_rd, SQEUCLID=SQEUCLID,
-                                  HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK, ACC=ACC,
-                                  PRECISION=PRECISION,
-                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    # [BM]
-    b_lse = tl.load(lse_all + o_m, mask=m_m, other=0).to(ACC)
-    # p_ij = exp(s_ij - lse_all_i), both shifted by the same row constant. Each term of
-    # ds is selected by tl.where, so rows without terms (lse -inf, delta NaN) give 0
-    b_p = tl.exp(b_s - b_lse[:, None])
-    # [BN]
-    b_b = tl.load(r_labels + o_n, mask=m_n, other=-1)
-    if CLASS:
-        m_g = m_s & (b_b >= 0)[None, :] & (b_b < C)[None, :]
-        # [BM, BN] G_{i, b_j}, gathered
-        b_g = tl.load(g_cls + o_m[:, None] * s_gn + b_b.to(tl.int64)[None, :] * s_gc, mask=m_g,
-                      other=0).to(ACC)
-        b_delta = tl.load(delta + o_m, mask=m_m, other=0).to(ACC)
-        # ds_ij = p_ij (G_{i,b_j} - delta_i)
-        b_ds = tl.where(m_s, b_p * (b_g - b_delta[:, None]), 0)
+def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
+    """ds of one direction: exp2(u + shift) * (w_pos where positive, else w_neg).
+
+    FIXUP (positives only, shifted by lse_pos): the negatives' exp2 may overflow, so
+    they are selected out after the product rather than weighted by 0.
+    """
+    if FIXUP:
+        return tl.where(b_pos, tl.math.exp2(b_u + b_shift) * b_wpos, 0.0)
     else:
-        b_a = tl.load(q_labels + o_m, mask=m_m, other=0)
-        b_lsep = tl.load(lse_pos + o_m, mask=m_m, other=0).to(ACC)
-        b_ga = tl.load(g_all + o_m, mask=m_m, other=0).to(ACC)
-        b_gp = tl.load(g_pos + o_m, mask=m_m, other=0).to(ACC)
-        m_pos = m_s & (b_a[:, None] == b_b[None, :])
-        # p+_ij = [b_j = a_i] exp(s_ij - lse_pos_i)
-        b_pp = tl.exp(b_s - b_lsep[:, None])
-        # ds_ij = g_all_i p_ij + g_pos_i p+_ij
-        b_ds = tl.where(m_s, b_ga[:, None] * b_p, 0) + tl.where(m_pos, b_gp[:, None] * b_pp, 0)
-    if SQEUCLID:
-        # true logit: restore the row constant -||q_i||^2 / T
-        b_z = b_s - b_qn[:, None] * b_it
-    else:
-        b_z = b_s
-    # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
-    b_dsz = tl.where(b_ds != 0, b_ds * b_z, 0)
-    return b_ds, b_dsz
+        return tl.math.exp2(b_u + b_shift) * tl.where(b_pos, b_wpos, b_wneg)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY)
+@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
-def neighbor_bwd_kernel(q, r, ref_mask, q_labels, r_labels, temperature, lse_all, lse_pos,
-                        g_all, g_pos, g_cls, delta, ds_scale, dx, dt_part,
+def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, q_norm, row_shift,
+                        w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part,
                         N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
                         N_KEY, M_KEY, D_KEY,
-                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, REF_MASK: tl.constexpr,
-                        CLASS: tl.constexpr,
-                        REF_MAJOR: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
-                        SCALE_DS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                        REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
+                        NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, SCALE_DS: tl.constexpr,
+                        RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
-    """dq (REF_MAJOR=False) or dr (REF_MAJOR=True) and per-row sums of ds * logit.
+    """dq (REF_MAJOR=False), dr (REF_MAJOR=True) or, SYMMETRIC, the whole batch gradient.
 
-    A program owns BLOCK_OWN rows of x (q or r) and the feature slice BLOCK_DX of dx,
-    and streams the other side y (r or q) in BLOCK_OTHER tiles:
-        "dot":          dx = 1/T sum ds y
-        "sqeuclidean":  dx = 2/T (sum ds y - x sum ds)
-    dt_part[own] = sum_other ds * logit, written by the slice-0 programs only.
-    SCALE_DS: ds_scale holds the scale of each query (N,), or of all (1,) when REF_MAJOR.
+    A program owns BLOCK_OWN rows of x (q, or r) and the feature slice BLOCK_DX of dx
+    (all of it when RESIDENT), and streams the other side y in BLOCK_OTHER tiles. Each
+    tile is computed once, in the program's orientation [own, other], in log2 units:
+    ``u = x.y c + (reference norm term)``, and per query row i the launcher passes a
+    shift and two weights, so that
+
+        ds_ij = exp2(u_ij + row_shift_i) * (w_pos_i if b_j = a_i else w_neg_i)
+
+    is one exp2 and no per-pair branch. Main pass: row_shift = -lse_all log2(e),
+    w_neg = g_all, w_pos = g_all + g_pos exp(lse_all - lse_pos), since
+    p+_ij = p_ij exp(lse_all_i - lse_pos_i). That factor is exact while
+    (lse_all - lse_pos) log2(e) <= 64 (fp32; 960 fp64): the positives that matter then
+    sit above 2^-126 of the shared shift. Rows beyond (extreme T) are ``flags``; their
+    main-pass w_pos is g_all, and a FIXUP launch adds their positives' term with its own
+    shift (row_shift = -lse_pos log2(e), w_neg = 0, w_pos = g_pos; -inf / 0 elsewhere),
+    skipping every tile without a flagged row, and accumulating into dx and dt_part.
+    dx is written in ACC and cast by the launcher, so the two passes round once.
+
+    CLASS: ds_ij = p_ij (G_{i,b_j} - delta_i), with G gathered from g_cls and delta in
+    w_neg (p from row_shift as above); one pass.
+
+    SYMMETRIC (the batch loss, r is q, one label vector): one launch instead of a dq
+    and a dr launch. The logits are symmetric, z_ij = z_ji, so the tile of own rows k
+    against other rows j gives both ds_kj (k as the query) and ds_jk (j as the query)
+    from one dot, and dx_k = 2/T sum_j (ds_kj + ds_jk)(x_j - x_k): half the dots of
+    the two-kernel backward, two exp2 per pair. Chosen over a shared recompute with an
+    ordered (semaphore) accumulation of the other side because it needs neither a
+    second pass over dq nor any inter-program waiting, and it is the common case.
+
+    "dot": dx = 1/T sum ds y; "sqeuclidean": dx = 2/T (sum ds y - x sum ds).
+    dt_part[own] = sum_other ds * logit (own as the query, or as the reference when
+    REF_MAJOR), written by the slice-0 programs only. SCALE_DS: the weights carry the
+    powers of two of ``ds_scale``: per own row (dq), or one (1,) for dr / SYMMETRIC.
     """
     i_o = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_own = i_o * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     o_dx = i_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
     m_dx = o_dx < D
-    b_it = 1 / tl.load(temperature).to(ACC)
+    b_it = LOG2E / tl.load(temperature).to(ACC)
+    b_c = 2 * b_it if SQEUCLID else b_it
     if REF_MAJOR:
         n_own, n_other = M, N
-        x, s_x, s_xk = r, s_rm, s_rd
-        y, s_y, s_yk = q, s_qn, s_qd
+        x, s_x, s_xk, x_labels, x_norm = r, s_rm, s_rd, r_labels, r_norm
+        y, s_y, s_yk, y_labels, y_norm = q, s_qn, s_qd, q_labels, q_norm
     else:
         n_own, n_other = N, M
-        x, s_x, s_xk = q, s_qn, s_qd
-        y, s_y, s_yk = r, s_rm, s_rd
+        x, s_x, s_xk, x_labels, x_norm = q, s_qn, s_qd, q_labels, q_norm
+        y, s_y, s_yk, y_labels, y_norm = r, s_rm, s_rd, r_labels, r_norm
     m_own = o_own < n_own
-    if SCALE_DS:
-        # [BOWN] powers of two
-        if REF_MAJOR:
-            b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)
-        else:
-            b_sc = tl.load(ds_scale + o_own, mask=m_own, other=1).to(ACC)
+    b_x = tl.zeros([BLOCK_OWN, BLOCK_D], dtype=x.dtype.element_ty)
+    if RESIDENT:
+        b_x = _load_rows(x, o_own, m_own, D, s_x, s_xk, BLOCK_D)
+    # [BOWN] per-row terms of the own rows
+    b_xn = _norm_term(x_norm, o_own, m_own, b_it, True, ACC)
+    if REF_MAJOR or not CLASS:  # class dq needs only the references' labels
+        b_xl = tl.load(x_labels + o_own, mask=m_own, other=-1)
+    if not REF_MAJOR:
+        b_sh = tl.load(row_shift + o_own, mask=m_own, other=0).to(ACC)
+        b_wn = tl.load(w_neg + o_own, mask=m_own, other=0).to(ACC)
+        if not CLASS:
+            b_wp = tl.load(w_pos + o_own, mask=m_own, other=0).to(ACC)
+    hi = n_other
+    if FIXUP:
+        if not REF_MAJOR:
+            # the own rows are queries: none flagged, nothing to add
+            b_fl = tl.load(flags + o_own, mask=m_own, other=0)
+            if not SYMMETRIC:
+                hi = tl.where(tl.max(b_fl, 0) > 0, n_other, 0)
     b_acc = tl.zeros([BLOCK_OWN, BLOCK_DX], dtype=ACC)
     b_sum = tl.zeros([BLOCK_OWN], dtype=ACC)
     b_dt = tl.zeros([BLOCK_OWN], dtype=ACC)
-    for i_t in range(0, n_other, BLOCK_OTHER):
-        o_other = (i_t + tl.arange(0, BLOCK_OTHER)).to(tl.int64)
-        if REF_MAJOR:
-            b_ds, b_dsz = _tile_dlogits(q, r, ref_mask, q_labels, r_labels, lse_all, lse_pos,
-                                        g_all, g_pos, g_cls, delta, o_other, o_own, N, M, D, C,
-                                        offset, b_it, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
-                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK,
-                                        CLASS=CLASS,
-                                        ACC=ACC, PRECISION=PRECISION, BLOCK_M=BLOCK_OTHER,
-                                        BLOCK_N=BLOCK_OWN, BLOCK_D=BLOCK_D)
-            # [BOWN, BOTHER]
-            b_ds = tl.trans(b_ds)
-            b_dsz = tl.trans(b_dsz)
-        else:
-            b_ds, b_dsz = _tile_dlogits(q, r, ref_mask, q_labels, r_labels, lse_all, lse_pos,
-                                        g_all, g_pos, g_cls, delta, o_own, o_other, N, M, D, C,
-                                        offset, b_it, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc,
-                                        SQEUCLID=SQEUCLID, HAS_OFFSET=HAS_OFFSET, REF_MASK=REF_MASK,
-                                        CLASS=CLASS,
-                                        ACC=ACC, PRECISION=PRECISION, BLOCK_M=BLOCK_OWN,
-                                        BLOCK_N=BLOCK_OTHER, BLOCK_D=BLOCK_D)
-        b_dt += tl.sum(b_dsz, 1)
-        if NEED_DX:
-            # [BOTHER, BDX]
-            b_y = tl.load(y + o_other[:, None] * s_y + o_dx[None, :] * s_yk,
-                          mask=(o_other < n_other)[:, None] & m_dx[None, :], other=0)
-            # 16-bit inputs: ds rounded to their dtype for the tensor-core dot (fp16: scaled)
-            if SCALE_DS:
-                b_dsr = (b_ds * b_sc[:, None]).to(b_y.dtype)
+    for i_t in range(0, hi, BLOCK_OTHER):
+        o_t = (i_t + tl.arange(0, BLOCK_OTHER)).to(tl.int64)
+        m_t = o_t < n_other
+        run = True
+        if FIXUP:
+            if REF_MAJOR or SYMMETRIC:
+                b_tf = tl.load(flags + o_t)
+                if SYMMETRIC:
+                    run = (tl.max(b_tf, 0) > 0) | (tl.max(b_fl, 0) > 0)
+                else:
+                    run = tl.max(b_tf, 0) > 0
+        if run:
+            b_xy, b_yt = _rows_dot(b_x, x, y, o_own, m_own, o_t, m_t, D, s_x, s_xk, s_y, s_yk,
+                                   RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                                   BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
+            b_v = b_xy * b_c
+            # [BOTHER] the other rows' terms (padded vectors: no mask)
+            b_yn = _norm_term(y_norm, o_t, m_t, b_it, False, ACC)
+            if not CLASS:
+                b_yl = tl.load(y_labels + o_t)
+                m_pos = b_xl[:, None] == b_yl[None, :]
+            elif not REF_MAJOR:
+                b_yl = tl.load(y_labels + o_t)
+            if REF_MAJOR:
+                # [BOTHER] query rows' terms; u = v + own reference norm term
+                b_u = b_v + b_xn[:, None]
+                b_sht = tl.load(row_shift + o_t).to(ACC)
+                b_wnt = tl.load(w_neg + o_t).to(ACC)
+                if CLASS:
+                    m_g = m_own & (b_xl >= 0)
+                    # [BOWN, BOTHER] G_{i, b_j} of query i (other) and reference j (own)
+                    b_g = tl.load(g_cls + o_t[None, :] * s_gn + b_xl.to(tl.int64)[:, None] * s_gc,
+                                  mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
+                    b_ds = tl.math.exp2(b_u + b_sht[None, :]) * (b_g - b_wnt[None, :])
+                else:
+                    b_wpt = tl.load(w_pos + o_t).to(ACC)
+                    b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], b_wnt[None, :], b_wpt[None, :], FIXUP)
             else:
-                b_dsr = b_ds.to(b_y.dtype)
-            if SQEUCLID:
-                b_sum += tl.sum(b_dsr.to(ACC), 1)
-            b_acc = tl.dot(b_dsr, b_y, b_acc, input_precision=PRECISION)
+                b_u = b_v + b_yn[None, :]
+                if CLASS:
+                    m_g = m_t & (b_yl >= 0)
+                    # [BOWN, BOTHER] G_{i, b_j}, gathered (labels in no class: 0)
+                    b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
+                                  mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
+                    b_ds = tl.math.exp2(b_u + b_sh[:, None]) * (b_g - b_wn[:, None])
+                else:
+                    b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], FIXUP)
+                if SYMMETRIC:
+                    # the same pairs with the other rows as queries: ds_jk, k the reference
+                    b_sht = tl.load(row_shift + o_t).to(ACC)
+                    b_wnt = tl.load(w_neg + o_t).to(ACC)
+                    b_wpt = tl.load(w_pos + o_t).to(ACC)
+                    b_dsj = _ds_dir(b_v + b_xn[:, None], m_pos, b_sht[None, :], b_wnt[None, :],
+                                    b_wpt[None, :], FIXUP)
+            if HAS_OFFSET:
+                if REF_MAJOR:
+                    # own rows are the references: j = i + offset, i in the other tile
+                    diag = _meets_diagonal(i_t, i_o * BLOCK_OWN, offset, BLOCK_OTHER, BLOCK_OWN)
+                else:
+                    diag = _meets_diagonal(i_o * BLOCK_OWN, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
+                if diag:
+                    if REF_MAJOR:
+                        m_d = tl.trans(_diagonal(i_t, i_o * BLOCK_OWN, offset, BLOCK_OTHER,
+                                                 BLOCK_OWN))
+                    else:
+                        m_d = _diagonal(i_o * BLOCK_OWN, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
+                    b_ds = tl.where(m_d, 0.0, b_ds)
+                    if SYMMETRIC:
+                        b_dsj = tl.where(m_d, 0.0, b_dsj)
+            if NEED_DT:
+                # true logit, natural units: u + the query's own norm term, times ln 2
+                if REF_MAJOR:
+                    b_z = (b_u + b_yn[None, :]) * LN2
+                else:
+                    b_z = (b_u + b_xn[:, None]) * LN2
+                # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
+                b_dt += tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
+            if SYMMETRIC:
+                b_ds = b_ds + b_dsj
+            if NEED_DX:
+                if not RESIDENT:
+                    # [BOTHER, BDX]
+                    b_yt = tl.load(y + o_t[:, None] * s_y + o_dx[None, :] * s_yk,
+                                   mask=m_t[:, None] & m_dx[None, :], other=0)
+                # 16-bit inputs: ds rounded to their dtype for the tensor-core dot
+                b_dsr = b_ds.to(b_yt.dtype)
+                if SQEUCLID:
+                    b_sum += tl.sum(b_dsr.to(ACC), 1)
+                b_acc = tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION)
+    if SCALE_DS:
+        if REF_MAJOR or SYMMETRIC:
+            b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)
+        else:
+            b_sc = tl.load(ds_scale + o_own, mask=m_own, other=1).to(ACC)
+        b_acc = b_acc / b_sc[:, None]
+        b_sum = b_sum / b_sc
+        b_dt = b_dt / b_sc
     if NEED_DX:
-        if SCALE_DS:
-            b_acc = b_acc / b_sc[:, None]
-            b_sum = b_sum / b_sc
         if SQEUCLID:
             # [BOWN, BDX]
-            b_x = tl.load(x + o_own[:, None] * s_x + o_dx[None, :] * s_xk,
-                          mask=m_own[:, None] & m_dx[None, :], other=0).to(ACC)
-            b_acc = 2 * (b_acc - b_x * b_sum[:, None]) * b_it
+            b_xs = tl.load(x + o_own[:, None] * s_x + o_dx[None, :] * s_xk,
+                           mask=m_own[:, None] & m_dx[None, :], other=0).to(ACC)
+            b_acc = 2 * (b_acc - b_xs * b_sum[:, None]) * (b_it * LN2)
         else:
-            b_acc = b_acc * b_it
-        tl.store(dx + o_own[:, None] * s_xn + o_dx[None, :] * s_xd,
-                 b_acc.to(dx.dtype.element_ty), mask=m_own[:, None] & m_dx[None, :])
+            b_acc = b_acc * (b_it * LN2)
+        p_dx = dx + o_own[:, None] * s_xn + o_dx[None, :] * s_xd
+        m_out = m_own[:, None] & m_dx[None, :]
+        if FIXUP:
+            b_acc += tl.load(p_dx, mask=m_out, other=0)
+        tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_out)
     if NEED_DT:  # compile-time flag, then a runtime test: kept as two ifs
         if i_d == 0:
+            if FIXUP:
+                b_dt += tl.load(dt_part + o_own, mask=m_own, other=0)
             tl.store(dt_part + o_own, b_dt, mask=m_own)

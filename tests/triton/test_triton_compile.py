@@ -29,18 +29,22 @@ def _op_args(case):
     return {
         "triton_lse_fwd": (q, r, a, b, t, "sqeuclidean", 0, True, "ieee"),
         "triton_probs_fwd": (q, r, b, t, case.c, "dot", 0, False, "ieee"),
-        "triton_lse_bwd": (q, r, a, b, t, lse, lse, g, g, "sqeuclidean", 2, True, True, False, True,
-                           "ieee"),
+        "triton_lse_bwd": (q, r, a, b, t, lse, lse, g, g, "sqeuclidean", 2, True, False, True, False,
+                           True, "ieee"),
+        # the batch loss's one symmetric kernel (r is q, one label vector)
+        "triton_lse_bwd_sym": (q, q, a, a, t, lse, lse, g, g, "sqeuclidean", 0, True, True, True,
+                               True, True, "ieee"),
         "triton_probs_bwd": (q, r, b, t, yhat, lse, gc, "dot", 0, False, False, True, True, "ieee"),
     }
 
 
 @pytest.mark.parametrize("name", ["triton_lse_fwd", "triton_probs_fwd", "triton_lse_bwd",
-                                  "triton_probs_bwd"])
+                                  "triton_lse_bwd_sym", "triton_probs_bwd"])
 def test_fake_matches_real(tb, h, name):
     # schema, fake (meta) implementation and registration checks of torch.library
     args = _op_args(_case(h))[name]
-    torch.library.opcheck(getattr(torch.ops.nbkernels, name).default, args,
+    op = name.removesuffix("_sym")
+    torch.library.opcheck(getattr(torch.ops.nbkernels, op).default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

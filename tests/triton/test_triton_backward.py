@@ -1,0 +1,114 @@
+"""The backward kernel's paths (``triton_kernels.neighbor_bwd_kernel``) against the fp64
+oracle of conformance.py, under the interpreter (or on a GPU):
+
+* the batch loss's one SYMMETRIC kernel (``r is q``, one label vector): its summed
+  gradient equals the oracle's dq + dr, and the dq + dr of the two-kernel path on a copy;
+* the one-exp positives, with the fix-up launch in some rows only (rows whose
+  lse_all - lse_pos exceeds 2^64 in exp2 units), on both paths;
+* a resident (D <= 32 here) and a chunked feature dim;
+* fp16 ds scaling of the symmetric kernel under a tiny upstream gradient;
+* int64 labels that agree in their low 32 bits (ranked, never truncated);
+* bitwise determinism of the symmetric kernel.
+"""
+import math
+import types
+
+import pytest
+import torch
+
+from conformance import oracle_lse, upstream_lse
+
+TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2)}
+ALL = dict(need_q=True, need_r=True, need_t=True)
+
+
+def _batch(h, n, d, dtype, **kw):
+    case = h.make_case(n=n, m=n, d=d, dtype=dtype, **kw)
+    return types.SimpleNamespace(q=case.q, r=case.q, a=case.a, b=case.a, t=case.t, c=case.c)
+
+
+def _copy(case):
+    """The same problem with references that are not the queries: the two-kernel path."""
+    return types.SimpleNamespace(q=case.q, r=case.q.clone(), a=case.a, b=case.a.clone(),
+                                 t=case.t, c=case.c)
+
+
+def _run(tb, case, metric, offset, g_all, g_pos):
+    kw = dict(metric=metric, offset=offset, precision="ieee")
+    lse = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, **kw)
+    grads = tb.lse_backward(case.q, case.r, case.a, case.b, case.t, *lse, g_all, g_pos, **kw,
+                            **ALL)
+    return lse, grads
+
+
+def _check_batch(tb, h, case, metric, offset, tol, g=None):
+    """Symmetric and two-kernel paths against the oracle; returns the oracle's lse."""
+    want, (g_all, g_pos) = oracle_lse(case, metric, offset, *(g or upstream_lse(case)))
+    lse, (dx, none, dt) = _run(tb, case, metric, offset, g_all, g_pos)
+    assert none is None, "the symmetric kernel returns the whole gradient as dq"
+    shift = h.row_shift(case, metric)
+    atol, rtol = tol
+    for name, got, ref in (("lse_all", lse[0] + shift, want[0]), ("lse_pos", lse[1] + shift, want[1]),
+                           ("dx", dx, want[2] + want[3]), ("dt", dt, want[4])):
+        h.close(got, ref, atol, rtol, msg=lambda m, name=name: f"symmetric {name}: {m}")
+    _, (dq, dr, dt2) = _run(tb, _copy(case), metric, offset, g_all, g_pos)
+    h.close(dq.double() + dr.double(), want[2] + want[3], atol, rtol,
+            msg=lambda m: f"two-kernel dq + dr: {m}")
+    h.close(dt2, want[4], atol, rtol, msg=lambda m: f"two-kernel dt: {m}")
+    return want
+
+
+@pytest.mark.parametrize("d", [19, 40], ids=["resident", "chunked"])
+@pytest.mark.parametrize("offset", [0, None])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_symmetric_matches_oracle(tb, h, dtype, metric, offset, d):
+    case = _batch(h, 37, d, dtype, scale=min(0.5, 2.5 / math.sqrt(d)))
+    _check_batch(tb, h, case, metric, offset, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_positives_fixup_in_some_rows_only(tb, h, dtype):
+    # T = 0.02 on unit-scale points: logits spread over hundreds of units, so the
+    # nearest positive of some rows sits more than 2^64 below the nearest negative
+    case = _batch(h, 37, 5, dtype, c=6, temperature=0.02, seed=3)
+    want = _check_batch(tb, h, case, "sqeuclidean", 0, (1e-9, 1e-9) if dtype == torch.float64
+                        else (1e-3, 1e-3))
+    gap = (want[0] - want[1]) / math.log(2)
+    flagged = int((gap > 64).sum())
+    assert 0 < flagged < case.q.shape[0], f"{flagged} rows flagged: the case misses the mix"
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1e-6])
+def test_fp16_symmetric_tiny_upstream(tb, h, scale):
+    # ds ~ g / N sits below fp16's normal range before the gradient dot: the launcher's
+    # power-of-two scale keeps it. Compared in units of the upstream scale; the fp16
+    # output itself rounds to multiples of 2^-24 (an absolute 2^-25 / scale).
+    case = _batch(h, 37, 19, torch.float16, scale=0.4)
+    g = [x * scale for x in upstream_lse(case)]
+    want, (g_all, g_pos) = oracle_lse(case, "sqeuclidean", 0, *g)
+    _, (dx, _, dt) = _run(tb, case, "sqeuclidean", 0, g_all, g_pos)
+    h.close(dx.double() / scale, (want[2] + want[3]) / scale, 2e-2 + 2.0 ** -25 / scale, 1e-2,
+            msg=lambda m: f"dx: {m}")
+    h.close(dt.double() / scale, want[4] / scale, 2e-2, 1e-2, msg=lambda m: f"dt: {m}")
+
+
+def test_int64_labels_are_ranked_not_truncated(tb, h):
+    # labels 3 and 3 + 2^32 agree in their low 32 bits and must stay different
+    case = h.make_case(n=23, m=29, d=7, dtype=torch.float64)
+    case.a = torch.where(case.a % 2 == 0, 3, 3 + 2 ** 32).to(case.a)
+    case.b = torch.where(case.b % 2 == 0, 3, 3 + 2 ** 32).to(case.b)
+    want, (g_all, g_pos) = oracle_lse(case, "sqeuclidean", None, *upstream_lse(case))
+    lse, grads = _run(tb, case, "sqeuclidean", None, g_all, g_pos)
+    shift = h.row_shift(case, "sqeuclidean")
+    h.close(lse[1] + shift, want[1], 1e-9, 1e-9, msg=lambda m: f"lse_pos: {m}")
+    for name, got, ref in zip(("dq", "dr", "dt"), grads, want[2:]):
+        h.close(got, ref, 1e-9, 1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_symmetric_is_deterministic(tb, h):
+    case = _batch(h, 45, 19, torch.float32)
+    g_all, g_pos = upstream_lse(case)
+    first = _run(tb, case, "sqeuclidean", 0, g_all, g_pos)[1]
+    second = _run(tb, case, "sqeuclidean", 0, g_all, g_pos)[1]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
