@@ -78,13 +78,13 @@ PAD = 128
 # The configs a GPU autotunes over (also run one by one by the GPU tests).
 GPU_FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2),
-                         (64, 32, 4, 3), (32, 32, 4, 2)]
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
+                         (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
 ]
 GPU_BWD_CONFIGS = [
     triton.Config({"BLOCK_OWN": bo, "BLOCK_OTHER": bt}, num_warps=w, num_stages=s)
-    for bo, bt, w, s in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2),
-                         (64, 32, 4, 3), (32, 32, 4, 2)]
+    for bo, bt, w, s in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+                         (64, 32, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
 ]
 
 
@@ -185,15 +185,9 @@ def _norm_term(r_norm, o, m, b_scale, MASKED: tl.constexpr, ACC: tl.constexpr):
     """[B] per-row logit term -||x||^2 * b_scale (0 for "dot"); -inf for rows at infinity
     and for padding (r_norm +inf). MASKED: ``o`` may leave the padded vector (gathers)."""
     if MASKED:
-        return -tl.load(r_norm + o, mask=m, other=float("inf")).to(ACC) * b_scale
+        return tl.load(r_norm + o, mask=m, other=float("inf")).to(ACC) * -b_scale
     else:
-        return -tl.load(r_norm + o).to(ACC) * b_scale
-
-
-@triton.jit
-def _meets_diagonal(i_x, i_y, offset, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
-    """Whether rows [i_x, i_x + BX) and columns [i_y, i_y + BY) hold a pair j = i + offset."""
-    return (i_y < i_x + offset + BLOCK_X) & (i_x + offset < i_y + BLOCK_Y)
+        return tl.load(r_norm + o).to(ACC) * -b_scale
 
 
 @triton.jit
@@ -219,6 +213,57 @@ def _online_lse2(b_m, b_l, b_s):
     b_p = tl.math.exp2(b_s - b_ms[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     return b_mn, b_l, b_p, b_alpha
+
+
+@triton.jit
+def _peeled(HAS_OFFSET: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
+    """How many BLOCK_Y tiles the diagonal of BLOCK_X rows can meet (0 without offset)."""
+    return (BLOCK_X // BLOCK_Y + 1 if BLOCK_X >= BLOCK_Y else 2) if HAS_OFFSET else 0
+
+
+@triton.jit
+def _diagonal_tiles(i_x, shift, hi, HAS_OFFSET: tl.constexpr, BLOCK_X: tl.constexpr,
+                    BLOCK_Y: tl.constexpr):
+    """[t_lo, t_hi): the BLOCK_Y tiles of [0, hi) that hold a column i + shift of the rows
+    [i_x, i_x + BX); empty without offset. At most ``_peeled`` tiles."""
+    if HAS_OFFSET:
+        c0 = tl.minimum(tl.maximum(i_x + shift, 0), hi)
+        c1 = tl.minimum(tl.maximum(i_x + shift + BLOCK_X, 0), hi)
+        t_lo = c0 // BLOCK_Y
+        t_hi = tl.where(c1 > c0, tl.cdiv(c1, BLOCK_Y), t_lo)
+    else:
+        t_lo = hi * 0
+        t_hi = t_lo
+    return t_lo, t_hi
+
+
+@triton.jit
+def _fwd_lse_tile(b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, i_n, i_m0, o_m, m_m, hi, D,
+                  offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, DIAG: tl.constexpr,
+                  POS_PASS: tl.constexpr, RESIDENT: tl.constexpr, ACC: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """One reference tile [i_n, i_n + BN) of the lse forward: the running (max, sum, sum of
+    positives), updated. DIAG: the tile meets the diagonal, whose pairs are masked."""
+    # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < hi - i_n
+    b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm, s_rd,
+                        RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                        BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+    b_s = b_qr * b_c + _norm_term(r_norm + i_n, o_n, m_n, b_it, False, ACC)[None, :]
+    if DIAG:
+        b_s = tl.where(_diagonal(i_m0, i_n, offset, BLOCK_M, BLOCK_N), float("-inf"), b_s)
+    # [BN] (padded: no mask)
+    b_b = tl.load(r_labels + i_n + o_n)
+    m_pos = b_a[:, None] == b_b[None, :]
+    if POS_PASS:
+        # the positives alone, with their own running max
+        b_s = tl.where(m_pos, b_s, float("-inf"))
+    b_mn, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
+    if not POS_PASS:
+        b_lp = b_lp * b_alpha + tl.sum(tl.where(m_pos, b_p, 0.0), 1)
+    return b_mn, b_l, b_lp
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
@@ -278,42 +323,41 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, til
             b_redo = tl.load(redo + o_m, mask=m_m, other=0)
             # no flagged row in this block: no reference tile at all
             hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
-    for i_n in range(lo, hi, BLOCK_N):
-        o_n = (i_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m_n = o_n < hi
-        if CLASS:
+    if CLASS:
+        for i_n in range(lo, hi, BLOCK_N):
+            o_n = (i_n + tl.arange(0, BLOCK_N)).to(tl.int64)
+            m_n = o_n < hi
             # [BN] original index of the references, in label order
             o_r = tl.load(perm + o_n, mask=m_n, other=0)
-        else:
-            o_r = o_n
-        b_qr, _ = _rows_dot(b_q, q, r, o_m, m_m, o_r, m_n, D, s_qn, s_qd, s_rm, s_rd,
-                            RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
-                            BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
-        b_s = b_qr * b_c + _norm_term(r_norm, o_r, m_n, b_it, CLASS, ACC)[None, :]
-        if HAS_OFFSET:
-            if CLASS:  # label order: the diagonal can be anywhere
+            b_qr, _ = _rows_dot(b_q, q, r, o_m, m_m, o_r, m_n, D, s_qn, s_qd, s_rm, s_rd,
+                                RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                                BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+            b_s = b_qr * b_c + _norm_term(r_norm, o_r, m_n, b_it, True, ACC)[None, :]
+            if HAS_OFFSET:  # label order: the diagonal can be anywhere
                 b_s = tl.where(o_r[None, :] == o_m[:, None] + offset, float("-inf"), b_s)
-            elif _meets_diagonal(i_m * BLOCK_M, i_n, offset, BLOCK_M, BLOCK_N):
-                m_d = _diagonal(i_m * BLOCK_M, i_n, offset, BLOCK_M, BLOCK_N)
-                b_s = tl.where(m_d, float("-inf"), b_s)
-        if CLASS:
             b_m, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
             # [BN] sorted labels (-1: in no class)
             b_b = tl.load(r_labels + o_n, mask=m_n, other=-1)
             # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp2(s_ij - max_i), rescaled like b_l
             b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
             b_y = tl.dot(b_p, b_hot, b_y * b_alpha[:, None], input_precision=MASS_PRECISION)
-        else:
-            # [BN] (padded: no mask)
-            b_b = tl.load(r_labels + o_r)
-            m_pos = b_a[:, None] == b_b[None, :]
-            if POS_PASS:
-                # the positives alone, with their own running max
-                b_s = tl.where(m_pos, b_s, float("-inf"))
-            b_mn, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
-            if not POS_PASS:
-                b_lp = b_lp * b_alpha + tl.sum(tl.where(m_pos, b_p, 0.0), 1)
-            b_m = b_mn
+    else:
+        # the reference tiles that meet the diagonal first, unrolled (straight-line code),
+        # then the main loop over the others, which has no mask at all
+        t_lo, t_hi = _diagonal_tiles(i_m * BLOCK_M, offset, hi, HAS_OFFSET, BLOCK_M, BLOCK_N)
+        for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
+            if t_lo + k < t_hi:
+                b_m, b_l, b_lp = _fwd_lse_tile(
+                    b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, (t_lo + k) * BLOCK_N,
+                    i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it,
+                    True, POS_PASS, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        n_diag = t_hi - t_lo
+        for t in range(0, tl.cdiv(hi, BLOCK_N) - n_diag):
+            i_n = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_N
+            b_m, b_l, b_lp = _fwd_lse_tile(
+                b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, i_n, i_m * BLOCK_M, o_m, m_m,
+                hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, False, POS_PASS, RESIDENT,
+                ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     if CLASS:
         n_tiles = tl.num_programs(1)
         tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
@@ -347,6 +391,106 @@ def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
         return tl.where(b_pos, tl.math.exp2(b_u + b_shift) * b_wpos, 0.0)
     else:
         return tl.math.exp2(b_u + b_shift) * tl.where(b_pos, b_wpos, b_wneg)
+
+
+@triton.jit
+def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_norm,
+              row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
+              b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it,
+              DIAG: tl.constexpr, SQEUCLID: tl.constexpr, CLASS: tl.constexpr,
+              REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
+              NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, RESIDENT: tl.constexpr,
+              ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_OWN: tl.constexpr,
+              BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
+    """One other-side tile [i_t, i_t + BOTHER) of ``neighbor_bwd_kernel``: the dx
+    accumulator, the row sums of ds and the dT partial sums, updated. DIAG: the tile meets
+    the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*, b_fl) come
+    from the caller; the other side's are loaded here from the padded vectors."""
+    # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
+    o_t = tl.arange(0, BLOCK_OTHER)
+    m_t = o_t < n_other - i_t
+    run = True
+    if FIXUP:
+        if REF_MAJOR or SYMMETRIC:
+            b_tf = tl.load(flags + i_t + o_t)
+            if SYMMETRIC:
+                run = (tl.max(b_tf, 0) > 0) | (tl.max(b_fl, 0) > 0)
+            else:
+                run = tl.max(b_tf, 0) > 0
+    if run:
+        y_t = y + i_t * s_y
+        b_xy, b_yt = _rows_dot(b_x, x, y_t, o_own, m_own, o_t, m_t, D, s_x, s_xk, s_y, s_yk,
+                               RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                               BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
+        b_v = b_xy * b_c
+        # [BOTHER] the other rows' terms (padded vectors: no mask)
+        b_yn = _norm_term(y_norm + i_t, o_t, m_t, b_it, False, ACC)
+        if not CLASS:
+            b_yl = tl.load(y_labels + i_t + o_t)
+            m_pos = b_xl[:, None] == b_yl[None, :]
+        elif not REF_MAJOR:
+            b_yl = tl.load(y_labels + i_t + o_t)
+        if REF_MAJOR:
+            # [BOTHER] query rows' terms; u = v + own reference norm term
+            b_u = b_v + b_xn[:, None]
+            b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
+            b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
+            if CLASS:
+                m_g = m_own & (b_xl >= 0)
+                # [BOWN, BOTHER] G_{i, b_j} of query i (other) and reference j (own)
+                b_g = tl.load(g_cls + (i_t + o_t)[None, :] * s_gn + b_xl.to(tl.int64)[:, None] * s_gc,
+                              mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
+                b_ds = tl.math.exp2(b_u + b_sht[None, :]) * (b_g - b_wnt[None, :])
+            else:
+                b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
+                b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], b_wnt[None, :], b_wpt[None, :], FIXUP)
+        else:
+            b_u = b_v + b_yn[None, :]
+            if CLASS:
+                m_g = m_t & (b_yl >= 0)
+                # [BOWN, BOTHER] G_{i, b_j}, gathered (labels in no class: 0)
+                b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
+                              mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
+                b_ds = tl.math.exp2(b_u + b_sh[:, None]) * (b_g - b_wn[:, None])
+            else:
+                b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], FIXUP)
+            if SYMMETRIC:
+                # the same pairs with the other rows as queries: ds_jk, k the reference
+                b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
+                b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
+                b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
+                b_dsj = _ds_dir(b_v + b_xn[:, None], m_pos, b_sht[None, :], b_wnt[None, :],
+                                b_wpt[None, :], FIXUP)
+        if DIAG:
+            if REF_MAJOR:
+                # own rows are the references: j = i + offset, i in the other tile
+                m_d = tl.trans(_diagonal(i_t, i_o0, offset, BLOCK_OTHER, BLOCK_OWN))
+            else:
+                m_d = _diagonal(i_o0, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
+            b_ds = tl.where(m_d, 0.0, b_ds)
+            if SYMMETRIC:
+                b_dsj = tl.where(m_d, 0.0, b_dsj)
+        if NEED_DT:
+            # true logit, natural units: u + the query's own norm term, times ln 2
+            if REF_MAJOR:
+                b_z = (b_u + b_yn[None, :]) * LN2
+            else:
+                b_z = (b_u + b_xn[:, None]) * LN2
+            # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
+            b_dt += tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
+        if SYMMETRIC:
+            b_ds = b_ds + b_dsj
+        if NEED_DX:
+            if not RESIDENT:
+                # [BOTHER, BDX]
+                b_yt = tl.load(y_t + o_t[:, None] * s_y + o_dx[None, :] * s_yk,
+                               mask=m_t[:, None] & m_dx[None, :], other=0)
+            # 16-bit inputs: ds rounded to their dtype for the tensor-core dot
+            b_dsr = b_ds.to(b_yt.dtype)
+            if SQEUCLID:
+                b_sum += tl.sum(b_dsr.to(ACC), 1)
+            b_acc = tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION)
+    return b_acc, b_sum, b_dt
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=PRUNE)
@@ -425,7 +569,15 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, q_norm, r
         b_wn = tl.load(w_neg + o_own, mask=m_own, other=0).to(ACC)
         if not CLASS:
             b_wp = tl.load(w_pos + o_own, mask=m_own, other=0).to(ACC)
+    if not (REF_MAJOR or not CLASS):
+        b_xl = tl.zeros([BLOCK_OWN], dtype=tl.int32)
+    if REF_MAJOR:  # the query rows' terms are the other side's
+        b_sh = tl.zeros([BLOCK_OWN], dtype=ACC)
+        b_wn = b_sh
+    if REF_MAJOR or CLASS:
+        b_wp = tl.zeros([BLOCK_OWN], dtype=ACC)
     hi = n_other
+    b_fl = tl.zeros([BLOCK_OWN], dtype=tl.int8)
     if FIXUP:
         if not REF_MAJOR:
             # the own rows are queries: none flagged, nothing to add
@@ -435,95 +587,29 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, q_norm, r
     b_acc = tl.zeros([BLOCK_OWN, BLOCK_DX], dtype=ACC)
     b_sum = tl.zeros([BLOCK_OWN], dtype=ACC)
     b_dt = tl.zeros([BLOCK_OWN], dtype=ACC)
-    for i_t in range(0, hi, BLOCK_OTHER):
-        o_t = (i_t + tl.arange(0, BLOCK_OTHER)).to(tl.int64)
-        m_t = o_t < n_other
-        run = True
-        if FIXUP:
-            if REF_MAJOR or SYMMETRIC:
-                b_tf = tl.load(flags + o_t)
-                if SYMMETRIC:
-                    run = (tl.max(b_tf, 0) > 0) | (tl.max(b_fl, 0) > 0)
-                else:
-                    run = tl.max(b_tf, 0) > 0
-        if run:
-            b_xy, b_yt = _rows_dot(b_x, x, y, o_own, m_own, o_t, m_t, D, s_x, s_xk, s_y, s_yk,
-                                   RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
-                                   BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
-            b_v = b_xy * b_c
-            # [BOTHER] the other rows' terms (padded vectors: no mask)
-            b_yn = _norm_term(y_norm, o_t, m_t, b_it, False, ACC)
-            if not CLASS:
-                b_yl = tl.load(y_labels + o_t)
-                m_pos = b_xl[:, None] == b_yl[None, :]
-            elif not REF_MAJOR:
-                b_yl = tl.load(y_labels + o_t)
-            if REF_MAJOR:
-                # [BOTHER] query rows' terms; u = v + own reference norm term
-                b_u = b_v + b_xn[:, None]
-                b_sht = tl.load(row_shift + o_t).to(ACC)
-                b_wnt = tl.load(w_neg + o_t).to(ACC)
-                if CLASS:
-                    m_g = m_own & (b_xl >= 0)
-                    # [BOWN, BOTHER] G_{i, b_j} of query i (other) and reference j (own)
-                    b_g = tl.load(g_cls + o_t[None, :] * s_gn + b_xl.to(tl.int64)[:, None] * s_gc,
-                                  mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
-                    b_ds = tl.math.exp2(b_u + b_sht[None, :]) * (b_g - b_wnt[None, :])
-                else:
-                    b_wpt = tl.load(w_pos + o_t).to(ACC)
-                    b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], b_wnt[None, :], b_wpt[None, :], FIXUP)
-            else:
-                b_u = b_v + b_yn[None, :]
-                if CLASS:
-                    m_g = m_t & (b_yl >= 0)
-                    # [BOWN, BOTHER] G_{i, b_j}, gathered (labels in no class: 0)
-                    b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
-                                  mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
-                    b_ds = tl.math.exp2(b_u + b_sh[:, None]) * (b_g - b_wn[:, None])
-                else:
-                    b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], FIXUP)
-                if SYMMETRIC:
-                    # the same pairs with the other rows as queries: ds_jk, k the reference
-                    b_sht = tl.load(row_shift + o_t).to(ACC)
-                    b_wnt = tl.load(w_neg + o_t).to(ACC)
-                    b_wpt = tl.load(w_pos + o_t).to(ACC)
-                    b_dsj = _ds_dir(b_v + b_xn[:, None], m_pos, b_sht[None, :], b_wnt[None, :],
-                                    b_wpt[None, :], FIXUP)
-            if HAS_OFFSET:
-                if REF_MAJOR:
-                    # own rows are the references: j = i + offset, i in the other tile
-                    diag = _meets_diagonal(i_t, i_o * BLOCK_OWN, offset, BLOCK_OTHER, BLOCK_OWN)
-                else:
-                    diag = _meets_diagonal(i_o * BLOCK_OWN, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
-                if diag:
-                    if REF_MAJOR:
-                        m_d = tl.trans(_diagonal(i_t, i_o * BLOCK_OWN, offset, BLOCK_OTHER,
-                                                 BLOCK_OWN))
-                    else:
-                        m_d = _diagonal(i_o * BLOCK_OWN, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
-                    b_ds = tl.where(m_d, 0.0, b_ds)
-                    if SYMMETRIC:
-                        b_dsj = tl.where(m_d, 0.0, b_dsj)
-            if NEED_DT:
-                # true logit, natural units: u + the query's own norm term, times ln 2
-                if REF_MAJOR:
-                    b_z = (b_u + b_yn[None, :]) * LN2
-                else:
-                    b_z = (b_u + b_xn[:, None]) * LN2
-                # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
-                b_dt += tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
-            if SYMMETRIC:
-                b_ds = b_ds + b_dsj
-            if NEED_DX:
-                if not RESIDENT:
-                    # [BOTHER, BDX]
-                    b_yt = tl.load(y + o_t[:, None] * s_y + o_dx[None, :] * s_yk,
-                                   mask=m_t[:, None] & m_dx[None, :], other=0)
-                # 16-bit inputs: ds rounded to their dtype for the tensor-core dot
-                b_dsr = b_ds.to(b_yt.dtype)
-                if SQEUCLID:
-                    b_sum += tl.sum(b_dsr.to(ACC), 1)
-                b_acc = tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION)
+    # the other side's tiles that meet the diagonal first, unrolled (straight-line code),
+    # then the main loop over the others, which has no mask at all. Own rows o, other
+    # rows t: the excluded pairs are t = o + offset (own queries) or t = o - offset.
+    i_o0 = i_o * BLOCK_OWN
+    t_lo, t_hi = _diagonal_tiles(i_o0, -offset if REF_MAJOR else offset, hi, HAS_OFFSET,
+                                 BLOCK_OWN, BLOCK_OTHER)
+    for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
+        if t_lo + k < t_hi:
+            b_acc, b_sum, b_dt = _bwd_tile(
+                b_acc, b_sum, b_dt, (t_lo + k) * BLOCK_OTHER, i_o0, b_x, x, y, s_x, s_xk, s_y,
+                s_yk, y_labels, y_norm, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc,
+                b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset,
+                b_c, b_it, True, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT,
+                RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
+    n_diag = t_hi - t_lo
+    for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
+        i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
+        b_acc, b_sum, b_dt = _bwd_tile(
+            b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_norm,
+            row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
+            b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it, False, SQEUCLID,
+            CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION,
+            BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
     if SCALE_DS:
         if REF_MAJOR or SYMMETRIC:
             b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)
