@@ -23,12 +23,13 @@ kernel in place of a dq and a dr kernel (1 + 1 per pair).
 
 Known spills: variants of the CI set (tests/test_sass.py) that spill today, with the stack
 bytes they may not exceed. Any other variant with a spill (LOCAL / STACK bytes, or an
-LDL / STL in its code) fails CI; a listed one fails when its stack grows. Today 50 of the
-144 Triton variants spill (the ``spills`` and ``stack_bytes`` fields of
-bench/results/sass_sm90.json): 19 class forwards, worst at 128 x 64 and 64 x 64 (255
-registers, 1.5-1.9 KB of stack, 23-27 LDL / STL per pair in the main loop: the [BM, BC]
-class mass and its 3xTF32 split), the rest 8-152 B at the smaller tiles; and 31 backward
-kernels (255 registers, 8-392 B; the dr kernel and fp32 the most).
+LDL / STL in its code) fails CI; a listed one fails when its stack grows. Today 52 of the
+280 Triton variants spill (the ``spills`` and ``stack_bytes`` fields of
+bench/results/sass_sm90.json), 46 of them with class output: 24 class forwards (24 B to
+1.4 KB, worst at 128 x 64: the [BM, BC] class mass and its 3xTF32 split beside the logit
+tile) and 22 class backward kernels (8-280 B, fp32 the most); of the rest, 3 fp32
+symmetric backwards (8-48 B), 2 fp32 dr kernels at 64 x 64 (40-56 B) and one 32 x 32 dq
+kernel (8 B). No bf16 / fp16 non-class kernel at its best config spills.
 """
 
 MUFU_EX2_BUDGET = {

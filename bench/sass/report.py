@@ -67,6 +67,10 @@ def env():
     import torch
     import triton
     commit = os.popen(f"git -C {ROOT} rev-parse HEAD 2>/dev/null").read().strip()
+    # uncommitted changes to what is compiled: the commit alone does not name the code
+    dirty = os.popen(f"git -C {ROOT} status --porcelain -- nbkernels csrc bench/sass "
+                     "2>/dev/null").read().strip()
+    commit = commit + "+dirty" if commit and dirty else commit
     return {"triton": triton.__version__, "torch": torch.__version__,
             "target": f"cuda sm_{build.SM} (GPUTarget('cuda', {build.SM}, 32)), deviceless",
             "nvcc": os.popen("nvcc --version 2>/dev/null").read().strip().splitlines()[-1:] or None,
@@ -133,7 +137,7 @@ def table(data):
 
     by_name = {r["name"]: r for r in data["variants"]}
     rows = [data["anchor"]] + [by_name[n] for n in sorted(data["best"])] + data["cuda"]
-    sums_head = ["forward + backward (fwd + dq + dr, best config each)",
+    sums_head = ["forward + backward (fwd + dq + dr; `_batch`: fwd + symmetric bwd; best config each)",
                  "predicted TFLOP/s raw (overlap / no overlap)", "% bf16 peak raw",
                  "calibrated TFLOP/s", "% peak cal."]
     sums = [[s["name"], f"{p['overlap']['tflops']:.0f} / {p['no_overlap']['tflops']:.0f}",
@@ -216,6 +220,8 @@ def comparison(old, new, old_path=PREVIOUS):
 def block(data, previous=None, previous_path=PREVIOUS):
     e, a = data["env"], data["anchor"]
     pa = a["predicted"]["overlap"]
+    by_name = {r["name"]: r for r in data["variants"]}
+    bounds = [by_name[n]["predicted"]["bound_by"] for n in data["best"] if n in by_name]
     lines = [
         f"*Predicted from compiled SASS*, not measured: triton {e['triton']}, {e['target']}, "
         f"{e['date']}; problem N = M = {e['problem']['N']}, D = {e['problem']['D']} "
@@ -227,7 +233,8 @@ def block(data, previous=None, previous_path=PREVIOUS):
         f"calibration factor **{data['calibration_factor']:.3f}** (measured / predicted), "
         "applied to every row's \"% peak cal.\". The measurement lies between the anchor's "
         f"no-overlap ({a['predicted']['no_overlap']['tflops']:.0f} TFLOP/s) and overlap bounds. "
-        "The anchor is tensor-bound and every nbkernels kernel here is issue-bound, so the "
+        f"The anchor is tensor-bound; of the {len(bounds)} nbkernels Triton kernels shown, "
+        f"{bounds.count('tensor')} are tensor-bound and the others issue-bound, where the "
         "factor carries the anchor's latency and scheduling losses over to a different "
         "bottleneck: read calibrated figures as a rough estimate, raw ones as a ceiling.",
         "",
@@ -242,7 +249,9 @@ def block(data, previous=None, previous_path=PREVIOUS):
         "per pair forward, 4·D per backward kernel (logit recompute + dx), 4·D for the "
         "anchor, of the bf16 dense peak for every dtype; calibrated = raw x the anchor's "
         "factor. One row per Triton kernel at its best-predicted autotune config (every "
-        "config is in the JSON); the fwd+bwd table counts 8·N·M·D over fwd + dq + dr.",
+        "config is in the JSON); the fwd+bwd table counts 8·N·M·D (the convention of "
+        "Triton's attention benchmarks) over fwd + dq + dr, and for the `_batch` rows over "
+        "fwd + the one symmetric backward kernel, whose tensor work is 6·N·M·D in all.",
         "",
         table(data),
     ]
