@@ -12,7 +12,7 @@ sits a little above today's count, so that a change that adds exponentials fails
 | fwd (class)     | 1.06 |  1.06 |   1.20 | one online lse; the mass reuses its exp      |
 | bwd (lse)       | 2.00 |  1.00 |   1.10 | p+ = p exp(lse_all - lse_pos): a row factor [b] |
 | bwd (class)     | 1.00 |  1.00 |   1.10 | p recomputed once                            |
-| bwd (symmetric) |    - |  2.00 |   2.20 | ds_kj and ds_jk from one tile: 2 per pair, for both directions [c] |
+| bwd (symmetric) |    - |  2.00 |   2.20 | ds_kj and ds_jk from one tile [c]            |
 | anchor (FA-2)   | 1.06 |  1.06 |   1.20 | one exp per pair, plus the row rescale       |
 
 [a] the positives' sum is taken from the same exponentials under one running max; the

@@ -137,7 +137,8 @@ def table(data):
 
     by_name = {r["name"]: r for r in data["variants"]}
     rows = [data["anchor"]] + [by_name[n] for n in sorted(data["best"])] + data["cuda"]
-    sums_head = ["forward + backward (fwd + dq + dr; `_batch`: fwd + symmetric bwd; best config each)",
+    sums_head = ["forward + backward (fwd + dq + dr; `_batch`: fwd + symmetric bwd; best "
+                 "config each)",
                  "predicted TFLOP/s raw (overlap / no overlap)", "% bf16 peak raw",
                  "calibrated TFLOP/s", "% peak cal."]
     sums = [[s["name"], f"{p['overlap']['tflops']:.0f} / {p['no_overlap']['tflops']:.0f}",

@@ -230,13 +230,18 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     tile_sum = torch.empty(n, n_tiles, dtype=acc, device=q.device)
     if n > 0:
         with _on_device(q):
+            # the references themselves in label order: every tile is a contiguous block
+            r_sorted = r[perm]
+            r_norm = _norms(q, r_sorted, None if r_far is None else r_far[perm], metric)[1]
             tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
-                q_labels=None, r_labels=_class_labels(labels, c), r_norm=_norms(q, r, r_far, metric)[1],
-                perm=perm, tile_ptr=tile_ptr, lse_all=None, lse_pos=None, redo=None, mass=mass,
-                tile_max=tile_max, tile_sum=tile_sum, CLASS=True, POS_PASS=False,
-                # p in [0, 1]: tf32 would cost 1e-3 of yhat; 3xTF32 is near fp32, one-hot exact
-                MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x3", BLOCK_C=block_c,
-                **_common(q, r, temperature, metric, offset, has_offset, precision,
+                q_labels=None, r_labels=_class_labels(labels, c), r_norm=r_norm,
+                perm=perm if has_offset else None, tile_ptr=tile_ptr, lse_all=None, lse_pos=None,
+                redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
+                POS_PASS=False,
+                # p in [0, 1]: tf32 would cost 1e-3 of yhat; a hi + lo split of p in two TF32 dots
+                # ("tf32x2" in the kernel) is near fp32, and the one-hot is exact
+                MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x2", BLOCK_C=block_c,
+                **_common(q, r_sorted, temperature, metric, offset, has_offset, precision,
                           tk.MAX_RESIDENT_D))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)

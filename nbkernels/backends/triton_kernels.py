@@ -93,7 +93,8 @@ def fits(config, elem, block_d, cls=False):
     other tiles of [rows, block_d] elements of ``elem`` bytes) fit in 200 KB of sm_90's
     227 KB of shared memory (fp32 at 128 x 128 with 3 stages does not), and, for the
     class forward (``cls``), its [BM, BN] tile is at most 128 x 64: beside the
-    [BM, BLOCK_C] class mass a 128 x 128 tile spills 4.5 KB (compiled SASS)."""
+    [BM, BLOCK_C] class mass a 128 x 128 tile spills (456 B in the compiled SASS) and is
+    predicted no faster."""
     kw = config.kwargs
     own = kw.get("BLOCK_M", kw.get("BLOCK_OWN"))
     other = kw.get("BLOCK_N", kw.get("BLOCK_OTHER"))
@@ -107,8 +108,8 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     q = args.get("q")
     elem = q.element_size() if hasattr(q, "element_size") else 2
-    keep = [c for c in configs
-            if fits(c, elem, args.get("BLOCK_D", 64), bool(args.get("CLASS")) and "BLOCK_M" in c.kwargs)]
+    cls = bool(args.get("CLASS")) and "BLOCK_M" in configs[0].kwargs  # the class forward
+    keep = [c for c in configs if fits(c, elem, args.get("BLOCK_D", 64), cls)]
     return keep or configs[-1:]
 
 
@@ -292,8 +293,9 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, til
     (fp32), so a sum >= POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31;
     fp64: 2^-1022 and 2^-960.
 
-    CLASS=True reads the references in label order (perm, sorted r_labels, tile_ptr:
-    references of class tile c are perm[tile_ptr[c]:tile_ptr[c+1]]) and writes mass
+    CLASS=True reads the references in label order (the launcher sorts r, r_norm and
+    r_labels; perm holds their original indices, for the self-pair mask; tile_ptr: the
+    references of class tile c are rows tile_ptr[c]:tile_ptr[c+1]) and writes mass
     (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
     relative to tile_max, plus tile_max (natural units) and tile_sum (N, n_tiles).
     """
@@ -325,22 +327,32 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, til
             hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
     if CLASS:
         for i_n in range(lo, hi, BLOCK_N):
-            o_n = (i_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-            m_n = o_n < hi
-            # [BN] original index of the references, in label order
-            o_r = tl.load(perm + o_n, mask=m_n, other=0)
-            b_qr, _ = _rows_dot(b_q, q, r, o_m, m_m, o_r, m_n, D, s_qn, s_qd, s_rm, s_rd,
-                                RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+            # r, r_norm and r_labels arrive in label order: tile-local offsets, no gather
+            o_n = tl.arange(0, BLOCK_N)
+            m_n = o_n < hi - i_n
+            b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm,
+                                s_rd, RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
                                 BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
-            b_s = b_qr * b_c + _norm_term(r_norm, o_r, m_n, b_it, True, ACC)[None, :]
-            if HAS_OFFSET:  # label order: the diagonal can be anywhere
+            b_s = b_qr * b_c + _norm_term(r_norm + i_n, o_n, m_n, b_it, True, ACC)[None, :]
+            if HAS_OFFSET:
+                # [BN] original index of the references: the diagonal can be anywhere
+                o_r = tl.load(perm + i_n + o_n, mask=m_n, other=-1)
                 b_s = tl.where(o_r[None, :] == o_m[:, None] + offset, float("-inf"), b_s)
             b_m, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
             # [BN] sorted labels (-1: in no class)
-            b_b = tl.load(r_labels + o_n, mask=m_n, other=-1)
+            b_b = tl.load(r_labels + i_n + o_n, mask=m_n, other=-1)
             # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp2(s_ij - max_i), rescaled like b_l
             b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
-            b_y = tl.dot(b_p, b_hot, b_y * b_alpha[:, None], input_precision=MASS_PRECISION)
+            b_y = b_y * b_alpha[:, None]
+            if MASS_PRECISION == "tf32x2":
+                # p = hi + lo, hi truncated to TF32's 10 mantissa bits and lo the exact rest:
+                # the one-hot is exact in TF32, so two TF32 dots carry p to 2^-21 relative,
+                # as 3xTF32 would (its third product, lo x lo of the one-hot, is 0)
+                b_hi = (b_p.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                b_y = tl.dot(b_hi, b_hot, b_y, input_precision="tf32")
+                b_y = tl.dot(b_p - b_hi, b_hot, b_y, input_precision="tf32")
+            else:
+                b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION)
     else:
         # the reference tiles that meet the diagonal first, unrolled (straight-line code),
         # then the main loop over the others, which has no mask at all
@@ -438,7 +450,8 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
             if CLASS:
                 m_g = m_own & (b_xl >= 0)
                 # [BOWN, BOTHER] G_{i, b_j} of query i (other) and reference j (own)
-                b_g = tl.load(g_cls + (i_t + o_t)[None, :] * s_gn + b_xl.to(tl.int64)[:, None] * s_gc,
+                b_g = tl.load(g_cls + (i_t + o_t)[None, :] * s_gn
+                              + b_xl.to(tl.int64)[:, None] * s_gc,
                               mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
                 b_ds = tl.math.exp2(b_u + b_sht[None, :]) * (b_g - b_wnt[None, :])
             else:

@@ -48,7 +48,8 @@ def _check_batch(tb, h, case, metric, offset, tol, g=None):
     assert none is None, "the symmetric kernel returns the whole gradient as dq"
     shift = h.row_shift(case, metric)
     atol, rtol = tol
-    for name, got, ref in (("lse_all", lse[0] + shift, want[0]), ("lse_pos", lse[1] + shift, want[1]),
+    for name, got, ref in (("lse_all", lse[0] + shift, want[0]),
+                           ("lse_pos", lse[1] + shift, want[1]),
                            ("dx", dx, want[2] + want[3]), ("dt", dt, want[4])):
         h.close(got, ref, atol, rtol, msg=lambda m, name=name: f"symmetric {name}: {m}")
     _, (dq, dr, dt2) = _run(tb, _copy(case), metric, offset, g_all, g_pos)
