@@ -15,8 +15,8 @@ inputs (the problem of bench/README's GPU targets):
   use tensor cores), bf16 / fp16 dot on tensor cores with fp32 accumulation;
 * "cosine" reaches the kernels as "dot" on normalised inputs: no variant of its own.
 
-* every launch passes ``r_norm`` (and, backward, ``q_norm``): ||x||^2 per row (zeros for
-  "dot"), padded, computed by the launcher. Labels are int32 (dense ranks, or
+* every launch passes ``r_col`` (and, backward, ``q_col``): -||x||^2 log2(e)/T per row
+  (zeros for "dot"), padded, computed by the launcher. Labels are int32 (dense ranks, or
   class labels with -1 outside [0, C)). D = 128 is RESIDENT: BLOCK_D = BLOCK_DX = 128.
 * the batch loss's backward is one SYMMETRIC kernel (``bwd_sym_*``, no class output),
   the other losses' a dq and a dr kernel; the fix-up launch of rows whose positives
@@ -220,12 +220,14 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
     block_d = block(D, 1 << 30) if resident else block(D, tk.MAX_BLOCK_D)
     # sqeuclidean: the launcher's row norms (+inf at references at infinity)
     common = dict(q=_meta(t), r=_meta(t), temperature=f32, N=N, M=M, D=D, offset=0,
-                  r_norm=f32, s_qn=D, s_qd=1, s_rm=D, s_rd=1, N_KEY=N,
+                  r_col=f32, s_qn=D, s_qd=1, s_rm=D, s_rd=1, N_KEY=N,
                   M_KEY=M, D_KEY=D, SQEUCLID=sq, HAS_OFFSET=not cls, RESIDENT=resident,
                   ACC=tl.float32, PRECISION="tf32" if dtype == "fp32" else "ieee",
                   BLOCK_D=block_d)
     if kind == "fwd":
         v = dict(common, q_labels=None if cls else i32, r_labels=i32, perm=None,
+                 # the lse forward packs each reference's column term and label in one int64
+                 r_pack=None if cls else i64, PACKED=not cls,
                  tile_ptr=i64 if cls else None, lse_all=None if cls else f32,
                  lse_pos=None if cls else f32, mass=f32 if cls else None,
                  # the first pass (POS_PASS=False) flags rows for the rare positives' pass
@@ -236,7 +238,7 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
     else:
         # ref_major: False (dq), True (dr) or "sym" (the batch loss's one kernel)
         v = dict(common, q_labels=None if cls else i32, r_labels=i32,
-                 q_norm=f32, row_shift=f32, w_neg=f32,
+                 q_col=f32, row_shift=f32, w_neg=f32,
                  w_pos=None if cls else f32, flags=None, g_cls=f32 if cls else None,
                  C=NUM_CLASSES if cls else 0, s_gn=NUM_CLASSES if cls else 0,
                  s_gc=1 if cls else 0, ds_scale=f32 if dtype == "fp16" else None,

@@ -32,6 +32,7 @@ except ImportError:  # the package works without triton; is_available says False
 
 METRICS = ("sqeuclidean", "dot")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+LOG2E = 1.4426950408889634
 
 
 def is_available(device) -> bool:
@@ -126,9 +127,15 @@ def _label_ranks(q_labels, r_labels):
 
 def _padded(x, value):
     """x (L,) padded with ``value`` to a multiple of ``PAD``: the kernels stream per-row
-    vectors in unmasked tiles (padding weighs nothing: norm +inf, label -2, weight 0)."""
+    vectors in unmasked tiles (padding weighs nothing: column term -inf, label -2, weight 0)."""
     extra = -x.shape[0] % tk.PAD
     return torch.cat([x, x.new_full((extra,), value)]) if extra else x
+
+
+def _packed(labels, col):
+    """One int64 per row: the bits of the fp32 column term high, the int32 label low (both
+    padded alike), for the lse forward's one load per reference."""
+    return (col.view(torch.int32).to(torch.int64) << 32) | (labels.to(torch.int64) & 0xFFFFFFFF)
 
 
 def _class_labels(labels, num_classes):
@@ -137,19 +144,21 @@ def _class_labels(labels, num_classes):
     return _padded(torch.where(inside, labels, -1).to(torch.int32), -1)
 
 
-def _norms(q, r, r_far, metric):
-    """(||q||^2, ||r||^2) in the accumulation dtype, padded (``_padded``): zeros for
-    "dot"; +inf at the references at infinity ("sqeuclidean": weight 0, rows zeroed)."""
+def _columns(q, r, r_far, metric, temperature):
+    """(q_col, r_col): the kernels' per-row logit terms -||x||^2 log2(e)/T in the
+    accumulation dtype, padded (``_padded``) with -inf: zeros for "dot"; -inf at the
+    references at infinity ("sqeuclidean": weight 0, their rows zeroed)."""
     acc = _acc_dtype(q.dtype)
     if metric != "sqeuclidean":
-        q_norm = torch.zeros(q.shape[0], dtype=acc, device=q.device)
-        r_norm = q_norm if r is q else torch.zeros(r.shape[0], dtype=acc, device=q.device)
+        q_col = torch.zeros(q.shape[0], dtype=acc, device=q.device)
+        r_col = q_col if r is q else torch.zeros(r.shape[0], dtype=acc, device=q.device)
     else:
-        q_norm = q.to(acc).pow(2).sum(1)
-        r_norm = q_norm if r is q else r.to(acc).pow(2).sum(1)
+        scale = -LOG2E / temperature.to(acc)
+        q_col = q.to(acc).pow(2).sum(1) * scale
+        r_col = q_col if r is q else r.to(acc).pow(2).sum(1) * scale
     if r_far is not None:
-        r_norm = r_norm.masked_fill(r_far, float("inf"))
-    return _padded(q_norm, float("inf")), _padded(r_norm, float("inf"))
+        r_col = r_col.masked_fill(r_far, float("-inf"))
+    return _padded(q_col, float("-inf")), _padded(r_col, float("-inf"))
 
 
 def _feature_blocks(d, max_resident):
@@ -190,7 +199,10 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
         # rows whose positives underflowed against the shared max (see the kernel)
         redo = torch.empty(n, dtype=torch.int8, device=q.device)
         a, b = _label_ranks(q_labels, r_labels)
-        args = dict(q_labels=a, r_labels=b, r_norm=_norms(q, r, r_far, metric)[1], perm=None,
+        r_col = _columns(q, r, r_far, metric, temperature)[1]
+        packed = acc == torch.float32
+        args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
+                    r_pack=_packed(b, r_col) if packed else None, perm=None,
                     tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, redo=redo, mass=None,
                     tile_max=None, tile_sum=None, CLASS=False, MASS_PRECISION="ieee",
                     BLOCK_C=16, **_common(q, r, temperature, metric, offset, has_offset,
@@ -232,9 +244,11 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
         with _on_device(q):
             # the references themselves in label order: every tile is a contiguous block
             r_sorted = r[perm]
-            r_norm = _norms(q, r_sorted, None if r_far is None else r_far[perm], metric)[1]
+            r_col = _columns(q, r_sorted, None if r_far is None else r_far[perm], metric,
+                             temperature)[1]
             tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
-                q_labels=None, r_labels=_class_labels(labels, c), r_norm=r_norm,
+                q_labels=None, r_labels=_class_labels(labels, c), r_col=r_col, r_pack=None,
+                PACKED=False,
                 perm=perm if has_offset else None, tile_ptr=tile_ptr, lse_all=None, lse_pos=None,
                 redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
                 POS_PASS=False,
@@ -263,9 +277,6 @@ def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, prec
     acc = _acc_dtype(q.dtype)
     return (q.new_empty(q.shape[0], num_classes, dtype=acc),
             q.new_empty(q.shape[0], dtype=acc))
-
-
-LOG2E = 1.4426950408889634
 
 
 def _lse_rows(lse_all, lse_pos, g_all, g_pos):
@@ -311,13 +322,13 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
     n, d = q.shape
     m = r.shape[0]
     acc = _acc_dtype(q.dtype)
-    q_norm, r_norm = _norms(q, r, r_far, metric)
+    q_col, r_col = _columns(q, r, r_far, metric, temperature)
     if symmetric:
-        q_norm = r_norm  # one set of rows: references at infinity have weight 0 both ways
+        q_col = r_col  # one set of rows: references at infinity have weight 0 both ways
     resident, _, block_dx = _feature_blocks(d, tk.MAX_RESIDENT_D_BWD)
     # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
     row_scale, top_scale = _ds_scales(gmax) if gmax is not None else (None, None)
-    common = dict(q_labels=labels[0], r_labels=labels[1], r_norm=r_norm, q_norm=q_norm,
+    common = dict(q_labels=labels[0], r_labels=labels[1], r_col=r_col, q_col=q_col,
                   C=num_classes, SCALE_DS=gmax is not None, BLOCK_DX=block_dx,
                   **_common(q, r, temperature, metric, offset, has_offset, precision,
                             tk.MAX_RESIDENT_D_BWD))

@@ -6,17 +6,20 @@ log2(e)/T is folded into one scale and every exponential is one ``exp2``, as
 FlashAttention does. The launcher passes the per-row terms that do not depend on the
 pair, so that the loop does no per-pair work for them:
 
-* ``r_norm`` (M,): ||r_j||^2 for "sqeuclidean" (0 for "dot"), +inf for references at
-  infinity (weight 0). A reference tile turns it into the column term
-  ``-||r_j||^2 log2(e)/T``, and ``2 q.r log2(e)/T + column term`` is one FFMA per pair.
+* ``r_col`` (M,): the column term ``-||r_j||^2 log2(e)/T`` for "sqeuclidean" (0 for
+  "dot"), -inf for references at infinity (weight 0), so that the logit
+  ``2 q.r log2(e)/T + column term`` is one FFMA per pair. The backward also takes
+  ``q_col``, the same term of the queries.
 * labels are int32 (the launcher ranks int64 labels densely, exactly): one compare
-  per pair, not two.
-* every per-row vector that a program streams (norms, labels, the backward's row
-  terms and flags) is padded by the launcher to a multiple of PAD with values that
-  weigh nothing (norm +inf, so the column term is -inf): its tile loads need no mask,
+  per pair, not two. PACKED (the lse forward, fp32 accumulation): each reference's
+  column term and label rank travel as one int64 (``r_pack``), one load for both.
+* every per-row vector that a program streams (column terms, labels, the backward's
+  row terms and flags) is padded by the launcher to a multiple of PAD with values that
+  weigh nothing (column term -inf): its tile loads need no mask,
   and vectorise.
 * self-exclusion (``offset``) is masked only in the reference tiles that meet the
-  diagonal ``j = i + offset``, with a per-tile branch.
+  diagonal ``j = i + offset``: they are peeled out of the main loop as straight-line
+  code (FlashAttention's causal split), so the main loop has no mask at all.
 
 RESIDENT (D <= MAX_RESIDENT_D): the program's own rows (the query tile forward, the
 dx-owner tile backward) are loaded once, [BLOCK, BLOCK_D >= D], before the loop, and
@@ -182,13 +185,13 @@ def _rows_dot(b_x, x, y, o_x, m_x, o_y, m_y, D, s_xn, s_xd, s_yn, s_yd,
 
 
 @triton.jit
-def _norm_term(r_norm, o, m, b_scale, MASKED: tl.constexpr, ACC: tl.constexpr):
-    """[B] per-row logit term -||x||^2 * b_scale (0 for "dot"); -inf for rows at infinity
-    and for padding (r_norm +inf). MASKED: ``o`` may leave the padded vector (gathers)."""
+def _col_term(r_col, o, m, MASKED: tl.constexpr, ACC: tl.constexpr):
+    """[B] the launcher's per-row logit terms -||x||^2 log2(e)/T (0 for "dot"); -inf for
+    rows at infinity and for padding. MASKED: ``o`` may leave the padded vector."""
     if MASKED:
-        return tl.load(r_norm + o, mask=m, other=float("inf")).to(ACC) * -b_scale
+        return tl.load(r_col + o, mask=m, other=float("-inf")).to(ACC)
     else:
-        return tl.load(r_norm + o).to(ACC) * -b_scale
+        return tl.load(r_col + o).to(ACC)
 
 
 @triton.jit
@@ -239,9 +242,10 @@ def _diagonal_tiles(i_x, shift, hi, HAS_OFFSET: tl.constexpr, BLOCK_X: tl.conste
 
 
 @triton.jit
-def _fwd_lse_tile(b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, i_n, i_m0, o_m, m_m, hi, D,
-                  offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, DIAG: tl.constexpr,
-                  POS_PASS: tl.constexpr, RESIDENT: tl.constexpr, ACC: tl.constexpr,
+def _fwd_lse_tile(b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, i_m0, o_m, m_m,
+                  hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, DIAG: tl.constexpr,
+                  POS_PASS: tl.constexpr, PACKED: tl.constexpr, RESIDENT: tl.constexpr,
+                  ACC: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """One reference tile [i_n, i_n + BN) of the lse forward: the running (max, sum, sum of
@@ -252,11 +256,18 @@ def _fwd_lse_tile(b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, i_n, i_m0, o
     b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm, s_rd,
                         RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
                         BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
-    b_s = b_qr * b_c + _norm_term(r_norm + i_n, o_n, m_n, b_it, False, ACC)[None, :]
+    # [BN] column terms and labels (padded: no mask)
+    if PACKED:
+        # one int64 per reference: the fp32 column term's bits high, the label rank low
+        b_w = tl.load(r_pack + i_n + o_n)
+        b_b = b_w.to(tl.int32)
+        b_col = (b_w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        b_b = tl.load(r_labels + i_n + o_n)
+        b_col = _col_term(r_col + i_n, o_n, m_n, False, ACC)
+    b_s = b_qr * b_c + b_col[None, :]
     if DIAG:
         b_s = tl.where(_diagonal(i_m0, i_n, offset, BLOCK_M, BLOCK_N), float("-inf"), b_s)
-    # [BN] (padded: no mask)
-    b_b = tl.load(r_labels + i_n + o_n)
     m_pos = b_a[:, None] == b_b[None, :]
     if POS_PASS:
         # the positives alone, with their own running max
@@ -269,19 +280,20 @@ def _fwd_lse_tile(b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, i_n, i_m0, o
 
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
-def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, tile_ptr,
+def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, perm, tile_ptr,
                         lse_all, lse_pos, redo, mass, tile_max, tile_sum,
                         N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                        CLASS: tl.constexpr, POS_PASS: tl.constexpr, RESIDENT: tl.constexpr,
+                        CLASS: tl.constexpr, POS_PASS: tl.constexpr, PACKED: tl.constexpr,
+                        RESIDENT: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     """Online log-sum-exps (CLASS=False) or per-class-tile mass (CLASS=True).
 
     Logit tile, log2 units: ``s = q.r c + colterm`` with c = (2 or 1) log2(e)/T and the
-    column term of ``_norm_term`` (the row constant -||q||^2/T is left out: shifted lse).
+    column term of ``_col_term`` (the row constant -||q||^2/T is left out: shifted lse).
 
     CLASS=False writes lse_all, lse_pos (N,) with one exp2 per pair: the positives' sum
     uses the same exponentials under the shared running max. That sum is exact unless
@@ -293,7 +305,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, til
     (fp32), so a sum >= POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31;
     fp64: 2^-1022 and 2^-960.
 
-    CLASS=True reads the references in label order (the launcher sorts r, r_norm and
+    CLASS=True reads the references in label order (the launcher sorts r, r_col and
     r_labels; perm holds their original indices, for the self-pair mask; tile_ptr: the
     references of class tile c are rows tile_ptr[c]:tile_ptr[c+1]) and writes mass
     (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
@@ -327,13 +339,13 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, til
             hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
     if CLASS:
         for i_n in range(lo, hi, BLOCK_N):
-            # r, r_norm and r_labels arrive in label order: tile-local offsets, no gather
+            # r, r_col and r_labels arrive in label order: tile-local offsets, no gather
             o_n = tl.arange(0, BLOCK_N)
             m_n = o_n < hi - i_n
             b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm,
                                 s_rd, RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
                                 BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
-            b_s = b_qr * b_c + _norm_term(r_norm + i_n, o_n, m_n, b_it, True, ACC)[None, :]
+            b_s = b_qr * b_c + _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :]
             if HAS_OFFSET:
                 # [BN] original index of the references: the diagonal can be anywhere
                 o_r = tl.load(perm + i_n + o_n, mask=m_n, other=-1)
@@ -360,16 +372,17 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, perm, til
         for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
             if t_lo + k < t_hi:
                 b_m, b_l, b_lp = _fwd_lse_tile(
-                    b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, (t_lo + k) * BLOCK_N,
-                    i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it,
-                    True, POS_PASS, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                    b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
+                    (t_lo + k) * BLOCK_N, i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd,
+                    s_rm, s_rd, b_c, b_it, True, POS_PASS, PACKED, RESIDENT, ACC, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_D)
         n_diag = t_hi - t_lo
         for t in range(0, tl.cdiv(hi, BLOCK_N) - n_diag):
             i_n = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_N
             b_m, b_l, b_lp = _fwd_lse_tile(
-                b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_norm, i_n, i_m * BLOCK_M, o_m, m_m,
-                hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, False, POS_PASS, RESIDENT,
-                ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, i_m * BLOCK_M,
+                o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, False, POS_PASS,
+                PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     if CLASS:
         n_tiles = tl.num_programs(1)
         tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
@@ -406,7 +419,7 @@ def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
 
 
 @triton.jit
-def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_norm,
+def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
               row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
               b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it,
               DIAG: tl.constexpr, SQEUCLID: tl.constexpr, CLASS: tl.constexpr,
@@ -436,7 +449,7 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
                                BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
         b_v = b_xy * b_c
         # [BOTHER] the other rows' terms (padded vectors: no mask)
-        b_yn = _norm_term(y_norm + i_t, o_t, m_t, b_it, False, ACC)
+        b_yn = _col_term(y_col + i_t, o_t, m_t, False, ACC)
         if not CLASS:
             b_yl = tl.load(y_labels + i_t + o_t)
             m_pos = b_xl[:, None] == b_yl[None, :]
@@ -508,7 +521,7 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
 
 @triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
-def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, q_norm, row_shift,
+def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row_shift,
                         w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part,
                         N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
                         N_KEY, M_KEY, D_KEY,
@@ -563,18 +576,18 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, q_norm, r
     b_c = 2 * b_it if SQEUCLID else b_it
     if REF_MAJOR:
         n_own, n_other = M, N
-        x, s_x, s_xk, x_labels, x_norm = r, s_rm, s_rd, r_labels, r_norm
-        y, s_y, s_yk, y_labels, y_norm = q, s_qn, s_qd, q_labels, q_norm
+        x, s_x, s_xk, x_labels, x_col = r, s_rm, s_rd, r_labels, r_col
+        y, s_y, s_yk, y_labels, y_col = q, s_qn, s_qd, q_labels, q_col
     else:
         n_own, n_other = N, M
-        x, s_x, s_xk, x_labels, x_norm = q, s_qn, s_qd, q_labels, q_norm
-        y, s_y, s_yk, y_labels, y_norm = r, s_rm, s_rd, r_labels, r_norm
+        x, s_x, s_xk, x_labels, x_col = q, s_qn, s_qd, q_labels, q_col
+        y, s_y, s_yk, y_labels, y_col = r, s_rm, s_rd, r_labels, r_col
     m_own = o_own < n_own
     b_x = tl.zeros([BLOCK_OWN, BLOCK_D], dtype=x.dtype.element_ty)
     if RESIDENT:
         b_x = _load_rows(x, o_own, m_own, D, s_x, s_xk, BLOCK_D)
     # [BOWN] per-row terms of the own rows
-    b_xn = _norm_term(x_norm, o_own, m_own, b_it, True, ACC)
+    b_xn = _col_term(x_col + o_own, 0, m_own, True, ACC)
     if REF_MAJOR or not CLASS:  # class dq needs only the references' labels
         b_xl = tl.load(x_labels + o_own, mask=m_own, other=-1)
     if not REF_MAJOR:
@@ -610,7 +623,7 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, q_norm, r
         if t_lo + k < t_hi:
             b_acc, b_sum, b_dt = _bwd_tile(
                 b_acc, b_sum, b_dt, (t_lo + k) * BLOCK_OTHER, i_o0, b_x, x, y, s_x, s_xk, s_y,
-                s_yk, y_labels, y_norm, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc,
+                s_yk, y_labels, y_col, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc,
                 b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset,
                 b_c, b_it, True, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT,
                 RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
@@ -618,7 +631,7 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_norm, q_norm, r
     for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
         i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
         b_acc, b_sum, b_dt = _bwd_tile(
-            b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_norm,
+            b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
             row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
             b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it, False, SQEUCLID,
             CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION,
