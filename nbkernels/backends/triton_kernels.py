@@ -64,6 +64,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Floors of the positives' sum under the shared max (neighbor_fwd_kernel): 2^-64, 2^-960
 POS_FLOOR_F32 = tl.constexpr(2.0 ** -64)
 POS_FLOOR_F64 = tl.constexpr(2.0 ** -960)
+# A tile's sum above this moves the forward's row shift (neighbor_fwd_kernel): 2^64, 2^512
+RESCALE_F32 = tl.constexpr(2.0 ** 64)
+RESCALE_F64 = tl.constexpr(2.0 ** 512)
 # The same limits in log2 units, for the backward's one-exp positives (launcher side)
 POS_LOG2_LIMIT = {"fp32": 64.0, "fp64": 960.0}
 
@@ -242,14 +245,21 @@ def _diagonal_tiles(i_x, shift, hi, HAS_OFFSET: tl.constexpr, BLOCK_X: tl.conste
 
 
 @triton.jit
-def _fwd_lse_tile(b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, i_m0, o_m, m_m,
-                  hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, DIAG: tl.constexpr,
-                  POS_PASS: tl.constexpr, PACKED: tl.constexpr, RESIDENT: tl.constexpr,
-                  ACC: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """One reference tile [i_n, i_n + BN) of the lse forward: the running (max, sum, sum of
-    positives), updated. DIAG: the tile meets the diagonal, whose pairs are masked."""
+def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, i_m0, o_m,
+                  m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, DIAG: tl.constexpr,
+                  FIRST: tl.constexpr, POS_PASS: tl.constexpr, PACKED: tl.constexpr,
+                  RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One reference tile [i_n, i_n + BN) of the lse forward: (shift, sum, positives'
+    shift, positives' sum), updated. DIAG: the tile may meet the diagonal (masked).
+
+    Main pass: FIRST sets the row shift b_m to the tile's max; later tiles keep it fixed
+    (no per-pair max) and only move it, by a power of two applied to both sums, when a
+    tile's sum passes RESCALE: the shift stays within log2(BN) + 1 of the running max. A
+    term that overflows before that (the shift lagging by >= 128) makes the sum inf, and
+    the row is flagged for the exact pass. POS_PASS: the exact pass, each sum with its own
+    running max (b_m, b_l and b_mp, b_lp).
+    """
     # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < hi - i_n
@@ -270,12 +280,30 @@ def _fwd_lse_tile(b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, 
         b_s = tl.where(_diagonal(i_m0, i_n, offset, BLOCK_M, BLOCK_N), float("-inf"), b_s)
     m_pos = b_a[:, None] == b_b[None, :]
     if POS_PASS:
-        # the positives alone, with their own running max
-        b_s = tl.where(m_pos, b_s, float("-inf"))
-    b_mn, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
-    if not POS_PASS:
-        b_lp = b_lp * b_alpha + tl.sum(tl.where(m_pos, b_p, 0.0), 1)
-    return b_mn, b_l, b_lp
+        b_m, b_l, _, _ = _online_lse2(b_m, b_l, b_s)
+        b_mp, b_lp, _, _ = _online_lse2(b_mp, b_lp, tl.where(m_pos, b_s, float("-inf")))
+    elif FIRST:
+        # a row whose first tile is all masked gets shift -inf: its sums turn inf / NaN,
+        # and it is flagged
+        b_m = tl.max(b_s, 1)
+        # [BM, BN] the one exponential of each pair
+        b_p = tl.math.exp2(b_s - b_m[:, None])
+        b_l = tl.sum(b_p, 1)
+        b_lp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
+    else:
+        b_p = tl.math.exp2(b_s - b_m[:, None])
+        b_t = tl.sum(b_p, 1)
+        b_tp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
+        # [BM] lazy shift: k = 0 unless the tile's sum passed RESCALE
+        if ACC == tl.float64:
+            b_k = tl.where(b_t > RESCALE_F64, tl.math.ceil(tl.log2(b_t)), 0.0)
+        else:
+            b_k = tl.where(b_t > RESCALE_F32, tl.math.ceil(tl.log2(b_t)), 0.0)
+        b_sc = tl.math.exp2(-b_k)
+        b_l = (b_l + b_t) * b_sc
+        b_lp = (b_lp + b_tp) * b_sc
+        b_m = b_m + b_k
+    return b_m, b_l, b_mp, b_lp
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
@@ -333,6 +361,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
         # [BM]
         b_a = tl.load(q_labels + o_m, mask=m_m, other=0)
         b_lp = tl.zeros([BLOCK_M], dtype=ACC)
+        b_mp = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
         if POS_PASS:
             b_redo = tl.load(redo + o_m, mask=m_m, other=0)
             # no flagged row in this block: no reference tile at all
@@ -366,23 +395,33 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
             else:
                 b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION)
     else:
-        # the reference tiles that meet the diagonal first, unrolled (straight-line code),
-        # then the main loop over the others, which has no mask at all
+        # the first tile (the first one that meets the diagonal, else tile 0) sets the row
+        # shift; the other diagonal tiles follow, unrolled (straight-line code), then the
+        # main loop over the rest, which has no mask and no per-pair max at all
+        n_t = tl.cdiv(hi, BLOCK_N)
         t_lo, t_hi = _diagonal_tiles(i_m * BLOCK_M, offset, hi, HAS_OFFSET, BLOCK_M, BLOCK_N)
-        for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
-            if t_lo + k < t_hi:
-                b_m, b_l, b_lp = _fwd_lse_tile(
-                    b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
-                    (t_lo + k) * BLOCK_N, i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd,
-                    s_rm, s_rd, b_c, b_it, True, POS_PASS, PACKED, RESIDENT, ACC, PRECISION,
-                    BLOCK_M, BLOCK_N, BLOCK_D)
         n_diag = t_hi - t_lo
-        for t in range(0, tl.cdiv(hi, BLOCK_N) - n_diag):
-            i_n = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_N
-            b_m, b_l, b_lp = _fwd_lse_tile(
-                b_m, b_l, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, i_m * BLOCK_M,
-                o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, b_it, False, POS_PASS,
-                PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        # the tiles [e_lo, e_lo + e_n) are peeled off the main loop
+        e_lo = tl.where(n_diag > 0, t_lo, 0)
+        e_n = tl.where(n_diag > 0, n_diag, tl.minimum(n_t, 1))
+        if n_t > 0:
+            b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, e_lo * BLOCK_N,
+                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
+                True, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        for k in tl.static_range(1, _peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
+            if k < n_diag:
+                b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                    b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
+                    (t_lo + k) * BLOCK_N, i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd,
+                    s_rm, s_rd, b_c, True, False, POS_PASS, PACKED, RESIDENT, ACC, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_D)
+        for t in range(0, n_t - e_n):
+            i_n = (t + tl.where(t >= e_lo, e_n, 0)) * BLOCK_N
+            b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
+                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, False,
+                False, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     if CLASS:
         n_tiles = tl.num_programs(1)
         tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
@@ -390,18 +429,21 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
         tl.store(tile_max + o_m * n_tiles + i_c, b_m * LN2, mask=m_m)
         tl.store(tile_sum + o_m * n_tiles + i_c, b_l, mask=m_m)
     elif POS_PASS:
-        tl.store(lse_pos + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m & (b_redo != 0))
-    else:
         # no term: max -inf and sum 0 give -inf; back to natural units
+        m_out = m_m & (b_redo != 0)
+        tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_out)
+        tl.store(lse_pos + o_m, (b_mp + tl.log2(b_lp)) * LN2, mask=m_out)
+    else:
         tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m)
         tl.store(lse_pos + o_m, (b_m + tl.log2(b_lp)) * LN2, mask=m_m)
-        # positives underflowed against the shared max, or none, or the max is +inf (dot
-        # at infinity: exp2(inf - inf) is NaN for every term): exact second pass
+        # exact second pass for: positives underflowed against the shift, or none; a sum
+        # that is not a normal number (inf: the shift lagged, NaN: a first tile all
+        # masked, +inf logits or NaN inputs, which stay NaN there); a shift of +inf
         if ACC == tl.float64:
-            b_redo = b_lp < POS_FLOOR_F64
+            b_redo = (b_lp < POS_FLOOR_F64) | ~(b_l >= POS_FLOOR_F64)
         else:
-            b_redo = b_lp < POS_FLOOR_F32
-        b_redo = b_redo | (b_m == float("inf"))
+            b_redo = (b_lp < POS_FLOOR_F32) | ~(b_l >= POS_FLOOR_F32)
+        b_redo = b_redo | (b_l == float("inf")) | (b_m == float("inf"))
         tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)
 
 

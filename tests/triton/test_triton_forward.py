@@ -1,0 +1,75 @@
+"""The lse forward's row shift (``triton_kernels.neighbor_fwd_kernel``) against the fp64
+oracle of conformance.py. The first reference tile sets each row's shift and later tiles
+keep it without a per-pair max, moving it only when a tile's sum passes 2^64 (fp32;
+2^512 fp64); a shift that lags so far that a term overflows, or a first tile with no
+term, sends the row to the exact pass (flagged in ``redo``). The references come in
+blocks of 128 (whole tiles under the interpreter's 16 and a GPU's 128), each block
+farther from the queries than the next, so every later block sits far above the shift
+the first tile set.
+"""
+import math
+import types
+
+import pytest
+import torch
+
+from conformance import oracle_lse, upstream_lse
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
+
+
+@pytest.fixture
+def flagged(monkeypatch):
+    """Rows flagged for the exact pass by each main-pass launch of the lse forward."""
+    from nbkernels.backends import triton_kernels as tk
+    seen, run = [], tk.neighbor_fwd_kernel.run
+
+    def spy(*args, **kw):
+        out = run(*args, **kw)
+        if not kw.get("POS_PASS") and not kw.get("CLASS"):
+            seen.append(int(kw["redo"].sum()))
+        return out
+    monkeypatch.setattr(tk.neighbor_fwd_kernel, "run", spy)
+    return seen
+
+
+def _layout(h, gaps_sq, dtype, n=9, d=3, seed=0):
+    """Queries near the origin; a block of 128 references at squared distance ~g for each
+    g of gaps_sq (inf: at infinity), then 44 references near the queries."""
+    g = torch.Generator().manual_seed(seed)
+    m = 128 * len(gaps_sq) + 44
+    q = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.3
+    r = torch.randn(m, d, generator=g, dtype=torch.float64) * 0.3
+    for i, gap in enumerate(gaps_sq):
+        r[128 * i:128 * (i + 1), 0] += math.sqrt(gap)
+    a = torch.randint(0, 3, (n,), generator=g)
+    b = torch.randint(0, 3, (m,), generator=g)
+    return types.SimpleNamespace(q=q.to(h.device, dtype), r=r.to(h.device, dtype),
+                                 a=a.to(h.device), b=b.to(h.device),
+                                 t=torch.tensor(1.0, dtype=dtype, device=h.device), c=3)
+
+
+def _check(tb, h, case):
+    want, _ = oracle_lse(case, "sqeuclidean", None, *upstream_lse(case))
+    got = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric="sqeuclidean",
+                         offset=None, precision="ieee")
+    shift = h.row_shift(case, "sqeuclidean")
+    tol = TOL[case.q.dtype]
+    for name, x, y in (("lse_all", got[0] + shift, want[0]),
+                       ("lse_pos", got[1] + shift, want[1])):
+        h.close(x, y, tol, tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# squared-distance steps of 70 at T = 1 are ~2^101 each: the sum passes 2^64 at every
+# step, and without moving the shift two steps (2^202) would overflow fp32
+@pytest.mark.parametrize("dtype, gaps_sq, exact_pass", [
+    (torch.float32, [140.0, 70.0], False),    # the shift moves twice; no row flagged
+    (torch.float32, [120.0], True),           # one step of ~2^173: overflow, exact pass
+    (torch.float64, [840.0, 420.0], False),   # steps of ~2^606 past fp64's 2^512
+    (torch.float32, [float("inf")], True),    # a first tile without a term
+    (torch.float64, [float("inf")], True),
+])
+def test_row_shift(tb, h, flagged, dtype, gaps_sq, exact_pass):
+    case = _layout(h, gaps_sq, dtype)
+    _check(tb, h, case)
+    assert flagged[-1] == (case.q.shape[0] if exact_pass else 0), flagged
