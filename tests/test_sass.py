@@ -106,7 +106,8 @@ def test_tensor_cores(row):
 
 
 def test_loop_heuristic_finds_the_dots(row):
-    # the one-hot class dot (tf32x3 mass) adds its own FLOP on top of the logit dot
+    # the one-hot class dot (tf32x2 mass: p's high and low parts) adds its own FLOP on top
+    # of the logit dot
     if row["cls"] and row["kind"] == "fwd":
         assert row["tensor_flop_ratio"] > 1
     else:

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 from bench.sass import analyze, anchor_fa2, budgets, build, model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sass_sm90.json"
-PREVIOUS = ROOT / "bench" / "results" / "sass_sm90_ee41360.json"  # the previous kernels' JSON
+PREVIOUS = ROOT / "bench" / "results" / "sass_sm90_62a178c.json"  # the previous kernels' JSON
 README = ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- sass:begin -->", "<!-- sass:end -->"
 
@@ -214,7 +214,8 @@ def comparison(old, new, old_path=PREVIOUS):
         f"calibration factor ({old['calibration_factor']:.3f} → "
         f"{new['calibration_factor']:.3f}). The fwd+bwd rows sum instructions and EX2 per "
         "pair over the row's kernels (fwd + dq + dr; `_batch`: fwd + the symmetric backward) "
-        "and repeat the fwd+bwd table's % peak.")
+        "and repeat the fwd+bwd table's % peak."
+        + (f" Previous: {old['env']['note']}." if old["env"].get("note") else ""))
     return caption + "\n\n" + _md_table(["kernel"] + [c for c, _ in COMPARED], rows)
 
 
@@ -245,14 +246,16 @@ def block(data, previous=None, previous_path=PREVIOUS):
         "pair per SM on each pipe, \"bound\" the largest. \"spill\": stack bytes where "
         "the kernel spills. \"tensor FLOP / useful\" checks the loop finding: the "
         "tensor-core FLOP found in the loop over the FLOP the kernel's dots must do (1 = "
-        "exact; the class forward adds its one-hot mass dot, 3xTF32 triples, the csrc fp32 "
+        "exact; the class forward adds its one-hot mass dot (in Triton two TF32 dots, p's high "
+        "and low parts), 3xTF32 (csrc fp32) triples, the csrc fp32 "
         "backward recomputes the logits in each of its 2 dx slices). % peak counts 2·D FLOP "
         "per pair forward, 4·D per backward kernel (logit recompute + dx), 4·D for the "
         "anchor, of the bf16 dense peak for every dtype; calibrated = raw x the anchor's "
         "factor. One row per Triton kernel at its best-predicted autotune config (every "
         "config is in the JSON); the fwd+bwd table counts 8·N·M·D (the convention of "
         "Triton's attention benchmarks) over fwd + dq + dr, and for the `_batch` rows over "
-        "fwd + the one symmetric backward kernel, whose tensor work is 6·N·M·D in all.",
+        "fwd + the one symmetric backward kernel, whose tensor work is 6·N·M·D in all (so these "
+        "rows can pass 100% of peak: they count work the symmetric kernel does not need).",
         "",
         table(data),
     ]
