@@ -144,7 +144,8 @@ def backend(value, device):
     if value == "triton" and not _triton_ok(device):
         raise BackendUnavailableError(
             f"backend 'triton' cannot run on {device}: it needs the triton package and a CUDA "
-            "device, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors")
+            "device, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors"
+            + _triton_problem(device))
     if value == "cuda" and not _cuda_ok(device):
         raise BackendUnavailableError(
             f"backend 'cuda' cannot run on {device}: it needs CUDA tensors and the compiled "
@@ -160,6 +161,18 @@ def _cuda_ok(device):
     except ImportError:
         return False
     return cuda_backend.is_available(device)
+
+
+def _triton_problem(device):
+    """"; <why the interpreter cannot run>" for CPU tensors under it, else ""."""
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return ""
+    try:
+        from nbkernels.backends import triton as triton_backend
+        problem = triton_backend.interpreter_problem() if triton_backend.triton else None
+    except ImportError:
+        return ""
+    return f"; {problem}" if problem else ""
 
 
 def _triton_ok(device):

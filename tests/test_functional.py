@@ -189,6 +189,29 @@ def test_unavailable_backends_raise_clearly(monkeypatch):
         nbkernels.nca_loss(x, y, backend="triton")
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False),
+    ("3.9.0", "2.4.6", False)])
+def test_triton_interpreter_numpy_mismatch_is_named(monkeypatch, triton_version,
+                                                    numpy_version, broken):
+    pytest.importorskip("triton")
+    import numpy
+
+    from nbkernels.backends import triton as triton_backend
+    monkeypatch.setattr(triton_backend.triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = triton_backend.interpreter_problem()
+    if not broken:
+        assert problem is None
+        return
+    assert f"triton {triton_version}" in problem and "numpy<2.4" in problem
+    # under the interpreter, backend="triton" on CPU says why it cannot run
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, y = make_batch(6, 3, 2)
+    with pytest.raises(BackendUnavailableError, match=r"NumPy 2\.4.*numpy<2\.4"):
+        nbkernels.nca_loss(x, y, backend="triton")
+
+
 def test_half_precision_loss_keeps_precision():
     x, y = make_batch(40, 16, 4, seed=3, scale=0.3)
     want = nbkernels.nca_loss(x, y, temperature=0.05, backend="reference")

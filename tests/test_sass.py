@@ -80,10 +80,22 @@ def row(request):
     return r
 
 
+def _minor(version):
+    return tuple(version.split(".")[:2])
+
+
 @pytest.fixture(scope="module")
 def committed():
+    import triton
     assert RESULTS.exists(), f"{RESULTS} missing: run python bench/sass/report.py"
     data = json.loads(RESULTS.read_text())
+    made_by = data["env"]["triton"]
+    if _minor(made_by) != _minor(triton.__version__):
+        # another compiler schedules the same kernel differently (triton 3.6 issues 49
+        # instructions per pair in the class forward where 3.9 issues 28): the committed
+        # figures only say something about the triton that made them
+        pytest.skip(f"{RESULTS.name} was made with triton {made_by}, this is triton "
+                    f"{triton.__version__}: regenerate it under this version to compare")
     return {r["name"]: r for r in data["variants"]}
 
 

@@ -17,6 +17,7 @@ import the kernels run on CPU tensors through the Triton interpreter.
 """
 import contextlib
 import os
+import re
 
 import torch
 
@@ -43,7 +44,27 @@ def is_available(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     # the kernels were decorated for the interpreter only if the variable was set at import
-    return device.type == "cpu" and tk.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"
+    return (device.type == "cpu" and tk.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"
+            and interpreter_problem() is None)
+
+
+def _version(text):
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
+
+
+def interpreter_problem():
+    """Why the Triton interpreter cannot run the kernels with the installed packages, or None.
+
+    Triton 3.6's interpreter turns each scalar argument into a 1-element array and calls
+    ``int()`` on it (loop bounds, indices), which NumPy 2.4 made an error; triton 3.7
+    fixed it.
+    """
+    import numpy
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of triton {triton.__version__} calls int() on 1-element "
+                f"arrays, an error since NumPy 2.4 (numpy {numpy.__version__} is installed): "
+                "pip install 'numpy<2.4', or triton >= 3.7")
+    return None
 
 
 # ---------------------------------------------------------------------------- helpers

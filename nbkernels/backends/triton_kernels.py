@@ -182,7 +182,7 @@ def _rows_dot(b_x, x, y, o_x, m_x, o_y, m_y, D, s_xn, s_xd, s_yn, s_yd,
                            mask=m_x[:, None] & m_k[None, :], other=0)
             b_yc = tl.load(y + o_y[None, :] * s_yn + o_k[:, None] * s_yd,
                            mask=m_y[None, :] & m_k[:, None], other=0)
-            b_xy = tl.dot(b_xc, b_yc, b_xy, input_precision=PRECISION)
+            b_xy = tl.dot(b_xc, b_yc, b_xy, input_precision=PRECISION, out_dtype=ACC)
         b_y = tl.zeros([BLOCK_Y, BLOCK_D], dtype=b_x.dtype)
     return b_xy, b_y
 
@@ -223,16 +223,12 @@ def _online_lse2(b_m, b_l, b_s):
 
 
 @triton.jit
-def _peeled(HAS_OFFSET: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
-    """How many BLOCK_Y tiles the diagonal of BLOCK_X rows can meet (0 without offset)."""
-    return (BLOCK_X // BLOCK_Y + 1 if BLOCK_X >= BLOCK_Y else 2) if HAS_OFFSET else 0
-
-
-@triton.jit
 def _diagonal_tiles(i_x, shift, hi, HAS_OFFSET: tl.constexpr, BLOCK_X: tl.constexpr,
                     BLOCK_Y: tl.constexpr):
     """[t_lo, t_hi): the BLOCK_Y tiles of [0, hi) that hold a column i + shift of the rows
-    [i_x, i_x + BX); empty without offset. At most ``_peeled`` tiles."""
+    [i_x, i_x + BX); empty without offset. At most BX // BY + 1 tiles (2 where BX < BY):
+    the callers peel that many, a constexpr written out at each call site (triton 3.6
+    returns a jit function's constexpr result as a tensor, which static_range refuses)."""
     if HAS_OFFSET:
         c0 = tl.minimum(tl.maximum(i_x + shift, 0), hi)
         c1 = tl.minimum(tl.maximum(i_x + shift + BLOCK_X, 0), hi)
@@ -390,10 +386,10 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
                 # the one-hot is exact in TF32, so two TF32 dots carry p to 2^-21 relative,
                 # as 3xTF32 would (its third product, lo x lo of the one-hot, is 0)
                 b_hi = (b_p.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                b_y = tl.dot(b_hi, b_hot, b_y, input_precision="tf32")
-                b_y = tl.dot(b_p - b_hi, b_hot, b_y, input_precision="tf32")
+                b_y = tl.dot(b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
+                b_y = tl.dot(b_p - b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
             else:
-                b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION)
+                b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION, out_dtype=ACC)
     else:
         # the first tile (the first one that meets the diagonal, else tile 0) sets the row
         # shift; the other diagonal tiles follow, unrolled (straight-line code), then the
@@ -409,7 +405,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
                 b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, e_lo * BLOCK_N,
                 i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
                 True, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        for k in tl.static_range(1, _peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
+        for k in tl.static_range(1, (BLOCK_M // BLOCK_N + 1 if BLOCK_M >= BLOCK_N else 2)
+                                 if HAS_OFFSET else 0):
             if k < n_diag:
                 b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
                     b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
@@ -557,7 +554,7 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
             b_dsr = b_ds.to(b_yt.dtype)
             if SQEUCLID:
                 b_sum += tl.sum(b_dsr.to(ACC), 1)
-            b_acc = tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION)
+            b_acc = tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION, out_dtype=ACC)
     return b_acc, b_sum, b_dt
 
 
@@ -661,7 +658,8 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
     i_o0 = i_o * BLOCK_OWN
     t_lo, t_hi = _diagonal_tiles(i_o0, -offset if REF_MAJOR else offset, hi, HAS_OFFSET,
                                  BLOCK_OWN, BLOCK_OTHER)
-    for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
+    for k in tl.static_range((BLOCK_OWN // BLOCK_OTHER + 1 if BLOCK_OWN >= BLOCK_OTHER else 2)
+                             if HAS_OFFSET else 0):
         if t_lo + k < t_hi:
             b_acc, b_sum, b_dt = _bwd_tile(
                 b_acc, b_sum, b_dt, (t_lo + k) * BLOCK_OTHER, i_o0, b_x, x, y, s_x, s_xk, s_y,

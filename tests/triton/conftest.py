@@ -36,6 +36,11 @@ def pytest_configure(config):
             f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r}")
     if DEVICE not in ("cpu", "cuda"):
         raise pytest.UsageError(f"NBK_TEST_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
+    if DEVICE == "cpu":
+        from nbkernels.backends import triton as triton_backend
+        problem = triton_backend.interpreter_problem()
+        if problem:
+            raise pytest.UsageError(f"tests/triton cannot run here: {problem}")
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("NBK_TEST_DEVICE=cuda but torch sees no CUDA device")
 
