@@ -146,6 +146,20 @@ def _label_ranks(q_labels, r_labels):
     return _padded(ranks[:n], -2), _padded(ranks[n:], -2)
 
 
+def _has_positive(a, b, offset):
+    """int8 (N,): 1 where some reference other than the excluded pair j = i + offset
+    shares query i's label rank (``_label_ranks``, >= 1). Counted by a scatter into
+    N + M + 1 bins, so it needs no host sync."""
+    count = torch.zeros(a.shape[0] + b.shape[0] + 1, dtype=torch.int32, device=a.device)
+    count.scatter_add_(0, b.long(), torch.ones_like(b))
+    has = count[a.long()]
+    if offset is not None and b.shape[0] > 0:
+        j = torch.arange(a.shape[0], device=a.device) + offset
+        inside = (j >= 0) & (j < b.shape[0])
+        has = has - (inside & (b[j.clamp(0, b.shape[0] - 1)] == a)).to(has.dtype)
+    return (has > 0).to(torch.int8)
+
+
 def _padded(x, value):
     """x (L,) padded with ``value`` to a multiple of ``PAD``: the kernels stream per-row
     vectors in unmasked tiles (padding weighs nothing: column term -inf, label -2, weight 0)."""
@@ -217,9 +231,9 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
     lse_all = torch.empty(n, dtype=acc, device=q.device)
     lse_pos = torch.empty(n, dtype=acc, device=q.device)
     if n > 0:
-        # rows whose positives underflowed against the shared max (see the kernel)
-        redo = torch.empty(n, dtype=torch.int8, device=q.device)
         a, b = _label_ranks(q_labels, r_labels)
+        # in: the rows that have a positive; out: the rows for the exact pass (the kernel)
+        redo = _has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
         r_col = _columns(q, r, r_far, metric, temperature)[1]
         packed = acc == torch.float32
         args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,

@@ -320,14 +320,16 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
     column term of ``_col_term`` (the row constant -||q||^2/T is left out: shifted lse).
 
     CLASS=False writes lse_all, lse_pos (N,) with one exp2 per pair: the positives' sum
-    uses the same exponentials under the shared running max. That sum is exact unless
-    positives underflow against the max (extreme T: they sit far below the nearest
-    negative): rows whose positives' sum ends below POS_FLOOR (or is 0) are flagged in
-    ``redo`` (N,) int8, and a second launch with POS_PASS=True recomputes lse_pos of the
-    flagged rows only, with the positives' own running max (programs without a flagged
-    row skip the loop). Terms lost to underflow are each below 2^-126 of the shared max
-    (fp32), so a sum >= POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31;
-    fp64: 2^-1022 and 2^-960.
+    uses the same exponentials under the shared row shift (``_fwd_lse_tile``: set by the
+    first tile, moved only by powers of two). That sum is exact unless positives
+    underflow against the shift (extreme T: they sit far below the nearest negative).
+    ``redo`` (N,) int8 comes in as the launcher's has-a-positive mask and goes out as the
+    rows for the exact pass: those with a positive whose sum ends below POS_FLOOR, and
+    those whose total is not a normal number (no term, an overflow past a lagging shift,
+    NaN). A second launch with POS_PASS=True recomputes both sums of the flagged rows
+    only, each with its own running max (programs without a flagged row skip the loop).
+    Terms lost to underflow are each below 2^-126 of the shift (fp32), so a sum >=
+    POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31; fp64: 2^-1022 and 2^-960.
 
     CLASS=True reads the references in label order (the launcher sorts r, r_col and
     r_labels; perm holds their original indices, for the self-pair mask; tile_ptr: the
@@ -433,13 +435,16 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
     else:
         tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m)
         tl.store(lse_pos + o_m, (b_m + tl.log2(b_lp)) * LN2, mask=m_m)
-        # exact second pass for: positives underflowed against the shift, or none; a sum
-        # that is not a normal number (inf: the shift lagged, NaN: a first tile all
-        # masked, +inf logits or NaN inputs, which stay NaN there); a shift of +inf
+        # exact second pass for: positives underflowed against the shift (in a row that
+        # has a positive: the launcher's count in ``redo``; a row without one has b_lp
+        # = 0 exactly, and lse_pos = -inf is already exact); a sum that is not a normal
+        # number (0: no term; inf: the shift lagged; NaN: a first tile all masked, +inf
+        # logits or NaN inputs, which stay NaN there); a shift of +inf
+        b_has = tl.load(redo + o_m, mask=m_m, other=0) != 0
         if ACC == tl.float64:
-            b_redo = (b_lp < POS_FLOOR_F64) | ~(b_l >= POS_FLOOR_F64)
+            b_redo = ((b_lp < POS_FLOOR_F64) & b_has) | ~(b_l >= POS_FLOOR_F64)
         else:
-            b_redo = (b_lp < POS_FLOOR_F32) | ~(b_l >= POS_FLOOR_F32)
+            b_redo = ((b_lp < POS_FLOOR_F32) & b_has) | ~(b_l >= POS_FLOOR_F32)
         b_redo = b_redo | (b_l == float("inf")) | (b_m == float("inf"))
         tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)
 

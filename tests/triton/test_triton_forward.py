@@ -20,14 +20,15 @@ TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
 
 @pytest.fixture
 def flagged(monkeypatch):
-    """Rows flagged for the exact pass by each main-pass launch of the lse forward."""
+    """The rows flagged for the exact pass (int8 (N,) padded) by each main-pass launch
+    of the lse forward."""
     from nbkernels.backends import triton_kernels as tk
     seen, run = [], tk.neighbor_fwd_kernel.run
 
     def spy(*args, **kw):
         out = run(*args, **kw)
         if not kw.get("POS_PASS") and not kw.get("CLASS"):
-            seen.append(int(kw["redo"].sum()))
+            seen.append(kw["redo"].clone())
         return out
     monkeypatch.setattr(tk.neighbor_fwd_kernel, "run", spy)
     return seen
@@ -49,15 +50,16 @@ def _layout(h, gaps_sq, dtype, n=9, d=3, seed=0):
                                  t=torch.tensor(1.0, dtype=dtype, device=h.device), c=3)
 
 
-def _check(tb, h, case):
-    want, _ = oracle_lse(case, "sqeuclidean", None, *upstream_lse(case))
+def _check(tb, h, case, offset=None):
+    want, _ = oracle_lse(case, "sqeuclidean", offset, *upstream_lse(case))
     got = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric="sqeuclidean",
-                         offset=None, precision="ieee")
+                         offset=offset, precision="ieee")
     shift = h.row_shift(case, "sqeuclidean")
     tol = TOL[case.q.dtype]
     for name, x, y in (("lse_all", got[0] + shift, want[0]),
                        ("lse_pos", got[1] + shift, want[1])):
         h.close(x, y, tol, tol, msg=lambda m, name=name: f"{name}: {m}")
+    return want
 
 
 # squared-distance steps of 70 at T = 1 are ~2^101 each: the sum passes 2^64 at every
@@ -72,4 +74,41 @@ def _check(tb, h, case):
 def test_row_shift(tb, h, flagged, dtype, gaps_sq, exact_pass):
     case = _layout(h, gaps_sq, dtype)
     _check(tb, h, case)
-    assert flagged[-1] == (case.q.shape[0] if exact_pass else 0), flagged
+    assert int(flagged[-1].sum()) == (case.q.shape[0] if exact_pass else 0), flagged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [False, True])
+def test_rows_without_a_positive_skip_the_exact_pass(tb, h, flagged, dtype, batch):
+    """lse_pos = -inf is exact from the main pass where no reference shares the row's
+    label (the launcher's count, less the excluded pair): such rows are not flagged,
+    and rows whose positives do underflow still are."""
+    case = _layout(h, [], dtype)
+    dev = case.a.device
+    if batch:
+        # the references are the queries, the self pair excluded: rows 0 and 1 hold
+        # labels no other row has; row 4's one positive is row 5, and row 5's is row 4
+        case.r = case.q
+        case.a = case.b = torch.tensor([7, 8, 0, 0, 1, 1, 2, 2, 0], device=dev)
+        moved, none, under = 5, [0, 1], 4
+    else:
+        # rows 0-3: a label no reference has; row 5: one positive, reference 0
+        case.b = torch.zeros_like(case.b)
+        case.b[0] = 1
+        case.a = torch.tensor([5, 5, 5, 5, 0, 1, 0, 0, 0], device=dev)
+        moved, none, under = 0, [0, 1, 2, 3], 5
+    offset = 0 if batch else None
+    want = _check(tb, h, case, offset)
+    assert torch.isneginf(want[1]).nonzero().flatten().tolist() == none
+    assert torch.isfinite(want[0]).all()
+    assert int(flagged[-1].sum()) == 0, flagged
+    # move that one positive ~2^1300 below the row's nearest reference (T = 1), past both
+    # floors: its row goes to the exact pass (in the batch, the moved row may too: its
+    # own logits now spread over more than 2^64), the rows without a positive still not
+    far = case.r.clone()
+    far[moved, 0] += 30.0
+    case.r = far
+    if batch:
+        case.q = far
+    _check(tb, h, case, offset)
+    assert flagged[-1][under] == 1 and not flagged[-1][none].any(), flagged
