@@ -245,7 +245,9 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
         with _on_device(q):
             tk.neighbor_fwd_kernel[grid](POS_PASS=False, **args)
-            tk.neighbor_fwd_kernel[grid](POS_PASS=True, **args)
+            # the exact pass takes the flagged rows first: its programs past them skip
+            order = torch.argsort((redo == 0).to(torch.int8), stable=True).to(torch.int32)
+            tk.neighbor_fwd_kernel[grid](POS_PASS=True, **dict(args, perm=order))
     return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
 
 

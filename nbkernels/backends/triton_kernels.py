@@ -273,7 +273,12 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
         b_col = _col_term(r_col + i_n, o_n, m_n, False, ACC)
     b_s = b_qr * b_c + b_col[None, :]
     if DIAG:
-        b_s = tl.where(_diagonal(i_m0, i_n, offset, BLOCK_M, BLOCK_N), float("-inf"), b_s)
+        if POS_PASS:
+            # rows o_m in the launcher's order: the pairs j = o_m + offset, anywhere
+            m_self = (i_n + o_n)[None, :] == o_m[:, None] + offset
+        else:
+            m_self = _diagonal(i_m0, i_n, offset, BLOCK_M, BLOCK_N)
+        b_s = tl.where(m_self, float("-inf"), b_s)
     m_pos = b_a[:, None] == b_b[None, :]
     if POS_PASS:
         b_m, b_l, _, _ = _online_lse2(b_m, b_l, b_s)
@@ -327,7 +332,9 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
     rows for the exact pass: those with a positive whose sum ends below POS_FLOOR, and
     those whose total is not a normal number (no term, an overflow past a lagging shift,
     NaN). A second launch with POS_PASS=True recomputes both sums of the flagged rows
-    only, each with its own running max (programs without a flagged row skip the loop).
+    only, each with its own running max; it takes the rows in the order of ``perm``
+    (the launcher puts the flagged ones first), and programs without a flagged row skip
+    the loop, so its cost is that of ceil(flagged / BLOCK_M) blocks.
     Terms lost to underflow are each below 2^-126 of the shift (fp32), so a sum >=
     POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31; fp64: 2^-1022 and 2^-960.
 
@@ -340,6 +347,10 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
+    if POS_PASS:
+        # the exact pass takes its rows in the launcher's order (``perm``: the flagged
+        # rows first), so that only the first few programs find one
+        o_m = tl.load(perm + o_m, mask=m_m, other=0).to(tl.int64)
     b_it = LOG2E / tl.load(temperature).to(ACC)
     b_c = 2 * b_it if SQEUCLID else b_it
     b_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype.element_ty)
@@ -392,6 +403,13 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
                 b_y = tl.dot(b_p - b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
             else:
                 b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION, out_dtype=ACC)
+    elif POS_PASS:
+        # rows in any order: every tile with the general self-pair mask
+        for i_n in range(0, hi, BLOCK_N):
+            b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
+                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
+                False, True, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         # the first tile (the first one that meets the diagonal, else tile 0) sets the row
         # shift; the other diagonal tiles follow, unrolled (straight-line code), then the

@@ -18,14 +18,21 @@ from conformance import oracle_lse, upstream_lse
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
 
 
+class Flags(list):
+    order = None
+
+
 @pytest.fixture
 def flagged(monkeypatch):
     """The rows flagged for the exact pass (int8 (N,) padded) by each main-pass launch
     of the lse forward."""
     from nbkernels.backends import triton_kernels as tk
-    seen, run = [], tk.neighbor_fwd_kernel.run
+    seen, run = Flags(), tk.neighbor_fwd_kernel.run
 
     def spy(*args, **kw):
+        if kw.get("POS_PASS"):
+            # the exact pass: its row order beside the flags it reads
+            seen.order = kw["perm"].clone()
         out = run(*args, **kw)
         if not kw.get("POS_PASS") and not kw.get("CLASS"):
             seen.append(kw["redo"].clone())
@@ -112,3 +119,7 @@ def test_rows_without_a_positive_skip_the_exact_pass(tb, h, flagged, dtype, batc
         case.q = far
     _check(tb, h, case, offset)
     assert flagged[-1][under] == 1 and not flagged[-1][none].any(), flagged
+    # the exact pass takes the flagged rows first, then the others, each in row order
+    rows = torch.arange(case.q.shape[0], device=dev)
+    redo = flagged[-1][:case.q.shape[0]] != 0
+    assert flagged.order.tolist() == rows[redo].tolist() + rows[~redo].tolist()

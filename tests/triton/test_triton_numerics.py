@@ -37,13 +37,15 @@ def test_nan_propagates(tb, h, dtype, metric):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_positives_underflow_fallback_in_some_rows_only(tb, h, dtype, rtol, metric):
+@pytest.mark.parametrize("offset", [None, 0, -2])
+def test_positives_underflow_fallback_in_some_rows_only(tb, h, dtype, rtol, metric, offset):
     """The forward takes the positives' sum from the shared exponentials, and recomputes
     only the rows whose positives underflow against the row max. Rows 3k+1 here (outside
     rows 16..31): their
     positives (class 2) sit > 800 nats below the row max (exp underflows in fp32 and
     fp64); the other rows keep the one-pass value. Several query blocks (16 rows each
-    under the interpreter), one without any flagged row."""
+    under the interpreter), one without any flagged row; the exact pass takes the flagged
+    rows first, in blocks of its own, with the self pair j = i + offset masked anywhere."""
     n, m, d = 45, 37, 5
     g = torch.Generator().manual_seed(11)
     q = torch.randn(n, d, generator=g, dtype=torch.float64).abs()
@@ -59,9 +61,9 @@ def test_positives_underflow_fallback_in_some_rows_only(tb, h, dtype, rtol, metr
     case.q, case.r, case.a, case.b = q.to(h.device, dtype), r.to(h.device, dtype), a, b
     case.t = t.to(h.device, h.acc_dtype(dtype))
     lse_all, lse_pos = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric=metric,
-                                      offset=None)
+                                      offset=offset)
     ref_all, ref_pos = reference.neighbor_lse(case.q.double(), case.r.double(), a, b, t,
-                                              metric=metric, offset=None)
+                                              metric=metric, offset=offset)
     gap = ref_all - ref_pos
     assert (gap[flagged] > 800).all()  # exp(-gap) underflows against the shared max
     others = torch.ones(n, dtype=torch.bool)
