@@ -212,6 +212,17 @@ def test_triton_interpreter_numpy_mismatch_is_named(monkeypatch, triton_version,
         nbkernels.nca_loss(x, y, backend="triton")
 
 
+def test_class_tile_is_narrow_only_where_references_fill_it():
+    pytest.importorskip("triton")
+    from nbkernels.backends import triton_kernels as tk
+    wide, narrow = tk.MAX_BLOCK_C, tk.NARROW_BLOCK_C
+    assert narrow < wide
+    # a bank of many references per class: the narrow tile
+    assert tk.class_block_cap(100, 65536) == tk.class_block_cap(100, 1000) == narrow
+    # prototypes or proxies (a few references per class): the wide one
+    assert tk.class_block_cap(100, 100) == tk.class_block_cap(100, 999) == wide
+
+
 def test_half_precision_loss_keeps_precision():
     x, y = make_batch(40, 16, 4, seed=3, scale=0.3)
     want = nbkernels.nca_loss(x, y, temperature=0.05, backend="reference")

@@ -8,7 +8,8 @@ inputs (the problem of bench/README's GPU targets):
 
 * forward without class output = ``lse_forward`` of ``nca_loss`` (the batch against itself,
   self excluded: HAS_OFFSET, offset 0); with class output = ``probs_forward`` of
-  ``soft_knn_predict`` (a bank, no offset), BLOCK_C = 64, MASS_PRECISION = "tf32x2";
+  ``soft_knn_predict`` (a bank, no offset), BLOCK_C = 32 (``class_block_cap``: M >= 10 C),
+  MASS_PRECISION = "tf32x2";
 * backward: the dq kernel (REF_MAJOR=False) and the dr kernel (REF_MAJOR=True) of a loss
   with a float temperature (NEED_DX, not NEED_DT); fp16 scales ds (SCALE_DS, ``ds_scale``);
 * fp32 runs its dots as TF32 ("tf32": torch's ``allow_tf32``; "ieee" fp32 dots would not
@@ -233,7 +234,8 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
                  # the first pass (POS_PASS=False) flags rows for the rare positives' pass
                  redo=None if cls else _meta(torch.int8), POS_PASS=False,
                  tile_max=f32 if cls else None, tile_sum=f32 if cls else None, CLASS=cls,
-                 MASS_PRECISION="tf32x2", BLOCK_C=block(NUM_CLASSES, tk.MAX_BLOCK_C) if cls else 16,
+                 MASS_PRECISION="tf32x2",
+                 BLOCK_C=block(NUM_CLASSES, tk.class_block_cap(NUM_CLASSES, M)) if cls else 16,
                  BLOCK_M=bm, BLOCK_N=bn)
     else:
         # ref_major: False (dq), True (dr) or "sym" (the batch loss's one kernel)

@@ -264,7 +264,7 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     n, m, c = q.shape[0], r.shape[0], num_classes
     acc = _acc_dtype(q.dtype)
     q, r, q_far, r_far = finite_rows(q, r, metric)
-    block_c, n_tiles = _class_tiles(c)
+    block_c, n_tiles = _class_tiles(c, m)
     # references in label order; class tile t owns perm[tile_ptr[t]:tile_ptr[t + 1]]
     labels, perm = torch.sort(r_labels.contiguous(), stable=True)
     bounds = torch.arange(n_tiles + 1, device=q.device, dtype=labels.dtype) * block_c
@@ -303,9 +303,9 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     return undefined_rows(mass[:, :c].contiguous(), q_far), undefined_rows(lse_all, q_far)
 
 
-def _class_tiles(c):
+def _class_tiles(c, m):
     """(BLOCK_C, number of class tiles): at least one tile, so that C = 0 still has lse_all."""
-    block_c = _block(c, tk.MAX_BLOCK_C)
+    block_c = _block(c, tk.class_block_cap(c, m))
     return block_c, max(1, triton.cdiv(c, block_c))
 
 
