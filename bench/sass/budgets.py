@@ -24,13 +24,12 @@ kernel in place of a dq and a dr kernel (1 + 1 per pair).
 Known spills: variants of the CI set (tests/test_sass.py) that spill today, with the stack
 bytes they may not exceed. Any other variant with a spill (LOCAL / STACK bytes, or an
 LDL / STL in its code) fails CI; a listed one fails when its stack grows. Today no variant
-of the CI set spills, and 36 of the 280 Triton variants do (the ``spills`` and
-``stack_bytes`` fields of bench/results/sass_sm90.json), 30 of them with class output: 8
-class forwards at 64 x 64 and 32 x 32 (16 B each; none at 128 x 64 since the references
-come sorted by class and the mass dot is two TF32 dots) and 22 class backward kernels
-(8-280 B, fp32 the most); of the rest, 3 fp32 symmetric backwards (16-112 B), 2 fp32 dr
-kernels at 64 x 64 (40-56 B) and one fp16 32 x 32 dq kernel (8 B). No bf16 / fp16 non-class
-kernel spills at its best-predicted config.
+of the CI set spills, and 28 of the 280 Triton variants do (the ``spills`` and
+``stack_bytes`` fields of bench/results/sass_sm90.json): 22 class backward kernels (8-280
+B, fp32 the most), 3 fp32 symmetric backwards (16-112 B), 2 fp32 dr kernels at 64 x 64
+(40-56 B) and one fp16 32 x 32 dq kernel (8 B). No forward spills (the class forward
+since its references come sorted by class, its mass dot is two TF32 dots and its class
+tile is 32 wide), and no bf16 / fp16 non-class kernel at its best-predicted config.
 """
 
 MUFU_EX2_BUDGET = {
