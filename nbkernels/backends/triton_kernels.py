@@ -236,13 +236,17 @@ def _online_lse2(b_m, b_l, b_s):
     return b_mn, b_l, b_p, b_alpha
 
 
+@triton.constexpr_function
+def _peeled(HAS_OFFSET, BLOCK_X, BLOCK_Y):
+    """How many BLOCK_Y tiles the diagonal of BLOCK_X rows can meet (0 without offset)."""
+    return (BLOCK_X // BLOCK_Y + 1 if BLOCK_X >= BLOCK_Y else 2) if HAS_OFFSET else 0
+
+
 @triton.jit
 def _diagonal_tiles(i_x, shift, hi, HAS_OFFSET: tl.constexpr, BLOCK_X: tl.constexpr,
                     BLOCK_Y: tl.constexpr):
     """[t_lo, t_hi): the BLOCK_Y tiles of [0, hi) that hold a column i + shift of the rows
-    [i_x, i_x + BX); empty without offset. At most BX // BY + 1 tiles (2 where BX < BY):
-    the callers peel that many, a constexpr written out at each call site (triton 3.6
-    returns a jit function's constexpr result as a tensor, which static_range refuses)."""
+    [i_x, i_x + BX); empty without offset. At most ``_peeled`` tiles."""
     if HAS_OFFSET:
         c0 = tl.minimum(tl.maximum(i_x + shift, 0), hi)
         c1 = tl.minimum(tl.maximum(i_x + shift + BLOCK_X, 0), hi)
@@ -310,10 +314,8 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
         b_t = tl.sum(b_p, 1)
         b_tp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
         # [BM] lazy shift: k = 0 unless the tile's sum passed RESCALE
-        if ACC == tl.float64:
-            b_k = tl.where(b_t > RESCALE_F64, tl.math.ceil(tl.log2(b_t)), 0.0)
-        else:
-            b_k = tl.where(b_t > RESCALE_F32, tl.math.ceil(tl.log2(b_t)), 0.0)
+        RESCALE: tl.constexpr = RESCALE_F64 if ACC == tl.float64 else RESCALE_F32
+        b_k = tl.where(b_t > RESCALE, tl.math.ceil(tl.log2(b_t)), 0.0)
         b_sc = tl.math.exp2(-b_k)
         b_l = (b_l + b_t) * b_sc
         b_lp = (b_lp + b_tp) * b_sc
@@ -439,8 +441,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
                 b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, e_lo * BLOCK_N,
                 i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
                 True, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        for k in tl.static_range(1, (BLOCK_M // BLOCK_N + 1 if BLOCK_M >= BLOCK_N else 2)
-                                 if HAS_OFFSET else 0):
+        for k in tl.static_range(1, _peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
             if k < n_diag:
                 b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
                     b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
@@ -473,10 +474,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
         # number (0: no term; inf: the shift lagged; NaN: a first tile all masked, +inf
         # logits or NaN inputs, which stay NaN there); a shift of +inf
         b_has = tl.load(redo + o_m, mask=m_m, other=0) != 0
-        if ACC == tl.float64:
-            b_redo = ((b_lp < POS_FLOOR_F64) & b_has) | ~(b_l >= POS_FLOOR_F64)
-        else:
-            b_redo = ((b_lp < POS_FLOOR_F32) & b_has) | ~(b_l >= POS_FLOOR_F32)
+        FLOOR: tl.constexpr = POS_FLOOR_F64 if ACC == tl.float64 else POS_FLOOR_F32
+        b_redo = ((b_lp < FLOOR) & b_has) | ~(b_l >= FLOOR)
         b_redo = b_redo | (b_l == float("inf")) | (b_m == float("inf"))
         tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)
 
@@ -695,8 +694,7 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
     i_o0 = i_o * BLOCK_OWN
     t_lo, t_hi = _diagonal_tiles(i_o0, -offset if REF_MAJOR else offset, hi, HAS_OFFSET,
                                  BLOCK_OWN, BLOCK_OTHER)
-    for k in tl.static_range((BLOCK_OWN // BLOCK_OTHER + 1 if BLOCK_OWN >= BLOCK_OTHER else 2)
-                             if HAS_OFFSET else 0):
+    for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
         if t_lo + k < t_hi:
             b_acc, b_sum, b_dt = _bwd_tile(
                 b_acc, b_sum, b_dt, (t_lo + k) * BLOCK_OTHER, i_o0, b_x, x, y, s_x, s_xk, s_y,
