@@ -1,0 +1,266 @@
+"""The backward kernel, ``neighbor_bwd_kernel`` (see ``triton_kernels``)."""
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    BWD_CONFIGS, BWD_KEY, BWD_NO_SPECIALIZE, LN2, LOG2E, PRUNE, _col_term, _diagonal,
+    _diagonal_tiles, _load_rows, _peeled, _rows_dot)
+
+
+@triton.jit
+def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
+    """ds of one direction: exp2(u + shift) * (w_pos where positive, else w_neg).
+
+    FIXUP (positives only, shifted by lse_pos): the negatives' exp2 may overflow, so
+    they are selected out after the product rather than weighted by 0.
+    """
+    if FIXUP:
+        return tl.where(b_pos, tl.math.exp2(b_u + b_shift) * b_wpos, 0.0)
+    else:
+        return tl.math.exp2(b_u + b_shift) * tl.where(b_pos, b_wpos, b_wneg)
+
+
+@triton.jit
+def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
+              row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
+              b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it,
+              DIAG: tl.constexpr, SQEUCLID: tl.constexpr, CLASS: tl.constexpr,
+              REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
+              NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, RESIDENT: tl.constexpr,
+              ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_OWN: tl.constexpr,
+              BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
+    """One other-side tile [i_t, i_t + BOTHER) of ``neighbor_bwd_kernel``: the dx
+    accumulator, the row sums of ds and the dT partial sums, updated. DIAG: the tile meets
+    the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*, b_fl) come
+    from the caller; the other side's are loaded here from the padded vectors."""
+    # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
+    o_t = tl.arange(0, BLOCK_OTHER)
+    m_t = o_t < n_other - i_t
+    run = True
+    if FIXUP:
+        if REF_MAJOR or SYMMETRIC:
+            b_tf = tl.load(flags + i_t + o_t)
+            if SYMMETRIC:
+                run = (tl.max(b_tf, 0) > 0) | (tl.max(b_fl, 0) > 0)
+            else:
+                run = tl.max(b_tf, 0) > 0
+    if run:
+        y_t = y + i_t * s_y
+        b_xy, b_yt = _rows_dot(b_x, x, y_t, o_own, m_own, o_t, m_t, D, s_x, s_xk, s_y, s_yk,
+                               RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                               BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
+        b_v = b_xy * b_c
+        # [BOTHER] the other rows' terms (padded vectors: no mask)
+        b_yn = _col_term(y_col + i_t, o_t, m_t, False, ACC)
+        if not CLASS:
+            b_yl = tl.load(y_labels + i_t + o_t)
+            m_pos = b_xl[:, None] == b_yl[None, :]
+        elif not REF_MAJOR:
+            b_yl = tl.load(y_labels + i_t + o_t)
+        if REF_MAJOR:
+            # [BOTHER] query rows' terms; u = v + own reference norm term
+            b_u = b_v + b_xn[:, None]
+            b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
+            b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
+            if CLASS:
+                m_g = m_own & (b_xl >= 0)
+                # [BOWN, BOTHER] G_{i, b_j} of query i (other) and reference j (own)
+                b_g = tl.load(g_cls + (i_t + o_t)[None, :] * s_gn
+                              + b_xl.to(tl.int64)[:, None] * s_gc,
+                              mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
+                b_ds = tl.math.exp2(b_u + b_sht[None, :]) * (b_g - b_wnt[None, :])
+            else:
+                b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
+                b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], b_wnt[None, :], b_wpt[None, :], FIXUP)
+        else:
+            b_u = b_v + b_yn[None, :]
+            if CLASS:
+                m_g = m_t & (b_yl >= 0)
+                # [BOWN, BOTHER] G_{i, b_j}, gathered (labels in no class: 0)
+                b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
+                              mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
+                b_ds = tl.math.exp2(b_u + b_sh[:, None]) * (b_g - b_wn[:, None])
+            else:
+                b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], FIXUP)
+            if SYMMETRIC:
+                # the same pairs with the other rows as queries: ds_jk, k the reference
+                b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
+                b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
+                b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
+                b_dsj = _ds_dir(b_v + b_xn[:, None], m_pos, b_sht[None, :], b_wnt[None, :],
+                                b_wpt[None, :], FIXUP)
+        if DIAG:
+            if REF_MAJOR:
+                # own rows are the references: j = i + offset, i in the other tile
+                m_d = tl.trans(_diagonal(i_t, i_o0, offset, BLOCK_OTHER, BLOCK_OWN))
+            else:
+                m_d = _diagonal(i_o0, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
+            b_ds = tl.where(m_d, 0.0, b_ds)
+            if SYMMETRIC:
+                b_dsj = tl.where(m_d, 0.0, b_dsj)
+        if NEED_DT:
+            # true logit, natural units: u + the query's own norm term, times ln 2
+            if REF_MAJOR:
+                b_z = (b_u + b_yn[None, :]) * LN2
+            else:
+                b_z = (b_u + b_xn[:, None]) * LN2
+            # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
+            b_dt += tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
+        if SYMMETRIC:
+            b_ds = b_ds + b_dsj
+        if NEED_DX:
+            if not RESIDENT:
+                # [BOTHER, BDX]
+                b_yt = tl.load(y_t + o_t[:, None] * s_y + o_dx[None, :] * s_yk,
+                               mask=m_t[:, None] & m_dx[None, :], other=0)
+            # 16-bit inputs: ds rounded to their dtype for the tensor-core dot
+            b_dsr = b_ds.to(b_yt.dtype)
+            if SQEUCLID:
+                b_sum += tl.sum(b_dsr.to(ACC), 1)
+            b_acc = tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION, out_dtype=ACC)
+    return b_acc, b_sum, b_dt
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=PRUNE)
+@triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
+def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row_shift,
+                        w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part,
+                        N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
+                        N_KEY, M_KEY, D_KEY,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
+                        REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
+                        NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, SCALE_DS: tl.constexpr,
+                        RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
+    """dq (REF_MAJOR=False), dr (REF_MAJOR=True) or, SYMMETRIC, the whole batch gradient.
+
+    A program owns BLOCK_OWN rows of x (q, or r) and the feature slice BLOCK_DX of dx
+    (all of it when RESIDENT), and streams the other side y in BLOCK_OTHER tiles. Each
+    tile is computed once, in the program's orientation [own, other], in log2 units:
+    ``u = x.y c + (reference norm term)``, and per query row i the launcher passes a
+    shift and two weights, so that
+
+        ds_ij = exp2(u_ij + row_shift_i) * (w_pos_i if b_j = a_i else w_neg_i)
+
+    is one exp2 and no per-pair branch. Main pass: row_shift = -lse_all log2(e),
+    w_neg = g_all, w_pos = g_all + g_pos exp(lse_all - lse_pos), since
+    p+_ij = p_ij exp(lse_all_i - lse_pos_i). That factor is exact while
+    (lse_all - lse_pos) log2(e) <= 64 (fp32; 960 fp64): the positives that matter then
+    sit above 2^-126 of the shared shift. Rows beyond (extreme T) are ``flags``; their
+    main-pass w_pos is g_all, and a FIXUP launch adds their positives' term with its own
+    shift (row_shift = -lse_pos log2(e), w_neg = 0, w_pos = g_pos; -inf / 0 elsewhere),
+    skipping every tile without a flagged row, and accumulating into dx and dt_part.
+    dx is written in ACC and cast by the launcher, so the two passes round once.
+
+    CLASS: ds_ij = p_ij (G_{i,b_j} - delta_i), with G gathered from g_cls and delta in
+    w_neg (p from row_shift as above); one pass.
+
+    SYMMETRIC (the batch loss, r is q, one label vector): one launch instead of a dq
+    and a dr launch. The logits are symmetric, z_ij = z_ji, so the tile of own rows k
+    against other rows j gives both ds_kj (k as the query) and ds_jk (j as the query)
+    from one dot, and dx_k = 2/T sum_j (ds_kj + ds_jk)(x_j - x_k): half the dots of
+    the two-kernel backward, two exp2 per pair. Chosen over a shared recompute with an
+    ordered (semaphore) accumulation of the other side because it needs neither a
+    second pass over dq nor any inter-program waiting, and it is the common case.
+
+    "dot": dx = 1/T sum ds y; "sqeuclidean": dx = 2/T (sum ds y - x sum ds).
+    dt_part[own] = sum_other ds * logit (own as the query, or as the reference when
+    REF_MAJOR), written by the slice-0 programs only. SCALE_DS: the weights carry the
+    powers of two of ``ds_scale``: per own row (dq), or one (1,) for dr / SYMMETRIC.
+    """
+    i_o = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    o_own = i_o * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    o_dx = i_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
+    m_dx = o_dx < D
+    b_it = LOG2E / tl.load(temperature).to(ACC)
+    b_c = 2 * b_it if SQEUCLID else b_it
+    if REF_MAJOR:
+        n_own, n_other = M, N
+        x, s_x, s_xk, x_labels, x_col = r, s_rm, s_rd, r_labels, r_col
+        y, s_y, s_yk, y_labels, y_col = q, s_qn, s_qd, q_labels, q_col
+    else:
+        n_own, n_other = N, M
+        x, s_x, s_xk, x_labels, x_col = q, s_qn, s_qd, q_labels, q_col
+        y, s_y, s_yk, y_labels, y_col = r, s_rm, s_rd, r_labels, r_col
+    m_own = o_own < n_own
+    b_x = tl.zeros([BLOCK_OWN, BLOCK_D], dtype=x.dtype.element_ty)
+    if RESIDENT:
+        b_x = _load_rows(x, o_own, m_own, D, s_x, s_xk, BLOCK_D)
+    # [BOWN] per-row terms of the own rows
+    b_xn = _col_term(x_col + o_own, 0, m_own, True, ACC)
+    if REF_MAJOR or not CLASS:  # class dq needs only the references' labels
+        b_xl = tl.load(x_labels + o_own, mask=m_own, other=-1)
+    if not REF_MAJOR:
+        b_sh = tl.load(row_shift + o_own, mask=m_own, other=0).to(ACC)
+        b_wn = tl.load(w_neg + o_own, mask=m_own, other=0).to(ACC)
+        if not CLASS:
+            b_wp = tl.load(w_pos + o_own, mask=m_own, other=0).to(ACC)
+    if not (REF_MAJOR or not CLASS):
+        b_xl = tl.zeros([BLOCK_OWN], dtype=tl.int32)
+    if REF_MAJOR:  # the query rows' terms are the other side's
+        b_sh = tl.zeros([BLOCK_OWN], dtype=ACC)
+        b_wn = b_sh
+    if REF_MAJOR or CLASS:
+        b_wp = tl.zeros([BLOCK_OWN], dtype=ACC)
+    hi = n_other
+    b_fl = tl.zeros([BLOCK_OWN], dtype=tl.int8)
+    if FIXUP:
+        if not REF_MAJOR:
+            # the own rows are queries: none flagged, nothing to add
+            b_fl = tl.load(flags + o_own, mask=m_own, other=0)
+            if not SYMMETRIC:
+                hi = tl.where(tl.max(b_fl, 0) > 0, n_other, 0)
+    b_acc = tl.zeros([BLOCK_OWN, BLOCK_DX], dtype=ACC)
+    b_sum = tl.zeros([BLOCK_OWN], dtype=ACC)
+    b_dt = tl.zeros([BLOCK_OWN], dtype=ACC)
+    # the other side's tiles that meet the diagonal first, unrolled (straight-line code),
+    # then the main loop over the others, which has no mask at all. Own rows o, other
+    # rows t: the excluded pairs are t = o + offset (own queries) or t = o - offset.
+    i_o0 = i_o * BLOCK_OWN
+    t_lo, t_hi = _diagonal_tiles(i_o0, -offset if REF_MAJOR else offset, hi, HAS_OFFSET,
+                                 BLOCK_OWN, BLOCK_OTHER)
+    for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
+        if t_lo + k < t_hi:
+            b_acc, b_sum, b_dt = _bwd_tile(
+                b_acc, b_sum, b_dt, (t_lo + k) * BLOCK_OTHER, i_o0, b_x, x, y, s_x, s_xk, s_y,
+                s_yk, y_labels, y_col, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc,
+                b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset,
+                b_c, b_it, True, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT,
+                RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
+    n_diag = t_hi - t_lo
+    for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
+        i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
+        b_acc, b_sum, b_dt = _bwd_tile(
+            b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
+            row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
+            b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it, False, SQEUCLID,
+            CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION,
+            BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
+    if SCALE_DS:
+        if REF_MAJOR or SYMMETRIC:
+            b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)
+        else:
+            b_sc = tl.load(ds_scale + o_own, mask=m_own, other=1).to(ACC)
+        b_acc = b_acc / b_sc[:, None]
+        b_sum = b_sum / b_sc
+        b_dt = b_dt / b_sc
+    if NEED_DX:
+        if SQEUCLID:
+            # [BOWN, BDX]
+            b_xs = tl.load(x + o_own[:, None] * s_x + o_dx[None, :] * s_xk,
+                           mask=m_own[:, None] & m_dx[None, :], other=0).to(ACC)
+            b_acc = 2 * (b_acc - b_xs * b_sum[:, None]) * (b_it * LN2)
+        else:
+            b_acc = b_acc * (b_it * LN2)
+        p_dx = dx + o_own[:, None] * s_xn + o_dx[None, :] * s_xd
+        m_out = m_own[:, None] & m_dx[None, :]
+        if FIXUP:
+            b_acc += tl.load(p_dx, mask=m_out, other=0)
+        tl.store(p_dx, b_acc.to(dx.dtype.element_ty), mask=m_out)
+    if NEED_DT:  # compile-time flag, then a runtime test: kept as two ifs
+        if i_d == 0:
+            if FIXUP:
+                b_dt += tl.load(dt_part + o_own, mask=m_own, other=0)
+            tl.store(dt_part + o_own, b_dt, mask=m_own)

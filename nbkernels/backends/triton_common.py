@@ -1,0 +1,194 @@
+"""Shared pieces of the Triton kernels (``triton_kernels`` describes them): limits,
+autotune configs and keys, constants and the tile helpers both kernels call."""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Floors of the positives' sum under the shared max (neighbor_fwd_kernel): 2^-64, 2^-960
+POS_FLOOR_F32 = tl.constexpr(2.0 ** -64)
+POS_FLOOR_F64 = tl.constexpr(2.0 ** -960)
+# A tile's sum above this moves the forward's row shift (neighbor_fwd_kernel): 2^64, 2^512
+RESCALE_F32 = tl.constexpr(2.0 ** 64)
+RESCALE_F64 = tl.constexpr(2.0 ** 512)
+# The same limits in log2 units, for the backward's one-exp positives (launcher side)
+POS_LOG2_LIMIT = {"fp32": 64.0, "fp64": 960.0}
+
+# Feature-dim chunk of the logit dot when not resident, and widest dq / dr slice.
+MAX_BLOCK_D = 16 if INTERPRET else 64
+MAX_BLOCK_DX = 64 if INTERPRET else 128
+# Largest D whose own tile is held for the whole loop (forward / backward).
+MAX_RESIDENT_D = 32 if INTERPRET else 256
+MAX_RESIDENT_D_BWD = 32 if INTERPRET else 128
+# Class tile width of the class-distribution forward (one-hot dot of [BN, BC]): at most 32
+# while the references fill the class tiles (``class_block_cap``), else 64.
+MAX_BLOCK_C = 16 if INTERPRET else 64
+NARROW_BLOCK_C = 16 if INTERPRET else 32
+
+
+def class_block_cap(c, m):
+    """The widest class tile for C classes over M references.
+
+    A class tile's references end in a part-filled reference tile, which wastes about
+    C BLOCK_N / (2 BLOCK_C M) of the pairs. The narrow tile halves the [BM, BC] mass and
+    the one-hot beside the logit tile (predicted from compiled SASS, triton 3.9, bf16
+    128 x 64: 27.8 -> 23.3 instructions per pair; triton 3.6: 42.2 -> 27.7), and is
+    taken where that waste stays small, M >= 10 C; prototypes (M ~ C) keep 64.
+    """
+    return NARROW_BLOCK_C if 10 * c <= m else MAX_BLOCK_C
+# Streamed per-row vectors are padded to a multiple of this (>= every BLOCK_N / OTHER).
+PAD = 128
+
+# The configs a GPU autotunes over (also run one by one by the GPU tests).
+GPU_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
+                         (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+]
+GPU_BWD_CONFIGS = [
+    triton.Config({"BLOCK_OWN": bo, "BLOCK_OTHER": bt}, num_warps=w, num_stages=s)
+    for bo, bt, w, s in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+                         (64, 32, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
+]
+
+
+def fits(config, elem, block_d, cls=False):
+    """Whether a config suits the kernel: its tiles (the own tile plus ``num_stages``
+    other tiles of [rows, block_d] elements of ``elem`` bytes) fit in 200 KB of sm_90's
+    227 KB of shared memory (fp32 at 128 x 128 with 3 stages does not), and, for the
+    class forward (``cls``), its [BM, BN] tile is at most 128 x 64: beside the
+    [BM, BLOCK_C] class mass a 128 x 128 tile spills (456 B in the compiled SASS) and is
+    predicted no faster."""
+    kw = config.kwargs
+    own = kw.get("BLOCK_M", kw.get("BLOCK_OWN"))
+    other = kw.get("BLOCK_N", kw.get("BLOCK_OTHER"))
+    if cls and own * other > 128 * 64:
+        return False
+    return (own + max(config.num_stages, 1) * other) * block_d * elem <= 200 * 1024
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's early prune: the configs that ``fits`` (at least one)."""
+    args = {**named_args, **kwargs}
+    q = args.get("q")
+    elem = q.element_size() if hasattr(q, "element_size") else 2
+    cls = bool(args.get("CLASS")) and "BLOCK_M" in configs[0].kwargs  # the class forward
+    keep = [c for c in configs if fits(c, elem, args.get("BLOCK_D", 64), cls)]
+    return keep or configs[-1:]
+
+
+if INTERPRET:
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+    BWD_CONFIGS = [triton.Config({"BLOCK_OWN": 16, "BLOCK_OTHER": 16})]
+elif os.environ.get("NBK_TRITON_AUTOTUNE", "1") == "0":
+    # one config: no benchmarking; the smallest fits every dtype's shared memory
+    FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS[-1:], GPU_BWD_CONFIGS[-1:]
+else:
+    FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS, GPU_BWD_CONFIGS
+PRUNE = {"early_config_prune": _prune}
+# Tuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
+# the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
+# BLOCK_D, BLOCK_DX and RESIDENT.
+FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS",
+           "PRECISION", "BLOCK_C"]
+BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "REF_MAJOR",
+           "SYMMETRIC", "FIXUP", "NEED_DX", "NEED_DT", "PRECISION"]
+# Integers that vary per call and gain nothing from specialization (== 1, % 16): one
+# compiled kernel for every size. Strides and D stay specialized.
+FWD_NO_SPECIALIZE = ["N", "M", "offset", "N_KEY", "M_KEY", "D_KEY"]
+BWD_NO_SPECIALIZE = FWD_NO_SPECIALIZE + ["C"]
+
+
+@triton.jit
+def _load_rows(x, o, m, D, s_n, s_d, BLOCK_D: tl.constexpr):
+    """[B, BLOCK_D] rows ``o`` of x (zeros outside ``m`` and beyond D)."""
+    o_k = tl.arange(0, BLOCK_D)
+    return tl.load(x + o[:, None] * s_n + o_k[None, :] * s_d,
+                   mask=m[:, None] & (o_k < D)[None, :], other=0)
+
+
+@triton.jit
+def _rows_dot(b_x, x, y, o_x, m_x, o_y, m_y, D, s_xn, s_xd, s_yn, s_yd,
+              RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x_i . y_j, [BX, BY] in ACC, and the y tile [BY, BLOCK_D] (RESIDENT only).
+
+    RESIDENT: b_x [BX, BLOCK_D >= D] is the caller's resident tile and y is loaded once
+    over the whole feature dim. Else D is looped in BLOCK_D chunks of both sides (the
+    returned y tile is then its last chunk, unused by callers).
+    """
+    if RESIDENT:
+        b_y = _load_rows(y, o_y, m_y, D, s_yn, s_yd, BLOCK_D)
+        b_xy = tl.dot(b_x, tl.trans(b_y), input_precision=PRECISION, out_dtype=ACC)
+    else:
+        b_xy = tl.zeros([BLOCK_X, BLOCK_Y], dtype=ACC)
+        for i_k in range(0, D, BLOCK_D):
+            o_k = i_k + tl.arange(0, BLOCK_D)
+            m_k = o_k < D
+            b_xc = tl.load(x + o_x[:, None] * s_xn + o_k[None, :] * s_xd,
+                           mask=m_x[:, None] & m_k[None, :], other=0)
+            b_yc = tl.load(y + o_y[None, :] * s_yn + o_k[:, None] * s_yd,
+                           mask=m_y[None, :] & m_k[:, None], other=0)
+            b_xy = tl.dot(b_xc, b_yc, b_xy, input_precision=PRECISION, out_dtype=ACC)
+        b_y = tl.zeros([BLOCK_Y, BLOCK_D], dtype=b_x.dtype)
+    return b_xy, b_y
+
+
+@triton.jit
+def _col_term(r_col, o, m, MASKED: tl.constexpr, ACC: tl.constexpr):
+    """[B] the launcher's per-row logit terms -||x||^2 log2(e)/T (0 for "dot"); -inf for
+    rows at infinity and for padding. MASKED: ``o`` may leave the padded vector."""
+    if MASKED:
+        return tl.load(r_col + o, mask=m, other=float("-inf")).to(ACC)
+    else:
+        return tl.load(r_col + o).to(ACC)
+
+
+@triton.jit
+def _diagonal(i_x, i_y, offset, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
+    """[BX, BY] mask of the pairs j = i + offset of a tile that meets the diagonal, from
+    int32 tile-local indices (one compare per pair; the tile's shift fits in int32)."""
+    shift = (i_x + offset - i_y).to(tl.int32)
+    return tl.arange(0, BLOCK_Y)[None, :] == tl.arange(0, BLOCK_X)[:, None] + shift
+
+
+@triton.jit
+def _online_lse2(b_m, b_l, b_s):
+    """One step of an online log2-sum-exp2 over the rows of b_s [BM, BN] (log2 units).
+
+    Returns the new running max and sum, the tile's exp2(s - max) and the rescale
+    factor of the old sum. tl.max may drop NaN; b_l still turns NaN through exp2.
+    """
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    # all terms so far masked (-inf): shift by 0 so that exp2 sees -inf, not NaN
+    b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_alpha = tl.math.exp2(b_m - b_ms)
+    # [BM, BN] the one exponential of each pair
+    b_p = tl.math.exp2(b_s - b_ms[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    return b_mn, b_l, b_p, b_alpha
+
+
+@triton.constexpr_function
+def _peeled(HAS_OFFSET, BLOCK_X, BLOCK_Y):
+    """How many BLOCK_Y tiles the diagonal of BLOCK_X rows can meet (0 without offset)."""
+    return (BLOCK_X // BLOCK_Y + 1 if BLOCK_X >= BLOCK_Y else 2) if HAS_OFFSET else 0
+
+
+@triton.jit
+def _diagonal_tiles(i_x, shift, hi, HAS_OFFSET: tl.constexpr, BLOCK_X: tl.constexpr,
+                    BLOCK_Y: tl.constexpr):
+    """[t_lo, t_hi): the BLOCK_Y tiles of [0, hi) that hold a column i + shift of the rows
+    [i_x, i_x + BX); empty without offset. At most ``_peeled`` tiles."""
+    if HAS_OFFSET:
+        c0 = tl.minimum(tl.maximum(i_x + shift, 0), hi)
+        c1 = tl.minimum(tl.maximum(i_x + shift + BLOCK_X, 0), hi)
+        t_lo = c0 // BLOCK_Y
+        t_hi = tl.where(c1 > c0, tl.cdiv(c1, BLOCK_Y), t_lo)
+    else:
+        t_lo = hi * 0
+        t_hi = t_lo
+    return t_lo, t_hi

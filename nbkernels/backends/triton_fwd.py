@@ -1,0 +1,230 @@
+"""The forward kernel, ``neighbor_fwd_kernel`` (see ``triton_kernels``)."""
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    FWD_CONFIGS, FWD_KEY, FWD_NO_SPECIALIZE, LN2, LOG2E, POS_FLOOR_F32, POS_FLOOR_F64, PRUNE,
+    RESCALE_F32, RESCALE_F64, _col_term, _diagonal, _diagonal_tiles, _load_rows,
+    _online_lse2, _peeled, _rows_dot)
+
+
+@triton.jit
+def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, i_m0, o_m,
+                  m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, DIAG: tl.constexpr,
+                  FIRST: tl.constexpr, POS_PASS: tl.constexpr, PACKED: tl.constexpr,
+                  RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One reference tile [i_n, i_n + BN) of the lse forward: (shift, sum, positives'
+    shift, positives' sum), updated. DIAG: the tile may meet the diagonal (masked).
+
+    Main pass: FIRST sets the row shift b_m to the tile's max; later tiles keep it fixed
+    (no per-pair max) and only move it, by a power of two applied to both sums, when a
+    tile's sum passes RESCALE: the shift stays within log2(BN) + 1 of the running max. A
+    term that overflows before that (the shift lagging by >= 128) makes the sum inf, and
+    the row is flagged for the exact pass. POS_PASS: the exact pass, each sum with its own
+    running max (b_m, b_l and b_mp, b_lp).
+    """
+    # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < hi - i_n
+    b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm, s_rd,
+                        RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                        BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+    # [BN] column terms and labels (padded: no mask)
+    if PACKED:
+        # one int64 per reference: the fp32 column term's bits high, the label rank low
+        b_w = tl.load(r_pack + i_n + o_n)
+        b_b = b_w.to(tl.int32)
+        b_col = (b_w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        b_b = tl.load(r_labels + i_n + o_n)
+        b_col = _col_term(r_col + i_n, o_n, m_n, False, ACC)
+    b_s = b_qr * b_c + b_col[None, :]
+    if DIAG:
+        if POS_PASS:
+            # rows o_m in the launcher's order: the pairs j = o_m + offset, anywhere
+            m_self = (i_n + o_n)[None, :] == o_m[:, None] + offset
+        else:
+            m_self = _diagonal(i_m0, i_n, offset, BLOCK_M, BLOCK_N)
+        b_s = tl.where(m_self, float("-inf"), b_s)
+    m_pos = b_a[:, None] == b_b[None, :]
+    if POS_PASS:
+        b_m, b_l, _, _ = _online_lse2(b_m, b_l, b_s)
+        b_mp, b_lp, _, _ = _online_lse2(b_mp, b_lp, tl.where(m_pos, b_s, float("-inf")))
+    elif FIRST:
+        # a row whose first tile is all masked gets shift -inf: its sums turn inf / NaN,
+        # and it is flagged
+        b_m = tl.max(b_s, 1)
+        # [BM, BN] the one exponential of each pair
+        b_p = tl.math.exp2(b_s - b_m[:, None])
+        b_l = tl.sum(b_p, 1)
+        b_lp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
+    else:
+        b_p = tl.math.exp2(b_s - b_m[:, None])
+        b_t = tl.sum(b_p, 1)
+        b_tp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
+        # [BM] lazy shift: k = 0 unless the tile's sum passed RESCALE
+        RESCALE: tl.constexpr = RESCALE_F64 if ACC == tl.float64 else RESCALE_F32
+        b_k = tl.where(b_t > RESCALE, tl.math.ceil(tl.log2(b_t)), 0.0)
+        b_sc = tl.math.exp2(-b_k)
+        b_l = (b_l + b_t) * b_sc
+        b_lp = (b_lp + b_tp) * b_sc
+        b_m = b_m + b_k
+    return b_m, b_l, b_mp, b_lp
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
+@triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
+def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, perm, tile_ptr,
+                        lse_all, lse_pos, redo, mass, tile_max, tile_sum,
+                        N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
+                        N_KEY, M_KEY, D_KEY,
+                        SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                        CLASS: tl.constexpr, POS_PASS: tl.constexpr, PACKED: tl.constexpr,
+                        RESIDENT: tl.constexpr,
+                        ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """Online log-sum-exps (CLASS=False) or per-class-tile mass (CLASS=True).
+
+    Logit tile, log2 units: ``s = q.r c + colterm`` with c = (2 or 1) log2(e)/T and the
+    column term of ``_col_term`` (the row constant -||q||^2/T is left out: shifted lse).
+
+    CLASS=False writes lse_all, lse_pos (N,) with one exp2 per pair: the positives' sum
+    uses the same exponentials under the shared row shift (``_fwd_lse_tile``: set by the
+    first tile, moved only by powers of two). That sum is exact unless positives
+    underflow against the shift (extreme T: they sit far below the nearest negative).
+    ``redo`` (N,) int8 comes in as the launcher's has-a-positive mask and goes out as the
+    rows for the exact pass: those with a positive whose sum ends below POS_FLOOR, and
+    those whose total is not a normal number (no term, an overflow past a lagging shift,
+    NaN). A second launch with POS_PASS=True recomputes both sums of the flagged rows
+    only, each with its own running max; it takes the rows in the order of ``perm``
+    (the launcher puts the flagged ones first), and programs without a flagged row skip
+    the loop, so its cost is that of ceil(flagged / BLOCK_M) blocks.
+    Terms lost to underflow are each below 2^-126 of the shift (fp32), so a sum >=
+    POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31; fp64: 2^-1022 and 2^-960.
+
+    CLASS=True reads the references in label order (the launcher sorts r, r_col and
+    r_labels; perm holds their original indices, for the self-pair mask; tile_ptr: the
+    references of class tile c are rows tile_ptr[c]:tile_ptr[c+1]) and writes mass
+    (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
+    relative to tile_max, plus tile_max (natural units) and tile_sum (N, n_tiles).
+    """
+    i_m = tl.program_id(0).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    if POS_PASS:
+        # the exact pass takes its rows in the launcher's order (``perm``: the flagged
+        # rows first), so that only the first few programs find one
+        o_m = tl.load(perm + o_m, mask=m_m, other=0).to(tl.int64)
+    b_it = LOG2E / tl.load(temperature).to(ACC)
+    b_c = 2 * b_it if SQEUCLID else b_it
+    b_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype.element_ty)
+    if RESIDENT:
+        b_q = _load_rows(q, o_m, m_m, D, s_qn, s_qd, BLOCK_D)
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    b_l = tl.zeros([BLOCK_M], dtype=ACC)
+    if CLASS:
+        i_c = tl.program_id(1).to(tl.int64)
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        lo = tl.load(tile_ptr + i_c)
+        hi = tl.load(tile_ptr + i_c + 1)
+        b_y = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+    else:
+        lo = 0
+        hi = M
+        # [BM]
+        b_a = tl.load(q_labels + o_m, mask=m_m, other=0)
+        b_lp = tl.zeros([BLOCK_M], dtype=ACC)
+        b_mp = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+        if POS_PASS:
+            b_redo = tl.load(redo + o_m, mask=m_m, other=0)
+            # no flagged row in this block: no reference tile at all
+            hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
+    if CLASS:
+        for i_n in range(lo, hi, BLOCK_N):
+            # r, r_col and r_labels arrive in label order: tile-local offsets, no gather
+            o_n = tl.arange(0, BLOCK_N)
+            m_n = o_n < hi - i_n
+            b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm,
+                                s_rd, RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+                                BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+            b_s = b_qr * b_c + _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :]
+            if HAS_OFFSET:
+                # [BN] original index of the references: the diagonal can be anywhere
+                o_r = tl.load(perm + i_n + o_n, mask=m_n, other=-1)
+                b_s = tl.where(o_r[None, :] == o_m[:, None] + offset, float("-inf"), b_s)
+            b_m, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
+            # [BN] sorted labels (-1: in no class)
+            b_b = tl.load(r_labels + i_n + o_n, mask=m_n, other=-1)
+            # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp2(s_ij - max_i), rescaled like b_l
+            b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
+            b_y = b_y * b_alpha[:, None]
+            if MASS_PRECISION == "tf32x2":
+                # p = hi + lo, hi truncated to TF32's 10 mantissa bits and lo the exact rest:
+                # the one-hot is exact in TF32, so two TF32 dots carry p to 2^-21 relative,
+                # as 3xTF32 would (its third product, lo x lo of the one-hot, is 0)
+                b_hi = (b_p.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                b_y = tl.dot(b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
+                b_y = tl.dot(b_p - b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
+            else:
+                b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION, out_dtype=ACC)
+    elif POS_PASS:
+        # rows in any order: every tile with the general self-pair mask
+        for i_n in range(0, hi, BLOCK_N):
+            b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
+                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
+                False, True, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        # the first tile (the first one that meets the diagonal, else tile 0) sets the row
+        # shift; the other diagonal tiles follow, unrolled (straight-line code), then the
+        # main loop over the rest, which has no mask and no per-pair max at all
+        n_t = tl.cdiv(hi, BLOCK_N)
+        t_lo, t_hi = _diagonal_tiles(i_m * BLOCK_M, offset, hi, HAS_OFFSET, BLOCK_M, BLOCK_N)
+        n_diag = t_hi - t_lo
+        # the tiles [e_lo, e_lo + e_n) are peeled off the main loop
+        e_lo = tl.where(n_diag > 0, t_lo, 0)
+        e_n = tl.where(n_diag > 0, n_diag, tl.minimum(n_t, 1))
+        if n_t > 0:
+            b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, e_lo * BLOCK_N,
+                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
+                True, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        for k in tl.static_range(1, _peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
+            if k < n_diag:
+                b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                    b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
+                    (t_lo + k) * BLOCK_N, i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd,
+                    s_rm, s_rd, b_c, True, False, POS_PASS, PACKED, RESIDENT, ACC, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_D)
+        for t in range(0, n_t - e_n):
+            i_n = (t + tl.where(t >= e_lo, e_n, 0)) * BLOCK_N
+            b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
+                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, False,
+                False, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    if CLASS:
+        n_tiles = tl.num_programs(1)
+        tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
+                 mask=m_m[:, None])
+        tl.store(tile_max + o_m * n_tiles + i_c, b_m * LN2, mask=m_m)
+        tl.store(tile_sum + o_m * n_tiles + i_c, b_l, mask=m_m)
+    elif POS_PASS:
+        # no term: max -inf and sum 0 give -inf; back to natural units
+        m_out = m_m & (b_redo != 0)
+        tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_out)
+        tl.store(lse_pos + o_m, (b_mp + tl.log2(b_lp)) * LN2, mask=m_out)
+    else:
+        tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m)
+        tl.store(lse_pos + o_m, (b_m + tl.log2(b_lp)) * LN2, mask=m_m)
+        # exact second pass for: positives underflowed against the shift (in a row that
+        # has a positive: the launcher's count in ``redo``; a row without one has b_lp
+        # = 0 exactly, and lse_pos = -inf is already exact); a sum that is not a normal
+        # number (0: no term; inf: the shift lagged; NaN: a first tile all masked, +inf
+        # logits or NaN inputs, which stay NaN there); a shift of +inf
+        b_has = tl.load(redo + o_m, mask=m_m, other=0) != 0
+        FLOOR: tl.constexpr = POS_FLOOR_F64 if ACC == tl.float64 else POS_FLOOR_F32
+        b_redo = ((b_lp < FLOOR) & b_has) | ~(b_l >= FLOOR)
+        b_redo = b_redo | (b_l == float("inf")) | (b_m == float("inf"))
+        tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)
