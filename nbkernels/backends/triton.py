@@ -28,12 +28,13 @@ try:
     import triton.language as tl
 
     from . import triton_kernels as tk
+    from . import triton_rows as tr
+    from .triton_rows import LOG2E
 except ImportError:  # the package works without triton; is_available says False
     triton = None
 
 METRICS = ("sqeuclidean", "dot")
 PRECISIONS = ("ieee", "tf32", "tf32x3")
-LOG2E = 1.4426950408889634
 
 
 def is_available(device) -> bool:
@@ -68,10 +69,6 @@ def interpreter_problem():
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_acc(dtype):
@@ -130,72 +127,6 @@ def _ds_scales(gmax):
     return row, top
 
 
-def _label_ranks(q_labels, r_labels):
-    """int32 dense ranks of both label vectors (equal labels, equal ranks), for the
-    kernels' one-compare positives test. Exact for any int64 labels; no host sync."""
-    same = r_labels is q_labels
-    both = q_labels if same else torch.cat([q_labels, r_labels])
-    s, idx = torch.sort(both)
-    new = torch.ones(s.shape, dtype=torch.int32, device=s.device)
-    new[1:] = (s[1:] != s[:-1]).to(torch.int32)
-    ranks = torch.empty_like(new).scatter_(0, idx, torch.cumsum(new, 0, dtype=torch.int32))
-    if same:
-        ranks = _padded(ranks, -2)
-        return ranks, ranks
-    n = q_labels.shape[0]
-    return _padded(ranks[:n], -2), _padded(ranks[n:], -2)
-
-
-def _has_positive(a, b, offset):
-    """int8 (N,): 1 where some reference other than the excluded pair j = i + offset
-    shares query i's label rank (``_label_ranks``, >= 1). Counted by a scatter into
-    N + M + 1 bins, so it needs no host sync."""
-    count = torch.zeros(a.shape[0] + b.shape[0] + 1, dtype=torch.int32, device=a.device)
-    count.scatter_add_(0, b.long(), torch.ones_like(b))
-    has = count[a.long()]
-    if offset is not None and b.shape[0] > 0:
-        j = torch.arange(a.shape[0], device=a.device) + offset
-        inside = (j >= 0) & (j < b.shape[0])
-        has = has - (inside & (b[j.clamp(0, b.shape[0] - 1)] == a)).to(has.dtype)
-    return (has > 0).to(torch.int8)
-
-
-def _padded(x, value):
-    """x (L,) padded with ``value`` to a multiple of ``PAD``: the kernels stream per-row
-    vectors in unmasked tiles (padding weighs nothing: column term -inf, label -2, weight 0)."""
-    extra = -x.shape[0] % tk.PAD
-    return torch.cat([x, x.new_full((extra,), value)]) if extra else x
-
-
-def _packed(labels, col):
-    """One int64 per row: the bits of the fp32 column term high, the int32 label low (both
-    padded alike), for the lse forward's one load per reference."""
-    return (col.view(torch.int32).to(torch.int64) << 32) | (labels.to(torch.int64) & 0xFFFFFFFF)
-
-
-def _class_labels(labels, num_classes):
-    """int32 class labels for the kernels, -1 for labels outside [0, num_classes)."""
-    inside = (labels >= 0) & (labels < num_classes)
-    return _padded(torch.where(inside, labels, -1).to(torch.int32), -1)
-
-
-def _columns(q, r, r_far, metric, temperature):
-    """(q_col, r_col): the kernels' per-row logit terms -||x||^2 log2(e)/T in the
-    accumulation dtype, padded (``_padded``) with -inf: zeros for "dot"; -inf at the
-    references at infinity ("sqeuclidean": weight 0, their rows zeroed)."""
-    acc = _acc_dtype(q.dtype)
-    if metric != "sqeuclidean":
-        q_col = torch.zeros(q.shape[0], dtype=acc, device=q.device)
-        r_col = q_col if r is q else torch.zeros(r.shape[0], dtype=acc, device=q.device)
-    else:
-        scale = -LOG2E / temperature.to(acc)
-        q_col = q.to(acc).pow(2).sum(1) * scale
-        r_col = q_col if r is q else r.to(acc).pow(2).sum(1) * scale
-    if r_far is not None:
-        r_col = r_col.masked_fill(r_far, float("-inf"))
-    return _padded(q_col, float("-inf")), _padded(r_col, float("-inf"))
-
-
 def _feature_blocks(d, max_resident):
     """(RESIDENT, BLOCK_D, BLOCK_DX): the own tile held whole for D <= max_resident."""
     if d <= max_resident:
@@ -226,18 +157,18 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
              temperature: torch.Tensor, metric: str, offset: int, has_offset: bool,
              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     n = q.shape[0]
-    acc = _acc_dtype(q.dtype)
+    acc = tr.acc_dtype(q.dtype)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     lse_all = torch.empty(n, dtype=acc, device=q.device)
     lse_pos = torch.empty(n, dtype=acc, device=q.device)
     if n > 0:
-        a, b = _label_ranks(q_labels, r_labels)
+        a, b = tr.label_ranks(q_labels, r_labels)
         # in: the rows that have a positive; out: the rows for the exact pass (the kernel)
-        redo = _has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
-        r_col = _columns(q, r, r_far, metric, temperature)[1]
+        redo = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
+        r_col = tr.columns(q, r, r_far, metric, temperature)[1]
         packed = acc == torch.float32
         args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
-                    r_pack=_packed(b, r_col) if packed else None, perm=None,
+                    r_pack=tr.packed(b, r_col) if packed else None, perm=None,
                     tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, redo=redo, mass=None,
                     tile_max=None, tile_sum=None, CLASS=False, MASS_PRECISION="ieee",
                     BLOCK_C=16, **_common(q, r, temperature, metric, offset, has_offset,
@@ -253,7 +184,7 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
 
 @_lse_fwd.register_fake
 def _(q, r, q_labels, r_labels, temperature, metric, offset, has_offset, precision):
-    acc = _acc_dtype(q.dtype)
+    acc = tr.acc_dtype(q.dtype)
     return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
 
 
@@ -262,7 +193,7 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                temperature: torch.Tensor, num_classes: int, metric: str, offset: int,
                has_offset: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     n, m, c = q.shape[0], r.shape[0], num_classes
-    acc = _acc_dtype(q.dtype)
+    acc = tr.acc_dtype(q.dtype)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     block_c, n_tiles = _class_tiles(c, m)
     # references in label order; class tile t owns perm[tile_ptr[t]:tile_ptr[t + 1]]
@@ -281,10 +212,10 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
         with _on_device(q):
             # the references themselves in label order: every tile is a contiguous block
             r_sorted = r[perm]
-            r_col = _columns(q, r_sorted, None if r_far is None else r_far[perm], metric,
+            r_col = tr.columns(q, r_sorted, None if r_far is None else r_far[perm], metric,
                              temperature)[1]
             tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
-                q_labels=None, r_labels=_class_labels(labels, c), r_col=r_col, r_pack=None,
+                q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
                 PACKED=False,
                 perm=perm if has_offset else None, tile_ptr=tile_ptr, lse_all=None, lse_pos=None,
                 redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
@@ -311,7 +242,7 @@ def _class_tiles(c, m):
 
 @_probs_fwd.register_fake
 def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, precision):
-    acc = _acc_dtype(q.dtype)
+    acc = tr.acc_dtype(q.dtype)
     return (q.new_empty(q.shape[0], num_classes, dtype=acc),
             q.new_empty(q.shape[0], dtype=acc))
 
@@ -358,8 +289,8 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
     """
     n, d = q.shape
     m = r.shape[0]
-    acc = _acc_dtype(q.dtype)
-    q_col, r_col = _columns(q, r, r_far, metric, temperature)
+    acc = tr.acc_dtype(q.dtype)
+    q_col, r_col = tr.columns(q, r, r_far, metric, temperature)
     if symmetric:
         q_col = r_col  # one set of rows: references at infinity have weight 0 both ways
     resident, _, block_dx = _feature_blocks(d, tk.MAX_RESIDENT_D_BWD)
@@ -391,7 +322,7 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
         grid = (lambda meta, n_own=n_own, n_dx=n_dx: (triton.cdiv(n_own, meta["BLOCK_OWN"]), n_dx))
         for fixup, ((shift, w_neg, w_pos, g_cls), flags) in enumerate(passes):
             shift, w_neg, w_pos, g_cls = _scaled((shift, w_neg, w_pos, g_cls), scale)
-            shift, w_neg, w_pos, flags = (None if x is None else _padded(x, 0)
+            shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
             with _on_device(q):
                 tk.neighbor_bwd_kernel[grid](
@@ -441,7 +372,7 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
     if symmetric:
         r, r_labels = q, q_labels
     q, r, q_far, r_far = finite_rows(q, r, metric)
-    acc = _acc_dtype(q.dtype)
+    acc = tr.acc_dtype(q.dtype)
     lse_all, lse_pos, g_all, g_pos = (x.contiguous().to(acc) for x in silent_rows(
         q_far, lse_all, lse_pos, g_all, g_pos))
     gmax = None
@@ -451,7 +382,7 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
                 + torch.where(lse_pos == float("-inf"), 0.0, g_pos.float().abs()))
     main, fix, flags = _lse_rows(lse_all, lse_pos, g_all, g_pos)
     passes = [((*main, None), None), ((*fix, None), flags)]
-    return _backward(q, r, _label_ranks(q_labels, r_labels), temperature, passes, gmax, 0,
+    return _backward(q, r, tr.label_ranks(q_labels, r_labels), temperature, passes, gmax, 0,
                      metric, offset, has_offset, need_q, need_r, need_t, precision, r_far,
                      symmetric)
 
@@ -468,7 +399,7 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                g: torch.Tensor, metric: str, offset: int, has_offset: bool, need_q: bool,
                need_r: bool, need_t: bool,
                precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = _acc_dtype(q.dtype)
+    acc = tr.acc_dtype(q.dtype)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     yhat, lse_all, g = silent_rows(q_far, yhat, lse_all, g)
     lse_all, g = lse_all.contiguous().to(acc), g.to(acc)
@@ -483,7 +414,7 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     shift = torch.where(none, 0.0, -lse_all * LOG2E)
     passes = [((shift, torch.where(none, 0.0, delta), None, g), None)]
     c = g.shape[1]
-    labels = (None, _class_labels(r_labels, c))
+    labels = (None, tr.class_labels(r_labels, c))
     return _backward(q, r, labels, temperature, passes, gmax, c, metric, offset, has_offset,
                      need_q, need_r, need_t, precision, r_far, False)
 
@@ -518,7 +449,7 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
     """
     _check(metric, precision)
     precision = precision or _default_precision()
-    acc = _acc_dtype(q.dtype)
+    acc = tr.acc_dtype(q.dtype)
     g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos
     sym = _symmetric(q, r, q_labels, r_labels, offset)

@@ -1,0 +1,77 @@
+"""The per-row vectors the Triton launchers (``triton.py``) hand the kernels: dense
+label ranks, the has-a-positive mask, the column terms, and their padding and packing."""
+import torch
+
+from . import triton_kernels as tk
+
+LOG2E = 1.4426950408889634
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def label_ranks(q_labels, r_labels):
+    """int32 dense ranks of both label vectors (equal labels, equal ranks), for the
+    kernels' one-compare positives test. Exact for any int64 labels; no host sync."""
+    same = r_labels is q_labels
+    both = q_labels if same else torch.cat([q_labels, r_labels])
+    s, idx = torch.sort(both)
+    new = torch.ones(s.shape, dtype=torch.int32, device=s.device)
+    new[1:] = (s[1:] != s[:-1]).to(torch.int32)
+    ranks = torch.empty_like(new).scatter_(0, idx, torch.cumsum(new, 0, dtype=torch.int32))
+    if same:
+        ranks = padded(ranks, -2)
+        return ranks, ranks
+    n = q_labels.shape[0]
+    return padded(ranks[:n], -2), padded(ranks[n:], -2)
+
+
+def has_positive(a, b, offset):
+    """int8 (N,): 1 where some reference other than the excluded pair j = i + offset
+    shares query i's label rank (``label_ranks``, >= 1). Counted by a scatter into
+    N + M + 1 bins, so it needs no host sync."""
+    count = torch.zeros(a.shape[0] + b.shape[0] + 1, dtype=torch.int32, device=a.device)
+    count.scatter_add_(0, b.long(), torch.ones_like(b))
+    has = count[a.long()]
+    if offset is not None and b.shape[0] > 0:
+        j = torch.arange(a.shape[0], device=a.device) + offset
+        inside = (j >= 0) & (j < b.shape[0])
+        has = has - (inside & (b[j.clamp(0, b.shape[0] - 1)] == a)).to(has.dtype)
+    return (has > 0).to(torch.int8)
+
+
+def padded(x, value):
+    """x (L,) padded with ``value`` to a multiple of ``PAD``: the kernels stream per-row
+    vectors in unmasked tiles (padding weighs nothing: column term -inf, label -2, weight 0)."""
+    extra = -x.shape[0] % tk.PAD
+    return torch.cat([x, x.new_full((extra,), value)]) if extra else x
+
+
+def packed(labels, col):
+    """One int64 per row: the bits of the fp32 column term high, the int32 label low (both
+    padded alike), for the lse forward's one load per reference."""
+    return (col.view(torch.int32).to(torch.int64) << 32) | (labels.to(torch.int64) & 0xFFFFFFFF)
+
+
+def class_labels(labels, num_classes):
+    """int32 class labels for the kernels, -1 for labels outside [0, num_classes)."""
+    inside = (labels >= 0) & (labels < num_classes)
+    return padded(torch.where(inside, labels, -1).to(torch.int32), -1)
+
+
+def columns(q, r, r_far, metric, temperature):
+    """(q_col, r_col): the kernels' per-row logit terms -||x||^2 log2(e)/T in the
+    accumulation dtype, padded (``padded``) with -inf: zeros for "dot"; -inf at the
+    references at infinity ("sqeuclidean": weight 0, their rows zeroed)."""
+    acc = acc_dtype(q.dtype)
+    if metric != "sqeuclidean":
+        q_col = torch.zeros(q.shape[0], dtype=acc, device=q.device)
+        r_col = q_col if r is q else torch.zeros(r.shape[0], dtype=acc, device=q.device)
+    else:
+        scale = -LOG2E / temperature.to(acc)
+        q_col = q.to(acc).pow(2).sum(1) * scale
+        r_col = q_col if r is q else r.to(acc).pow(2).sum(1) * scale
+    if r_far is not None:
+        r_col = r_col.masked_fill(r_far, float("-inf"))
+    return padded(q_col, float("-inf")), padded(r_col, float("-inf"))
