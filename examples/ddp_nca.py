@@ -19,6 +19,7 @@ centres, fresh samples each step). Rank 0 prints the soft-kNN accuracy of a held
 """
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -112,6 +113,14 @@ def main():
         print(f"soft-kNN accuracy on {args.eval_size} held-out points: {acc_before:.3f} -> {acc_after:.3f} "
               f"(raw inputs {acc_raw:.3f}, chance {1 / NUM_CLASSES:.3f})")
     dist.destroy_process_group()
+    if args.backend == "gloo":
+        # torch 2.13 on Gloo: a worker thread may still hold the last collective's tensors
+        # when the interpreter shuts down; it then takes the GIL too late and the process
+        # aborts (SIGABRT) after its work is done (pytorch/pytorch#190489). Leaving
+        # without the interpreter's shutdown avoids it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def check_against_single_process(module, loss, x_all, y_all, rank, temperature):
