@@ -45,6 +45,8 @@ from typing import NamedTuple
 
 import torch
 
+from nbkernels._validation import acc_dtype
+
 from nbkernels import _validation as check
 from nbkernels.autograd import _normalize, _normalize_backward, backend_module, is_empty
 from nbkernels.backends import reference
@@ -63,10 +65,6 @@ class Partials(NamedTuple):
     lse_pos: torch.Tensor | None = None
     positives: torch.Tensor | None = None
     yhat: torch.Tensor | None = None
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def positive_counts(q_labels, r_labels, offset=None):

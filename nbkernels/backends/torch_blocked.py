@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from nbkernels._validation import acc_dtype as _acc_dtype
+
 # Tile sizes. 256 x 1024 fp32 logits are 1 MiB, which stays in a core's L2 cache on
 # current x86 servers while leaving the matrix products large enough to run at speed.
 BLOCK_M = 256
@@ -32,10 +34,6 @@ BLOCK_N = 1024
 BLOCK_SYM = 512
 
 _NEG_INF = float("-inf")
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Problem:

@@ -2,13 +2,11 @@
 label ranks, the has-a-positive mask, the column terms, and their padding and packing."""
 import torch
 
+from nbkernels._validation import acc_dtype
+
 from . import triton_kernels as tk
 
 LOG2E = 1.4426950408889634
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def label_ranks(q_labels, r_labels):
