@@ -220,7 +220,7 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
     resident = D <= (tk.MAX_RESIDENT_D if kind == "fwd" else tk.MAX_RESIDENT_D_BWD)
     block_d = block(D, 1 << 30) if resident else block(D, tk.MAX_BLOCK_D)
     # sqeuclidean: the launcher's row norms (+inf at references at infinity)
-    common = dict(q=_meta(t), r=_meta(t), temperature=f32, N=N, M=M, D=D, offset=0,
+    common = dict(q=_meta(t), r=_meta(t), scale=f32, N=N, M=M, D=D, offset=0,
                   r_col=f32, s_qn=D, s_qd=1, s_rm=D, s_rd=1, N_KEY=N,
                   M_KEY=M, D_KEY=D, SQEUCLID=sq, HAS_OFFSET=not cls, RESIDENT=resident,
                   ACC=tl.float32, PRECISION="tf32" if dtype == "fp32" else "ieee",
@@ -232,6 +232,7 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
                  tile_ptr=i64 if cls else None, lse_all=None if cls else f32,
                  lse_pos=None if cls else f32, mass=f32 if cls else None,
                  # the first pass (POS_PASS=False) flags rows for the rare positives' pass
+                 has_pos=None if cls else _meta(torch.int8),
                  redo=None if cls else _meta(torch.int8), POS_PASS=False,
                  tile_max=f32 if cls else None, tile_sum=f32 if cls else None, CLASS=cls,
                  MASS_PRECISION="tf32x2",

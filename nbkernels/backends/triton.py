@@ -8,8 +8,9 @@ implementation, so the autograd Functions that call them compile under
 offset and return no ``None`` gradient: the wrappers encode ``offset`` as
 ``(offset, has_offset)`` and turn the empty placeholder gradients back into ``None``.
 
-No launcher reads a device value on the host: temperature is loaded in-kernel and
-every reduction after a kernel stays on the device. Launches run under the inputs'
+No launcher reads a device value on the host: the kernels load the logit scale
+(``triton_rows.logit_scale``, from the temperature on the device) and every reduction
+after a kernel stays on the device. Launches run under the inputs'
 CUDA device (``torch.cuda.device``), whatever the current device is.
 
 Importing this module imports triton; with ``TRITON_INTERPRET=1`` set before that
@@ -29,7 +30,6 @@ try:
 
     from . import triton_kernels as tk
     from . import triton_rows as tr
-    from .triton_rows import LOG2E
 except ImportError:  # the package works without triton; is_available says False
     triton = None
 
@@ -69,6 +69,10 @@ def interpreter_problem():
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _acc(x):
+    return tr.acc_dtype(x.dtype)
 
 
 def _tl_acc(dtype):
@@ -140,7 +144,8 @@ def _common(q, r, temperature, metric, offset, has_offset, precision, max_reside
     n, d = q.shape
     m = r.shape[0]
     resident, block_d, _ = _feature_blocks(d, max_resident)
-    return dict(q=q, r=r, temperature=temperature, N=n, M=m, D=d, offset=offset,
+    return dict(q=q, r=r, scale=tr.logit_scale(temperature, metric, _acc(q)), N=n, M=m, D=d,
+                offset=offset,
                 s_qn=q.stride(0), s_qd=q.stride(1), s_rm=r.stride(0), s_rd=r.stride(1),
                 N_KEY=triton.next_power_of_2(max(n, 1)), M_KEY=triton.next_power_of_2(max(m, 1)),
                 D_KEY=triton.next_power_of_2(max(d, 1)),
@@ -163,13 +168,15 @@ def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
     lse_pos = torch.empty(n, dtype=acc, device=q.device)
     if n > 0:
         a, b = tr.label_ranks(q_labels, r_labels)
-        # in: the rows that have a positive; out: the rows for the exact pass (the kernel)
-        redo = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
+        has_pos = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
+        # the rows for the exact pass (written by the main pass)
+        redo = torch.empty(n, dtype=torch.int8, device=q.device)
         r_col = tr.columns(q, r, r_far, metric, temperature)[1]
         packed = acc == torch.float32
         args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
                     r_pack=tr.packed(b, r_col) if packed else None, perm=None,
-                    tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, redo=redo, mass=None,
+                    tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, has_pos=has_pos, redo=redo,
+                    mass=None,
                     tile_max=None, tile_sum=None, CLASS=False, MASS_PRECISION="ieee",
                     BLOCK_C=16, **_common(q, r, temperature, metric, offset, has_offset,
                                           precision, tk.MAX_RESIDENT_D))
@@ -218,7 +225,7 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                 q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
                 PACKED=False,
                 perm=perm if has_offset else None, tile_ptr=tile_ptr, lse_all=None, lse_pos=None,
-                redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
+                has_pos=None, redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
                 POS_PASS=False,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; a hi + lo split of p in two TF32 dots
                 # ("tf32x2" in the kernel) is near fp32, and the one-hot is exact
@@ -250,23 +257,30 @@ def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, prec
 def _lse_rows(lse_all, lse_pos, g_all, g_pos):
     """Per query row: (main pass, fix-up pass, flags) of the one-exp lse backward.
 
-    Each pass is (row_shift, w_neg, w_pos) in the kernel's log2 units (see
-    ``neighbor_bwd_kernel``). Main: p+ = p exp(lse_all - lse_pos), exact while that
-    gap is at most 2^64 (fp32; 2^960 fp64); rows beyond it (``flags``, int8) get their
-    positives' term from the fix-up pass with their own shift. Rows without terms
-    (lse_all -inf) and without positives (lse_pos -inf) carry no weight; NaN stays NaN.
+    Each pass is (row_shift, w_neg, w_pos) in the kernel's terms (see
+    ``neighbor_bwd_kernel`` and ``triton_rows.exp_shift``). Main: p+ = p exp(lse_all -
+    lse_pos), exact while that gap is at most 2^64 (fp32; 2^960 fp64); w_pos is formed
+    as (g_all + g_pos) + g_pos expm1(gap), in fp64, so that a loss row (g_pos = -g_all)
+    whose positives hold nearly all the mass keeps its small weight. Rows beyond the gap
+    limit (``flags``, int8) get their positives' term from the fix-up pass with their
+    own shift. Rows without terms (lse_all -inf) and without positives (lse_pos -inf)
+    carry no weight; NaN stays NaN.
     """
     limit = tk.POS_LOG2_LIMIT["fp64" if lse_all.dtype == torch.float64 else "fp32"]
     none = lse_all == float("-inf")
     no_pos = lse_pos == float("-inf")
-    gap = lse_all - lse_pos
-    flag = (gap * LOG2E > limit) & torch.logical_not(no_pos)
+    gap = lse_all.double() - lse_pos.double()
+    flag = (gap * tr.LOG2E > limit) & torch.logical_not(no_pos)
     off = flag | no_pos
-    factor = torch.where(off, 0.0, torch.exp(torch.where(off, 0.0, gap)))
     g_all = torch.where(none, 0.0, g_all)
-    main = (torch.where(none, 0.0, -lse_all * LOG2E), g_all, g_all + g_pos * factor)
-    fix = (torch.where(flag, -lse_pos * LOG2E, float("-inf")), torch.zeros_like(g_all),
-           torch.where(flag, g_pos, 0.0))
+    g_main = torch.where(off, 0.0, g_pos).double()
+    w_pos = (g_all.double() + g_main + g_main * torch.expm1(torch.where(off, 0.0, gap)))
+    w_pos = w_pos.to(g_all.dtype)
+    shift, corr = tr.exp_shift(lse_all)
+    main = (shift, g_all * corr, w_pos * corr)
+    shift_pos, corr_pos = tr.exp_shift(lse_pos)
+    fix = (torch.where(flag, shift_pos, float("-inf")), torch.zeros_like(g_all),
+           torch.where(flag, g_pos, 0.0) * corr_pos)
     return main, fix, flag.to(torch.int8)
 
 
@@ -411,8 +425,8 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
         gmax = g.float().abs().amax(1) if g.shape[1] else lse_all.new_zeros(g.shape[0])
         gmax = torch.where(lse_all == float("-inf"), 0.0, gmax)
     none = lse_all == float("-inf")
-    shift = torch.where(none, 0.0, -lse_all * LOG2E)
-    passes = [((shift, torch.where(none, 0.0, delta), None, g), None)]
+    shift, corr = tr.exp_shift(lse_all)
+    passes = [((shift, torch.where(none, 0.0, delta) * corr, None, g * corr[:, None]), None)]
     c = g.shape[1]
     labels = (None, tr.class_labels(r_labels, c))
     return _backward(q, r, labels, temperature, passes, gmax, c, metric, offset, has_offset,

@@ -3,27 +3,27 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    BWD_CONFIGS, BWD_KEY, BWD_NO_SPECIALIZE, LN2, LOG2E, PRUNE, _col_term, _diagonal,
-    _diagonal_tiles, _load_rows, _peeled, _rows_dot)
+    BWD_CONFIGS, BWD_KEY, BWD_NO_SPECIALIZE, PRUNE, _col_term, _diagonal, _diagonal_tiles, _exp,
+    _load_rows, _peeled, _rows_dot)
 
 
 @triton.jit
 def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
-    """ds of one direction: exp2(u + shift) * (w_pos where positive, else w_neg).
+    """ds of one direction: _exp(u, shift) * (w_pos where positive, else w_neg).
 
     FIXUP (positives only, shifted by lse_pos): the negatives' exp2 may overflow, so
     they are selected out after the product rather than weighted by 0.
     """
     if FIXUP:
-        return tl.where(b_pos, tl.math.exp2(b_u + b_shift) * b_wpos, 0.0)
+        return tl.where(b_pos, _exp(b_u, b_shift) * b_wpos, 0.0)
     else:
-        return tl.math.exp2(b_u + b_shift) * tl.where(b_pos, b_wpos, b_wneg)
+        return _exp(b_u, b_shift) * tl.where(b_pos, b_wpos, b_wneg)
 
 
 @triton.jit
 def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
               row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
-              b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it,
+              b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c,
               DIAG: tl.constexpr, SQEUCLID: tl.constexpr, CLASS: tl.constexpr,
               REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
               NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, RESIDENT: tl.constexpr,
@@ -49,7 +49,6 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
         b_xy, b_yt = _rows_dot(b_x, x, y_t, o_own, m_own, o_t, m_t, D, s_x, s_xk, s_y, s_yk,
                                RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
                                BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
-        b_v = b_xy * b_c
         # [BOTHER] the other rows' terms (padded vectors: no mask)
         b_yn = _col_term(y_col + i_t, o_t, m_t, False, ACC)
         if not CLASS:
@@ -58,8 +57,8 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
         elif not REF_MAJOR:
             b_yl = tl.load(y_labels + i_t + o_t)
         if REF_MAJOR:
-            # [BOTHER] query rows' terms; u = v + own reference norm term
-            b_u = b_v + b_xn[:, None]
+            # [BOTHER] query rows' terms; u = own reference's logit, as the forward's FFMA
+            b_u = tl.fma(b_xy, b_c, b_xn[:, None])
             b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
             b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
             if CLASS:
@@ -68,18 +67,18 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
                 b_g = tl.load(g_cls + (i_t + o_t)[None, :] * s_gn
                               + b_xl.to(tl.int64)[:, None] * s_gc,
                               mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
-                b_ds = tl.math.exp2(b_u + b_sht[None, :]) * (b_g - b_wnt[None, :])
+                b_ds = _exp(b_u, b_sht[None, :]) * (b_g - b_wnt[None, :])
             else:
                 b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
                 b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], b_wnt[None, :], b_wpt[None, :], FIXUP)
         else:
-            b_u = b_v + b_yn[None, :]
+            b_u = tl.fma(b_xy, b_c, b_yn[None, :])
             if CLASS:
                 m_g = m_t & (b_yl >= 0)
                 # [BOWN, BOTHER] G_{i, b_j}, gathered (labels in no class: 0)
                 b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
                               mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
-                b_ds = tl.math.exp2(b_u + b_sh[:, None]) * (b_g - b_wn[:, None])
+                b_ds = _exp(b_u, b_sh[:, None]) * (b_g - b_wn[:, None])
             else:
                 b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], FIXUP)
             if SYMMETRIC:
@@ -87,8 +86,8 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
                 b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
                 b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
                 b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
-                b_dsj = _ds_dir(b_v + b_xn[:, None], m_pos, b_sht[None, :], b_wnt[None, :],
-                                b_wpt[None, :], FIXUP)
+                b_dsj = _ds_dir(tl.fma(b_xy, b_c, b_xn[:, None]), m_pos, b_sht[None, :],
+                                b_wnt[None, :], b_wpt[None, :], FIXUP)
         if DIAG:
             if REF_MAJOR:
                 # own rows are the references: j = i + offset, i in the other tile
@@ -99,11 +98,11 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
             if SYMMETRIC:
                 b_dsj = tl.where(m_d, 0.0, b_dsj)
         if NEED_DT:
-            # true logit, natural units: u + the query's own norm term, times ln 2
+            # true logit: u + the query's own norm term
             if REF_MAJOR:
-                b_z = (b_u + b_yn[None, :]) * LN2
+                b_z = b_u + b_yn[None, :]
             else:
-                b_z = (b_u + b_xn[:, None]) * LN2
+                b_z = b_u + b_xn[:, None]
             # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
             b_dt += tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
         if SYMMETRIC:
@@ -123,7 +122,7 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
 
 @triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
-def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row_shift,
+def neighbor_bwd_kernel(q, r, q_labels, r_labels, scale, r_col, q_col, row_shift,
                         w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part,
                         N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
                         N_KEY, M_KEY, D_KEY,
@@ -137,21 +136,25 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
 
     A program owns BLOCK_OWN rows of x (q, or r) and the feature slice BLOCK_DX of dx
     (all of it when RESIDENT), and streams the other side y in BLOCK_OTHER tiles. Each
-    tile is computed once, in the program's orientation [own, other], in log2 units:
-    ``u = x.y c + (reference norm term)``, and per query row i the launcher passes a
-    shift and two weights, so that
+    tile is computed once, in the program's orientation [own, other]: the logit
+    ``u = fma(x.y, c, reference norm term)``, in natural units and by the same FFMA as the
+    forward's, and per query row i the launcher passes a shift and two weights, so that
 
-        ds_ij = exp2(u_ij + row_shift_i) * (w_pos_i if b_j = a_i else w_neg_i)
+        ds_ij = _exp(u_ij, row_shift_i) * (w_pos_i if b_j = a_i else w_neg_i)
 
-    is one exp2 and no per-pair branch. Main pass: row_shift = -lse_all log2(e),
-    w_neg = g_all, w_pos = g_all + g_pos exp(lse_all - lse_pos), since
-    p+_ij = p_ij exp(lse_all_i - lse_pos_i). That factor is exact while
-    (lse_all - lse_pos) log2(e) <= 64 (fp32; 960 fp64): the positives that matter then
-    sit above 2^-126 of the shared shift. Rows beyond (extreme T) are ``flags``; their
-    main-pass w_pos is g_all, and a FIXUP launch adds their positives' term with its own
-    shift (row_shift = -lse_pos log2(e), w_neg = 0, w_pos = g_pos; -inf / 0 elsewhere),
-    skipping every tile without a flagged row, and accumulating into dx and dt_part.
-    dx is written in ACC and cast by the launcher, so the two passes round once.
+    is one FFMA, one exp2 and no per-pair branch. The shift is -fl(lse_i log2 e) and
+    every weight carries 2^-d_i, d_i = lse_i log2 e - fl(lse_i log2 e) (exact), so that
+    ``_exp(u, shift) 2^-d = exp(u - lse)`` holds to rounding whatever the size of the
+    logits: a row dominated by one reference, whose lse the forward wrote as that very
+    logit, gets p = 1 for it. Main pass: w_neg = g_all, w_pos = g_all + g_pos
+    exp(lse_all - lse_pos), since p+_ij = p_ij exp(lse_all_i - lse_pos_i); the launcher
+    forms it as (g_all + g_pos) + g_pos expm1(gap), without cancellation. That factor
+    is exact while (lse_all - lse_pos) log2(e) <= 64 (fp32; 960 fp64): the positives
+    that matter then sit above 2^-126 of the shared shift. Rows beyond (extreme T) are
+    ``flags``; their main-pass w_pos is w_neg, and a FIXUP launch adds their positives'
+    term with its own shift (that of lse_pos; w_neg = 0, w_pos = g_pos; -inf / 0
+    elsewhere), skipping every tile without a flagged row, and accumulating into dx and
+    dt_part. dx is written in ACC and cast by the launcher, so the two passes round once.
 
     CLASS: ds_ij = p_ij (G_{i,b_j} - delta_i), with G gathered from g_cls and delta in
     w_neg (p from row_shift as above); one pass.
@@ -164,7 +167,8 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
     ordered (semaphore) accumulation of the other side because it needs neither a
     second pass over dq nor any inter-program waiting, and it is the common case.
 
-    "dot": dx = 1/T sum ds y; "sqeuclidean": dx = 2/T (sum ds y - x sum ds).
+    "dot": dx = c sum ds y, c = 1/T; "sqeuclidean": dx = c (sum ds y - x sum ds), c = 2/T
+    (``scale``, the launcher's, as in the forward).
     dt_part[own] = sum_other ds * logit (own as the query, or as the reference when
     REF_MAJOR), written by the slice-0 programs only. SCALE_DS: the weights carry the
     powers of two of ``ds_scale``: per own row (dq), or one (1,) for dr / SYMMETRIC.
@@ -174,8 +178,7 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
     o_own = i_o * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     o_dx = i_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
     m_dx = o_dx < D
-    b_it = LOG2E / tl.load(temperature).to(ACC)
-    b_c = 2 * b_it if SQEUCLID else b_it
+    b_c = tl.load(scale).to(ACC)
     if REF_MAJOR:
         n_own, n_other = M, N
         x, s_x, s_xk, x_labels, x_col = r, s_rm, s_rd, r_labels, r_col
@@ -227,7 +230,7 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
                 b_acc, b_sum, b_dt, (t_lo + k) * BLOCK_OTHER, i_o0, b_x, x, y, s_x, s_xk, s_y,
                 s_yk, y_labels, y_col, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc,
                 b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset,
-                b_c, b_it, True, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT,
+                b_c, True, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT,
                 RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
     n_diag = t_hi - t_lo
     for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
@@ -235,7 +238,7 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
         b_acc, b_sum, b_dt = _bwd_tile(
             b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
             row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
-            b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, b_it, False, SQEUCLID,
+            b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, False, SQEUCLID,
             CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION,
             BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
     if SCALE_DS:
@@ -251,9 +254,9 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, temperature, r_col, q_col, row
             # [BOWN, BDX]
             b_xs = tl.load(x + o_own[:, None] * s_x + o_dx[None, :] * s_xk,
                            mask=m_own[:, None] & m_dx[None, :], other=0).to(ACC)
-            b_acc = 2 * (b_acc - b_xs * b_sum[:, None]) * (b_it * LN2)
+            b_acc = (b_acc - b_xs * b_sum[:, None]) * b_c
         else:
-            b_acc = b_acc * (b_it * LN2)
+            b_acc = b_acc * b_c
         p_dx = dx + o_own[:, None] * s_xn + o_dx[None, :] * s_xd
         m_out = m_own[:, None] & m_dx[None, :]
         if FIXUP:

@@ -6,27 +6,38 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The block limits and tile configs: the GPU's ("gpu"), or small ones that keep the
+# interpreter fast ("interpreter", its default). NBK_TRITON_SIZES=gpu under the
+# interpreter runs the kernels exactly as a GPU launches them.
+SIZES = os.environ.get("NBK_TRITON_SIZES") or ("interpreter" if INTERPRET else "gpu")
+if SIZES not in ("gpu", "interpreter"):
+    raise ValueError(f"NBK_TRITON_SIZES must be 'gpu' or 'interpreter', got {SIZES!r}")
+SMALL = SIZES == "interpreter"
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-# Floors of the positives' sum under the shared max (neighbor_fwd_kernel): 2^-64, 2^-960
+# Floors of the positives' sum under the shared shift (neighbor_fwd_kernel): 2^-64, 2^-960
 POS_FLOOR_F32 = tl.constexpr(2.0 ** -64)
 POS_FLOOR_F64 = tl.constexpr(2.0 ** -960)
 # A tile's sum above this moves the forward's row shift (neighbor_fwd_kernel): 2^64, 2^512
 RESCALE_F32 = tl.constexpr(2.0 ** 64)
 RESCALE_F64 = tl.constexpr(2.0 ** 512)
+# The largest move of the shift at once, in log2 units: 2^-k stays a normal number (the
+# GPU's ex2.approx.ftz flushes 2^-127 and below to 0, which would wipe the row's sums)
+MAX_MOVE_F32 = tl.constexpr(126.0)
+MAX_MOVE_F64 = tl.constexpr(1022.0)
 # The same limits in log2 units, for the backward's one-exp positives (launcher side)
 POS_LOG2_LIMIT = {"fp32": 64.0, "fp64": 960.0}
 
 # Feature-dim chunk of the logit dot when not resident, and widest dq / dr slice.
-MAX_BLOCK_D = 16 if INTERPRET else 64
-MAX_BLOCK_DX = 64 if INTERPRET else 128
+MAX_BLOCK_D = 16 if SMALL else 64
+MAX_BLOCK_DX = 64 if SMALL else 128
 # Largest D whose own tile is held for the whole loop (forward / backward).
-MAX_RESIDENT_D = 32 if INTERPRET else 256
-MAX_RESIDENT_D_BWD = 32 if INTERPRET else 128
+MAX_RESIDENT_D = 32 if SMALL else 256
+MAX_RESIDENT_D_BWD = 32 if SMALL else 128
 # Class tile width of the class-distribution forward (one-hot dot of [BN, BC]): at most 32
 # while the references fill the class tiles (``class_block_cap``), else 64.
-MAX_BLOCK_C = 16 if INTERPRET else 64
-NARROW_BLOCK_C = 16 if INTERPRET else 32
+MAX_BLOCK_C = 16 if SMALL else 64
+NARROW_BLOCK_C = 16 if SMALL else 32
 
 
 def class_block_cap(c, m):
@@ -80,10 +91,10 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-if INTERPRET:
+if SMALL:
     FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
     BWD_CONFIGS = [triton.Config({"BLOCK_OWN": 16, "BLOCK_OTHER": 16})]
-elif os.environ.get("NBK_TRITON_AUTOTUNE", "1") == "0":
+elif INTERPRET or os.environ.get("NBK_TRITON_AUTOTUNE", "1") == "0":
     # one config: no benchmarking; the smallest fits every dtype's shared memory
     FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS[-1:], GPU_BWD_CONFIGS[-1:]
 else:
@@ -139,7 +150,7 @@ def _rows_dot(b_x, x, y, o_x, m_x, o_y, m_y, D, s_xn, s_xd, s_yn, s_yd,
 
 @triton.jit
 def _col_term(r_col, o, m, MASKED: tl.constexpr, ACC: tl.constexpr):
-    """[B] the launcher's per-row logit terms -||x||^2 log2(e)/T (0 for "dot"); -inf for
+    """[B] the launcher's per-row logit terms -||x||^2/T (0 for "dot"); -inf for
     rows at infinity and for padding. MASKED: ``o`` may leave the padded vector."""
     if MASKED:
         return tl.load(r_col + o, mask=m, other=float("-inf")).to(ACC)
@@ -156,18 +167,54 @@ def _diagonal(i_x, i_y, offset, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
 
 
 @triton.jit
-def _online_lse2(b_m, b_l, b_s):
-    """One step of an online log2-sum-exp2 over the rows of b_s [BM, BN] (log2 units).
+def _exp(b_s, b_shift):
+    """exp(s - m) as one FFMA and one exp2: ``exp2(fma(s, log2 e, shift))``, shift = -fl(m log2 e).
 
-    Returns the new running max and sum, the tile's exp2(s - max) and the rescale
-    factor of the old sum. tl.max may drop NaN; b_l still turns NaN through exp2.
+    Logits stay in natural units, so that the forward's row maximum and the lse it
+    writes are logit values themselves; the fused multiply-add takes the product
+    s log2(e) exactly, so a logit equal to m gives exp2 of the rounding residue of
+    fl(m log2 e), a common per-row factor that ``_lse`` (forward) and the launcher's
+    weights (backward) take out again, exactly.
+    """
+    return tl.math.exp2(tl.fma(b_s, LOG2E, b_shift))
+
+
+@triton.jit
+def _shift(b_m):
+    """[BM] the ``_exp`` shift of row anchors b_m (natural units): -fl(b_m log2 e), 0 for
+    rows without an anchor yet (b_m = -inf: their terms then stay exp2(-inf) = 0)."""
+    return -(tl.where(b_m == float("-inf"), 0.0, b_m) * LOG2E)
+
+
+@triton.jit
+def _lse(b_m, b_l):
+    """log sum_j exp(s_j) from a row state: the anchor b_m (natural units) and the sum
+    b_l of exp2(fma(s, log2 e, -fl(b_m log2 e))) (``_exp`` under ``_shift(b_m)``).
+
+    b_m + (log2 b_l - d) ln 2, with d = b_m log2 e - fl(b_m log2 e) taken exactly (fma):
+    a row dominated by one logit within a few units of the anchor gets that logit back
+    bit for bit. b_m = -inf (no term): -inf.
+    """
+    b_ms = tl.where(b_m == float("-inf"), 0.0, b_m)
+    b_d = tl.fma(b_ms, LOG2E, -(b_ms * LOG2E))
+    return b_m + (tl.log2(b_l) - b_d) * LN2
+
+
+@triton.jit
+def _online_lse(b_m, b_l, b_s):
+    """One step of an online log-sum-exp over the rows of b_s [BM, BN] (natural units).
+
+    State: the running max b_m, the rows' anchor, and the sum b_l of their terms under
+    ``_shift(b_m)``; ``_lse`` finishes it. Returns the new max and sum, the tile's
+    exponentials and the rescale factor of the old sum. tl.max may drop NaN; b_l still
+    turns NaN through exp2.
     """
     b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-    # all terms so far masked (-inf): shift by 0 so that exp2 sees -inf, not NaN
-    b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-    b_alpha = tl.math.exp2(b_m - b_ms)
+    b_sh = _shift(b_mn)
+    # the old sum was taken under _shift(b_m) (b_m = -inf before any term: factor 0)
+    b_alpha = tl.math.exp2(b_m * LOG2E + b_sh)
     # [BM, BN] the one exponential of each pair
-    b_p = tl.math.exp2(b_s - b_ms[:, None])
+    b_p = _exp(b_s, b_sh[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     return b_mn, b_l, b_p, b_alpha
 

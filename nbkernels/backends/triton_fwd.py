@@ -3,26 +3,30 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    FWD_CONFIGS, FWD_KEY, FWD_NO_SPECIALIZE, LN2, LOG2E, POS_FLOOR_F32, POS_FLOOR_F64, PRUNE,
-    RESCALE_F32, RESCALE_F64, _col_term, _diagonal, _diagonal_tiles, _load_rows,
-    _online_lse2, _peeled, _rows_dot)
+    FWD_CONFIGS, FWD_KEY, FWD_NO_SPECIALIZE, LN2, LOG2E, MAX_MOVE_F32, MAX_MOVE_F64,
+    POS_FLOOR_F32, POS_FLOOR_F64, PRUNE, RESCALE_F32, RESCALE_F64, _col_term, _diagonal,
+    _diagonal_tiles, _exp, _load_rows, _lse, _online_lse, _peeled, _rows_dot, _shift)
 
 
 @triton.jit
-def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n, i_m0, o_m,
-                  m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, DIAG: tl.constexpr,
-                  FIRST: tl.constexpr, POS_PASS: tl.constexpr, PACKED: tl.constexpr,
-                  RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One reference tile [i_n, i_n + BN) of the lse forward: (shift, sum, positives'
-    shift, positives' sum), updated. DIAG: the tile may meet the diagonal (masked).
+def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
+                  i_m0, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c,
+                  DIAG: tl.constexpr, FIRST: tl.constexpr, POS_PASS: tl.constexpr,
+                  PACKED: tl.constexpr, RESIDENT: tl.constexpr, ACC: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """One reference tile [i_n, i_n + BN) of the lse forward: the row state (see below),
+    updated. DIAG: the tile may meet the diagonal (masked).
 
-    Main pass: FIRST sets the row shift b_m to the tile's max; later tiles keep it fixed
-    (no per-pair max) and only move it, by a power of two applied to both sums, when a
-    tile's sum passes RESCALE: the shift stays within log2(BN) + 1 of the running max. A
-    term that overflows before that (the shift lagging by >= 128) makes the sum inf, and
-    the row is flagged for the exact pass. POS_PASS: the exact pass, each sum with its own
-    running max (b_m, b_l and b_mp, b_lp).
+    Main pass: FIRST sets the row's anchor b_m to the tile's max logit; later tiles keep
+    the shift (``_shift(b_m)``) fixed, with no per-pair max, and only move the anchor, by
+    k ln 2 for a whole number k, when a tile's sum passes RESCALE, rescaling both sums by
+    the move the shift really made (2^-k up to its rounding): the anchor stays within
+    log2(BN) + 1 of the running max, in log2 units. k is at most MAX_MOVE, so that the
+    rescale factor is a normal number (ex2.approx.ftz flushes 2^-127 and below to 0); a
+    term that overflows before the anchor catches up makes the sum inf, and the row is
+    flagged for the exact pass. POS_PASS: the exact pass, each sum with its own running
+    max (``_online_lse``: b_m, b_l and b_mp, b_lp).
     """
     # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
     o_n = tl.arange(0, BLOCK_N)
@@ -39,7 +43,8 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
     else:
         b_b = tl.load(r_labels + i_n + o_n)
         b_col = _col_term(r_col + i_n, o_n, m_n, False, ACC)
-    b_s = b_qr * b_c + b_col[None, :]
+    # [BM, BN] logits, natural units (one explicit FFMA: the backward recomputes the same)
+    b_s = tl.fma(b_qr, b_c, b_col[None, :])
     if DIAG:
         if POS_PASS:
             # rows o_m in the launcher's order: the pairs j = o_m + offset, anywhere
@@ -49,34 +54,37 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
         b_s = tl.where(m_self, float("-inf"), b_s)
     m_pos = b_a[:, None] == b_b[None, :]
     if POS_PASS:
-        b_m, b_l, _, _ = _online_lse2(b_m, b_l, b_s)
-        b_mp, b_lp, _, _ = _online_lse2(b_mp, b_lp, tl.where(m_pos, b_s, float("-inf")))
+        b_m, b_l, _, _ = _online_lse(b_m, b_l, b_s)
+        b_mp, b_lp, _, _ = _online_lse(b_mp, b_lp, tl.where(m_pos, b_s, float("-inf")))
     elif FIRST:
-        # a row whose first tile is all masked gets shift -inf: its sums turn inf / NaN,
+        # a row whose first tile is all masked gets anchor -inf: its sums turn inf / NaN,
         # and it is flagged
         b_m = tl.max(b_s, 1)
         # [BM, BN] the one exponential of each pair
-        b_p = tl.math.exp2(b_s - b_m[:, None])
+        b_p = _exp(b_s, _shift(b_m)[:, None])
         b_l = tl.sum(b_p, 1)
         b_lp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
     else:
-        b_p = tl.math.exp2(b_s - b_m[:, None])
+        b_sh = _shift(b_m)
+        b_p = _exp(b_s, b_sh[:, None])
         b_t = tl.sum(b_p, 1)
         b_tp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
         # [BM] lazy shift: k = 0 unless the tile's sum passed RESCALE
         RESCALE: tl.constexpr = RESCALE_F64 if ACC == tl.float64 else RESCALE_F32
-        b_k = tl.where(b_t > RESCALE, tl.math.ceil(tl.log2(b_t)), 0.0)
-        b_sc = tl.math.exp2(-b_k)
+        MAX_MOVE: tl.constexpr = MAX_MOVE_F64 if ACC == tl.float64 else MAX_MOVE_F32
+        b_k = tl.where(b_t > RESCALE, tl.minimum(tl.math.ceil(tl.log2(b_t)), MAX_MOVE), 0.0)
+        b_m = tl.where(b_k > 0, b_m + b_k * LN2, b_m)
+        # the sums follow the shift's actual move (its float difference, exact)
+        b_sc = tl.math.exp2(_shift(b_m) - b_sh)
         b_l = (b_l + b_t) * b_sc
         b_lp = (b_lp + b_tp) * b_sc
-        b_m = b_m + b_k
     return b_m, b_l, b_mp, b_lp
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
-def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, perm, tile_ptr,
-                        lse_all, lse_pos, redo, mass, tile_max, tile_sum,
+def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, tile_ptr,
+                        lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum,
                         N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr,
@@ -87,15 +95,17 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
                         BLOCK_C: tl.constexpr):
     """Online log-sum-exps (CLASS=False) or per-class-tile mass (CLASS=True).
 
-    Logit tile, log2 units: ``s = q.r c + colterm`` with c = (2 or 1) log2(e)/T and the
-    column term of ``_col_term`` (the row constant -||q||^2/T is left out: shifted lse).
+    Logit tile, natural units: ``s = fma(q.r, c, colterm)`` with the launcher's scale
+    c = (2 or 1)/T and the column term of ``_col_term`` (the row constant -||q||^2/T is
+    left out: shifted lse); every exponential is ``_exp``, one FFMA and one exp2.
 
     CLASS=False writes lse_all, lse_pos (N,) with one exp2 per pair: the positives' sum
     uses the same exponentials under the shared row shift (``_fwd_lse_tile``: set by the
     first tile, moved only by powers of two). That sum is exact unless positives
     underflow against the shift (extreme T: they sit far below the nearest negative).
-    ``redo`` (N,) int8 comes in as the launcher's has-a-positive mask and goes out as the
-    rows for the exact pass: those with a positive whose sum ends below POS_FLOOR, and
+    ``has_pos`` (N,) int8 is the launcher's has-a-positive mask; ``redo`` (N,) int8 comes
+    out as the rows for the exact pass (every input is read-only, so a launch can be
+    repeated, as the autotuner does): those with a positive whose sum ends below POS_FLOOR, and
     those whose total is not a normal number (no term, an overflow past a lagging shift,
     NaN). A second launch with POS_PASS=True recomputes both sums of the flagged rows
     only, each with its own running max; it takes the rows in the order of ``perm``
@@ -108,7 +118,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
     r_labels; perm holds their original indices, for the self-pair mask; tile_ptr: the
     references of class tile c are rows tile_ptr[c]:tile_ptr[c+1]) and writes mass
     (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
-    relative to tile_max, plus tile_max (natural units) and tile_sum (N, n_tiles).
+    relative to tile_max, plus tile_max (a logit: the tile's running max) and tile_sum
+    (N, n_tiles), both sums relative to exp(tile_max).
     """
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -117,8 +128,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
         # the exact pass takes its rows in the launcher's order (``perm``: the flagged
         # rows first), so that only the first few programs find one
         o_m = tl.load(perm + o_m, mask=m_m, other=0).to(tl.int64)
-    b_it = LOG2E / tl.load(temperature).to(ACC)
-    b_c = 2 * b_it if SQEUCLID else b_it
+    b_c = tl.load(scale).to(ACC)
     b_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype.element_ty)
     if RESIDENT:
         b_q = _load_rows(q, o_m, m_m, D, s_qn, s_qd, BLOCK_D)
@@ -149,15 +159,15 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
             b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm,
                                 s_rd, RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
                                 BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
-            b_s = b_qr * b_c + _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :]
+            b_s = tl.fma(b_qr, b_c, _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :])
             if HAS_OFFSET:
                 # [BN] original index of the references: the diagonal can be anywhere
                 o_r = tl.load(perm + i_n + o_n, mask=m_n, other=-1)
                 b_s = tl.where(o_r[None, :] == o_m[:, None] + offset, float("-inf"), b_s)
-            b_m, b_l, b_p, b_alpha = _online_lse2(b_m, b_l, b_s)
+            b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
             # [BN] sorted labels (-1: in no class)
             b_b = tl.load(r_labels + i_n + o_n, mask=m_n, other=-1)
-            # [BN, BC] one-hot; mass_ic = sum_{b_j=c} exp2(s_ij - max_i), rescaled like b_l
+            # [BN, BC] one-hot; mass_ic = sum_{b_j=c} of the pair's _exp, rescaled like b_l
             b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
             b_y = b_y * b_alpha[:, None]
             if MASS_PRECISION == "tf32x2":
@@ -206,25 +216,28 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, temperature, r_col, r_pack, pe
                 False, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     if CLASS:
         n_tiles = tl.num_programs(1)
-        tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y,
+        # the sums were taken under fl(b_m L): relative to exp(b_m), each times 2^-d
+        b_ms = tl.where(b_m == float("-inf"), 0.0, b_m)
+        b_sc = tl.math.exp2(-tl.fma(b_ms, LOG2E, -(b_ms * LOG2E)))
+        tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y * b_sc[:, None],
                  mask=m_m[:, None])
-        tl.store(tile_max + o_m * n_tiles + i_c, b_m * LN2, mask=m_m)
-        tl.store(tile_sum + o_m * n_tiles + i_c, b_l, mask=m_m)
+        tl.store(tile_max + o_m * n_tiles + i_c, b_m, mask=m_m)
+        tl.store(tile_sum + o_m * n_tiles + i_c, b_l * b_sc, mask=m_m)
     elif POS_PASS:
-        # no term: max -inf and sum 0 give -inf; back to natural units
+        # no term: max -inf and sum 0 give -inf
         m_out = m_m & (b_redo != 0)
-        tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_out)
-        tl.store(lse_pos + o_m, (b_mp + tl.log2(b_lp)) * LN2, mask=m_out)
+        tl.store(lse_all + o_m, _lse(b_m, b_l), mask=m_out)
+        tl.store(lse_pos + o_m, _lse(b_mp, b_lp), mask=m_out)
     else:
-        tl.store(lse_all + o_m, (b_m + tl.log2(b_l)) * LN2, mask=m_m)
-        tl.store(lse_pos + o_m, (b_m + tl.log2(b_lp)) * LN2, mask=m_m)
+        tl.store(lse_all + o_m, _lse(b_m, b_l), mask=m_m)
+        tl.store(lse_pos + o_m, _lse(b_m, b_lp), mask=m_m)
         # exact second pass for: positives underflowed against the shift (in a row that
-        # has a positive: the launcher's count in ``redo``; a row without one has b_lp
-        # = 0 exactly, and lse_pos = -inf is already exact); a sum that is not a normal
-        # number (0: no term; inf: the shift lagged; NaN: a first tile all masked, +inf
-        # logits or NaN inputs, which stay NaN there); a shift of +inf
-        b_has = tl.load(redo + o_m, mask=m_m, other=0) != 0
+        # has a positive, ``has_pos``; a row without one has b_lp = 0 exactly, and
+        # lse_pos = -inf is already exact); a sum that is not a normal number (0: no
+        # term; inf: the shift lagged; NaN: +inf logits or NaN inputs, which stay NaN
+        # there); an anchor that is not finite (-inf: a first tile all masked)
+        b_has = tl.load(has_pos + o_m, mask=m_m, other=0) != 0
         FLOOR: tl.constexpr = POS_FLOOR_F64 if ACC == tl.float64 else POS_FLOOR_F32
         b_redo = ((b_lp < FLOOR) & b_has) | ~(b_l >= FLOOR)
-        b_redo = b_redo | (b_l == float("inf")) | (b_m == float("inf"))
+        b_redo = b_redo | (b_l == float("inf")) | (b_m == float("inf")) | (b_m == float("-inf"))
         tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)

@@ -58,18 +58,57 @@ def class_labels(labels, num_classes):
     return padded(torch.where(inside, labels, -1).to(torch.int32), -1)
 
 
+def logit_scale(temperature, metric, acc):
+    """The kernels' 0-dim logit scale c: s = fma(q.r, c, column term), c = 2/T
+    ("sqeuclidean") or 1/T ("dot"); also the factor of their dx."""
+    return (2.0 if metric == "sqeuclidean" else 1.0) / temperature.to(acc).reshape(())
+
+
 def columns(q, r, r_far, metric, temperature):
-    """(q_col, r_col): the kernels' per-row logit terms -||x||^2 log2(e)/T in the
-    accumulation dtype, padded (``padded``) with -inf: zeros for "dot"; -inf at the
-    references at infinity ("sqeuclidean": weight 0, their rows zeroed)."""
+    """(q_col, r_col): the kernels' per-row logit terms -||x||^2/T in the accumulation
+    dtype, padded (``padded``) with -inf: zeros for "dot"; -inf at the references at
+    infinity ("sqeuclidean": weight 0, their rows zeroed)."""
     acc = acc_dtype(q.dtype)
     if metric != "sqeuclidean":
         q_col = torch.zeros(q.shape[0], dtype=acc, device=q.device)
         r_col = q_col if r is q else torch.zeros(r.shape[0], dtype=acc, device=q.device)
     else:
-        scale = -LOG2E / temperature.to(acc)
-        q_col = q.to(acc).pow(2).sum(1) * scale
-        r_col = q_col if r is q else r.to(acc).pow(2).sum(1) * scale
+        t = temperature.to(acc)
+        q_col = -q.to(acc).pow(2).sum(1) / t
+        r_col = q_col if r is q else -r.to(acc).pow(2).sum(1) / t
     if r_far is not None:
         r_col = r_col.masked_fill(r_far, float("-inf"))
     return padded(q_col, float("-inf")), padded(r_col, float("-inf"))
+
+
+def _product_error(a, b, p):
+    """a * b - p exactly, for p = fl(a * b) (b a 0-dim constant): fp32 through fp64,
+    where the product is exact; fp64 by Dekker's split."""
+    if a.dtype != torch.float64:
+        return (a.double() * b.double() - p.double()).to(a.dtype)
+    split = 134217729.0  # 2^27 + 1
+
+    def halves(x):
+        c = split * x
+        hi = c - (c - x)
+        return hi, x - hi
+
+    a_hi, a_lo = halves(a)
+    b_hi, b_lo = halves(b)
+    return ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def exp_shift(lse):
+    """(shift, corr) per row: the kernels' ``_exp(u, shift) * corr`` is exp(u - lse).
+
+    shift = -fl(lse log2 e) in the accumulation dtype (as the kernels round it) and
+    corr = 2^-d with d = lse log2 e - fl(lse log2 e), the exact rounding residue: a
+    logit u equal to lse then gets exp2(d) 2^-d = 1, however large u is. Rows with
+    lse = +-inf get shift 0 and corr 1 (the caller weighs them out); NaN stays NaN.
+    """
+    fin = torch.isfinite(lse)
+    log2e = torch.tensor(LOG2E, dtype=lse.dtype, device=lse.device)
+    x = torch.where(fin, lse, 0.0)
+    x_l = x * log2e
+    shift = torch.where(fin, -x_l, torch.where(torch.isnan(lse), lse, 0.0))
+    return shift, torch.exp2(-_product_error(x, log2e, x_l))

@@ -4,6 +4,11 @@ TRITON_INTERPRET once, when it is imported::
     TRITON_INTERPRET=1 python -m pytest tests/triton        # CPU, Triton interpreter
     NBK_TEST_DEVICE=cuda python -m pytest tests/triton      # GPU; adds bf16
 
+Under the interpreter the GPU's arithmetic is modelled (``device_numerics.py``:
+ex2.approx.ftz, log2 under flush-to-zero, div.full, fused multiply-adds, and dots whose
+every element is computed alike, TF32 inputs cut to 10 bits); NBK_DEVICE_NUMERICS=0
+turns that off.
+
 On a GPU the kernels run with one fixed config (NBK_TRITON_AUTOTUNE=0, set here unless
 already set, before the backend is imported): autotuning would benchmark every config
 for every new shape bucket. ``test_triton_configs.py`` runs each tuned config instead.
@@ -19,6 +24,7 @@ import types
 import pytest
 import torch
 
+import device_numerics
 import launcher_cases as cases
 
 # before the triton backend is imported (the tb fixture), which reads it
@@ -41,6 +47,9 @@ def pytest_configure(config):
         problem = triton_backend.interpreter_problem()
         if problem:
             raise pytest.UsageError(f"tests/triton cannot run here: {problem}")
+        if os.environ.get(device_numerics.ENV, "1") != "0":
+            # the GPU's exp2 / log2 / division / dot arithmetic (device_numerics.py)
+            device_numerics.install()
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("NBK_TEST_DEVICE=cuda but torch sees no CUDA device")
 
