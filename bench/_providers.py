@@ -14,6 +14,11 @@ The competitors:
 * ``flex``: FlexAttention; two calls give ``lse_all`` and ``lse_pos`` (GPU only).
 * ``pykeops``: KeOps LazyTensors; symbolic N x N, nothing materialized.
 * ``nbkernels-<backend>``: the package itself, e.g. ``nbkernels-torch``.
+
+And an anchor that computes something else: ``sdpa-flash``, torch's scaled dot-product
+attention with the FlashAttention-2 backend on q = k = v = x (one head, N x D), the
+attention forward (and backward) at the same N and D: twice our matmul work (QK^T and
+PV) and one exp per pair, the rate a fused kernel of this shape reaches on the card.
 """
 from __future__ import annotations
 
@@ -118,6 +123,32 @@ def pykeops_nca_loss(x, labels, temperature: float):
     return loss.sum() / valid.sum().clamp(min=1)
 
 
+# ----------------------------------------------------------------------------- SDPA anchor
+def sdpa_available(device, dtype=None):
+    if device.type != "cuda":
+        return "sdpa-flash: the FlashAttention backend of SDPA runs on CUDA only"
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa-flash: the FlashAttention backend takes 16-bit inputs only"
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+    except ImportError as e:
+        return f"torch.nn.attention.sdpa_kernel not importable: {e}"
+    return None
+
+
+def sdpa_anchor(x, temperature: float):
+    """Zero-argument callable: FlashAttention-2 (SDPA) over q = k = v = x, summed to a scalar."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qkv = x.view(1, 1, *x.shape)
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(qkv, qkv, qkv,
+                                                                   scale=1.0 / temperature)
+        return out.float().sum()
+    return run
+
+
 # ----------------------------------------------------------------------------- FlexAttention
 def flex_available(device):
     try:
@@ -198,6 +229,8 @@ def unavailable(provider, device):
         return pykeops_available(device)
     if provider == "flex":
         return flex_available(device)
+    if provider == "sdpa-flash":
+        return sdpa_available(device)
     return None
 
 
@@ -217,6 +250,8 @@ def nca_fn(provider, x, labels, temperature, *, dynamic=False):
         return lambda: pykeops_nca_loss(x, labels, temperature)
     if provider == "flex":
         return FlexNCA(x, labels, temperature)
+    if provider == "sdpa-flash":
+        return sdpa_anchor(x, temperature)
     raise ValueError(f"unknown provider {provider!r}")
 
 

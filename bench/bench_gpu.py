@@ -20,6 +20,8 @@ stored separately as ``grad_bytes``). TFLOP/s counts 2*N*M*D (fwd), 6*N*M*D (bwd
 8*N*M*D (fwdbwd); the fraction is of the card's dense peak (``PEAK_TFLOPS``).
 
 Results: <results>/gpu_<gpu name>.json. NBK_BENCH_QUICK=1 / --quick: N <= 4096.
+NBK_GPU_CASES=target: the target shape (N = 65536, D = 128) alone, nbkernels against
+FlexAttention, torch.compile and the SDPA flash anchor (``_providers``).
 NBK_GPU_BENCH_DEVICE=cpu runs the same code on CPU at quick sizes, to check the plumbing.
 """
 import collections
@@ -38,7 +40,7 @@ CLASSES, T = 1000, 0.1
 N_ORDER = {"full": [65536, 16384, 262144, 4096], "quick": [4096, 1024], "dry": [512, 256]}
 OTHER_D = {"full": [64, 256], "quick": [64], "dry": [32]}
 BUDGET_S = {"nbkernels-triton": 70, "nbkernels-cuda": 15, "flex": 50, "compile": 40,
-            "reference": 10, "pml": 10, "pykeops": 20}
+            "reference": 10, "pml": 10, "pykeops": 20, "sdpa-flash": 10}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's datasheets, which print
@@ -108,7 +110,13 @@ def gpu_cases(size):
     def cases(bench, providers, shapes):
         return [(bench, p, n, d, t) for p in providers for n, d in shapes for t in dt]
 
+    if os.environ.get("NBK_GPU_CASES") == "target":
+        # the target shape alone, against every fused competitor (bench/gpu_check.sh)
+        return (cases("nca_loss", [ours], main[:1])
+                + cases("nca_loss", ["flex", "compile", "sdpa-flash"], main[:1])
+                + cases("soft_knn_predict", [ours, "compile"], main[:1]))
     return (cases("nca_loss", [ours, "nbkernels-cuda"], main)
+            + cases("nca_loss", ["sdpa-flash"], main[:1])
             + cases("soft_knn_predict", [ours, "nbkernels-cuda"], main)
             + cases("nca_loss", ["flex", "compile"], main[:1])
             + cases("nca_loss", [ours], other)
@@ -168,6 +176,8 @@ def _skip_reason(provider, bench, mode, n, d, dtype, memory_model):
         return reason
     if provider == "pykeops" and dtype == "bfloat16":
         return "pykeops has no bfloat16"
+    if provider == "sdpa-flash" and dtype != "bfloat16":
+        return "sdpa-flash: the FlashAttention backend takes 16-bit inputs only"
     deadline = float(os.environ.get("NBK_BENCH_DEADLINE", "inf"))
     if time.time() > deadline:
         return "stage deadline (NBK_BENCH_DEADLINE) reached"

@@ -1,10 +1,11 @@
 """``python -m pytest`` runs all three suites: the main one and, each in its own process,
-the Triton interpreter suite and the CUDA emulator suite.
+the Triton interpreter suite (twice: with the interpreter's small tiles, and with the
+GPU's block limits and configs) and the CUDA emulator suite.
 
 ``tests/triton`` needs ``TRITON_INTERPRET=1`` before triton is imported and ``tests/cuda``
 needs ``NBK_CUDA_EMULATE=1``, so neither can run inside the main pytest process. This
 plugin (registered by the repository's root ``conftest.py``) adds one test item per
-sub-suite that runs ``python -m pytest -q <dir>`` in a subprocess with its variable set.
+sub-suite that runs ``python -m pytest -q <dir>`` in a subprocess with its variables set.
 The item fails when the subprocess exits non-zero (exit code 5, "no tests collected",
 included) and shows the tail of its output; the terminal summary lists the result line
 of every suite.
@@ -28,11 +29,15 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# (item name, directory, environment variable set for it, what it is)
+# (item name, directory, environment variables set for it, what it is)
 SUBSUITES = [
-    ("test_triton_interpreter_suite", "tests/triton", "TRITON_INTERPRET",
+    ("test_triton_interpreter_suite", "tests/triton",
+     {"TRITON_INTERPRET": "1", "NBK_TRITON_SIZES": "interpreter"},
      "Triton kernels through the Triton interpreter"),
-    ("test_cuda_emulator_suite", "tests/cuda", "NBK_CUDA_EMULATE",
+    ("test_triton_gpu_sizes_suite", "tests/triton",
+     {"TRITON_INTERPRET": "1", "NBK_TRITON_SIZES": "gpu"},
+     "Triton kernels through the interpreter with the GPU's block limits and configs"),
+    ("test_cuda_emulator_suite", "tests/cuda", {"NBK_CUDA_EMULATE": "1"},
      "CUDA kernels' source through the CPU emulator"),
 ]
 SELECTORS = ("TRITON_INTERPRET", "NBK_CUDA_EMULATE", "NBK_TEST_DEVICE")
@@ -61,8 +66,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 class SubsuiteFile(pytest.File):
     def collect(self):
-        for name, directory, var, what in SUBSUITES:
-            yield SubsuiteItem.from_parent(self, name=name, directory=directory, var=var, what=what)
+        for name, directory, env, what in SUBSUITES:
+            yield SubsuiteItem.from_parent(self, name=name, directory=directory, env=env, what=what)
 
 
 class SubsuiteFailed(Exception):
@@ -70,16 +75,17 @@ class SubsuiteFailed(Exception):
 
 
 class SubsuiteItem(pytest.Item):
-    def __init__(self, *, directory: str, var: str, what: str, **kw):
+    def __init__(self, *, directory: str, env: dict, what: str, **kw):
         super().__init__(**kw)
-        self.directory, self.var, self.what = directory, var, what
+        self.directory, self.env, self.what = directory, env, what
+        self.var = " ".join(f"{k}={v}" for k, v in env.items())
 
     def label(self) -> str:
-        return f"{self.directory} ({self.var}=1, {self.what})"
+        return f"{self.directory} ({self.var}, {self.what})"
 
     def runtest(self):
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", self.directory]
-        env = dict(os.environ, **{self.var: "1"})
+        env = dict(os.environ, **self.env)
         live = self.config.getoption("capture") == "no"  # -s: show the output as it comes
         lines: list[str] = []
         start = time.monotonic()
@@ -106,7 +112,7 @@ class SubsuiteItem(pytest.Item):
         if rc != 0:
             why = "collected no tests (exit code 5)" if rc == 5 else f"exit code {rc}"
             tail = "\n".join(lines[-TAIL_LINES:])
-            raise SubsuiteFailed(f"{self.var}=1 python -m pytest -q {self.directory}: {why}\n"
+            raise SubsuiteFailed(f"{self.var} python -m pytest -q {self.directory}: {why}\n"
                                  f"last {min(TAIL_LINES, len(lines))} lines of its output:\n{tail}")
 
     def repr_failure(self, excinfo):
@@ -115,7 +121,7 @@ class SubsuiteItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.path, None, f"{self.directory} with {self.var}=1"
+        return self.path, None, f"{self.directory} with {self.var}"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -130,9 +136,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     main = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no tests ran"
     terminalreporter.section("nbkernels test suites")
     terminalreporter.write_line(f"tests (main suite): {main}")
-    for name, directory, var, _ in SUBSUITES:
+    for name, directory, env, _ in SUBSUITES:
         if name in _results:
-            terminalreporter.write_line(f"{directory} ({var}=1): {_results[name]}")
+            flags = " ".join(f"{k}={v}" for k, v in env.items())
+            terminalreporter.write_line(f"{directory} ({flags}): {_results[name]}")
 
 
 def _is_sub(report, names) -> bool:

@@ -157,35 +157,55 @@ def _common(q, r, temperature, metric, offset, has_offset, precision, max_reside
 # ------------------------------------------------------------------------ custom ops
 
 
+def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, has_offset,
+                       precision, r_far=None, trace=None):
+    """The lse forward's two launches on kernel inputs (rows at infinity zeroed and, for
+    the references, flagged in ``r_far``: ``infinity.finite_rows``): ``(lse_all, lse_pos)``.
+
+    ``trace``: a dict to fill with the intermediates, for diagnostics
+    (bench/gpu_diagnose.py): the main pass's lse values, anchor and sums (``main_*``),
+    the rows it flagged (``redo``) and the has-a-positive mask.
+    """
+    n = q.shape[0]
+    acc = tr.acc_dtype(q.dtype)
+    lse_all = torch.empty(n, dtype=acc, device=q.device)
+    lse_pos = torch.empty(n, dtype=acc, device=q.device)
+    if n == 0:
+        return lse_all, lse_pos
+    a, b = tr.label_ranks(q_labels, r_labels)
+    has_pos = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
+    # the rows for the exact pass (written by the main pass)
+    redo = torch.empty(n, dtype=torch.int8, device=q.device)
+    r_col = tr.columns(q, r, r_far, metric, temperature)[1]
+    packed = acc == torch.float32
+    state = None if trace is None else torch.empty(3, n, dtype=acc, device=q.device)
+    args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
+                r_pack=tr.packed(b, r_col) if packed else None, perm=None, tile_ptr=None,
+                lse_all=lse_all, lse_pos=lse_pos, has_pos=has_pos, redo=redo, mass=None,
+                tile_max=None, tile_sum=None, row_state=state, CLASS=False,
+                MASS_PRECISION="ieee", BLOCK_C=16,
+                **_common(q, r, temperature, metric, offset, has_offset, precision,
+                          tk.MAX_RESIDENT_D))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
+    with _on_device(q):
+        tk.neighbor_fwd_kernel[grid](POS_PASS=False, **args)
+        if trace is not None:
+            trace.update(main_lse_all=lse_all.clone(), main_lse_pos=lse_pos.clone(),
+                         main_anchor=state[0], main_sum=state[1], main_pos_sum=state[2],
+                         redo=redo.clone(), has_pos=has_pos.clone())
+        # the exact pass takes the flagged rows first: its programs past them skip
+        order = torch.argsort((redo == 0).to(torch.int8), stable=True).to(torch.int32)
+        tk.neighbor_fwd_kernel[grid](POS_PASS=True, **dict(args, perm=order, row_state=None))
+    return lse_all, lse_pos
+
+
 @torch.library.custom_op("nbkernels::triton_lse_fwd", mutates_args=())
 def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
              temperature: torch.Tensor, metric: str, offset: int, has_offset: bool,
              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    n = q.shape[0]
-    acc = tr.acc_dtype(q.dtype)
     q, r, q_far, r_far = finite_rows(q, r, metric)
-    lse_all = torch.empty(n, dtype=acc, device=q.device)
-    lse_pos = torch.empty(n, dtype=acc, device=q.device)
-    if n > 0:
-        a, b = tr.label_ranks(q_labels, r_labels)
-        has_pos = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
-        # the rows for the exact pass (written by the main pass)
-        redo = torch.empty(n, dtype=torch.int8, device=q.device)
-        r_col = tr.columns(q, r, r_far, metric, temperature)[1]
-        packed = acc == torch.float32
-        args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
-                    r_pack=tr.packed(b, r_col) if packed else None, perm=None,
-                    tile_ptr=None, lse_all=lse_all, lse_pos=lse_pos, has_pos=has_pos, redo=redo,
-                    mass=None,
-                    tile_max=None, tile_sum=None, CLASS=False, MASS_PRECISION="ieee",
-                    BLOCK_C=16, **_common(q, r, temperature, metric, offset, has_offset,
-                                          precision, tk.MAX_RESIDENT_D))
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
-        with _on_device(q):
-            tk.neighbor_fwd_kernel[grid](POS_PASS=False, **args)
-            # the exact pass takes the flagged rows first: its programs past them skip
-            order = torch.argsort((redo == 0).to(torch.int8), stable=True).to(torch.int32)
-            tk.neighbor_fwd_kernel[grid](POS_PASS=True, **dict(args, perm=order))
+    lse_all, lse_pos = lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset,
+                                          has_offset, precision, r_far)
     return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
 
 
@@ -223,10 +243,9 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                              temperature)[1]
             tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
                 q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
-                PACKED=False,
-                perm=perm if has_offset else None, tile_ptr=tile_ptr, lse_all=None, lse_pos=None,
-                has_pos=None, redo=None, mass=mass, tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
-                POS_PASS=False,
+                PACKED=False, perm=perm if has_offset else None, tile_ptr=tile_ptr,
+                lse_all=None, lse_pos=None, has_pos=None, redo=None, row_state=None, mass=mass,
+                tile_max=tile_max, tile_sum=tile_sum, CLASS=True, POS_PASS=False,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; a hi + lo split of p in two TF32 dots
                 # ("tf32x2" in the kernel) is near fp32, and the one-hot is exact
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x2", BLOCK_C=block_c,
@@ -254,7 +273,7 @@ def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, prec
             q.new_empty(q.shape[0], dtype=acc))
 
 
-def _lse_rows(lse_all, lse_pos, g_all, g_pos):
+def lse_backward_rows(lse_all, lse_pos, g_all, g_pos):
     """Per query row: (main pass, fix-up pass, flags) of the one-exp lse backward.
 
     Each pass is (row_shift, w_neg, w_pos) in the kernel's terms (see
@@ -394,7 +413,7 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
         # |ds_ij| <= |g_all_i| + |g_pos_i|, counting only the terms a row has
         gmax = (torch.where(lse_all == float("-inf"), 0.0, g_all.float().abs())
                 + torch.where(lse_pos == float("-inf"), 0.0, g_pos.float().abs()))
-    main, fix, flags = _lse_rows(lse_all, lse_pos, g_all, g_pos)
+    main, fix, flags = lse_backward_rows(lse_all, lse_pos, g_all, g_pos)
     passes = [((*main, None), None), ((*fix, None), flags)]
     return _backward(q, r, tr.label_ranks(q_labels, r_labels), temperature, passes, gmax, 0,
                      metric, offset, has_offset, need_q, need_r, need_t, precision, r_far,

@@ -84,7 +84,7 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
 def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, tile_ptr,
-                        lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum,
+                        lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum, row_state,
                         N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr,
@@ -120,6 +120,9 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
     (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
     relative to tile_max, plus tile_max (a logit: the tile's running max) and tile_sum
     (N, n_tiles), both sums relative to exp(tile_max).
+
+    ``row_state`` (3, N) or None: the main pass also writes each row's anchor and its two
+    sums there (for diagnostics; None compiles it out).
     """
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -236,6 +239,11 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
         # lse_pos = -inf is already exact); a sum that is not a normal number (0: no
         # term; inf: the shift lagged; NaN: +inf logits or NaN inputs, which stay NaN
         # there); an anchor that is not finite (-inf: a first tile all masked)
+        if row_state is not None:
+            # diagnostics only (bench/gpu_diagnose.py): the main pass's anchor and sums
+            tl.store(row_state + o_m, b_m, mask=m_m)
+            tl.store(row_state + N + o_m, b_l, mask=m_m)
+            tl.store(row_state + 2 * N + o_m, b_lp, mask=m_m)
         b_has = tl.load(has_pos + o_m, mask=m_m, other=0) != 0
         FLOOR: tl.constexpr = POS_FLOOR_F64 if ACC == tl.float64 else POS_FLOOR_F32
         b_redo = ((b_lp < FLOOR) & b_has) | ~(b_l >= FLOOR)

@@ -60,7 +60,7 @@ import contextlib
 
 from .triton_bwd import neighbor_bwd_kernel
 from .triton_common import (  # noqa: F401 (the launchers' and tests' names)
-    INTERPRET, PAD, POS_LOG2_LIMIT, MAX_BLOCK_D, MAX_BLOCK_DX, MAX_RESIDENT_D,
+    INTERPRET, SIZES, SMALL, PAD, POS_LOG2_LIMIT, MAX_BLOCK_D, MAX_BLOCK_DX, MAX_RESIDENT_D,
     MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C, class_block_cap, GPU_FWD_CONFIGS,
     GPU_BWD_CONFIGS, FWD_CONFIGS, BWD_CONFIGS, fits)
 from .triton_fwd import neighbor_fwd_kernel

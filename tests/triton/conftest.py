@@ -33,6 +33,8 @@ DEVICE = os.environ.get("NBK_TEST_DEVICE", "cpu")
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "nightly: long numerics runs, deselected unless "
+                            "NBK_NIGHTLY=1 (bench/gpu_check.sh sets it on a GPU)")
     # the interpreter evaluates both sides of tl.where: log(0), 0 * inf in masked lanes
     config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -52,6 +54,16 @@ def pytest_configure(config):
             device_numerics.install()
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("NBK_TEST_DEVICE=cuda but torch sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the ``nightly`` tests unless NBK_NIGHTLY=1."""
+    if os.environ.get("NBK_NIGHTLY") == "1":
+        return
+    keep = [item for item in items if item.get_closest_marker("nightly") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,13 @@
 
 The suite runs the kernels with one fixed config (NBK_TRITON_AUTOTUNE=0, conftest.py),
 so the other tuned block sizes (128-row tiles, 8 warps, 3 stages) would otherwise run
-only in benchmarks. ``test_every_gpu_config`` is defined on a GPU only: it runs the
-i-th forward config with the i-th backward config (``triton_kernels.GPU_*_CONFIGS``)
-at N, M ~ 300 and D = 128 ("dot") / 130 ("sqeuclidean", offset 0: several BLOCK_D
-chunks and two dq / dr slices) in fp32, fp16 and bf16, comparing the lse, the class
-probabilities and every gradient with backend "torch" (fp32 math). The interpreter runs
-the same comparison with its one config on a small case.
+only in benchmarks. ``test_every_gpu_config`` runs the i-th forward config with the i-th
+backward config (``triton_kernels.GPU_*_CONFIGS``) at D = 128 ("dot") / 130
+("sqeuclidean", offset 0: several BLOCK_D chunks and two dq / dr slices) in fp32, fp16
+and (GPU only) bf16, comparing the lse, the class probabilities and every gradient with
+backend "torch" (fp32 math): on a GPU at N, M ~ 300, and under the interpreter with the
+GPU's sizes (NBK_TRITON_SIZES=gpu) at N, M ~ 150. With the interpreter's own sizes the
+same comparison runs with its one config on a small case.
 """
 import os
 
@@ -84,11 +85,16 @@ def test_current_config(tb, h, dtype, d):
     run_with_config(tb, h, tk.FWD_CONFIGS[0], tk.BWD_CONFIGS[0], 37, 29, d, dtype)
 
 
-if CUDA:
-    from nbkernels.backends import triton_kernels as _tk
+from nbkernels.backends import triton_kernels as _tk  # noqa: E402
+
+if CUDA or not _tk.SMALL:
+    # on a GPU, and under the interpreter with the GPU's sizes (NBK_TRITON_SIZES=gpu): a
+    # case that spans two 128-row tiles there, so that the interpreter stays quick
+    _SIZE = (300, 293) if CUDA else (150, 143)
+    _DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
     @pytest.mark.parametrize("d", [128, 130])
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("dtype", _DTYPES)
     @pytest.mark.parametrize("i", range(len(_tk.GPU_FWD_CONFIGS)))
     def test_every_gpu_config(tb, h, i, dtype, d):
-        run_with_config(tb, h, _tk.GPU_FWD_CONFIGS[i], _tk.GPU_BWD_CONFIGS[i], 300, 293, d, dtype)
+        run_with_config(tb, h, _tk.GPU_FWD_CONFIGS[i], _tk.GPU_BWD_CONFIGS[i], *_SIZE, d, dtype)
