@@ -17,8 +17,10 @@ Example::
 
 For the batch against itself pass ``r=None`` (and ``r_labels=None``): the references
 are then the queries, and the gradient of both roles goes to ``q`` (Dynamo does not
-trace one tensor passed twice to an ``autograd.Function``). ``"cosine"`` normalizes the rows here and hands the
-kernels ``"dot"``; the backward applies the normalization's Jacobian.
+trace one tensor passed twice to an ``autograd.Function``). The rows are prepared by
+``nbkernels.kernel_inputs``: ``"cosine"`` normalizes them and hands the kernels ``"dot"``
+(the backward applies the normalization's Jacobian); ``"sqeuclidean"`` centres them on
+the queries' mean.
 """
 from __future__ import annotations
 
@@ -26,9 +28,7 @@ import functools
 
 import torch
 
-from nbkernels.backends.infinity import at_infinity
-
-_EPS = 1e-12  # as torch.nn.functional.normalize
+from nbkernels import kernel_inputs
 
 
 def backend_module(name):
@@ -46,30 +46,6 @@ def backend_module(name):
     else:
         raise ValueError(f"backend must be one of ('torch', 'triton', 'cuda'), got {name!r}")
     return module
-
-
-def _limit_direction(x):
-    """Rows at infinity become the signs of their infinite entries (their direction)."""
-    far = at_infinity(x)[:, None]
-    return torch.where(far, torch.where(torch.isinf(x), torch.sign(x), 0.0), x)
-
-
-def _normalize(x):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    unit = torch.nn.functional.normalize(_limit_direction(x.to(acc)), dim=1, eps=_EPS)
-    return unit.to(x.dtype)
-
-
-def _normalize_backward(x, grad):
-    """Gradient through x / max(||x||, eps): (g - x_hat (x_hat . g)) / ||x||; 0 for rows at
-    infinity (||x|| = inf)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(acc)
-    grad = grad.to(acc)
-    norm = x.norm(dim=1, keepdim=True)
-    x_hat = torch.nn.functional.normalize(_limit_direction(x), dim=1, eps=_EPS)
-    radial = torch.where(norm > _EPS, (x_hat * grad).sum(1, keepdim=True), torch.zeros_like(norm))
-    return (grad - x_hat * radial) / norm.clamp_min(_EPS)
 
 
 _SECOND_ORDER = (
@@ -129,19 +105,10 @@ def _describe(ctx):
     return f"backend={ctx.backend!r}", ""
 
 
-def _kernel_inputs(q, r, metric):
-    if metric == "cosine":
-        qk = _normalize(q)
-        rk = qk if r is q else _normalize(r)
-        return qk, rk, "dot"
-    return q, r, metric
-
-
 def _input_grads(ctx, q, r, dq, dr):
-    if ctx.metric == "cosine":
-        dq = None if dq is None else _normalize_backward(q, dq).to(q.dtype)
-        dr = None if dr is None else _normalize_backward(r, dr).to(r.dtype)
-    return dq, dr
+    dq = kernel_inputs.input_grad(q, dq, ctx.metric)
+    dr = kernel_inputs.input_grad(r, dr, ctx.metric)
+    return (None if dq is None else dq.to(q.dtype)), (None if dr is None else dr.to(r.dtype))
 
 
 def _setup(ctx, q, r, metric, offset, backend):
@@ -149,7 +116,7 @@ def _setup(ctx, q, r, metric, offset, backend):
     Returns ``(r, qk, rk, kernel metric, accumulation dtype)``."""
     ctx.batch = r is None
     r = q if ctx.batch else r
-    qk, rk, kmetric = _kernel_inputs(q, r, metric)
+    qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
     return r, qk, rk, kmetric, torch.float64 if q.dtype == torch.float64 else torch.float32
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nbkernels import kernel_inputs as K
 from nbkernels import partials as P
 from nbkernels import streaming as S
 from nbkernels.autograd import fused_backward
@@ -185,12 +186,13 @@ def _sharded_forward(ctx, q, r, q_labels, r_labels, t, spec, group):
     q_all = _all_gather_padded(q, sizes, group)
     labels_all = None if q_labels is None else _all_gather_padded(q_labels, sizes, group)
     mod = P.launchers(spec.backend)
-    qk, kmetric = S.kernel_query(q_all, spec.metric)
-    part = S.forward_chunks(mod, qk, labels_all, r, r_labels, t, kmetric, spec, q.dtype)
+    # the same centre on every rank (the gathered queries'): states merge across ranks
+    qk, prep = K.prepare_queries(q_all, spec.metric)
+    part = S.forward_chunks(mod, qk, labels_all, r, r_labels, t, prep, spec, q.dtype)
     final = merge_across_ranks(part, group)
     lo = sum(sizes[:rank])
     own = slice(lo, lo + q.shape[0])
-    ctx.sizes, ctx.group, ctx.spec, ctx.kmetric, ctx.own = sizes, group, spec, kmetric, own
+    ctx.sizes, ctx.group, ctx.spec, ctx.prep, ctx.own = sizes, group, spec, prep, own
     fields = [f for f in final if f is not None]
     ctx.save_for_backward(q_all, qk, labels_all, r, r_labels, t, *fields)
     return final, own, mod, qk
@@ -223,7 +225,7 @@ def _sharded_backward(ctx, g_all, g_pos, g_yhat, need_q, need_t):
 
         dq_b, _, dt_b = S.backward_chunks(
             P.launchers(ctx.spec.backend), qk[rows], pick(labels_all), r, r_labels, t,
-            ctx.kmetric, ctx.spec, q_all.dtype, P.Partials(*[pick(f) for f in final]),
+            ctx.prep, ctx.spec, q_all.dtype, P.Partials(*[pick(f) for f in final]),
             pick(g_all), pick(g_pos), pick(g_yhat), need_q, False, need_t)
         if dq_b is not None:
             dq[rows] += dq_b
@@ -254,7 +256,7 @@ class ShardedLSE(torch.autograd.Function):
                                                spec._replace(num_classes=None), group)
         positives = final.positives[own]
         ctx.mark_non_differentiable(positives)
-        shift = P.row_shift(mod, qk[own], temperature, ctx.kmetric)
+        shift = P.row_shift(mod, qk[own], temperature, ctx.prep.kmetric)
         return final.lse_all[own] - shift, final.lse_pos[own] - shift, positives
 
     @staticmethod

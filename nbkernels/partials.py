@@ -48,7 +48,8 @@ import torch
 from nbkernels._validation import acc_dtype
 
 from nbkernels import _validation as check
-from nbkernels.autograd import _normalize, _normalize_backward, backend_module, is_empty
+from nbkernels import kernel_inputs
+from nbkernels.autograd import backend_module, is_empty
 from nbkernels.backends import reference
 
 _NEG_INF = float("-inf")
@@ -240,9 +241,8 @@ def local_offset(offset, start):
 
 
 def _kernel(q, r, metric):
-    if metric == "cosine":
-        return _normalize(q), _normalize(r), "dot"
-    return q, r, metric
+    # the centre of "sqeuclidean" comes from q: every chunk of one state gets the same
+    return kernel_inputs.prepare(q, r, metric)
 
 
 def _check(q, r, temperature, metric, backend):
@@ -339,7 +339,6 @@ def chunk_backward(q, r, q_labels, r_labels, temperature, final, *, g_loss=None,
     dq, dr, dt = kernel_backward(launchers(backend), qk, rk, q_labels, r_labels, t, kmetric,
                                  local_offset(offset, start), final, g_all, g_pos, g_yhat,
                                  need_q=need_q, need_r=need_r, need_t=need_t)
-    if metric == "cosine":
-        dq = None if dq is None else _normalize_backward(q, dq)
-        dr = None if dr is None else _normalize_backward(r, dr)
+    dq = kernel_inputs.input_grad(q, dq, metric)
+    dr = kernel_inputs.input_grad(r, dr, metric)
     return dq, None if dr is None else dr.to(r.dtype), dt

@@ -22,7 +22,8 @@ from typing import NamedTuple
 import torch
 
 from nbkernels import partials as P
-from nbkernels.autograd import _normalize, _normalize_backward, fused_backward
+from nbkernels import kernel_inputs as K
+from nbkernels.autograd import fused_backward
 
 
 def _describe(ctx):
@@ -84,15 +85,13 @@ class Spec(NamedTuple):
     num_classes: int | None = None
 
 
-def kernel_query(q, metric):
-    return (_normalize(q), "dot") if metric == "cosine" else (q, metric)
-
-
-def forward_chunks(mod, qk, q_labels, r, r_labels, t, kmetric, spec, dtype):
-    """The merged Partials of kernel queries ``qk`` against every chunk of ``r``."""
+def forward_chunks(mod, qk, q_labels, r, r_labels, t, prep, spec, dtype):
+    """The merged Partials of kernel queries ``qk`` against every chunk of ``r`` (each
+    prepared by ``kernel_inputs.prepare_refs(chunk, prep)``)."""
     part = None
+    kmetric = prep.kmetric
     for j0, rc, lc in iter_chunks(r, r_labels, spec.chunk_size, qk.device, dtype):
-        rk = _normalize(rc) if spec.metric == "cosine" else rc
+        rk = K.prepare_refs(rc, prep)
         p = P.kernel_partials(mod, qk, rk, q_labels, lc, t, kmetric,
                               P.local_offset(spec.offset, j0), spec.num_classes)
         part = p if part is None else P.merge(part, p)
@@ -102,31 +101,27 @@ def forward_chunks(mod, qk, q_labels, r, r_labels, t, kmetric, spec, dtype):
     return part
 
 
-def backward_chunks(mod, qk, q_labels, r, r_labels, t, kmetric, spec, dtype, final,
+def backward_chunks(mod, qk, q_labels, r, r_labels, t, prep, spec, dtype, final,
                     g_all, g_pos, g_yhat, need_q, need_r, need_t):
     """``(dqk, dr, dt)``: dqk w.r.t. the kernel queries (acc dtype), dr w.r.t. ``r`` (on
-    r's device, r's dtype, the cosine normalization applied), dt (0-dim) or None."""
+    r's device, r's dtype, the row preparation's Jacobian applied), dt (0-dim) or None."""
     dqk = dt = None
     dr = torch.zeros_like(r) if need_r else None
     for j0, rc, lc in iter_chunks(r, r_labels, spec.chunk_size, qk.device, dtype):
-        rk = _normalize(rc) if spec.metric == "cosine" else rc
+        rk = K.prepare_refs(rc, prep)
         dq_c, dr_c, dt_c = P.kernel_backward(
-            mod, qk, rk, q_labels, lc, t, kmetric, P.local_offset(spec.offset, j0), final,
+            mod, qk, rk, q_labels, lc, t, prep.kmetric, P.local_offset(spec.offset, j0), final,
             g_all, g_pos, g_yhat, need_q=need_q, need_r=need_r, need_t=need_t)
         dqk, dt = P.add(dqk, dq_c), P.add(dt, dt_c)
         if need_r and dr_c is not None:
-            if spec.metric == "cosine":
-                dr_c = _normalize_backward(rc, dr_c)
-            dr[j0:j0 + rc.shape[0]].copy_(dr_c)
+            dr[j0:j0 + rc.shape[0]].copy_(K.input_grad(rc, dr_c, prep.metric))
     return dqk, dr, dt
 
 
 def query_grad(q, dqk, metric):
     if dqk is None:
         return torch.zeros_like(q)
-    if metric == "cosine":
-        dqk = _normalize_backward(q, dqk)
-    return dqk.to(q.dtype)
+    return K.input_grad(q, dqk, metric).to(q.dtype)
 
 
 class StreamedLSE(torch.autograd.Function):
@@ -141,14 +136,14 @@ class StreamedLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, q_labels, r_labels, temperature, spec):
         mod = P.launchers(spec.backend)
-        qk, kmetric = kernel_query(q, spec.metric)
-        part = forward_chunks(mod, qk, q_labels, r, r_labels, temperature, kmetric,
+        qk, prep = K.prepare_queries(q, spec.metric)
+        part = forward_chunks(mod, qk, q_labels, r, r_labels, temperature, prep,
                               spec._replace(num_classes=None), q.dtype)
         ctx.save_for_backward(q, r, qk, q_labels, r_labels, temperature, part.lse_all,
                               part.lse_pos, part.positives)
-        ctx.spec, ctx.kmetric = spec._replace(num_classes=None), kmetric
+        ctx.spec, ctx.prep = spec._replace(num_classes=None), prep
         ctx.mark_non_differentiable(part.positives)
-        shift = P.row_shift(mod, qk, temperature, kmetric)
+        shift = P.row_shift(mod, qk, temperature, prep.kmetric)
         return part.lse_all - shift, part.lse_pos - shift, part.positives
 
     @staticmethod
@@ -158,7 +153,7 @@ class StreamedLSE(torch.autograd.Function):
         need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
         final = P.Partials(lse_all, lse_pos, positives)
         dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, q_labels, r, r_labels,
-                                      t, ctx.kmetric, ctx.spec, q.dtype, final, g_all, g_pos,
+                                      t, ctx.prep, ctx.spec, q.dtype, final, g_all, g_pos,
                                       None, need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
         dt = None if dt is None else dt.to(t.dtype)
@@ -172,10 +167,10 @@ class StreamedProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, r_labels, temperature, spec):
         mod = P.launchers(spec.backend)
-        qk, kmetric = kernel_query(q, spec.metric)
-        part = forward_chunks(mod, qk, None, r, r_labels, temperature, kmetric, spec, q.dtype)
+        qk, prep = K.prepare_queries(q, spec.metric)
+        part = forward_chunks(mod, qk, None, r, r_labels, temperature, prep, spec, q.dtype)
         ctx.save_for_backward(q, r, qk, r_labels, temperature, part.lse_all, part.yhat)
-        ctx.spec, ctx.kmetric = spec, kmetric
+        ctx.spec, ctx.prep = spec, prep
         return part.yhat.clone()
 
     @staticmethod
@@ -185,7 +180,7 @@ class StreamedProbs(torch.autograd.Function):
         need_q, need_r, _, need_t = ctx.needs_input_grad[:4]
         final = P.Partials(lse_all, yhat=yhat)
         dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, None, r, r_labels, t,
-                                      ctx.kmetric, ctx.spec, q.dtype, final, None, None, g,
+                                      ctx.prep, ctx.spec, q.dtype, final, None, None, g,
                                       need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
         dt = None if dt is None else dt.to(t.dtype)

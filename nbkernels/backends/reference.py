@@ -98,6 +98,12 @@ def logits(q, r, temperature, metric, offset):
             q_far, r_far = at_infinity(q), at_infinity(r)
             q = torch.where(q_far[:, None], 0.0, q)
             r = torch.where(r_far[:, None], 0.0, r)
+            # distances do not change under translation: centred on the queries' mean,
+            # the expansion cancels nothing that matters for rows far from the origin
+            finite = torch.isfinite(q.detach()).all(1, keepdim=True)
+            centre = (torch.where(finite, q.detach(), 0.0).sum(0)
+                      / finite.sum().clamp_min(1).to(q.dtype))
+            q, r = q - centre, r - centre
             sim = -(q.pow(2).sum(1, keepdim=True) - 2.0 * q @ r.T + r.pow(2).sum(1))
         else:
             sim = q @ r.T
