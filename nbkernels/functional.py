@@ -195,15 +195,21 @@ def nca_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, temper
 
 
 def class_means(embeddings, labels):
-    """Per-class means of the rows: ``(means (C, D), classes (C,))`` for the C classes present."""
+    """Per-class means of the rows: ``(means (C, D), classes (C,))`` for the C classes present.
+
+    Sums and counts are taken in the accumulation dtype (fp32 for 16-bit inputs, which
+    overflow or round there: 4000 rows near 20 pass fp16's 65504) and the means cast to
+    the input dtype once.
+    """
     classes, inverse = torch.unique(labels, return_inverse=True)
     if labels.shape[0] > 0:  # a size that compilers cannot infer: 1 <= C <= N
         torch._check(classes.shape[0] >= 1)
         torch._check(classes.shape[0] <= labels.shape[0])
-    sums = torch.zeros(classes.shape[0], embeddings.shape[1], dtype=embeddings.dtype,
-                       device=embeddings.device).index_add(0, inverse, embeddings)
-    counts = torch.bincount(inverse, minlength=classes.shape[0]).to(embeddings.dtype)
-    return sums / counts[:, None], classes
+    acc = check.acc_dtype(embeddings.dtype)
+    sums = torch.zeros(classes.shape[0], embeddings.shape[1], dtype=acc,
+                       device=embeddings.device).index_add(0, inverse, embeddings.to(acc))
+    counts = torch.bincount(inverse, minlength=classes.shape[0]).to(acc)
+    return (sums / counts[:, None]).to(embeddings.dtype), classes
 
 
 def global_class_means(embeddings, labels, group=None):
@@ -213,11 +219,12 @@ def global_class_means(embeddings, labels, group=None):
     """
     all_labels = dist_.gather_rows(labels, group)
     classes, counts = torch.unique(all_labels, return_counts=True)
-    sums = torch.zeros(classes.shape[0], embeddings.shape[1], dtype=embeddings.dtype,
+    acc = check.acc_dtype(embeddings.dtype)  # as class_means: sum in it, cast once
+    sums = torch.zeros(classes.shape[0], embeddings.shape[1], dtype=acc,
                        device=embeddings.device)
-    sums = sums.index_add(0, torch.searchsorted(classes, labels), embeddings)
+    sums = sums.index_add(0, torch.searchsorted(classes, labels), embeddings.to(acc))
     sums = dist_.all_reduce_sum(sums, group)
-    return sums / counts.to(embeddings.dtype)[:, None], classes
+    return (sums / counts.to(acc)[:, None]).to(embeddings.dtype), classes
 
 
 def prototype_loss(embeddings, labels, *, prototypes=None, prototype_labels=None,

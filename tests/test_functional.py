@@ -229,3 +229,24 @@ def test_half_precision_loss_keeps_precision():
     got = nbkernels.nca_loss(x.half(), y, temperature=0.05, backend="torch")
     assert got.dtype == torch.float16
     assert math.isclose(got.item(), want.item(), rel_tol=5e-3)
+
+
+@pytest.mark.parametrize("dtype,n,centre", [(torch.float16, 4000, 20.0),
+                                            (torch.bfloat16, 3000, 25.0)])
+def test_class_means_sum_in_the_accumulation_dtype(dtype, n, centre):
+    """In-batch class means: 4000 fp16 rows near 20 sum past fp16's 65504 (the loss was inf),
+    3000 bf16 rows near 25 rounded the sum (0.75 where 0.695 is right), and fp16 counts
+    above 2048 were rounded. Sums and counts are fp32, the means cast once."""
+    from nbkernels.functional import class_means
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g) * 0.5 + centre
+    y = torch.zeros(n, dtype=torch.long)
+    y[:100] = 1
+    xl = x.to(dtype)
+    means, classes = class_means(xl, y)
+    want = torch.stack([xl[y == c].double().mean(0) for c in (0, 1)])
+    assert means.dtype == dtype and torch.isfinite(means).all()
+    torch.testing.assert_close(means.double(), want, rtol=0, atol=float(torch.finfo(dtype).eps) * centre)
+    loss = nbkernels.prototype_loss(xl, y, temperature=1.0)
+    ref = nbkernels.prototype_loss(xl.double(), y, temperature=1.0)
+    assert torch.isfinite(loss) and abs(float(loss) - float(ref)) < 0.02
