@@ -22,7 +22,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
 
     Classes are visited in shuffled rounds, so over ``C / classes_per_batch`` batches
     every class appears about equally often. Within a class the samples are drawn from
-    a shuffled queue without replacement, so every sample is seen before any repeats.
+    a shuffled queue without replacement, so every sample is seen before any repeats:
+    at any point, the draw counts of a class's samples differ by at most one. When a
+    pass over the class ends inside a draw, the draw takes the rest of that pass first
+    and fills up from the next pass, skipping samples already in the draw.
     A class with fewer than ``samples_per_class`` samples is drawn *with* replacement
     (its batches then contain duplicates).
 
@@ -130,11 +133,25 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             pick = torch.randint(members.numel(), (m,), generator=self.generator)
             return members[pick].tolist()
         queue = self._sample_queues[c]
-        if len(queue) < m:
-            # Drop the remainder so that no index appears twice in one batch.
-            queue = members[torch.randperm(members.numel(), generator=self.generator)].tolist()
-        self._sample_queues[c] = queue[m:]
-        return queue[:m]
+        if len(queue) >= m:
+            self._sample_queues[c] = queue[m:]
+            return queue[:m]
+        # The pass ran out: take the remainder (samples not yet seen in this pass)
+        # first, then fill up from a fresh permutation, skipping indices already in
+        # this draw so that no index appears twice in one batch (possible because the
+        # class has >= m samples). The skipped ones stay at the front of the new queue,
+        # so the new pass still visits every sample once.
+        taken = list(queue)
+        in_draw = set(taken)
+        fresh = members[torch.randperm(members.numel(), generator=self.generator)].tolist()
+        rest: list[int] = []
+        for i in fresh:
+            if len(taken) < m and i not in in_draw:
+                taken.append(i)
+            else:
+                rest.append(i)
+        self._sample_queues[c] = rest
+        return taken
 
 
 def _as_label_tensor(labels) -> torch.Tensor:

@@ -138,3 +138,92 @@ def test_bad_arguments_name_the_argument(labels, kwargs, exc, fragment):
     with pytest.raises(exc) as info:
         ClassBalancedBatchSampler(labels, args.pop("classes_per_batch"), args.pop("samples_per_class"), **args)
     assert fragment in str(info.value)
+
+
+# --- every sample of a class before any repeats, also when m does not divide the class size ---
+
+def _draws_per_class(batches, labels):
+    """{label: that class's indices in draw order, concatenated over the batches}."""
+    draws = collections.defaultdict(list)
+    for batch in batches:
+        for i in batch:
+            draws[int(labels[i])].append(i)
+    return draws
+
+
+def _assert_counts_stay_level(draws, members):
+    """Every sample before any repeat: at every prefix of the class's draw sequence the
+    per-sample draw counts differ by at most one (so the i-th draw of a sample never
+    comes before every sample of the class has been drawn i - 1 times)."""
+    counts = dict.fromkeys(members, 0)
+    for step, i in enumerate(draws):
+        assert i in counts, f"index {i} is not of this class"
+        counts[i] += 1
+        spread = max(counts.values()) - min(counts.values())
+        assert spread <= 1, f"after {step + 1} draws counts are {counts} (a repeat before an unseen sample)"
+
+
+def test_every_sample_before_any_repeat_when_m_does_not_divide_the_class_size():
+    labels = [0] * 5 + [1] * 5
+    batches = list(ClassBalancedBatchSampler(labels, 2, 2, num_batches=4, seed=0))
+    draws = _draws_per_class(batches, labels)
+    for c, members in ((0, range(0, 5)), (1, range(5, 10))):
+        assert len(draws[c]) == 8
+        assert sorted(draws[c][:5]) == list(members)  # the first 5 draws: all 5 samples
+        _assert_counts_stay_level(draws[c], members)
+    for batch in batches:
+        assert len(set(batch)) == len(batch)
+
+
+def test_no_seed_leaves_a_sample_unseen_after_one_pass():
+    labels = [0] * 5 + [1] * 5
+    draws_per_pass = -(-5 // 2) * 2  # ceil(5 / 2) draws of 2 = 6
+    unseen = 0
+    for seed in range(200):
+        batches = list(ClassBalancedBatchSampler(labels, 2, 2, num_batches=draws_per_pass // 2, seed=seed))
+        draws = _draws_per_class(batches, labels)
+        unseen += any(len(set(draws[c][:draws_per_pass])) < 5 for c in (0, 1))
+    assert unseen == 0
+
+
+def test_carried_remainder_skips_indices_already_in_the_draw():
+    # 3 samples, m = 2: the second draw takes the 1 leftover and one index of the next
+    # pass that differs from it; the skipped one opens the next draw.
+    labels = [0] * 3 + [1] * 3
+    for seed in range(50):
+        sampler = ClassBalancedBatchSampler(labels, 2, 2, num_batches=30, seed=seed)
+        draws = _draws_per_class(list(sampler), labels)
+        for c, members in ((0, range(0, 3)), (1, range(3, 6))):
+            _assert_counts_stay_level(draws[c], members)
+            groups = [draws[c][j:j + 2] for j in range(0, len(draws[c]), 2)]
+            assert all(g[0] != g[1] for g in groups)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 13), min_size=2, max_size=5),
+    m=st.integers(1, 6),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_draw_counts_stay_level_and_batches_hold_no_duplicates(sizes, m, data, seed):
+    k = data.draw(st.integers(1, len(sizes)), label="classes_per_batch")
+    num_batches = data.draw(st.integers(1, 40), label="num_batches")
+    labels = [c for c, n in enumerate(sizes) for _ in range(n)]
+    starts = [sum(sizes[:c]) for c in range(len(sizes))]
+    batches = list(ClassBalancedBatchSampler(labels, k, m, num_batches=num_batches, seed=seed))
+    assert batches == list(ClassBalancedBatchSampler(labels, k, m, num_batches=num_batches, seed=seed))
+    draws = _draws_per_class(batches, labels)
+    for c, n in enumerate(sizes):
+        if n < m:  # small class: documented as drawn with replacement
+            continue
+        members = range(starts[c], starts[c] + n)
+        _assert_counts_stay_level(draws[c], members)
+        for batch in batches:
+            group = [i for i in batch if labels[i] == c]
+            assert len(group) in (0, m)
+            assert len(set(group)) == len(group)
