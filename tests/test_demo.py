@@ -171,3 +171,87 @@ def test_chance_check_cell_explains_expected_deviations():
     for name, first in (("softmax", 0.5), ("prototype", 9.0), ("nca", 9.0)):
         assert chance_status(name, row(first, 2.3, False)).startswith("**far from chance**")
     assert chance_status("softmax", row(2.3, 2.3, None)) == "not checked"
+
+
+def _small_npz(tmp_path, kind):
+    """Data that passes the file checks but is too small for training or evaluation."""
+    g = np.random.default_rng(0)
+    path = tmp_path / f"{kind}.npz"
+    if kind == "8_samples":  # --test-size 0.5: 4 training rows for the 5-NN evaluation
+        np.savez(path, x=g.normal(size=(8, 3)), y=np.repeat([0, 1], 4))
+    elif kind == "12_samples_3_classes":  # 3 test rows of 3 classes: no silhouette
+        np.savez(path, x=g.normal(size=(12, 3)), y=np.repeat([0, 1, 2], 4))
+    elif kind == "0_features":
+        np.savez(path, x=np.zeros((20, 0)), y=np.repeat([0, 1], 10))
+    elif kind == "0_rows":
+        np.savez(path, x=np.zeros((0, 3)), y=np.zeros(0, dtype=int))
+    elif kind == "class_not_in_train":  # --test-size 0.9: the stratified split leaves class 0 out of training
+        np.savez(path, x=g.normal(size=(202, 3)), y=np.r_[np.zeros(2, dtype=int), np.ones(200, dtype=int)])
+    return str(path)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if the demo gets as far as training."""
+    import nbkernels.demo.run as run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo started training on data it should have refused")
+
+    for name in ("run_demo", "overfit_check", "train"):
+        monkeypatch.setattr(run, name, refuse)
+
+
+# kind of small data: (extra options, what the error message says)
+TOO_SMALL = {
+    "8_samples": (["--test-size", "0.5"],
+                  "8 samples split with --test-size 0.5: the training split has 4 rows; the 5-NN evaluation "
+                  "needs at least 5, as the neighbours of each test row"),
+    "12_samples_3_classes": ([], "12 samples split with --test-size 0.25: the test split has 3 rows of 3 "
+                                 "classes; the silhouette score"),
+    "0_features": ([], "x has 0 features per sample (shape (20, 0)); the network needs at least 1 feature"),
+    "0_rows": ([], "x and y have 0 rows (x of shape (0, 3))"),
+    "class_not_in_train": (["--test-size", "0.9"], "class(es) ['0'] have no row in the training split of 20 rows"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TOO_SMALL))
+def test_data_too_small_is_refused_before_training(kind, capsys, tmp_path, no_training):
+    import time
+
+    extra, fragment = TOO_SMALL[kind]
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        main(["--data", _small_npz(tmp_path, kind), "--quick", "--out", str(tmp_path / "o"), "--no-progress",
+              "--device", "cpu"] + extra)
+    assert time.perf_counter() - start < 2.0
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # usage, then the one-line message
+    assert last.startswith("python -m nbkernels.demo: error: ") and fragment in last
+    if kind == "8_samples":
+        assert err.rstrip().endswith("use more data or a smaller --test-size")
+    if kind == "12_samples_3_classes":
+        assert "need at least 4" in err and err.rstrip().endswith("use more data or a larger --test-size")
+    assert not (tmp_path / "o").exists()
+
+
+def test_smallest_split_that_passes_the_checks_runs_end_to_end(tmp_path):
+    """The minimums are enough: 9 samples of 3 classes at --test-size 0.4 split into 5 training rows
+    (the 5-NN's neighbours) and 4 test rows (one more than the classes). One feature and a
+    1-dimensional embedding also exercise t-SNE below its PCA initialisation's 2 dimensions and a
+    collapsed embedding (every test point the same direction: intra/inter ratio 0/0)."""
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "tiny.npz", x=g.normal(size=(9, 1)), y=np.repeat(["a", "b", "c"], 3))
+    out = tmp_path / "out"
+    assert main(["--data", str(tmp_path / "tiny.npz"), "--test-size", "0.4", "--steps", "3", "--log-every", "1",
+                 "--losses", "nca,softmax+cache", "--embedding-dim", "1", "--out", str(out), "--no-progress",
+                 "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == {"source": "tiny.npz (user data)", "train": 5, "test": 4, "features": 1,
+                               "classes": 3}
+    assert (out / "tsne.png").read_bytes()[:8] == PNG
+    for m in metrics["losses"].values():
+        assert 0 <= m["intra_inter_ratio"] < float("inf") and -1 <= m["silhouette"] <= 1
+    with pytest.raises(ValueError, match="the test split has 3 rows of 3 classes"):
+        split(np.zeros((9, 1)), np.repeat([0, 1, 2], 3), "tiny", test_size=0.3)

@@ -40,7 +40,12 @@ def embedding_metrics(z_train, y_train, z_test, y_test, num_classes: int, temper
     * ``silhouette``: scikit-learn's silhouette score of the test embeddings (cosine),
       in [-1, 1], higher is better clustered;
     * ``intra_inter_ratio``: mean cosine distance between test points of the same class
-      over the mean between points of different classes; lower is tighter.
+      over the mean between points of different classes; lower is tighter. 1.0 (no
+      separation) when every test embedding points the same way (a collapsed embedding,
+      e.g. with ``embedding_dim`` 1), where both means are 0.
+
+    The test set needs ``2 <= classes <= rows - 1`` and the training set ``KNN_K`` rows;
+    ``data.check_split`` checks that before training.
     """
     from sklearn.metrics import silhouette_score
     from sklearn.neighbors import KNeighborsClassifier
@@ -57,11 +62,12 @@ def embedding_metrics(z_train, y_train, z_test, y_test, num_classes: int, temper
     dist = (1.0 - u @ u.T).clamp_min(0.0)
     same = torch.from_numpy(y_te[:, None] == y_te[None, :])
     off_diag = ~torch.eye(len(y_te), dtype=torch.bool)
+    intra, inter = dist[same & off_diag].mean(), dist[~same].mean()
     return {
         "soft_knn_acc": soft_acc,
         "knn_acc": float(knn.score(te, y_te)),
         "silhouette": float(silhouette_score(te, y_te, metric="cosine")),
-        "intra_inter_ratio": float(dist[same & off_diag].mean() / dist[~same].mean()),
+        "intra_inter_ratio": float(intra / inter) if inter > 0 else 1.0,
     }
 
 

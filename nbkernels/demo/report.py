@@ -176,7 +176,9 @@ def plot_tsne(path: str, panels: dict[str, np.ndarray], labels: np.ndarray, clas
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for ax, (name, emb) in zip(axes.flat, panels.items()):
         perplexity = min(30.0, (len(emb) - 1) / 3)
-        xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+        # PCA init needs 2 dimensions; 1-feature inputs or --embedding-dim 1 start at random.
+        init = "pca" if min(emb.shape) >= 2 else "random"
+        xy = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed,
                   max_iter=max_iter).fit_transform(emb)
         ax.scatter(xy[:, 0], xy[:, 1], c=labels % cmap.N, cmap=cmap, vmin=0, vmax=cmap.N - 1, s=7)
         ax.set_title(name)
