@@ -3,7 +3,9 @@ expected and what was given."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import struct
 
 import torch
 
@@ -71,11 +73,56 @@ def labels_among(name, y, known_name, known):
     device_check(torch.isin(y, known).all(), message, detail)
 
 
+def integer(name, value, low=None):
+    """Return ``value`` as a Python int: an int or NumPy integer (``numbers.Integral``),
+    never a bool, and ``>= low`` when ``low`` is given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def real(name, value, low=None, high=None):
+    """Return ``value`` as a Python float: a real number (int, float, NumPy scalar; not a
+    bool), finite, and in ``[low, high]`` for the bounds given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf if value > 0 else -math.inf
+    if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
+        span = (f"in [{low}, {high}]" if low is not None and high is not None
+                else f">= {low}" if low is not None else f"<= {high}" if high is not None
+                else "not NaN")
+        raise ValueError(f"{name} must be a number {span}, got {value!r}")
+    return value
+
+
 def num_classes(value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"num_classes must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"num_classes must be >= 1, got {value}")
+    """Return ``num_classes`` as a Python int >= 1 (an int or NumPy integer, not a bool)."""
+    return integer("num_classes", value, low=1)
+
+
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def seed(value, name="seed", *, optional=False):
+    """Return a seed for ``torch.Generator.manual_seed`` as a Python int (or None when
+    ``optional``): an int or NumPy integer, not a bool, in [-2**63, 2**64 - 1]."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, "
+                        f"got {type(value).__name__} {value!r}")
+    value = int(value)
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [-2**63, 2**64 - 1] (the seeds "
+                         f"torch.Generator.manual_seed takes), got {value}")
+    return value
 
 
 def same_dim(name, x, ref_name, r):
@@ -103,30 +150,92 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def temperature(value, device, dtype=torch.float32):
+def _short(x):
+    return f"{x:.2g}".replace("e+", "e")
+
+
+def temperature_range(dtype):
+    """``(low, high)``: the temperatures valid with accumulation dtype ``dtype``: normal
+    numbers of that dtype (then 1/T is finite there too)."""
+    info = torch.finfo(dtype)
+    return info.tiny, info.max
+
+
+def _inputs_of(dtype):
+    if dtype == torch.float32:
+        return "float16/bfloat16/float32 inputs (accumulated in float32)"
+    if dtype == torch.float64:
+        return "float64 inputs (accumulated in float64)"
+    return f"inputs accumulated in {str(dtype).replace('torch.', '')}"
+
+
+def _rounded(value, dtype):
+    """The Python float ``value`` rounded to ``dtype`` (inf beyond its range)."""
+    if dtype == torch.float64:
+        return value
+    if dtype == torch.float32:
+        try:
+            return struct.unpack("f", struct.pack("f", value))[0]
+        except OverflowError:
+            return math.copysign(math.inf, value)
+    return torch.tensor(value, dtype=torch.float64).to(dtype).item()
+
+
+_T_TYPES = ("temperature must be a float (or any real number: int, NumPy scalar) "
+            "or a 0-dim floating tensor")
+
+
+def temperature(value, device, dtype=None):
     """Return the temperature as a 0-dim tensor on ``device``.
 
-    A Python number becomes a tensor of ``dtype`` (pass the accumulation dtype of the
-    inputs: fp64 for fp64 inputs, so that T = 0.1 is exact there); a tensor keeps its own.
+    ``dtype`` is the accumulation dtype of the inputs (fp64 for fp64 inputs, so that
+    T = 0.1 is exact there; fp32 for fp16/bf16/fp32 inputs). T, made in that dtype, must
+    be finite, > 0 and a normal number (then 1/T is finite too): in
+    [1.2e-38, 3.4e38] for fp32, [2.2e-308, 1.8e308] for fp64. ``None`` (a constructor:
+    the inputs are not known yet) checks against fp64, the widest, and returns fp64.
+
+    A real number (int, float, NumPy scalar; not a bool) becomes a tensor of ``dtype``;
+    a 0-dim floating tensor keeps its own dtype and is checked as cast to ``dtype``
+    (without a host sync on accelerators, see :func:`device_check`).
     """
+    acc = torch.float64 if dtype is None else dtype
+    low, high = temperature_range(acc)
+    span = f"in [{_short(low)}, {_short(high)}] for {_inputs_of(acc)}"
     if isinstance(value, bool):
-        raise TypeError("temperature must be a float or a 0-dim tensor, got bool")
-    if isinstance(value, (int, float)):
-        if not (math.isfinite(value) and value > 0):
+        raise TypeError(f"{_T_TYPES}, got bool")
+    if isinstance(value, numbers.Real):
+        try:
+            v = float(value)
+        except OverflowError:  # an int beyond the float range
+            raise ValueError(f"temperature must be {span}, got an int of "
+                             f"{len(str(abs(value)))} digits") from None
+        if not (math.isfinite(v) and v > 0):
             raise ValueError(f"temperature must be finite and > 0, got {value}")
+        made = _rounded(v, acc)
+        if not low <= made <= high:
+            raise ValueError(f"temperature must be {span}, got {v!r}")
         # torch.full writes on the device: no blocking host-to-device copy
-        return torch.full((), float(value), dtype=dtype, device=device)
+        return torch.full((), made, dtype=acc, device=device)
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(value).__name__}")
+        raise TypeError(f"{_T_TYPES}, got {type(value).__name__}")
     if value.dim() != 0:
         raise ValueError(f"temperature must be a 0-dim tensor, got shape {tuple(value.shape)}")
     if not value.dtype.is_floating_point:
         raise TypeError(f"temperature must be a floating tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"temperature must be on the embeddings' device {device}, got {value.device}")
-    message = "temperature must be finite and > 0"
-    device_check(torch.isfinite(value) & (value > 0), message,
-                 lambda: f"{message}, got {value.item()}")
+    message = f"temperature must be finite and > 0, and {span}"
+    t = value.detach()
+    made = t.to(acc)  # as the kernels use it. In range implies finite and > 0; NaN fails
+    ok = (made >= low) & (made <= high)
+
+    def detail():
+        got = t.item()
+        if not (math.isfinite(got) and got > 0):
+            return f"temperature must be finite and > 0, got {got}"
+        return f"temperature must be {span}, got {got!r} (a {str(t.dtype).replace('torch.', '')} tensor)"
+
+    device_check(ok, message, detail)
     return value
 
 

@@ -55,12 +55,8 @@ class NeighborCache(nn.Module):
                  backend="auto", dtype=torch.float32, device=None, chunk_size=None,
                  pin_memory=False, distributed=False, group=None):
         super().__init__()
-        for name, value in (("size", size), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        check.num_classes(num_classes)
+        size, dim = check.integer("size", size, low=1), check.integer("dim", dim, low=1)
+        num_classes = check.num_classes(num_classes)
         check.choice("metric", metric, check.METRICS)
         check.choice("backend", backend, check.BACKEND_NAMES)
         check.temperature(temperature, torch.device("cpu"))
@@ -214,8 +210,7 @@ class NeighborCache(nn.Module):
             filled = int(dist_.global_sum(self.filled.to(embeddings.device), self.group))
         if filled == 0:
             raise RuntimeError("predict() needs a filled cache: push embeddings first")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
-            raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
+        weight = check.real("weight", weight, 0, 1)
         if self.distributed:
             q, probs = self._sharded(embeddings, dist_.ShardedProbs)
             probs = probs.to(q.dtype)

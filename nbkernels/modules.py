@@ -18,6 +18,8 @@ class _NeighborLossModule(nn.Module):
         check.choice("reduction", reduction, check.REDUCTIONS)
         check.choice("backend", backend, check.BACKEND_NAMES)
         self.metric, self.reduction, self.backend = metric, reduction, backend
+        # the inputs' dtype is not known yet: checked against fp64 here, and against the
+        # inputs' accumulation dtype in forward
         check.temperature(temperature, torch.device("cpu"))
         if learn_temperature:
             # log-parametrized: T = exp(log_temperature) stays > 0 under any update. Held in
@@ -36,6 +38,11 @@ class _NeighborLossModule(nn.Module):
     def _t(self, device):
         t = self.temperature
         return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    def _temperature_repr(self):
+        if hasattr(self, "log_temperature"):
+            return f"temperature={self.log_temperature.detach().exp().item():.6g} (learned)"
+        return f"temperature={self._temperature}"
 
 
 class NCALoss(_NeighborLossModule):
@@ -91,9 +98,8 @@ class PrototypeLoss(_NeighborLossModule):
                              f"or neither; got num_classes={num_classes}, dim={dim}")
         self.prototypes = None
         if num_classes is not None:
-            check.num_classes(num_classes)
-            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-                raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+            num_classes = check.num_classes(num_classes)
+            dim = check.integer("dim", dim, low=1)
             self.prototypes = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
 
     def forward(self, embeddings, labels, prototypes=None, prototype_labels=None):
@@ -103,3 +109,12 @@ class PrototypeLoss(_NeighborLossModule):
                                 prototype_labels=prototype_labels,
                                 temperature=self._t(embeddings.device), metric=self.metric,
                                 reduction=self.reduction, backend=self.backend, **self.scale_out)
+
+    def extra_repr(self):
+        parts = []
+        if self.prototypes is not None:
+            num_classes, dim = self.prototypes.shape
+            parts += [f"num_classes={num_classes}", f"dim={dim}"]
+        parts += [self._temperature_repr(), f"metric={self.metric!r}",
+                  f"reduction={self.reduction!r}", f"backend={self.backend!r}"]
+        return ", ".join(parts)

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from nbkernels import _validation as check
+
 __all__ = ["ClassBalancedBatchSampler"]
 
 
@@ -83,8 +85,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                              f"(got generator={generator!r}, seed={seed!r})")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+        seed = check.seed(seed, optional=True)
         if generator is None:
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,)).item())

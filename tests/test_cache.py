@@ -129,3 +129,13 @@ def test_nan_batch_is_refused_and_the_cache_stays_clean():
     # NaN queries are scored, never pushed: NaN comes out
     x[0, 0] = float("nan")
     assert torch.isnan(cache.loss(x, y))
+
+
+def test_numpy_scalars_are_numbers():
+    """size, dim, num_classes and predict's weight accept NumPy ints and floats."""
+    import numpy as np
+    cache = nbkernels.NeighborCache(np.int64(8), np.int64(4), np.int64(3), backend="torch")
+    cache.push(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    probs = cache.predict(torch.randn(2, 4), model_probs=torch.full((2, 3), 1 / 3),
+                          weight=np.float32(0.3))
+    assert probs.shape == (2, 3)

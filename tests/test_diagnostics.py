@@ -1,8 +1,11 @@
 """nbkernels.diagnostics: monitor quantities by hand, chance levels, overfit check,
 broken setups, plots."""
+import gc
 import math
 import warnings
+import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -284,3 +287,84 @@ def test_plots(tmp_path):
         plot_grad_norms(TrainingMonitor(tiny_net()))
     with pytest.raises(ValueError, match="name must be a StepRecord field"):
         mon.series("bogus")
+
+
+# ------------------------------------------------------------ record: loss arguments
+
+
+@pytest.mark.parametrize("loss,want", [
+    (2.5, 2.5), (3, 3.0), (torch.tensor(2.5), 2.5), (torch.tensor([2.5]), 2.5),
+    (torch.tensor([[2.5]]), 2.5), (torch.tensor(2.5, dtype=torch.float16), 2.5),
+    (np.float32(2.5), 2.5), (np.array([2.5]), 2.5),
+])
+def test_record_accepts_a_number_or_one_element_tensor(loss, want):
+    with TrainingMonitor(tiny_net()) as mon:
+        rec = mon.record(0, loss, test_loss=loss)
+    assert rec.train_loss == want and rec.test_loss == want
+
+
+@pytest.mark.parametrize("name", ["train_loss", "test_loss"])
+@pytest.mark.parametrize("loss,exc,fragment", [
+    (torch.tensor([1.0, 2.0]), ValueError, r"got a tensor of shape \(2,\) \(2 values\)"),
+    (torch.zeros(0), ValueError, r"got a tensor of shape \(0,\) \(0 values\)"),
+    (np.zeros((2, 2)), ValueError, r"got a tensor of shape \(2, 2\) \(4 values\)"),
+    ("1.0", TypeError, "got str '1.0'"),
+    (True, TypeError, "got a torch.bool tensor"),
+    ([1.0], TypeError, "got list"),
+])
+def test_record_rejects_bad_losses_naming_them(name, loss, exc, fragment):
+    net = tiny_net()
+    with TrainingMonitor(net) as mon:
+        kw = {name: loss, "train_loss": loss if name == "train_loss" else 1.0}
+        with pytest.raises(exc, match=rf"{name} must be a Python number or a tensor holding one "
+                           rf"value \(shape \(\), \(1,\) or any other shape with one element\), "
+                           rf".*{fragment}"):
+            mon.record(0, **kw)
+    assert mon.history == []
+
+
+def test_record_rejects_a_missing_train_loss():
+    with TrainingMonitor(tiny_net()) as mon:
+        with pytest.raises(TypeError, match="train_loss must be a Python number .*got NoneType None"):
+            mon.record(0, None)
+        assert mon.record(1, 1.0, test_loss=None).test_loss is None
+
+
+# ------------------------------------------------------------ lifetime: hooks
+
+
+def _hook_count(net):
+    return sum(len(m._forward_hooks) for m in net.modules())
+
+
+def test_unclosed_monitor_is_collected_and_removes_its_hooks():
+    net = tiny_net()
+    mon = TrainingMonitor(net)
+    assert _hook_count(net) == 3
+    net(X).sum().backward()
+    mon.record(0, 1.0)
+    ref = weakref.ref(mon)
+    del mon
+    gc.collect()
+    assert ref() is None
+    assert _hook_count(net) == 0
+    assert all(not m._forward_hooks for m in net.modules())
+    net(X).sum().backward()  # the model runs on without the monitor
+
+
+def test_monitor_hooks_do_not_keep_it_alive_and_close_is_idempotent():
+    net = tiny_net()
+    mon = TrainingMonitor(net)
+    # the hooks on the model hold no strong reference to the monitor
+    hooks = [h for m in net.modules() for h in m._forward_hooks.values()]
+    assert hooks and all(cell.cell_contents is not mon for h in hooks for cell in h.__closure__ or ())
+    second = TrainingMonitor(net)
+    mon.close()
+    mon.close()
+    assert _hook_count(net) == 3  # the second monitor's hooks stay
+    net(X).sum().backward()
+    assert second.record(0, 1.0).dead_relu == pytest.approx(1 / 3)
+    with second:
+        pass
+    assert _hook_count(net) == 0
+    assert len(second.history) == 1  # the history stays readable after close

@@ -68,3 +68,17 @@ def test_training_reduces_nca_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_prototype_module_repr():
+    crit = nbkernels.PrototypeLoss(num_classes=10, dim=64, metric="cosine", temperature=0.1)
+    assert crit.extra_repr() == ("num_classes=10, dim=64, temperature=0.1, metric='cosine', "
+                                 "reduction='mean', backend='auto'")
+    assert repr(crit) == f"PrototypeLoss({crit.extra_repr()})"
+    crit = nbkernels.PrototypeLoss(temperature=0.25, learn_temperature=True, reduction="sum",
+                                   backend="torch")
+    assert crit.extra_repr() == ("temperature=0.25 (learned), metric='sqeuclidean', "
+                                 "reduction='sum', backend='torch'")
+    with torch.no_grad():
+        crit.log_temperature.fill_(math.log(0.5))
+    assert "temperature=0.5 (learned)" in repr(crit)

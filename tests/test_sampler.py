@@ -227,3 +227,8 @@ def test_property_draw_counts_stay_level_and_batches_hold_no_duplicates(sizes, m
             group = [i for i in batch if labels[i] == c]
             assert len(group) in (0, m)
             assert len(set(group)) == len(group)
+
+
+def test_seed_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"seed must be in .*got 1180591620717411303424"):
+        ClassBalancedBatchSampler([0] * 5 + [1] * 5, 2, 2, seed=2**70)

@@ -1,8 +1,12 @@
 """Every misuse raises ValueError or TypeError naming the argument."""
+import fractions
+
+import numpy as np
 import pytest
 import torch
 
 import nbkernels
+from nbkernels import _validation as check
 
 X = torch.randn(6, 4)
 Y = torch.tensor([0, 1, 0, 1, 2, 2])
@@ -30,6 +34,7 @@ def nca(**kw):
     (dict(temperature=torch.tensor(-0.5)), ValueError, "temperature must be finite and > 0"),
     (dict(temperature=torch.tensor([0.5])), ValueError, "temperature must be a 0-dim"),
     (dict(temperature="hot"), TypeError, "temperature must be a float"),
+    (dict(temperature=True), TypeError, "temperature must be a float.*got bool"),
     (dict(metric="manhattan"), ValueError, "metric must be one of"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(backend="jax"), ValueError, "backend must be one of"),
@@ -111,3 +116,182 @@ def test_module_constructors_reject():
         nbkernels.NCALoss(temperature=-2.0)
     with pytest.raises(ValueError, match="num_classes and dim go together"):
         nbkernels.PrototypeLoss(num_classes=3)
+    with pytest.raises(TypeError, match="dim must be an int, got float"):
+        nbkernels.PrototypeLoss(num_classes=3, dim=4.0)
+    with pytest.raises(ValueError, match="dim must be >= 1, got 0"):
+        nbkernels.PrototypeLoss(num_classes=3, dim=np.int64(0))
+    with pytest.raises(TypeError, match="num_classes must be an int, got bool"):
+        nbkernels.PrototypeLoss(num_classes=True, dim=4)
+
+
+def test_prototype_module_accepts_numpy_integers():
+    crit = nbkernels.PrototypeLoss(num_classes=np.int64(3), dim=np.int64(4))
+    assert crit.prototypes.shape == (3, 4)
+    assert torch.isfinite(crit(X, Y))
+
+
+# ------------------------------------------------------ NumPy scalars are numbers
+
+
+@pytest.mark.parametrize("value", [4, np.int64(4), np.int32(4), np.uint8(4)])
+def test_integer_accepts_numpy_integers(value):
+    got = check.integer("dim", value, low=1)
+    assert got == 4 and type(got) is int
+    assert check.num_classes(value) == 4
+
+
+@pytest.mark.parametrize("value,exc,match", [
+    (True, TypeError, "dim must be an int, got bool"),
+    (np.bool_(True), TypeError, "dim must be an int, got bool"),
+    (4.0, TypeError, "dim must be an int, got float"),
+    (np.float32(4), TypeError, "dim must be an int, got float32"),
+    (0, ValueError, "dim must be >= 1, got 0"),
+    (np.int64(0), ValueError, "dim must be >= 1, got 0"),
+])
+def test_integer_rejects(value, exc, match):
+    with pytest.raises(exc, match=match):
+        check.integer("dim", value, low=1)
+
+
+@pytest.mark.parametrize("value", [0.3, np.float32(0.3), np.float64(0.3), np.float16(0.3),
+                                   fractions.Fraction(3, 10)])
+def test_real_accepts_numpy_floats(value):
+    got = check.real("weight", value, 0, 1)
+    assert type(got) is float and got == pytest.approx(0.3, rel=1e-3)
+    assert check.real("weight", np.int64(1), 0, 1) == 1.0
+
+
+@pytest.mark.parametrize("value,exc,match", [
+    (True, TypeError, "weight must be a real number, got bool"),
+    ("0.3", TypeError, "weight must be a real number, got str"),
+    (np.float32(1.5), ValueError, r"weight must be a number in \[0, 1\], got 1.5"),
+    (float("nan"), ValueError, r"weight must be a number in \[0, 1\], got nan"),
+    (-(10 ** 400), ValueError, r"weight must be a number in \[0, 1\], got -inf"),
+])
+def test_real_rejects(value, exc, match):
+    with pytest.raises(exc, match=match):
+        check.real("weight", value, 0, 1)
+
+
+def test_num_classes_accepts_numpy_integers_in_functions():
+    probs = nbkernels.soft_knn_predict(X, R, RY, np.int64(3), temperature=0.5)
+    torch.testing.assert_close(probs, nbkernels.soft_knn_predict(X, R, RY, 3, temperature=0.5))
+
+
+# ------------------------------------------------------ temperature: any real, range
+
+
+@pytest.mark.parametrize("t", [np.float32(0.5), np.float64(0.5), np.float16(0.5), np.int64(1), 1,
+                               fractions.Fraction(1, 2)])
+def test_temperature_accepts_any_real_scalar(t):
+    want = nbkernels.nca_loss(X, Y, temperature=float(t))
+    torch.testing.assert_close(nbkernels.nca_loss(X, Y, temperature=t), want)
+    crit = nbkernels.NCALoss(temperature=t)
+    torch.testing.assert_close(crit(X, Y), want)
+    assert nbkernels.NCALoss(temperature=t, learn_temperature=True).temperature.item() == \
+        pytest.approx(float(t))
+
+
+def test_temperature_is_made_in_the_accumulation_dtype():
+    for dtype in (torch.float32, torch.float64):
+        t = check.temperature(np.float32(0.5), torch.device("cpu"), dtype)
+        assert t.dtype == dtype and t.item() == 0.5
+    assert check.temperature(torch.tensor(0.5, dtype=torch.float16), torch.device("cpu"),
+                             torch.float32).dtype == torch.float16  # a tensor keeps its dtype
+
+
+@pytest.mark.parametrize("t", [1e39, 3.5e38, 10 ** 39, 1e-40, 1e-45, np.float64(1e-39)])
+def test_temperature_out_of_the_float32_range_is_rejected(t):
+    x = X.double()
+    for inputs in (X, X.half(), X.bfloat16()):
+        with pytest.raises(ValueError, match=r"temperature must be in \[1\.2e-38, 3\.4e38\] for "
+                           r"float16/bfloat16/float32 inputs \(accumulated in float32\), got"):
+            nbkernels.nca_loss(inputs, Y, temperature=t, backend="torch")
+    with pytest.raises(ValueError, match=r"temperature must be in \[1\.2e-38, 3\.4e38\].*got"):
+        nbkernels.soft_knn_predict(X, R, RY, 3, temperature=t)
+    with pytest.raises(ValueError, match=r"temperature must be in \[1\.2e-38, 3\.4e38\]"):
+        nbkernels.NCALoss(temperature=t, learn_temperature=isinstance(t, float) and t < 1)(X, Y)
+    # fp64 inputs accumulate in fp64, where these are normal numbers
+    assert torch.isfinite(nbkernels.nca_loss(x, Y, temperature=t, backend="torch"))
+
+
+def test_temperature_message_names_the_range_and_value():
+    with pytest.raises(ValueError) as info:
+        check.temperature(1e-40, torch.device("cpu"), torch.float32)
+    assert str(info.value) == ("temperature must be in [1.2e-38, 3.4e38] for float16/bfloat16/"
+                               "float32 inputs (accumulated in float32), got 1e-40")
+    with pytest.raises(ValueError, match=r"\[2\.2e-308, 1\.8e308\] for float64 inputs "
+                       r"\(accumulated in float64\), got 1e-320"):
+        check.temperature(1e-320, torch.device("cpu"), torch.float64)
+    with pytest.raises(ValueError, match=r"temperature must be in \[2\.2e-308, 1\.8e308\].*got an "
+                       "int of 401 digits"):
+        check.temperature(10 ** 400, torch.device("cpu"), torch.float64)
+    with pytest.raises(ValueError, match="finite and > 0, got -1"):
+        check.temperature(np.int64(-1), torch.device("cpu"), torch.float64)
+
+
+@pytest.mark.parametrize("t,ok", [
+    (torch.finfo(torch.float32).tiny, True), (torch.finfo(torch.float32).max, True),
+    (3.4028235e38, True),  # rounds to the fp32 max
+    (3.4028236e38, False),  # rounds to inf in fp32
+    (torch.finfo(torch.float32).tiny / 2, False),
+])
+def test_temperature_float32_range_edges(t, ok):
+    if ok:
+        got = check.temperature(t, torch.device("cpu"), torch.float32)
+        assert torch.isfinite(got) and torch.isfinite(1 / got) and got > 0
+    else:
+        with pytest.raises(ValueError, match="temperature must be in"):
+            check.temperature(t, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("t", [torch.tensor(1e-40, dtype=torch.float64),
+                               torch.tensor(1e39, dtype=torch.float64)])
+def test_tensor_temperature_out_of_the_float32_range_is_rejected(t):
+    with pytest.raises(ValueError, match=r"temperature must be in \[1\.2e-38, 3\.4e38\] for "
+                       r"float16/bfloat16/float32 inputs \(accumulated in float32\), got .*float64 tensor"):
+        nbkernels.nca_loss(X, Y, temperature=t)
+    assert torch.isfinite(nbkernels.nca_loss(X.double(), Y, temperature=t))
+    with pytest.raises(ValueError, match="temperature must be finite and > 0, got nan"):
+        nbkernels.nca_loss(X, Y, temperature=torch.tensor(float("nan")))
+
+
+def test_constructors_check_temperature_against_float64():
+    # the inputs' dtype is unknown at construction: the widest range applies there
+    assert nbkernels.NCALoss(temperature=1e-40)(X.double(), Y).isfinite()
+    with pytest.raises(ValueError, match=r"temperature must be in \[2\.2e-308, 1\.8e308\] for "
+                       "float64 inputs"):
+        nbkernels.PrototypeLoss(temperature=1e-320)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        nbkernels.PrototypeLoss(temperature=np.float32("inf"))
+
+
+# ------------------------------------------------------ seeds
+
+
+@pytest.mark.parametrize("value", [0, 1, np.int64(7), np.uint64(2**64 - 1), 2**63 - 1, 2**64 - 1])
+def test_seed_accepts_what_manual_seed_takes(value):
+    got = check.seed(value)
+    assert type(got) is int and got == int(value)
+    torch.Generator().manual_seed(got)
+
+
+@pytest.mark.parametrize("value,exc,match", [
+    (2**70, ValueError, r"seed must be in \[-2\*\*63, 2\*\*64 - 1\].*got 1180591620717411303424"),
+    (2**64, ValueError, r"seed must be in \[-2\*\*63, 2\*\*64 - 1\]"),
+    (-2**63 - 1, ValueError, r"seed must be in \[-2\*\*63, 2\*\*64 - 1\].*got -9223372036854775809"),
+    (True, TypeError, "seed must be an int, got bool"),
+    (1.0, TypeError, "seed must be an int, got float"),
+    ("1", TypeError, "seed must be an int, got str"),
+    (None, TypeError, "seed must be an int, got NoneType"),
+])
+def test_seed_rejects(value, exc, match):
+    with pytest.raises(exc, match=match):
+        check.seed(value)
+
+
+def test_seed_optional():
+    assert check.seed(None, optional=True) is None
+    assert check.seed(np.int32(3), optional=True) == 3
+    with pytest.raises(TypeError, match="seed must be an int or None, got str"):
+        check.seed("1", optional=True)

@@ -25,7 +25,9 @@ seen by the hooks.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -65,7 +67,9 @@ class TrainingMonitor:
 
     Args:
         model: the ``nn.Module`` being trained. Hooks are added to its submodules;
-            :meth:`close` (or leaving a ``with`` block) removes them.
+            :meth:`close` (or leaving a ``with`` block) removes them, and so does the
+            garbage collection of a monitor that was never closed (the hooks hold only a
+            weak reference to the monitor: they do not keep it alive).
         chance: the loss an untrained model should give (see
             :func:`nbkernels.diagnostics.chance_level`). When given, the first
             recorded train loss is compared with it (warning when far), and
@@ -99,9 +103,13 @@ class TrainingMonitor:
                         if any(True for _ in m.parameters(recurse=False))]
         self._handles = []
         self._reset_stats()
+        ref = weakref.ref(self)
         for name, module in model.named_modules():
             if not any(True for _ in module.children()):
-                self._handles.append(module.register_forward_hook(self._hook(_display(name), module)))
+                self._handles.append(module.register_forward_hook(_hook(ref, _display(name))))
+        # Removes the hooks once, on close() or when the monitor is collected unclosed.
+        # It holds the handles only (which hold the hooks dicts weakly), not the monitor.
+        self._finalizer = weakref.finalize(self, _remove_hooks, self._handles)
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -111,24 +119,22 @@ class TrainingMonitor:
         # per layer, in first-execution order: were all its outputs finite? (bounded memory)
         self._finite: dict[str, torch.Tensor] = {}
 
-    def _hook(self, name: str, module: nn.Module):
-        def hook(mod, inputs, output):
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
-                return
-            out = output.detach()
-            # A 0-dim tensor stays on the device: no sync in the training loop.
-            finite = torch.isfinite(out).all()
-            prev = self._finite.get(name)
-            self._finite[name] = finite if prev is None else prev & finite
-            if isinstance(mod, _RELU) and out.dim() >= 1:
-                alive = (out > 0).reshape(out.shape[0], -1).any(0)
-                prev = self._alive.get(name)
-                self._alive[name] = alive if prev is None or prev.shape != alive.shape else prev | alive
-            elif isinstance(mod, nn.Tanh):
-                self._count_saturated("tanh", out.abs())
-            elif isinstance(mod, nn.Sigmoid):
-                self._count_saturated("sigmoid", (2 * out - 1).abs())
-        return hook
+    def _observe(self, name: str, mod: nn.Module, output) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return
+        out = output.detach()
+        # A 0-dim tensor stays on the device: no sync in the training loop.
+        finite = torch.isfinite(out).all()
+        prev = self._finite.get(name)
+        self._finite[name] = finite if prev is None else prev & finite
+        if isinstance(mod, _RELU) and out.dim() >= 1:
+            alive = (out > 0).reshape(out.shape[0], -1).any(0)
+            prev = self._alive.get(name)
+            self._alive[name] = alive if prev is None or prev.shape != alive.shape else prev | alive
+        elif isinstance(mod, nn.Tanh):
+            self._count_saturated("tanh", out.abs())
+        elif isinstance(mod, nn.Sigmoid):
+            self._count_saturated("sigmoid", (2 * out - 1).abs())
 
     def _count_saturated(self, kind: str, magnitude: torch.Tensor) -> None:
         stat = self._sat[kind]
@@ -142,12 +148,21 @@ class TrainingMonitor:
 
         Args:
             step: the step number (any int; used on the x axis of plots).
-            train_loss: the training loss (float or tensor; a tensor is read once here).
-            test_loss: optional held-out loss.
+            train_loss: the training loss: a Python (or NumPy) real number, or a tensor
+                holding one value (0-dim, or any shape with one element such as ``(1,)``);
+                a tensor is read once here.
+            test_loss: optional held-out loss: None, or as ``train_loss``.
+
+        Raises:
+            TypeError: a loss is not a number or a tensor (or ``train_loss`` is None).
+            ValueError: a loss tensor holds more or fewer than one value.
 
         Returns:
             The new :class:`StepRecord`, also appended to ``history``.
         """
+        _check_loss("train_loss", train_loss)
+        if test_loss is not None:
+            _check_loss("test_loss", test_loss)
         params = [p for p in self.model.parameters()]
         device = params[0].device if params else torch.device("cpu")
         # Gather every scalar into one tensor so that a GPU run syncs once per record.
@@ -186,7 +201,7 @@ class TrainingMonitor:
 
         rec = StepRecord(
             step=int(step), train_loss=loss,
-            test_loss=None if test_loss is None else float(test_loss),
+            test_loss=None if test_loss is None else _as_float(test_loss),
             param_norm=param_norm,
             grad_norm=math.sqrt(sum(v * v for v in layer_norm.values())),
             layer_grad_norm=layer_norm, layer_grad_max=layer_max,
@@ -295,8 +310,7 @@ class TrainingMonitor:
 
     def close(self) -> None:
         """Remove the hooks. The history stays readable."""
-        for handle in self._handles:
-            handle.remove()
+        self._finalizer()
         self._handles = []
 
     def __enter__(self) -> TrainingMonitor:
@@ -304,6 +318,48 @@ class TrainingMonitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _hook(ref: weakref.ref, name: str):
+    """A forward hook that feeds the monitor behind ``ref`` while it is alive."""
+    def hook(mod, inputs, output):
+        monitor = ref()
+        if monitor is not None:
+            monitor._observe(name, mod, output)
+    return hook
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+_LOSS_EXPECTED = ("a Python number or a tensor holding one value (shape (), (1,) or any "
+                  "other shape with one element)")
+
+
+def _check_loss(name: str, value) -> None:
+    """``value`` is a real number, or a tensor / NumPy array holding one real value."""
+    if isinstance(value, bool) or (value is not None and not isinstance(value, numbers.Real)
+                                   and not isinstance(value, torch.Tensor)
+                                   and hasattr(value, "__array__")):
+        value = torch.as_tensor(value)  # a NumPy array: checked as a tensor
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be {_LOSS_EXPECTED}, got a tensor of shape "
+                             f"{tuple(value.shape)} ({value.numel()} values): reduce it first, "
+                             "e.g. loss.mean()")
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be {_LOSS_EXPECTED}, got a {value.dtype} tensor")
+        return
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {_LOSS_EXPECTED}, got {type(value).__name__} {value!r}")
+
+
+def _as_float(value) -> float:
+    if isinstance(value, torch.Tensor) or hasattr(value, "__array__"):
+        return float(torch.as_tensor(value).detach().reshape(()))
+    return float(value)
 
 
 def _display(name: str) -> str:
