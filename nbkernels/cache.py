@@ -19,6 +19,7 @@ from torch import nn
 from nbkernels import _validation as check
 from nbkernels import distributed as dist_
 from nbkernels import functional as F
+from nbkernels import partials as P
 from nbkernels.streaming import DEFAULT_CHUNK_SIZE, Spec
 
 
@@ -181,9 +182,9 @@ class NeighborCache(nn.Module):
         check.choice("reduction", reduction, check.REDUCTIONS)
         zero = embeddings.sum(1) * 0.0  # keeps the graph and propagates NaN
         if self.distributed:
-            q, (lse_all, lse_pos, positives) = self._sharded(embeddings, dist_.ShardedLSE,
-                                                             labels.long().contiguous())
-            valid = positives > 0
+            q, (lse_all, lse_pos, _) = self._sharded(embeddings, dist_.ShardedLSE,
+                                                     labels.long().contiguous())
+            valid = P.has_positive(lse_pos)
             loss = F._loss_from_lse(lse_all, lse_pos, valid) + zero  # zero: for an empty union
             return F._reduce(loss, valid, reduction, q.dtype)
         if len(self) == 0:

@@ -19,7 +19,7 @@ from nbkernels import _validation as check
 from nbkernels import distributed as dist_
 from nbkernels.autograd import ClassProbs, NeighborLSE
 from nbkernels.backends import reference
-from nbkernels.partials import positive_counts
+from nbkernels.partials import has_positive, positive_counts  # noqa: F401 (re-exported)
 from nbkernels.streaming import DEFAULT_CHUNK_SIZE, Spec, StreamedLSE, StreamedProbs
 
 __all__ = ["class_means", "nca_loss", "positive_counts", "prototype_loss", "soft_knn_predict"]
@@ -79,10 +79,10 @@ def _neighbor_lse(q, r, q_labels, r_labels, t, metric, offset, backend, chunk_si
     """``(lse_all, lse_pos, valid)``, chunked when asked or when ``r`` is on another device."""
     if _streamed(q, r, chunk_size):
         spec = Spec(metric, offset, backend, chunk_size or DEFAULT_CHUNK_SIZE)
-        lse_all, lse_pos, positives = StreamedLSE.apply(q, r, q_labels, r_labels, t, spec)
-        return lse_all, lse_pos, positives > 0
-    lse_all, lse_pos = _lse(q, r, q_labels, r_labels, t, metric, offset, backend)
-    return lse_all, lse_pos, positive_counts(q_labels, r_labels, offset) > 0
+        lse_all, lse_pos, _ = StreamedLSE.apply(q, r, q_labels, r_labels, t, spec)
+    else:
+        lse_all, lse_pos = _lse(q, r, q_labels, r_labels, t, metric, offset, backend)
+    return lse_all, lse_pos, has_positive(lse_pos)
 
 
 def _reduce(loss, valid, reduction, dtype):

@@ -83,6 +83,14 @@ def positive_counts(q_labels, r_labels, offset=None):
     return count
 
 
+def has_positive(lse_pos):
+    """(N,) bool: the rows whose positives carry weight, i.e. ``lse_pos > -inf`` (NaN
+    counts as one, so that it reaches the loss). A row whose only positives have logit
+    -inf (references at infinity under "sqeuclidean", -inf dot products) has none: its
+    loss is 0 and it does not count in the mean, as if those references were absent."""
+    return lse_pos != _NEG_INF
+
+
 def _finite_or_zero(x):
     return torch.where(x == _NEG_INF, torch.zeros_like(x), x)
 
@@ -306,7 +314,7 @@ def _logsumexp(x):
 def finish_loss(part):
     """``(rows, valid)``: the NCA loss rows (N,) of a merged state, 0 on rows without a
     positive (NaN kept), and the (N,) bool mask of rows with a positive."""
-    valid = part.positives > 0
+    valid = has_positive(part.lse_pos)
     zero_or_nan = torch.where(torch.isnan(part.lse_all), part.lse_all,
                               torch.zeros_like(part.lse_all))
     return torch.where(valid, part.lse_all - part.lse_pos, zero_or_nan), valid
@@ -334,7 +342,7 @@ def chunk_backward(q, r, q_labels, r_labels, temperature, final, *, g_loss=None,
     qk, rk, kmetric = _kernel(q, r, metric)
     g_all = g_pos = None
     if g_loss is not None:
-        g_all = torch.where(final.positives > 0, g_loss.to(final.lse_all.dtype), 0.0)
+        g_all = torch.where(has_positive(final.lse_pos), g_loss.to(final.lse_all.dtype), 0.0)
         g_pos = -g_all  # loss = lse_all - lse_pos
     dq, dr, dt = kernel_backward(launchers(backend), qk, rk, q_labels, r_labels, t, kmetric,
                                  local_offset(offset, start), final, g_all, g_pos, g_yhat,

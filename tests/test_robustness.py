@@ -419,3 +419,26 @@ def test_cache_warns_once_on_a_lossy_cast():
         cache.push(x, y)  # once only
         cache.push(x.half(), y)  # fp16 fits in fp32: no warning
     assert cache.memory.dtype == torch.float32 and len(cache) == 15
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_positives_only_at_infinity_count_as_none(backend, chunk_size):
+    """sqeuclidean: a reference at infinity has weight 0, so a query whose only positives
+    sit there has no positive: loss 0, left out of the mean, as if the point were absent
+    (the loss was +inf and the mean inf)."""
+    x, y = make_batch(30, 5, 3, seed=21)
+    bank, bank_y = make_batch(25, 5, 3, seed=22)
+    y[4] = 7                      # query 4's class: one reference only, at infinity
+    bank_y[11] = 7
+    bank[11, 0] = float("inf")
+    kw = dict(ref_embeddings=bank, ref_labels=bank_y, temperature=0.5, backend=backend,
+              chunk_size=chunk_size)
+    rows = nbkernels.nca_loss(x, y, reduction="none", **kw)
+    assert rows[4] == 0 and torch.isfinite(rows).all()
+    keep = torch.arange(25) != 11
+    absent = nbkernels.nca_loss(x, y, ref_embeddings=bank[keep], ref_labels=bank_y[keep],
+                                temperature=0.5, backend=backend, reduction="none")
+    _close(rows, absent, what="rows")
+    mean = nbkernels.nca_loss(x, y, reduction="mean", **kw)
+    _close(mean, absent.sum() / (absent != 0).sum(), what="mean over the rows with a positive")
