@@ -106,8 +106,11 @@ class NeighborCache(nn.Module):
     def _content(self, embeddings):
         n = len(self)
         memory, labels = self.memory[:n], self.labels[:n]
-        if torch.is_grad_enabled() and embeddings.requires_grad:
-            # a snapshot: the backward recomputes from it after later pushes overwrote slots
+        t = self.temperature
+        needs_grad = embeddings.requires_grad or (isinstance(t, torch.Tensor) and t.requires_grad)
+        if torch.is_grad_enabled() and needs_grad:
+            # a snapshot: the backward (to the queries or to a learned temperature)
+            # recomputes from it after later pushes overwrote slots
             pinned = memory.device.type == "cpu" and memory.is_pinned()
             memory = torch.empty(memory.shape, dtype=memory.dtype, device=memory.device,
                                  pin_memory=pinned).copy_(memory)

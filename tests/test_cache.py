@@ -139,3 +139,23 @@ def test_numpy_scalars_are_numbers():
     probs = cache.predict(torch.randn(2, 4), model_probs=torch.full((2, 3), 1 / 3),
                           weight=np.float32(0.3))
     assert probs.shape == (2, 3)
+
+
+def test_learned_temperature_survives_the_push():
+    """A learned (tensor) temperature and embeddings without grad: the loss's backward
+    reads the cache content of the forward, which the push right after overwrites
+    ("modified by an inplace operation" before the content was snapshotted for it)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.nn.Parameter(torch.tensor(0.3))
+    cache = nbkernels.NeighborCache(16, 4, 3, temperature=t, backend="torch")
+    cache.push(torch.randn(16, 4, generator=g), torch.arange(16) % 3)
+    x, y = torch.randn(8, 4, generator=g), torch.arange(8) % 3
+    memory, labels = cache.memory.clone(), cache.labels.clone()
+    loss = cache(x, y)            # loss against the content, then x is pushed
+    loss.backward()
+    t2 = t.detach().clone().requires_grad_()
+    want = nbkernels.nca_loss(x, y, ref_embeddings=memory, ref_labels=labels, temperature=t2,
+                              metric=cache.metric, backend="torch")
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(t.grad, t2.grad)
