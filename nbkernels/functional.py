@@ -79,7 +79,9 @@ def _neighbor_lse(q, r, q_labels, r_labels, t, metric, offset, backend, chunk_si
     """``(lse_all, lse_pos, valid)``, chunked when asked or when ``r`` is on another device."""
     if _streamed(q, r, chunk_size):
         spec = Spec(metric, offset, backend, chunk_size or DEFAULT_CHUNK_SIZE)
-        lse_all, lse_pos, _ = StreamedLSE.apply(q, r, q_labels, r_labels, t, spec)
+        batch = r is q and r_labels is q_labels  # one tensor once: Dynamo traces it
+        lse_all, lse_pos, _ = StreamedLSE.apply(q, None if batch else r, q_labels,
+                                                None if batch else r_labels, t, spec)
     else:
         lse_all, lse_pos = _lse(q, r, q_labels, r_labels, t, metric, offset, backend)
     return lse_all, lse_pos, has_positive(lse_pos)
@@ -321,7 +323,8 @@ def soft_knn_predict(queries, ref_embeddings, ref_labels, num_classes, *, temper
     if _streamed(queries, ref_embeddings, chunk_size):
         q = queries.to(torch.promote_types(queries.dtype, ref_embeddings.dtype))
         spec = Spec(metric, offset, backend, chunk_size or DEFAULT_CHUNK_SIZE, num_classes)
-        return StreamedProbs.apply(q, ref_embeddings, r_labels, t, spec).to(q.dtype)
+        r = None if ref_embeddings is q else ref_embeddings  # one tensor once: see StreamedProbs
+        return StreamedProbs.apply(q, r, r_labels, t, spec).to(q.dtype)
     q, r = _promote(queries, ref_embeddings)
     if backend == "reference":
         return reference.class_probs(q, r, r_labels, t, num_classes, metric=metric, offset=offset)

@@ -124,23 +124,38 @@ def query_grad(q, dqk, metric):
     return K.input_grad(q, dqk, metric).to(q.dtype)
 
 
+def _batch(q, r):
+    """``r=None`` stands for ``q`` itself (Dynamo does not trace one tensor passed twice)."""
+    return r is None, (q if r is None else r)
+
+
+def _batch_grads(batch, dq, dr):
+    """The batch against itself: both roles' gradients go to ``q``."""
+    if not batch:
+        return dq, dr
+    return (dq if dr is None else dr if dq is None else dq + dr.to(dq.dtype)), None
+
+
 class StreamedLSE(torch.autograd.Function):
     """``(lse_all, lse_pos, positives) = StreamedLSE.apply(q, r, q_labels, r_labels, T, spec)``.
 
     As ``NeighborLSE`` (same lse values, up to rounding), over the chunks of ``r``, which
     may sit on the CPU while ``q`` is on a GPU. ``positives`` (N,) int64 counts each
     query's positives (not differentiable). ``r`` may have another floating dtype than
-    ``q``: chunks are converted to q's dtype on the device.
+    ``q``: chunks are converted to q's dtype on the device. ``r=None`` (with
+    ``r_labels=None``): the references are the queries themselves.
     """
 
     @staticmethod
     def forward(ctx, q, r, q_labels, r_labels, temperature, spec):
+        ctx.batch, r = _batch(q, r)
+        r_labels = q_labels if ctx.batch else r_labels
         mod = P.launchers(spec.backend)
         qk, prep = K.prepare_queries(q, spec.metric)
         part = forward_chunks(mod, qk, q_labels, r, r_labels, temperature, prep,
                               spec._replace(num_classes=None), q.dtype)
-        ctx.save_for_backward(q, r, qk, q_labels, r_labels, temperature, part.lse_all,
-                              part.lse_pos, part.positives)
+        ctx.save_for_backward(q, None if ctx.batch else r, qk, q_labels, r_labels, temperature,
+                              part.lse_all, part.lse_pos, part.positives)
         ctx.spec, ctx.prep = spec._replace(num_classes=None), prep
         ctx.mark_non_differentiable(part.positives)
         shift = P.row_shift(mod, qk, temperature, prep.kmetric)
@@ -150,26 +165,32 @@ class StreamedLSE(torch.autograd.Function):
     @fused_backward(_describe)
     def backward(ctx, g_all, g_pos, _):
         q, r, qk, q_labels, r_labels, t, lse_all, lse_pos, positives = ctx.saved_tensors
+        r = q if ctx.batch else r
         need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
+        need_r = need_r or (ctx.batch and need_q)
         final = P.Partials(lse_all, lse_pos, positives)
         dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, q_labels, r, r_labels,
                                       t, ctx.prep, ctx.spec, q.dtype, final, g_all, g_pos,
                                       None, need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
+        dq, dr = _batch_grads(ctx.batch, dq, dr)
         dt = None if dt is None else dt.to(t.dtype)
         return dq, dr, None, None, dt, None
 
 
 class StreamedProbs(torch.autograd.Function):
     """``yhat = StreamedProbs.apply(q, r, r_labels, T, spec)``: as ``ClassProbs`` over the
-    chunks of ``r`` (``spec.num_classes`` set); yhat (N, C) in the accumulation dtype."""
+    chunks of ``r`` (``spec.num_classes`` set); yhat (N, C) in the accumulation dtype.
+    ``r=None``: the references are the queries themselves (labels ``r_labels``)."""
 
     @staticmethod
     def forward(ctx, q, r, r_labels, temperature, spec):
+        ctx.batch, r = _batch(q, r)
         mod = P.launchers(spec.backend)
         qk, prep = K.prepare_queries(q, spec.metric)
         part = forward_chunks(mod, qk, None, r, r_labels, temperature, prep, spec, q.dtype)
-        ctx.save_for_backward(q, r, qk, r_labels, temperature, part.lse_all, part.yhat)
+        ctx.save_for_backward(q, None if ctx.batch else r, qk, r_labels, temperature,
+                              part.lse_all, part.yhat)
         ctx.spec, ctx.prep = spec, prep
         return part.yhat.clone()
 
@@ -177,11 +198,14 @@ class StreamedProbs(torch.autograd.Function):
     @fused_backward(_describe)
     def backward(ctx, g):
         q, r, qk, r_labels, t, lse_all, yhat = ctx.saved_tensors
+        r = q if ctx.batch else r
         need_q, need_r, _, need_t = ctx.needs_input_grad[:4]
+        need_r = need_r or (ctx.batch and need_q)
         final = P.Partials(lse_all, yhat=yhat)
         dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, None, r, r_labels, t,
                                       ctx.prep, ctx.spec, q.dtype, final, None, None, g,
                                       need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
+        dq, dr = _batch_grads(ctx.batch, dq, dr)
         dt = None if dt is None else dt.to(t.dtype)
         return dq, dr, None, dt, None

@@ -231,6 +231,68 @@ def test_fullgraph_compiled_training_step_equals_eager(backend, compiler):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+CHUNKED_STEPS = {
+    "nca batch": lambda e, y: nbkernels.nca_loss(e, y, temperature=0.5, chunk_size=4),
+    "nca against itself as a bank": lambda e, y: nbkernels.nca_loss(
+        e, y, ref_embeddings=e, ref_labels=y, temperature=0.5, chunk_size=4),
+    "soft_knn_predict against itself": lambda e, y: nbkernels.soft_knn_predict(
+        e, e, y, 3, temperature=0.5, chunk_size=4).square().sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKED_STEPS))
+def test_fullgraph_chunked_against_itself(name):
+    """A chunked call that scores a tensor against itself passed it twice to one
+    autograd.Function, which Dynamo refuses ("duplicate tensor input"): the streamed
+    Functions take r=None for it, as NeighborLSE does."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    x, y = torch.randn(13, 6), torch.randint(0, 3, (13,))
+    fn = CHUNKED_STEPS[name]
+
+    def step(model, x, y):
+        return fn(model(x), y)
+
+    results = []
+    for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        model.zero_grad()
+        loss = f(model, x, y)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_compiles_with_graph_breaks_not_fullgraph():
+    """NeighborCache reads its fill state (ptr, filled) on the host: a step that calls it
+    compiles with graph breaks (torch.compile's default) and equals eager; under
+    fullgraph=True it does not compile (the README says so)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    x, y = torch.randn(13, 6), torch.randint(0, 3, (13,))
+
+    def run(compiled):
+        cache = nbkernels.NeighborCache(32, 4, 3, temperature=0.5, metric="cosine")
+        cache.push(torch.randn(20, 4, generator=torch.Generator().manual_seed(1)),
+                   torch.arange(20) % 3)
+
+        def step(model, x, y):
+            return cache(model(x), y)
+        f = torch.compile(step, backend="aot_eager") if compiled else step
+        model.zero_grad()
+        loss = f(model, x, y)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    cache = nbkernels.NeighborCache(32, 4, 3, temperature=0.5)
+    cache.push(torch.randn(20, 4), torch.arange(20) % 3)
+    with pytest.raises(Exception, match="(?i)graph break|unsupported|data-dependent|item"):
+        torch.compile(lambda e, y: cache(e, y), fullgraph=True, backend="aot_eager")(
+            model(x), y)
+
+
 def test_torch_backend_ops_pass_opcheck():
     from nbkernels.backends import torch as tb  # noqa: F401  (registers the ops)
     q, y = make_batch(9, 5, 3, seed=10, dtype=torch.float32)
