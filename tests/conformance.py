@@ -219,7 +219,8 @@ def _masked_lse(s, mask):
 
 def oracle_rows(q, r, a, b, t, c, metric, offset):
     """fp64 ``(lse_all, lse_pos, yhat, has_pos)`` of queries q (labels a; None: no
-    positives) against references r (labels b) with ``c`` classes."""
+    positives) against references r (labels b) with ``c`` classes. ``has_pos``: a positive
+    of nonzero weight (a logit above -inf, or NaN): one at infinity weighs nothing."""
     s = oracle_logits(q, r, t, metric, offset)
     keep = ~_excluded(s.shape[0], s.shape[1], offset, s.device)
     pos = keep & (False if a is None else a[:, None] == b[None, :])
@@ -228,7 +229,7 @@ def oracle_rows(q, r, a, b, t, c, metric, offset):
     yhat = torch.exp(s - lse_all[:, None]) @ onehot
     # a row without a reference is undefined (also when M = 0)
     yhat = yhat.masked_fill(~keep.any(1)[:, None], NAN)
-    return lse_all, lse_pos, yhat, pos.any(1)
+    return lse_all, lse_pos, yhat, (pos & (s != -INF)).any(1)
 
 
 def _leaves(case):
