@@ -20,13 +20,15 @@
 #   speed           75  N = M = 65536, D = 128: nca_loss and soft_knn_predict against
 #                       FlexAttention, torch.compile and SDPA flash (bench/bench_gpu.py,
 #                       NBK_GPU_CASES=target)
-#   rest               the time left, in this order: the CUDA backend (build, tests/cuda),
-#                       the rest of tests/triton, the nightly numerics, determinism
+#   rest               the time left, in this order: the first call (bench/first_call.py:
+#                       cold and warm cache, steady step), the CUDA backend (build,
+#                       tests/cuda), the rest of tests/triton, the nightly numerics,
+#                       determinism
 #
 # Every test's outcome is appended to $OUT/tests.jsonl as it happens (tests/outcome_log.py)
 # and every benchmark record to $OUT/gpu_<gpu>.json, so a kill keeps all results up to it.
 # Files under $OUT: gpu_check.log tests.jsonl gpu_diagnose.json gpu_<gpu>.json
-# determinism.json table.md. Exit status: 0 if every stage that ran passed, else 1.
+# first_call.json determinism.json table.md. Exit status: 0 if every stage that ran passed, else 1.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -90,6 +92,8 @@ export NBK_BENCH_RESULTS=$OUT NBK_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT -
 stage speed 75 env NBK_GPU_CASES=target "$PY" -m pytest bench/bench_gpu.py -q -p no:cacheprovider
 
 # --- the rest, while time remains ----------------------------------------------------------
+# the first training step: cold and warm Triton cache, new processes, and the steady step
+stage first-call 60 "$PY" bench/first_call.py --out "$OUT"
 export NBK_TEST_DEVICE=cuda NBK_TRITON_AUTOTUNE=0
 if [ -f setup.py ] && grep -q "CUDAExtension" setup.py; then
     ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" \

@@ -9,6 +9,7 @@ from nbkernels.cache import NeighborCache
 from nbkernels.functional import nca_loss, prototype_loss, soft_knn_predict
 from nbkernels.modules import NCALoss, PrototypeLoss
 from nbkernels.sampler import ClassBalancedBatchSampler
+from nbkernels.warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "nca_loss",
     "prototype_loss",
     "soft_knn_predict",
+    "warmup",
 ]

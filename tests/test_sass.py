@@ -176,3 +176,33 @@ def test_previous_vs_current_comparison_renders_from_committed_jsons():
     # a kernel in one JSON only: "—" on the side that lacks it
     fewer = dict(old, best=[b for b in old["best"] if report.family(b) != "fwd_bf16_dot"])
     assert re.fullmatch(r"— → \d+", cells(report.comparison(fewer, new), "fwd_bf16_dot")[1])
+
+
+# ------------------------------------------------- the launchers' config table, compiled
+
+
+def _table_key(v):
+    kind = v.kind + ("_class" if v.cls else "")
+    dclass = v.name.split("_")[2 if v.ref_major is None else 3]
+    bucket = next(b for b, d in (build.TABLE_D if v.kind == "fwd" else build.TABLE_D_BWD).items()
+                  if f"_d{d}_" in v.name)
+    return kind, dclass, bucket
+
+
+@pytest.mark.parametrize("variant", build.table_variants(), ids=lambda v: v.name)
+def test_table_entry_compiles_clean(variant):
+    """Every sm_90 entry of nbkernels/backends/triton_configs.TABLE, in each flavour it
+    serves: no spill (but the listed ones, which may not grow), and the dots of 16-bit
+    and TF32 entries on HGMMA (warpgroup MMA)."""
+    from nbkernels.backends import triton_configs as tc
+    row = analyze.analyze_variant(variant)
+    key = _table_key(variant)
+    stack = row.get("stack_bytes", 0) + row.get("local_bytes", 0)
+    allowed = tc.SPILL_ALLOWANCE.get(key)
+    if allowed is None:
+        assert not row["spills"], f"{variant.name}: spills ({stack} B of stack)"
+    else:
+        assert stack <= allowed, f"{variant.name}: {stack} B of stack > {allowed} B allowed"
+    if key[1] in ("16", "32") and key not in tc.NO_HGMMA:
+        assert any("GMMA" in s for s in row.get("shapes", {})), \
+            f"{variant.name}: no HGMMA in the main loop ({row.get('shapes')})"

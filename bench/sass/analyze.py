@@ -8,7 +8,7 @@ import re
 
 from . import build, model, sass
 
-BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 
 def hbm_bytes_per_pair(kind, dtype, n=build.N, m=build.M, d=build.D):

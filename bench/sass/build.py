@@ -190,7 +190,8 @@ def _meta(dtype):
 
 def _torch_dtype(name):
     import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+            "fp64": torch.float64}[name]
 
 
 def _fill_unknown(fn, values):
@@ -207,35 +208,42 @@ def _fill_unknown(fn, values):
     return out
 
 
-def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn):
-    """The arguments the launchers pass for this variant (triton.py's _common and callers)."""
+def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn, d=D, precision=None):
+    """The arguments the launchers pass for this variant (triton.py's _common and callers)
+    at feature dim ``d``; fp32 dots in TF32 unless ``precision`` says "ieee"."""
     import torch
     import triton.language as tl
     from nbkernels.backends import triton_kernels as tk
+    D = d  # noqa: N806 (the module's default, shadowed)
     t = _torch_dtype(dtype)
-    f32, i64 = _meta(torch.float32), _meta(torch.int64)
+    f32 = _meta(torch.float64 if dtype == "fp64" else torch.float32)  # the accumulation dtype
+    i64 = _meta(torch.int64)
     block = lambda n, cap: max(16, min(1 << (max(n, 1) - 1).bit_length(), cap))  # noqa: E731
     i32 = _meta(torch.int32)
     sq = metric == "sqeuclidean"
-    resident = D <= (tk.MAX_RESIDENT_D if kind == "fwd" else tk.MAX_RESIDENT_D_BWD)
+    prec = precision or ("tf32" if dtype == "fp32" else "ieee")
+    limit = tk.resident_limit(kind + ("_class" if cls else ""), _torch_dtype(dtype).itemsize, prec)
+    resident = D <= limit
     block_d = block(D, 1 << 30) if resident else block(D, tk.MAX_BLOCK_D)
     # sqeuclidean: the launcher's row norms (+inf at references at infinity)
     common = dict(q=_meta(t), r=_meta(t), scale=f32, N=N, M=M, D=D, offset=0,
                   r_col=f32, s_qn=D, s_qd=1, s_rm=D, s_rd=1, N_KEY=N,
                   M_KEY=M, D_KEY=D, SQEUCLID=sq, HAS_OFFSET=not cls, RESIDENT=resident,
-                  ACC=tl.float32, PRECISION="tf32" if dtype == "fp32" else "ieee",
+                  ACC=tl.float64 if dtype == "fp64" else tl.float32,
+                  PRECISION=prec,
                   BLOCK_D=block_d)
     if kind == "fwd":
         v = dict(common, q_labels=None if cls else i32, r_labels=i32, perm=None,
                  # the lse forward packs each reference's column term and label in one int64
-                 r_pack=None if cls else i64, PACKED=not cls,
+                 r_pack=None if cls or dtype == "fp64" else i64,
+                 PACKED=not cls and dtype != "fp64",
                  tile_ptr=i64 if cls else None, lse_all=None if cls else f32,
                  lse_pos=None if cls else f32, mass=f32 if cls else None,
                  # the first pass (POS_PASS=False) flags rows for the rare positives' pass
                  has_pos=None if cls else _meta(torch.int8),
                  redo=None if cls else _meta(torch.int8), POS_PASS=False,
                  tile_max=f32 if cls else None, tile_sum=f32 if cls else None, CLASS=cls,
-                 MASS_PRECISION="tf32x2",
+                 MASS_PRECISION="ieee" if dtype == "fp64" else "tf32x2",
                  BLOCK_C=block(NUM_CLASSES, tk.class_block_cap(NUM_CLASSES, M)) if cls else 16,
                  BLOCK_M=bm, BLOCK_N=bn)
     else:
@@ -265,7 +273,7 @@ def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), cl
     out = []
     for kind in kinds:
         jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
-        fn = getattr(jit, "fn", jit)   # @autotune wraps the JITFunction
+        fn = jit if hasattr(jit, "params") else jit.fn   # an @autotune wraps the JITFunction
         cfgs = tk.GPU_FWD_CONFIGS if kind == "fwd" else tk.GPU_BWD_CONFIGS
         for ci, cfg in enumerate(cfgs):
             if configs is not None and ci not in configs:
@@ -293,6 +301,40 @@ def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), cl
                                 num_warps=w, num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
                                 flop_per_pair=2 * D if kind == "fwd" else 4 * D,
                                 values=vals, fn=fn))
+    return out
+
+
+TABLE_D = {"128": 128, "256": 256, "chunked": 320}   # a feature dim in each bucket
+TABLE_D_BWD = {"128": 128, "chunked": 192}
+TABLE_DTYPE = {"16": "bf16", "32": "fp32", "32ieee": "fp32", "64": "fp64"}
+
+
+def table_variants(metric="sqeuclidean"):
+    """One compiled variant per flavour of every sm_90 entry of the launchers' config table
+    (``nbkernels/backends/triton_configs.py``): the lse forward, the class forward, the
+    dq / dr / symmetric backward, the class dq / dr backward, at a D in the entry's bucket."""
+    from nbkernels.backends import triton_configs as tc
+    from nbkernels.backends import triton_kernels as tk
+    out = []
+    for (arch, kernel, dclass, bucket), ((bm, bn, w, s), _) in sorted(tc.TABLE.items()):
+        if arch != "sm90":
+            continue
+        kind, cls = kernel[:3], kernel.endswith("class")
+        d = (TABLE_D if kind == "fwd" else TABLE_D_BWD)[bucket]
+        dtype = TABLE_DTYPE[dclass]
+        jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
+        rms = (None,) if kind == "fwd" else (False, True) if cls else (False, True, "sym")
+        for rm in rms:
+            vals = _fill_unknown(jit, _launch_values(kind, dtype, metric, cls, rm, bm, bn, d,
+                                                     "ieee" if dclass == "32ieee" else None))
+            side = {None: "", False: "_dq", True: "_dr", "sym": "_sym"}[rm]
+            name = (f"table_{kind}{side}_{dclass}_{metric}{'_class' if cls else ''}_d{d}"
+                    f"_{bm}x{bn}w{w}s{s}")
+            out.append(Variant(name=name, kind=kind, dtype=dtype, metric=metric, cls=cls,
+                               ref_major=rm, block_m=bm, block_n=bn, block_d=vals["BLOCK_D"],
+                               num_warps=w, num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
+                               flop_per_pair=2 * d if kind == "fwd" else 4 * d, values=vals,
+                               fn=jit))
     return out
 
 

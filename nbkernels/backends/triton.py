@@ -139,11 +139,16 @@ def _feature_blocks(d, max_resident):
     return False, _block(d, tk.MAX_BLOCK_D), _block(d, tk.MAX_BLOCK_DX)
 
 
-def _common(q, r, temperature, metric, offset, has_offset, precision, max_resident):
-    """Kernel arguments shared by every launch."""
+def _resident_limit(kind, q, precision):
+    return tk.resident_limit(kind, q.element_size(), _dot_precision(q.dtype, precision))
+
+
+def _common(q, r, temperature, metric, offset, has_offset, precision, kind):
+    """Kernel arguments shared by every launch of ``kind`` ("fwd", "fwd_class", "bwd",
+    "bwd_class")."""
     n, d = q.shape
     m = r.shape[0]
-    resident, block_d, _ = _feature_blocks(d, max_resident)
+    resident, block_d, _ = _feature_blocks(d, _resident_limit(kind, q, precision))
     return dict(q=q, r=r, scale=tr.logit_scale(temperature, metric, _acc(q)), N=n, M=m, D=d,
                 offset=offset,
                 s_qn=q.stride(0), s_qd=q.stride(1), s_rm=r.stride(0), s_rd=r.stride(1),
@@ -184,18 +189,18 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
                 lse_all=lse_all, lse_pos=lse_pos, has_pos=has_pos, redo=redo, mass=None,
                 tile_max=None, tile_sum=None, row_state=state, CLASS=False,
                 MASS_PRECISION="ieee", BLOCK_C=16,
-                **_common(q, r, temperature, metric, offset, has_offset, precision,
-                          tk.MAX_RESIDENT_D))
+                **_common(q, r, temperature, metric, offset, has_offset, precision, "fwd"))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
     with _on_device(q):
-        tk.neighbor_fwd_kernel[grid](POS_PASS=False, **args)
+        tk.launch("fwd", grid, POS_PASS=False, **args)
         if trace is not None:
             trace.update(main_lse_all=lse_all.clone(), main_lse_pos=lse_pos.clone(),
                          main_anchor=state[0], main_sum=state[1], main_pos_sum=state[2],
                          redo=redo.clone(), has_pos=has_pos.clone())
         # the exact pass takes the flagged rows first: its programs past them skip
         order = torch.argsort((redo == 0).to(torch.int8), stable=True).to(torch.int32)
-        tk.neighbor_fwd_kernel[grid](POS_PASS=True, **dict(args, perm=order, row_state=None))
+        tk.launch("fwd", grid, tune=False, POS_PASS=True,
+                  **dict(args, perm=order, row_state=None))
     return lse_all, lse_pos
 
 
@@ -241,7 +246,8 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
             r_sorted = r[perm]
             r_col = tr.columns(q, r_sorted, None if r_far is None else r_far[perm], metric,
                              temperature)[1]
-            tk.neighbor_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)](
+            tk.launch(
+                "fwd_class", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles),
                 q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
                 PACKED=False, perm=perm if has_offset else None, tile_ptr=tile_ptr,
                 lse_all=None, lse_pos=None, has_pos=None, redo=None, row_state=None, mass=mass,
@@ -250,7 +256,7 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                 # ("tf32x2" in the kernel) is near fp32, and the one-hot is exact
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x2", BLOCK_C=block_c,
                 **_common(q, r_sorted, temperature, metric, offset, has_offset, precision,
-                          tk.MAX_RESIDENT_D))
+                          "fwd_class"))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
@@ -326,13 +332,13 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
     q_col, r_col = tr.columns(q, r, r_far, metric, temperature)
     if symmetric:
         q_col = r_col  # one set of rows: references at infinity have weight 0 both ways
-    resident, _, block_dx = _feature_blocks(d, tk.MAX_RESIDENT_D_BWD)
+    kind = "bwd_class" if passes[0][0][3] is not None else "bwd"
+    resident, _, block_dx = _feature_blocks(d, _resident_limit(kind, q, precision))
     # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
     row_scale, top_scale = _ds_scales(gmax) if gmax is not None else (None, None)
     common = dict(q_labels=labels[0], r_labels=labels[1], r_col=r_col, q_col=q_col,
                   C=num_classes, SCALE_DS=gmax is not None, BLOCK_DX=block_dx,
-                  **_common(q, r, temperature, metric, offset, has_offset, precision,
-                            tk.MAX_RESIDENT_D_BWD))
+                  **_common(q, r, temperature, metric, offset, has_offset, precision, kind))
     # dT partial sums come from the dr kernel when it runs alone, else from the dq kernel
     t_from_r = need_t and need_r and not need_q and not symmetric
     kernels = []
@@ -358,7 +364,8 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
             shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
             with _on_device(q):
-                tk.neighbor_bwd_kernel[grid](
+                tk.launch(
+                    kind, grid, tune=not fixup,
                     row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
                     s_gn=0 if g_cls is None else g_cls.stride(0),
                     s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,

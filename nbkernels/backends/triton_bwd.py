@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    BWD_CONFIGS, BWD_KEY, BWD_NO_SPECIALIZE, PRUNE, _col_term, _diagonal, _diagonal_tiles, _exp,
+    BWD_NO_SPECIALIZE, _col_term, _diagonal, _diagonal_tiles, _exp,
     _load_rows, _peeled, _rows_dot)
 
 
@@ -120,7 +120,6 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
     return b_acc, b_sum, b_dt
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=BWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
 def neighbor_bwd_kernel(q, r, q_labels, r_labels, scale, r_col, q_col, row_shift,
                         w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part,

@@ -34,6 +34,18 @@ MAX_BLOCK_DX = 64 if SMALL else 128
 # Largest D whose own tile is held for the whole loop (forward / backward).
 MAX_RESIDENT_D = 32 if SMALL else 256
 MAX_RESIDENT_D_BWD = 32 if SMALL else 128
+
+
+def resident_limit(kind, element_size, precision=None):
+    """The largest D whose own tile a kernel holds for the whole loop (``kind``: "fwd",
+    "fwd_class", "bwd", "bwd_class"). None for the lse kernels with fp32 IEEE dots:
+    their dots are FMA loops, and a resident [BLOCK, D] fp32 tile spills at every GPU
+    config (compiled SASS, bench/sass/table.py), while chunks of MAX_BLOCK_D do not."""
+    if element_size == 4 and precision == "ieee" and kind in ("fwd", "bwd"):
+        return 0
+    return MAX_RESIDENT_D_BWD if kind.startswith("bwd") else MAX_RESIDENT_D
+
+
 # Class tile width of the class-distribution forward (one-hot dot of [BN, BC]): at most 32
 # while the references fill the class tiles (``class_block_cap``), else 64.
 MAX_BLOCK_C = 16 if SMALL else 64
@@ -53,7 +65,8 @@ def class_block_cap(c, m):
 # Streamed per-row vectors are padded to a multiple of this (>= every BLOCK_N / OTHER).
 PAD = 128
 
-# The configs a GPU autotunes over (also run one by one by the GPU tests).
+# The configs the autotuner picks from when NBK_TRITON_AUTOTUNE=1 (also run one by one by
+# the GPU-sized tests); triton_configs.TABLE holds the one each variant runs by default.
 GPU_FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
@@ -91,16 +104,12 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-if SMALL:
-    FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
-    BWD_CONFIGS = [triton.Config({"BLOCK_OWN": 16, "BLOCK_OTHER": 16})]
-elif INTERPRET or os.environ.get("NBK_TRITON_AUTOTUNE", "1") == "0":
-    # one config: no benchmarking; the smallest fits every dtype's shared memory
-    FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS[-1:], GPU_BWD_CONFIGS[-1:]
-else:
-    FWD_CONFIGS, BWD_CONFIGS = GPU_FWD_CONFIGS, GPU_BWD_CONFIGS
+# Triton's autotuner over GPU_*_CONFIGS for the main launches, opt-in (a first call then
+# compiles and times every config of every variant; results cached on disk): else one
+# config per variant from triton_configs.TABLE, no benchmarking.
+AUTOTUNE = os.environ.get("NBK_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
 PRUNE = {"early_config_prune": _prune}
-# Tuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
+# Autotuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
 # the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
 # BLOCK_D, BLOCK_DX and RESIDENT.
 FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS",

@@ -3,8 +3,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    FWD_CONFIGS, FWD_KEY, FWD_NO_SPECIALIZE, LN2, LOG2E, MAX_MOVE_F32, MAX_MOVE_F64,
-    POS_FLOOR_F32, POS_FLOOR_F64, PRUNE, RESCALE_F32, RESCALE_F64, _col_term, _diagonal,
+    FWD_NO_SPECIALIZE, LN2, LOG2E, MAX_MOVE_F32, MAX_MOVE_F64,
+    POS_FLOOR_F32, POS_FLOOR_F64, RESCALE_F32, RESCALE_F64, _col_term, _diagonal,
     _diagonal_tiles, _exp, _load_rows, _lse, _online_lse, _peeled, _rows_dot, _shift)
 
 
@@ -81,7 +81,6 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
     return b_m, b_l, b_mp, b_lp
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by=PRUNE)
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
 def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, tile_ptr,
                         lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum, row_state,

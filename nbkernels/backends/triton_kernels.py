@@ -56,22 +56,60 @@ launcher has multiplied the per-row weights of ds by powers of two that bring th
 largest |ds| near 2^12 (per query row for dq, one for all rows otherwise), and passes
 them in ``ds_scale``; the kernel divides after the dot, exactly.
 """
-import contextlib
+import functools
 
+import triton
+
+from . import triton_configs
 from .triton_bwd import neighbor_bwd_kernel
 from .triton_common import (  # noqa: F401 (the launchers' and tests' names)
-    INTERPRET, SIZES, SMALL, PAD, POS_LOG2_LIMIT, MAX_BLOCK_D, MAX_BLOCK_DX, MAX_RESIDENT_D,
-    MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C, class_block_cap, GPU_FWD_CONFIGS,
-    GPU_BWD_CONFIGS, FWD_CONFIGS, BWD_CONFIGS, fits)
+    INTERPRET, SIZES, SMALL, AUTOTUNE, PAD, POS_LOG2_LIMIT, MAX_BLOCK_D, MAX_BLOCK_DX,
+    MAX_RESIDENT_D, MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C, class_block_cap,
+    GPU_FWD_CONFIGS, GPU_BWD_CONFIGS, FWD_KEY, BWD_KEY, PRUNE, fits, resident_limit)
 from .triton_fwd import neighbor_fwd_kernel
 
+# the compile-time flags of each kernel: with the dtype and D, a kernel variant
+_FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", "SYMMETRIC",
+          "FIXUP", "NEED_DX", "NEED_DT", "SCALE_DS", "RESIDENT", "PRECISION",
+          "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX")
 
-@contextlib.contextmanager
+
+@functools.cache
+def _autotuned(kernel):
+    """``kernel`` under Triton's autotuner (NBK_TRITON_AUTOTUNE=1), results cached on disk."""
+    fwd = kernel == "fwd"
+    return triton.autotune(configs=GPU_FWD_CONFIGS if fwd else GPU_BWD_CONFIGS,
+                           key=FWD_KEY if fwd else BWD_KEY, prune_configs_by=PRUNE,
+                           cache_results=True)(neighbor_fwd_kernel if fwd else neighbor_bwd_kernel)
+
+
+def variant(kind, args):
+    """The kernel variant a launch compiles: (kind, input dtype, D, its flags)."""
+    return (kind, str(args["q"].dtype), args["D"],
+            tuple((k, str(args[k])) for k in _FLAGS if k in args))
+
+
+def launch(kind, grid, *, tune=True, **args):
+    """Launch the forward (kind "fwd", "fwd_class") or backward ("bwd", "bwd_class")
+    kernel with the config of ``triton_configs.select``: ``grid(meta)`` gets the
+    arguments and the config's block sizes. With NBK_TRITON_AUTOTUNE=1, launches with
+    ``tune`` (the main passes; not the exact / fix-up passes, which would only repeat
+    their main pass's choice) go through the autotuner instead."""
+    jit = neighbor_fwd_kernel if kind.startswith("fwd") else neighbor_bwd_kernel
+    if AUTOTUNE and tune and not triton_configs.overridden(kind):
+        return _autotuned(kind[:3])[grid](**args)
+    cfg, _ = triton_configs.select(kind, args["q"].element_size(), args["D"], args["q"].device,
+                                   args.get("PRECISION"))
+    triton_configs.LAUNCHED.setdefault(variant(kind, args), set()).add(str(cfg))
+    return jit[grid(dict(args, **cfg.kwargs))](**args, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                num_stages=cfg.num_stages)
+
+
 def fixed_configs(fwd, bwd):
     """Run both kernels with one given config each (tests go through every GPU config)."""
-    saved = neighbor_fwd_kernel.configs, neighbor_bwd_kernel.configs
-    neighbor_fwd_kernel.configs, neighbor_bwd_kernel.configs = [fwd], [bwd]
-    try:
-        yield
-    finally:
-        neighbor_fwd_kernel.configs, neighbor_bwd_kernel.configs = saved
+    return triton_configs.override(fwd, bwd)
+
+
+def config(kind, element_size, d, device, precision=None):
+    """The config a launch of ``kind`` would take (``triton_configs.select``)."""
+    return triton_configs.select(kind, element_size, d, device, precision)[0]

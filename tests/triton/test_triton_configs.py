@@ -66,7 +66,7 @@ def compare_with_torch(tb, h, case, metric, offset, rtol):
 
 
 def run_with_config(tb, h, fwd_config, bwd_config, n, m, d, dtype):
-    """compare_with_torch with the kernels pinned to one config each."""
+    """compare_with_torch with the kernels pinned to one config each (None: the table's)."""
     from nbkernels.backends import triton_kernels as tk
 
     metric, offset = ("sqeuclidean", 0) if d % 2 else ("dot", None)
@@ -79,10 +79,8 @@ def run_with_config(tb, h, fwd_config, bwd_config, n, m, d, dtype):
 @pytest.mark.parametrize("d", [19, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_current_config(tb, h, dtype, d):
-    # the interpreter's one config (a GPU's fixed one), through the helpers of the GPU test
-    from nbkernels.backends import triton_kernels as tk
-
-    run_with_config(tb, h, tk.FWD_CONFIGS[0], tk.BWD_CONFIGS[0], 37, 29, d, dtype)
+    # the configs the launchers pick (triton_configs), through the helpers of the GPU test
+    run_with_config(tb, h, None, None, 37, 29, d, dtype)
 
 
 from nbkernels.backends import triton_kernels as _tk  # noqa: E402
@@ -98,3 +96,22 @@ if CUDA or not _tk.SMALL:
     @pytest.mark.parametrize("i", range(len(_tk.GPU_FWD_CONFIGS)))
     def test_every_gpu_config(tb, h, i, dtype, d):
         run_with_config(tb, h, _tk.GPU_FWD_CONFIGS[i], _tk.GPU_BWD_CONFIGS[i], *_SIZE, d, dtype)
+
+
+def test_one_config_per_variant(tb, h):
+    """Default settings: every kernel variant the launchers run takes one config, whatever
+    N and M (the launchers' own bookkeeping, triton_configs.LAUNCHED)."""
+    import nbkernels
+    from nbkernels.backends import triton_configs
+
+    triton_configs.LAUNCHED.clear()
+    for n, m in ((17, 40), (70, 33), (150, 161)):
+        x = h.make_case(n=n, m=m, d=20, c=4, dtype=torch.float32)
+        q, r = x.q.clone().requires_grad_(), x.r.clone().requires_grad_()
+        nbkernels.nca_loss(q, x.a, backend="triton").backward()
+        nbkernels.nca_loss(q, x.a, ref_embeddings=r, ref_labels=x.b, backend="triton").backward()
+        nbkernels.soft_knn_predict(q.detach(), r.detach(), x.b, 4, backend="triton")
+    kinds = {key[0] for key in triton_configs.LAUNCHED}
+    assert kinds == {"fwd", "fwd_class", "bwd"}
+    for key, configs in triton_configs.LAUNCHED.items():
+        assert len(configs) == 1, (key, configs)

@@ -28,9 +28,9 @@ CONFIGS = list(range(len(tk.GPU_FWD_CONFIGS))) if GPU_SIZES else [None]
 
 
 def _configs(i):
-    """The kernels pinned to the i-th GPU config pair, or (None) left as they are."""
+    """The kernels pinned to the i-th GPU config pair, or (None) as the launchers pick."""
     if i is None:
-        return tk.fixed_configs(tk.FWD_CONFIGS[0], tk.BWD_CONFIGS[0])
+        return tk.fixed_configs(None, None)
     return tk.fixed_configs(tk.GPU_FWD_CONFIGS[i], tk.GPU_BWD_CONFIGS[i])
 
 
@@ -73,8 +73,9 @@ def test_rescale_keeps_the_sums(tb, h, dtype, config):
     and the dominant negative with them, were lost and the loss came out 0."""
     import nbkernels
     with _configs(config):
-        bn = tk.neighbor_fwd_kernel.configs[0].kwargs["BLOCK_N"]
-        m, d = 3 * bn, 4
+        d = 4
+        bn = tk.config("fwd", dtype.itemsize, d, torch.device(h.device)).kwargs["BLOCK_N"]
+        m = 3 * bn
         r = torch.zeros(m, d, dtype=torch.float64)
         b = torch.zeros(m, dtype=torch.int64)             # label 0: negatives
         r[bn + 3, 0] = 127.5 * math.log(2)                # tile 1: 2^127.5 above tile 0

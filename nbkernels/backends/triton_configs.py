@@ -1,0 +1,190 @@
+"""One tile config per Triton kernel variant, read by the launchers with no benchmarking.
+
+A first call then compiles each kernel it launches once, whatever N and M are (sizes are
+not specialised), instead of compiling and timing every autotune config of every variant.
+
+``TABLE`` maps (architecture, kernel, dtype class, feature-dim bucket) to a config
+``(BLOCK_OWN, BLOCK_OTHER, num_warps, num_stages)`` and the source of the choice:
+
+* kernel: ``"fwd"`` (the lse forward, both passes), ``"fwd_class"`` (the class
+  forward), ``"bwd"`` (the lse backward: dq, dr and the symmetric batch kernel, both
+  passes), ``"bwd_class"`` (the class backward);
+* dtype class: ``"16"`` (bf16, fp16), ``"32"`` (fp32 with TF32 dots: tensor cores),
+  ``"32ieee"`` (fp32 with IEEE dots, torch's default: FMA loops, no tensor cores), ``"64"``;
+* D bucket: ``"128"`` (D <= 128), ``"256"`` (128 < D <= 256) and ``"chunked"`` (D beyond
+  the kernel's resident limit, ``triton_common.resident_limit``: 256 forward, 128
+  backward, none for the lse kernels with fp32 IEEE dots, where D is looped in chunks of
+  64).
+
+Only Hopper (sm_90) has entries, chosen from the SASS model by ``bench/sass/table.py``
+(``bench/results/config_table_sm90.json``; predicted, not measured, until a GPU run times
+them): for each entry, every GPU config whose tiles fit sm_90's shared memory is compiled
+in every flavour the entry serves, at a D of its bucket, and the best predicted of those
+where no flavour spills and every dot runs on HGMMA is kept (each entry names its
+source; ``SPILL_ALLOWANCE`` and ``NO_HGMMA`` list where no config qualifies).
+Any other architecture takes ``fallback``: the widest of 64 x 64, 32 x 32 and 16 x 16
+(4 warps, 2 stages) whose tiles fit in 96 KB, the shared memory of the smallest current
+parts. The interpreter's small sizes (``NBK_TRITON_SIZES=interpreter``) use 16 x 16.
+
+``NBK_TRITON_AUTOTUNE=1`` turns on Triton's autotuner for the main launches instead
+(every config of ``GPU_*_CONFIGS`` that fits, results cached on disk across processes,
+``triton_common``); ``override`` pins one config pair (tests).
+"""
+import contextlib
+
+import triton
+
+from . import triton_common as tc
+
+SASS = ("SASS model: best predicted of the GPU configs that fit, with no flavour spilling "
+        "and every dot on HGMMA (bench/sass/table.py, bench/results/config_table_sm90.json)")
+SASS64 = ("SASS model: the widest GPU config that fits and does not spill (fp64 dots have no "
+          "tensor-core prediction; bench/sass/table.py)")
+LEAST = ("SASS model: every GPU config that fits spills here; the least stack "
+         "(bench/sass/table.py)")
+IEEE = ("SASS model, fp32 IEEE dots (FMA loops): best predicted of the configs with no spill "
+        "(bench/sass/table.py)")
+
+TABLE = {
+    # --- lse forward
+    ("sm90", "fwd", "16", "128"): ((128, 128, 8, 2), SASS),
+    ("sm90", "fwd", "16", "256"): ((128, 128, 8, 2), SASS),
+    ("sm90", "fwd", "16", "chunked"): ((128, 128, 8, 2), SASS),
+    ("sm90", "fwd", "32", "128"): ((128, 128, 8, 2), SASS),
+    ("sm90", "fwd", "32", "256"): ((64, 64, 4, 2), SASS),
+    ("sm90", "fwd", "32", "chunked"): ((128, 128, 8, 2), SASS),
+    ("sm90", "fwd", "32ieee", "chunked"): ((64, 32, 4, 3), IEEE),
+    ("sm90", "fwd", "64", "128"): ((64, 32, 4, 3), SASS64),
+    ("sm90", "fwd", "64", "256"): ((32, 32, 4, 2), SASS64),
+    ("sm90", "fwd", "64", "chunked"): ((32, 32, 4, 2), SASS64),
+    # --- class forward (a [BM, BN] tile beside the class mass)
+    ("sm90", "fwd_class", "16", "128"): ((128, 64, 8, 2), SASS),
+    ("sm90", "fwd_class", "16", "256"): ((128, 64, 8, 2), SASS),
+    ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 2), SASS),
+    ("sm90", "fwd_class", "32", "128"): ((128, 64, 8, 2), SASS),
+    ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), SASS),
+    ("sm90", "fwd_class", "32", "chunked"): ((128, 64, 8, 2), SASS),
+    ("sm90", "fwd_class", "32ieee", "128"): ((32, 32, 4, 2), IEEE),
+    ("sm90", "fwd_class", "32ieee", "256"): ((32, 32, 4, 2), IEEE),
+    ("sm90", "fwd_class", "32ieee", "chunked"): ((128, 64, 8, 3), IEEE),
+    ("sm90", "fwd_class", "64", "128"): ((64, 32, 4, 3), SASS64),
+    ("sm90", "fwd_class", "64", "256"): ((32, 32, 4, 2), SASS64),
+    ("sm90", "fwd_class", "64", "chunked"): ((32, 32, 4, 2), LEAST),
+    # --- lse backward (dq, dr, symmetric)
+    ("sm90", "bwd", "16", "128"): ((128, 64, 8, 2), SASS),
+    ("sm90", "bwd", "16", "chunked"): ((128, 64, 8, 2), SASS),
+    ("sm90", "bwd", "32", "128"): ((128, 32, 8, 2), SASS),
+    ("sm90", "bwd", "32", "chunked"): ((128, 32, 8, 2), SASS),
+    ("sm90", "bwd", "32ieee", "chunked"): ((32, 32, 4, 2), IEEE),
+    ("sm90", "bwd", "64", "128"): ((32, 32, 4, 2), LEAST),
+    ("sm90", "bwd", "64", "chunked"): ((32, 32, 4, 2), LEAST),
+    # --- class backward (the gathered G tile beside ds)
+    ("sm90", "bwd_class", "16", "128"): ((64, 32, 4, 2), SASS),
+    ("sm90", "bwd_class", "16", "chunked"): ((128, 64, 8, 2), SASS),
+    ("sm90", "bwd_class", "32", "128"): ((128, 32, 8, 2), SASS),
+    ("sm90", "bwd_class", "32", "chunked"): ((32, 32, 4, 2), LEAST),
+    ("sm90", "bwd_class", "32ieee", "128"): ((32, 32, 4, 2), IEEE),
+    ("sm90", "bwd_class", "32ieee", "chunked"): ((128, 32, 8, 2), LEAST),
+    ("sm90", "bwd_class", "64", "128"): ((32, 32, 4, 2), LEAST),
+    ("sm90", "bwd_class", "64", "chunked"): ((32, 32, 4, 2), LEAST),
+}
+# What the compiled entries may do that the rest may not (checked by tests/test_sass.py):
+# stack bytes of the entries where every config spills (fp64 backward: the fp64 dx
+# accumulator and the resident tile; the class backward's gathered G tile beside ds), and
+# the one TF32 entry whose least-spilling config is too narrow for warpgroup MMA (32
+# rows: mma.sync instead of HGMMA, no spill).
+SPILL_ALLOWANCE = {
+    ("fwd_class", "64", "chunked"): 8,
+    ("bwd", "64", "128"): 104,
+    ("bwd", "64", "chunked"): 208,
+    ("bwd_class", "32ieee", "chunked"): 56,
+    ("bwd_class", "64", "128"): 120,
+    ("bwd_class", "64", "chunked"): 296,
+}
+NO_HGMMA = {("bwd_class", "32", "chunked")}
+KERNELS = ("fwd", "fwd_class", "bwd", "bwd_class")
+FALLBACK = [(64, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
+FALLBACK_SMEM = 96 * 1024
+
+_override = {}
+# (kernel, dtype class, D, flags...) -> the configs launched, for tests' bookkeeping
+LAUNCHED = {}
+
+
+def arch(device):
+    """"sm90" for compute capability 9.x, else "other" (CPU under the interpreter: the
+    GPU sizes take sm90's table, the interpreter's own sizes 16 x 16)."""
+    import torch
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "sm90" if major == 9 else "other"
+    return "sm90"
+
+
+def dtype_class(element_size, precision=None):
+    """"16", "32" (TF32 dots), "32ieee" (fp32 IEEE dots) or "64"."""
+    if element_size == 4 and precision == "ieee":
+        return "32ieee"
+    return {2: "16", 4: "32", 8: "64"}[element_size]
+
+
+def d_bucket(kernel, d, element_size=2, precision=None):
+    """"128", "256" or "chunked" (D beyond the resident limit, ``triton_common``)."""
+    if d > tc.resident_limit(kernel, element_size, precision):
+        return "chunked"
+    return "128" if d <= 128 else "256"
+
+
+def _block_d(kernel, d, element_size=2, precision=None):
+    """The feature width of the tiles in shared memory (the launchers' BLOCK_D)."""
+    if d_bucket(kernel, d, element_size, precision) == "chunked":
+        return tc.MAX_BLOCK_D
+    return max(16, triton.next_power_of_2(d))
+
+
+def _config(own, other, warps, stages, kernel):
+    names = ("BLOCK_M", "BLOCK_N") if kernel.startswith("fwd") else ("BLOCK_OWN", "BLOCK_OTHER")
+    return triton.Config(dict(zip(names, (own, other))), num_warps=warps, num_stages=stages)
+
+
+def fallback(kernel, element_size, d, precision=None):
+    """The safe config of an architecture without entries (see the module docstring)."""
+    block_d = _block_d(kernel, d, element_size, precision)
+    for own, other, warps, stages in FALLBACK:
+        if (own + stages * other) * block_d * element_size <= FALLBACK_SMEM:
+            return (own, other, warps, stages)
+    return FALLBACK[-1]
+
+
+def select(kernel, element_size, d, device, precision=None):
+    """(triton.Config, source) of ``kernel`` for inputs of ``element_size`` bytes, feature
+    dim ``d`` and fp32 dot ``precision`` ("ieee", "tf32", "tf32x3") on ``device``."""
+    if kernel in _override:
+        return _override[kernel], "override"
+    if tc.SMALL:
+        return _config(16, 16, 4, 2, kernel), "interpreter sizes"
+    key = (arch(device), kernel, dtype_class(element_size, precision),
+           d_bucket(kernel, d, element_size, precision))
+    if key in TABLE:
+        entry, source = TABLE[key]
+        return _config(*entry, kernel), source
+    return _config(*fallback(kernel, element_size, d, precision), kernel), "fallback"
+
+
+def overridden(kernel):
+    return kernel in _override
+
+
+@contextlib.contextmanager
+def override(fwd=None, bwd=None):
+    """Pin the forward kernels to config ``fwd`` and the backward ones to ``bwd``."""
+    saved = dict(_override)
+    for kernel in KERNELS:
+        cfg = fwd if kernel.startswith("fwd") else bwd
+        if cfg is not None:
+            _override[kernel] = cfg
+    try:
+        yield
+    finally:
+        _override.clear()
+        _override.update(saved)

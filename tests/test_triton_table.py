@@ -1,0 +1,118 @@
+"""The launchers' Triton config table (nbkernels/backends/triton_configs.py): one config per
+kernel variant, no benchmarking by default, every entry fitting the hardware.
+
+Needs triton importable (no kernel runs here); the launches themselves are checked under
+the interpreter (tests/triton/test_triton_configs.py) and the compiled entries in
+tests/test_sass.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from nbkernels.backends import triton_common as common  # noqa: E402
+from nbkernels.backends import triton_configs as tc  # noqa: E402
+from nbkernels.backends import triton_kernels as tk  # noqa: E402
+
+# dtype class -> (element size, fp32 dot precision)
+CLASSES = {"16": (2, None), "32": (4, "tf32"), "32ieee": (4, "ieee"), "64": (8, None)}
+DIMS = (16, 100, 128, 129, 200, 256, 257, 300)
+
+
+def _reachable():
+    """Every (kernel, dtype class, D bucket) a launch can ask for, and a D for each."""
+    out = {}
+    for kernel in tc.KERNELS:
+        for dclass, (elem, prec) in CLASSES.items():
+            assert tc.dtype_class(elem, prec) == dclass
+            for d in DIMS:
+                out.setdefault((kernel, dclass, tc.d_bucket(kernel, d, elem, prec)), d)
+    return out
+
+
+def test_every_variant_has_an_sm90_entry_and_every_entry_is_used():
+    reachable = _reachable()
+    assert {("sm90",) + k for k in reachable} == set(tc.TABLE)
+
+
+def test_buckets_follow_the_resident_limits():
+    assert tc.d_bucket("fwd", 128) == "128" and tc.d_bucket("fwd", 129) == "256"
+    assert tc.d_bucket("fwd", common.MAX_RESIDENT_D + 1) == "chunked"
+    assert tc.d_bucket("bwd", common.MAX_RESIDENT_D_BWD + 1) == "chunked"
+    # fp32 IEEE dots are FMA loops: the lse kernels always loop D in chunks
+    assert tc.d_bucket("fwd", 16, 4, "ieee") == tc.d_bucket("bwd", 16, 4, "ieee") == "chunked"
+    assert tc.d_bucket("fwd_class", 16, 4, "ieee") == "128"
+
+
+@pytest.mark.parametrize("key", sorted(tc.TABLE), ids=lambda k: "-".join(k))
+def test_entry_fits_and_is_a_gpu_config(key):
+    _, kernel, dclass, bucket = key
+    (own, other, warps, stages), source = tc.TABLE[key]
+    cfg = tc._config(own, other, warps, stages, kernel)
+    elem, prec = CLASSES[dclass]
+    d = _reachable()[kernel, dclass, bucket]
+    assert tk.fits(cfg, elem, tc._block_d(kernel, d, elem, prec), kernel == "fwd_class")
+    # every table config is one of the GPU configs, which the GPU-sized interpreter suite
+    # runs one by one (test_every_gpu_config)
+    pool = tk.GPU_FWD_CONFIGS if kernel.startswith("fwd") else tk.GPU_BWD_CONFIGS
+    assert str(cfg) in {str(c) for c in pool}
+    assert source
+
+
+@pytest.mark.parametrize("kernel", tc.KERNELS)
+@pytest.mark.parametrize("dclass", list(CLASSES))
+@pytest.mark.parametrize("d", DIMS)
+def test_fallback_fits_small_shared_memory(kernel, dclass, d):
+    elem, prec = CLASSES[dclass]
+    own, other, warps, stages = tc.fallback(kernel, elem, d, prec)
+    block_d = tc._block_d(kernel, d, elem, prec)
+    assert (own + stages * other) * block_d * elem <= tc.FALLBACK_SMEM
+
+
+def test_select_reads_the_table_and_falls_back(monkeypatch):
+    if common.SMALL:
+        pytest.skip("NBK_TRITON_SIZES=interpreter pins 16 x 16")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tc, "arch", lambda device: "sm90")
+    cfg, source = tc.select("fwd", 2, 128, cpu)
+    assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) == tc.TABLE["sm90", "fwd", "16", "128"][0][:2]
+    assert source == tc.TABLE["sm90", "fwd", "16", "128"][1]
+    monkeypatch.setattr(tc, "arch", lambda device: "other")
+    cfg, source = tc.select("bwd", 4, 128, cpu)
+    assert source == "fallback"
+    assert (cfg.kwargs["BLOCK_OWN"], cfg.kwargs["BLOCK_OTHER"]) == tc.fallback("bwd", 4, 128)[:2]
+    with tc.override(fwd=tk.GPU_FWD_CONFIGS[-1]):
+        assert tc.select("fwd", 2, 128, cpu) == (tk.GPU_FWD_CONFIGS[-1], "override")
+        assert tc.select("bwd", 2, 128, cpu)[1] == "fallback"
+    assert tc.select("fwd", 2, 128, cpu)[1] == "fallback"
+
+
+def test_sizes_are_not_specialised():
+    """One compile per variant whatever N and M are: the size arguments are runtime ints."""
+    for jit in (tk.neighbor_fwd_kernel, tk.neighbor_bwd_kernel):
+        free = {p.name for p in jit.params if p.do_not_specialize}
+        assert {"N", "M", "offset"} <= free
+
+
+def test_autotune_is_opt_in_and_cacheable():
+    code = "from nbkernels.backends import triton_common as c; print(c.AUTOTUNE)"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
+                                                             "NBK_TRITON_AUTOTUNE")}
+    out = [subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), text=True,
+                          capture_output=True, check=True).stdout.strip()
+           for extra in ({}, {"NBK_TRITON_AUTOTUNE": "0"}, {"NBK_TRITON_AUTOTUNE": "1"})]
+    assert out == ["False", "False", "True"]
+    # triton's disk cache of autotune results refuses configs with a pre_hook
+    assert all(c.pre_hook is None for c in tk.GPU_FWD_CONFIGS + tk.GPU_BWD_CONFIGS)
+
+
+def test_autotuned_kernels_cache_their_results():
+    for kind in ("fwd", "bwd"):
+        tuner = tk._autotuned(kind)
+        assert tuner.cache_results or os.environ.get("TRITON_INTERPRET") == "1"
+        assert len(tuner.configs) == len(tk.GPU_FWD_CONFIGS if kind == "fwd"
+                                         else tk.GPU_BWD_CONFIGS)
