@@ -43,11 +43,12 @@ in BLOCK_D chunks and both sides are reloaded per tile.
   run in a fixed order, so gradients are bitwise deterministic.
 
 Blocks: BLOCK_D / BLOCK_DX are chosen by the launcher from D; BLOCK_M / BLOCK_N /
-BLOCK_OWN / BLOCK_OTHER are autotuned on power-of-two buckets of (N, M, D), the input
-dtype and the flags that change the kernel. Under the interpreter (TRITON_INTERPRET=1)
-a single 16-wide config keeps the tests fast and still exercises multi-block paths,
-and the resident limit is 32 so that tests reach both paths; NBK_TRITON_AUTOTUNE=0
-(read at import) fixes the smallest GPU config, for tests that must not autotune.
+BLOCK_OWN / BLOCK_OTHER, the warps and the stages come from one config per kernel
+variant (``triton_configs``: a table per architecture, dtype and D bucket, no
+benchmarking; NBK_TRITON_AUTOTUNE=1 autotunes over GPU_*_CONFIGS instead). Under the
+interpreter (TRITON_INTERPRET=1) NBK_TRITON_SIZES picks the GPU's limits and table
+("gpu") or 16-wide tiles with a resident limit of 32 ("interpreter", the default), which
+keep the tests fast and still exercise multi-block and both D paths.
 All blocks are >= 16, the smallest ``tl.dot``.
 
 fp16 gradient dot: ds is rounded to fp16 for the tensor-core dot, and |ds| <= |g| can

@@ -115,3 +115,25 @@ def test_one_config_per_variant(tb, h):
     assert kinds == {"fwd", "fwd_class", "bwd"}
     for key, configs in triton_configs.LAUNCHED.items():
         assert len(configs) == 1, (key, configs)
+
+
+def test_warmup_compiles_once_and_reports(tb, h):
+    """nbkernels.warmup runs each form once and names the kernel variants it launched the
+    first time; a second warm-up finds them all launched."""
+    import nbkernels
+    from nbkernels.backends import triton_configs
+
+    triton_configs.LAUNCHED.clear()
+    first = nbkernels.warmup(torch.float32, 24, forms=("batch", "predict"), num_classes=3,
+                             device=h.device, backend="triton", verbose=False)
+    assert [r["form"] for r in first] == ["batch", "predict"]
+    # the batch loss: the lse forward and its exact pass, the symmetric backward and its
+    # fix-up pass; predict: the class forward
+    assert len(first[0]["kernels"]) == 4 and len(first[1]["kernels"]) == 1
+    again = nbkernels.warmup(torch.float32, 24, forms=("batch",), device=h.device,
+                             backend="triton", verbose=False)
+    assert again[0]["kernels"] == []
+    with pytest.raises(ValueError, match="forms must be among"):
+        nbkernels.warmup(forms=("nope",), device=h.device)
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        nbkernels.warmup(dim=0, device=h.device)
