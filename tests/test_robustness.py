@@ -220,15 +220,22 @@ def test_fullgraph_compiled_training_step_equals_eager(backend, compiler):
     model = torch.nn.Linear(6, 4)
     x, y = torch.randn(21, 6), torch.randint(0, 3, (21,))
     step = _train_step(backend)
-    compiled = torch.compile(step, fullgraph=True, backend=compiler)
-    results = []
-    for fn in (step, compiled):
-        model.zero_grad()
-        loss = fn(model, x, y)
-        loss.backward()
-        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_compiled_equals_eager(step, model, x, y, fullgraph=True, backend=compiler)
+
+
+def _step_results(fn, model, x, y):
+    """The loss and every parameter gradient of one step ``fn(model, x, y).backward()``."""
+    model.zero_grad()
+    loss = fn(model, x, y)
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_compiled_equals_eager(step, model, x, y, **compile_kw):
+    want = _step_results(step, model, x, y)
+    got = _step_results(torch.compile(step, **compile_kw), model, x, y)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 CHUNKED_STEPS = {
@@ -253,14 +260,7 @@ def test_fullgraph_chunked_against_itself(name):
     def step(model, x, y):
         return fn(model(x), y)
 
-    results = []
-    for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        model.zero_grad()
-        loss = f(model, x, y)
-        loss.backward()
-        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_compiled_equals_eager(step, model, x, y, fullgraph=True, backend="aot_eager")
 
 
 def test_cache_compiles_with_graph_breaks_not_fullgraph():
@@ -278,11 +278,8 @@ def test_cache_compiles_with_graph_breaks_not_fullgraph():
 
         def step(model, x, y):
             return cache(model(x), y)
-        f = torch.compile(step, backend="aot_eager") if compiled else step
-        model.zero_grad()
-        loss = f(model, x, y)
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        return _step_results(torch.compile(step, backend="aot_eager") if compiled else step,
+                             model, x, y)
 
     for got, want in zip(run(True), run(False)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
