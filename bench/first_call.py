@@ -36,7 +36,7 @@ def _child(dtype_name):
     t0 = time.perf_counter()
     import torch
     import nbkernels
-    from nbkernels.backends import triton_configs
+    from nbkernels.backends.triton import configs as triton_configs
     t_import = time.perf_counter() - t0
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
@@ -112,8 +112,8 @@ def _predict():
     import torch
     import triton
     from sass import build
-    from nbkernels.backends import triton_configs as tc
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import configs as tc
+    from nbkernels.backends.triton import kernels as tk
     d = 64
     rows = []
     for dtype in ("fp32", "bf16"):

@@ -151,7 +151,7 @@ def diagnose(name, device, dtype, quick):
 def rescale_case(device, dtype):
     """A query whose later tile sits 127.5 log2 units above its first one (metric "dot",
     T = 1), the forward's shift moving as far as it can at once."""
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import kernels as tk
     bn = max(c.kwargs["BLOCK_N"] for c in tk.GPU_FWD_CONFIGS)
     r = torch.zeros(3 * bn, 4, dtype=torch.float64)
     b = torch.zeros(3 * bn, dtype=torch.int64)

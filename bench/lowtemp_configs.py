@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 import lowtemp  # noqa: E402
 import nbkernels  # noqa: E402
-from nbkernels.backends import triton_kernels as tk  # noqa: E402
+from nbkernels.backends.triton import kernels as tk  # noqa: E402
 
 INPUTS = {"t1e-4": (1500, 64, 20, 2.6, 1e-4), "t0.05": (1031, 100, 37, 0.3, 0.05)}
 

@@ -21,7 +21,7 @@ FORMS = ("batch", "cross", "prototype", "predict")
 
 def _launched():
     try:
-        from nbkernels.backends import triton_configs
+        from nbkernels.backends.triton import configs as triton_configs
     except ImportError:  # no triton: nothing to compile
         return {}
     return dict(triton_configs.LAUNCHED)

@@ -214,7 +214,7 @@ def test_triton_interpreter_numpy_mismatch_is_named(monkeypatch, triton_version,
 
 def test_class_tile_is_narrow_only_where_references_fill_it():
     pytest.importorskip("triton")
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import kernels as tk
     wide, narrow = tk.MAX_BLOCK_C, tk.NARROW_BLOCK_C
     assert narrow < wide
     # a bank of many references per class: the narrow tile

@@ -191,10 +191,10 @@ def _table_key(v):
 
 @pytest.mark.parametrize("variant", build.table_variants(), ids=lambda v: v.name)
 def test_table_entry_compiles_clean(variant):
-    """Every sm_90 entry of nbkernels/backends/triton_configs.TABLE, in each flavour it
+    """Every sm_90 entry of nbkernels/backends/configs.TABLE, in each flavour it
     serves: no spill (but the listed ones, which may not grow), and the dots of 16-bit
     and TF32 entries on HGMMA (warpgroup MMA)."""
-    from nbkernels.backends import triton_configs as tc
+    from nbkernels.backends.triton import configs as tc
     row = analyze.analyze_variant(variant)
     key = _table_key(variant)
     stack = row.get("stack_bytes", 0) + row.get("local_bytes", 0)

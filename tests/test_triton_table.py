@@ -1,4 +1,4 @@
-"""The launchers' Triton config table (nbkernels/backends/triton_configs.py): one config per
+"""The launchers' Triton config table (nbkernels/backends/triton/configs.py): one config per
 kernel variant, no benchmarking by default, every entry fitting the hardware.
 
 Needs triton importable (no kernel runs here); the launches themselves are checked under
@@ -14,9 +14,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from nbkernels.backends import triton_common as common  # noqa: E402
-from nbkernels.backends import triton_configs as tc  # noqa: E402
-from nbkernels.backends import triton_kernels as tk  # noqa: E402
+from nbkernels.backends.triton import common  # noqa: E402
+from nbkernels.backends.triton import configs as tc  # noqa: E402
+from nbkernels.backends.triton import kernels as tk  # noqa: E402
 
 # dtype class -> (element size, fp32 dot precision)
 CLASSES = {"16": (2, None), "32": (4, "tf32"), "32ieee": (4, "ieee"), "64": (8, None)}
@@ -99,7 +99,7 @@ def test_sizes_are_not_specialised():
 
 
 def test_autotune_is_opt_in_and_cacheable():
-    code = "from nbkernels.backends import triton_common as c; print(c.AUTOTUNE)"
+    code = "from nbkernels.backends.triton import common as c; print(c.AUTOTUNE)"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
                                                              "NBK_TRITON_AUTOTUNE")}
     out = [subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), text=True,

@@ -3,7 +3,7 @@ the FA-2 anchor, and csrc/cuda/*.cu through nvcc.
 
 Triton variants. ``variants()`` lists one entry per (kernel, input dtype, metric, class
 output, REF_MAJOR, autotune config) at the launch the launchers of
-nbkernels/backends/triton.py make for N = M = 65536, D = 128, 100 classes, contiguous
+nbkernels/backends/triton/__init__.py make for N = M = 65536, D = 128, 100 classes, contiguous
 inputs (the problem of bench/README's GPU targets):
 
 * forward without class output = ``lse_forward`` of ``nca_loss`` (the batch against itself,
@@ -22,7 +22,7 @@ inputs (the problem of bench/README's GPU targets):
 * the batch loss's backward is one SYMMETRIC kernel (``bwd_sym_*``, no class output),
   the other losses' a dq and a dr kernel; the fix-up launch of rows whose positives
   underflow (FIXUP) skips every tile without such a row and is not a variant here.
-* configs that ``triton_kernels.fits`` rejects (fp32 at 128 x 128, 3 stages: more
+* configs that ``kernels.fits`` rejects (fp32 at 128 x 128, 3 stages: more
   shared memory than sm_90 has) are left out, as the autotuner's prune leaves them out.
 
 Arguments are built by name from ``fn.params`` (so a new argument does not break the
@@ -209,11 +209,11 @@ def _fill_unknown(fn, values):
 
 
 def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn, d=D, precision=None):
-    """The arguments the launchers pass for this variant (triton.py's _common and callers)
+    """The arguments the launchers pass for this variant (the triton backend's args._common)
     at feature dim ``d``; fp32 dots in TF32 unless ``precision`` says "ieee"."""
     import torch
     import triton.language as tl
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import kernels as tk
     D = d  # noqa: N806 (the module's default, shadowed)
     t = _torch_dtype(dtype)
     f32 = _meta(torch.float64 if dtype == "fp64" else torch.float32)  # the accumulation dtype
@@ -269,7 +269,7 @@ def _config_tuple(cfg, kind):
 def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), classes=(False, True),
              kinds=("fwd", "bwd"), configs=None):
     """Every Triton variant (``configs``: indices into GPU_*_CONFIGS, default all)."""
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import kernels as tk
     out = []
     for kind in kinds:
         jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
@@ -311,10 +311,10 @@ TABLE_DTYPE = {"16": "bf16", "32": "fp32", "32ieee": "fp32", "64": "fp64"}
 
 def table_variants(metric="sqeuclidean"):
     """One compiled variant per flavour of every sm_90 entry of the launchers' config table
-    (``nbkernels/backends/triton_configs.py``): the lse forward, the class forward, the
+    (``nbkernels/backends/triton/configs.py``): the lse forward, the class forward, the
     dq / dr / symmetric backward, the class dq / dr backward, at a D in the entry's bucket."""
-    from nbkernels.backends import triton_configs as tc
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import configs as tc
+    from nbkernels.backends.triton import kernels as tk
     out = []
     for (arch, kernel, dclass, bucket), ((bm, bn, w, s), _) in sorted(tc.TABLE.items()):
         if arch != "sm90":

@@ -1,4 +1,4 @@
-"""Choose the launchers' config table (nbkernels/backends/triton_configs.py) from the SASS
+"""Choose the launchers' config table (nbkernels/backends/triton/configs.py) from the SASS
 model: for each sm_90 entry, every GPU config whose tiles fit is compiled in each flavour
 the entry serves (the lse forward; the class forward; dq, dr and the symmetric backward;
 the class dq and dr), at a feature dim in the entry's bucket, and the config kept is the
@@ -36,8 +36,8 @@ def _score(rows, dtype, ieee=False):
 
 
 def choose(only=None):
-    from nbkernels.backends import triton_configs as tc
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import configs as tc
+    from nbkernels.backends.triton import kernels as tk
     out = []
     for (arch, kernel, dclass, bucket) in sorted(tc.TABLE):
         if arch != "sm90" or (only and dclass not in only):

@@ -2,7 +2,7 @@
 //
 // No torch and no CUDA headers here: the binding (csrc/neighbor.cpp) fills these structs
 // from tensors, and every csrc/cuda/*.cu compiles with plain nvcc. The math is in
-// nbkernels/backends/reference.py; the algorithm mirrors nbkernels/backends/triton_kernels.py.
+// nbkernels/backends/reference.py; the algorithm mirrors nbkernels/backends/triton/kernels.py.
 #pragma once
 #include <cstdint>
 

@@ -9,7 +9,7 @@ import torch
 
 from conformance import *  # noqa: F401,F403 (the tests, their fixtures and parametrization)
 from conformance import Capabilities
-from nbkernels.backends import triton_kernels as tk
+from nbkernels.backends.triton import kernels as tk
 
 DEVICE = os.environ.get("NBK_TEST_DEVICE", "cpu")
 CAPS = Capabilities(

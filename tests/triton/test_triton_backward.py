@@ -1,4 +1,4 @@
-"""The backward kernel's paths (``triton_kernels.neighbor_bwd_kernel``) against the fp64
+"""The backward kernel's paths (``kernels.neighbor_bwd_kernel``) against the fp64
 oracle of conformance.py, under the interpreter (or on a GPU):
 
 * the batch loss's one SYMMETRIC kernel (``r is q``, one label vector): its summed

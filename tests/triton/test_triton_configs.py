@@ -3,7 +3,7 @@
 The suite runs the kernels with one fixed config (NBK_TRITON_AUTOTUNE=0, conftest.py),
 so the other tuned block sizes (128-row tiles, 8 warps, 3 stages) would otherwise run
 only in benchmarks. ``test_every_gpu_config`` runs the i-th forward config with the i-th
-backward config (``triton_kernels.GPU_*_CONFIGS``) at D = 128 ("dot") / 130
+backward config (``kernels.GPU_*_CONFIGS``) at D = 128 ("dot") / 130
 ("sqeuclidean", offset 0: several BLOCK_D chunks and two dq / dr slices) in fp32, fp16
 and (GPU only) bf16, comparing the lse, the class probabilities and every gradient with
 backend "torch" (fp32 math): on a GPU at N, M ~ 300, and under the interpreter with the
@@ -67,7 +67,7 @@ def compare_with_torch(tb, h, case, metric, offset, rtol):
 
 def run_with_config(tb, h, fwd_config, bwd_config, n, m, d, dtype):
     """compare_with_torch with the kernels pinned to one config each (None: the table's)."""
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import kernels as tk
 
     metric, offset = ("sqeuclidean", 0) if d % 2 else ("dot", None)
     # |q - r|^2 ~ 2 D / 16: logits spread over a few units, many references count
@@ -79,11 +79,11 @@ def run_with_config(tb, h, fwd_config, bwd_config, n, m, d, dtype):
 @pytest.mark.parametrize("d", [19, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_current_config(tb, h, dtype, d):
-    # the configs the launchers pick (triton_configs), through the helpers of the GPU test
+    # the configs the launchers pick (configs), through the helpers of the GPU test
     run_with_config(tb, h, None, None, 37, 29, d, dtype)
 
 
-from nbkernels.backends import triton_kernels as _tk  # noqa: E402
+from nbkernels.backends.triton import kernels as _tk  # noqa: E402
 
 if CUDA or not _tk.SMALL:
     # on a GPU, and under the interpreter with the GPU's sizes (NBK_TRITON_SIZES=gpu): a
@@ -102,7 +102,7 @@ def test_one_config_per_variant(tb, h):
     """Default settings: every kernel variant the launchers run takes one config, whatever
     N and M (the launchers' own bookkeeping, triton_configs.LAUNCHED)."""
     import nbkernels
-    from nbkernels.backends import triton_configs
+    from nbkernels.backends.triton import configs as triton_configs
 
     triton_configs.LAUNCHED.clear()
     for n, m in ((17, 40), (70, 33), (150, 161)):
@@ -121,7 +121,7 @@ def test_warmup_compiles_once_and_reports(tb, h):
     """nbkernels.warmup runs each form once and names the kernel variants it launched the
     first time; a second warm-up finds them all launched."""
     import nbkernels
-    from nbkernels.backends import triton_configs
+    from nbkernels.backends.triton import configs as triton_configs
 
     triton_configs.LAUNCHED.clear()
     first = nbkernels.warmup(torch.float32, 24, forms=("batch", "predict"), num_classes=3,

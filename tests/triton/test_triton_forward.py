@@ -1,4 +1,4 @@
-"""The lse forward's row shift (``triton_kernels.neighbor_fwd_kernel``) against the fp64
+"""The lse forward's row shift (``kernels.neighbor_fwd_kernel``) against the fp64
 oracle of conformance.py. The first reference tile sets each row's shift and later tiles
 keep it without a per-pair max, moving it only when a tile's sum passes 2^64 (fp32;
 2^512 fp64); a shift that lags so far that a term overflows, or a first tile with no
@@ -26,7 +26,7 @@ class Flags(list):
 def flagged(monkeypatch):
     """The rows flagged for the exact pass (int8 (N,) padded) by each main-pass launch
     of the lse forward."""
-    from nbkernels.backends import triton_kernels as tk
+    from nbkernels.backends.triton import kernels as tk
     seen, run = Flags(), tk.neighbor_fwd_kernel.run
 
     def spy(*args, **kw):

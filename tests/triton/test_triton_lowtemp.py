@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lowtemp
-from nbkernels.backends import triton_kernels as tk
+from nbkernels.backends.triton import kernels as tk
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, HealthCheck, strategies as st  # noqa: E402

@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton kernels (``triton_kernels`` describes them): limits,
+"""Shared pieces of the Triton kernels (``kernels`` describes them): limits,
 autotune configs and keys, constants and the tile helpers both kernels call."""
 import os
 
@@ -66,7 +66,7 @@ def class_block_cap(c, m):
 PAD = 128
 
 # The configs the autotuner picks from when NBK_TRITON_AUTOTUNE=1 (also run one by one by
-# the GPU-sized tests); triton_configs.TABLE holds the one each variant runs by default.
+# the GPU-sized tests); configs.TABLE holds the one each variant runs by default.
 GPU_FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
@@ -106,7 +106,7 @@ def _prune(configs, named_args, **kwargs):
 
 # Triton's autotuner over GPU_*_CONFIGS for the main launches, opt-in (a first call then
 # compiles and times every config of every variant; results cached on disk): else one
-# config per variant from triton_configs.TABLE, no benchmarking.
+# config per variant from configs.TABLE, no benchmarking.
 AUTOTUNE = os.environ.get("NBK_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
 PRUNE = {"early_config_prune": _prune}
 # Autotuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;

@@ -1,8 +1,9 @@
 """Triton kernels for the fused neighbor losses; the math is in ``reference.py``.
 
-This module is what the launchers (``triton.py``) and tests import: the two kernels, from
-``triton_fwd.py`` and ``triton_bwd.py``, and the limits and configs of
-``triton_common.py``, which also holds the tile helpers both kernels call.
+This module is what the launchers (``nbkernels.backends.triton``) and tests import: the two
+kernels, from ``kernel_fwd.py`` and ``kernel_bwd.py``, the limits of ``common.py``, which
+also holds the tile helpers both kernels call, and ``launch``, which takes each launch's
+config from ``configs.py``.
 
 Two kernels, each one body with ``tl.constexpr`` flags (metric, self-exclusion,
 class output, accumulation dtype, dot precision). Logits are taken in log2 units:
@@ -44,7 +45,7 @@ in BLOCK_D chunks and both sides are reloaded per tile.
 
 Blocks: BLOCK_D / BLOCK_DX are chosen by the launcher from D; BLOCK_M / BLOCK_N /
 BLOCK_OWN / BLOCK_OTHER, the warps and the stages come from one config per kernel
-variant (``triton_configs``: a table per architecture, dtype and D bucket, no
+variant (``configs``: a table per architecture, dtype and D bucket, no
 benchmarking; NBK_TRITON_AUTOTUNE=1 autotunes over GPU_*_CONFIGS instead). Under the
 interpreter (TRITON_INTERPRET=1) NBK_TRITON_SIZES picks the GPU's limits and table
 ("gpu") or 16-wide tiles with a resident limit of 32 ("interpreter", the default), which
@@ -61,13 +62,13 @@ import functools
 
 import triton
 
-from . import triton_configs
-from .triton_bwd import neighbor_bwd_kernel
-from .triton_common import (  # noqa: F401 (the launchers' and tests' names)
+from . import configs
+from .kernel_bwd import neighbor_bwd_kernel
+from .common import (  # noqa: F401 (the launchers' and tests' names)
     INTERPRET, SIZES, SMALL, AUTOTUNE, PAD, POS_LOG2_LIMIT, MAX_BLOCK_D, MAX_BLOCK_DX,
     MAX_RESIDENT_D, MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C, class_block_cap,
     GPU_FWD_CONFIGS, GPU_BWD_CONFIGS, FWD_KEY, BWD_KEY, PRUNE, fits, resident_limit)
-from .triton_fwd import neighbor_fwd_kernel
+from .kernel_fwd import neighbor_fwd_kernel
 
 # the compile-time flags of each kernel: with the dtype and D, a kernel variant
 _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", "SYMMETRIC",
@@ -92,25 +93,25 @@ def variant(kind, args):
 
 def launch(kind, grid, *, tune=True, **args):
     """Launch the forward (kind "fwd", "fwd_class") or backward ("bwd", "bwd_class")
-    kernel with the config of ``triton_configs.select``: ``grid(meta)`` gets the
+    kernel with the config of ``configs.select``: ``grid(meta)`` gets the
     arguments and the config's block sizes. With NBK_TRITON_AUTOTUNE=1, launches with
     ``tune`` (the main passes; not the exact / fix-up passes, which would only repeat
     their main pass's choice) go through the autotuner instead."""
     jit = neighbor_fwd_kernel if kind.startswith("fwd") else neighbor_bwd_kernel
-    if AUTOTUNE and tune and not triton_configs.overridden(kind):
+    if AUTOTUNE and tune and not configs.overridden(kind):
         return _autotuned(kind[:3])[grid](**args)
-    cfg, _ = triton_configs.select(kind, args["q"].element_size(), args["D"], args["q"].device,
+    cfg, _ = configs.select(kind, args["q"].element_size(), args["D"], args["q"].device,
                                    args.get("PRECISION"))
-    triton_configs.LAUNCHED.setdefault(variant(kind, args), set()).add(str(cfg))
+    configs.LAUNCHED.setdefault(variant(kind, args), set()).add(str(cfg))
     return jit[grid(dict(args, **cfg.kwargs))](**args, **cfg.kwargs, num_warps=cfg.num_warps,
                                                 num_stages=cfg.num_stages)
 
 
 def fixed_configs(fwd, bwd):
     """Run both kernels with one given config each (tests go through every GPU config)."""
-    return triton_configs.override(fwd, bwd)
+    return configs.override(fwd, bwd)
 
 
 def config(kind, element_size, d, device, precision=None):
-    """The config a launch of ``kind`` would take (``triton_configs.select``)."""
-    return triton_configs.select(kind, element_size, d, device, precision)[0]
+    """The config a launch of ``kind`` would take (``configs.select``)."""
+    return configs.select(kind, element_size, d, device, precision)[0]

@@ -1,8 +1,8 @@
-"""The forward kernel, ``neighbor_fwd_kernel`` (see ``triton_kernels``)."""
+"""The forward kernel, ``neighbor_fwd_kernel`` (see ``kernels``)."""
 import triton
 import triton.language as tl
 
-from .triton_common import (
+from .common import (
     FWD_NO_SPECIALIZE, LN2, LOG2E, MAX_MOVE_F32, MAX_MOVE_F64,
     POS_FLOOR_F32, POS_FLOOR_F64, RESCALE_F32, RESCALE_F64, _col_term, _diagonal,
     _diagonal_tiles, _exp, _load_rows, _lse, _online_lse, _peeled, _rows_dot, _shift)

@@ -1,10 +1,10 @@
-"""The per-row vectors the Triton launchers (``triton.py``) hand the kernels: dense
+"""The per-row vectors the Triton launchers (``forward``, ``backward``) hand the kernels: dense
 label ranks, the has-a-positive mask, the column terms, and their padding and packing."""
 import torch
 
 from nbkernels._validation import acc_dtype
 
-from . import triton_kernels as tk
+from . import kernels as tk
 
 LOG2E = 1.4426950408889634
 

@@ -12,7 +12,7 @@ not specialised), instead of compiling and timing every autotune config of every
 * dtype class: ``"16"`` (bf16, fp16), ``"32"`` (fp32 with TF32 dots: tensor cores),
   ``"32ieee"`` (fp32 with IEEE dots, torch's default: FMA loops, no tensor cores), ``"64"``;
 * D bucket: ``"128"`` (D <= 128), ``"256"`` (128 < D <= 256) and ``"chunked"`` (D beyond
-  the kernel's resident limit, ``triton_common.resident_limit``: 256 forward, 128
+  the kernel's resident limit, ``common.resident_limit``: 256 forward, 128
   backward, none for the lse kernels with fp32 IEEE dots, where D is looped in chunks of
   64).
 
@@ -28,13 +28,13 @@ parts. The interpreter's small sizes (``NBK_TRITON_SIZES=interpreter``) use 16 x
 
 ``NBK_TRITON_AUTOTUNE=1`` turns on Triton's autotuner for the main launches instead
 (every config of ``GPU_*_CONFIGS`` that fits, results cached on disk across processes,
-``triton_common``); ``override`` pins one config pair (tests).
+``common``); ``override`` pins one config pair (tests).
 """
 import contextlib
 
 import triton
 
-from . import triton_common as tc
+from . import common as tc
 
 SASS = ("SASS model: best predicted of the GPU configs that fit, with no flavour spilling "
         "and every dot on HGMMA (bench/sass/table.py, bench/results/config_table_sm90.json)")
@@ -129,7 +129,7 @@ def dtype_class(element_size, precision=None):
 
 
 def d_bucket(kernel, d, element_size=2, precision=None):
-    """"128", "256" or "chunked" (D beyond the resident limit, ``triton_common``)."""
+    """"128", "256" or "chunked" (D beyond the resident limit, ``common``)."""
     if d > tc.resident_limit(kernel, element_size, precision):
         return "chunked"
     return "128" if d <= 128 else "256"

@@ -1,8 +1,8 @@
-"""The backward kernel, ``neighbor_bwd_kernel`` (see ``triton_kernels``)."""
+"""The backward kernel, ``neighbor_bwd_kernel`` (see ``kernels``)."""
 import triton
 import triton.language as tl
 
-from .triton_common import (
+from .common import (
     BWD_NO_SPECIALIZE, _col_term, _diagonal, _diagonal_tiles, _exp,
     _load_rows, _peeled, _rows_dot)
 

@@ -1,0 +1,127 @@
+"""The forward custom ops of the Triton backend (``nbkernels::triton_lse_fwd``,
+``nbkernels::triton_probs_fwd``) and the lse forward's two launches."""
+import torch
+import triton
+
+from nbkernels.backends.infinity import finite_rows, undefined_rows
+
+from . import kernels as tk
+from . import rows as tr
+from .args import _block, _common, _on_device
+
+
+def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, has_offset,
+                       precision, r_far=None, trace=None):
+    """The lse forward's two launches on kernel inputs (rows at infinity zeroed and, for
+    the references, flagged in ``r_far``: ``infinity.finite_rows``): ``(lse_all, lse_pos)``.
+
+    ``trace``: a dict to fill with the intermediates, for diagnostics
+    (bench/gpu_diagnose.py): the main pass's lse values, anchor and sums (``main_*``),
+    the rows it flagged (``redo``) and the has-a-positive mask.
+    """
+    n = q.shape[0]
+    acc = tr.acc_dtype(q.dtype)
+    lse_all = torch.empty(n, dtype=acc, device=q.device)
+    lse_pos = torch.empty(n, dtype=acc, device=q.device)
+    if n == 0:
+        return lse_all, lse_pos
+    a, b = tr.label_ranks(q_labels, r_labels)
+    has_pos = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
+    # the rows for the exact pass (written by the main pass)
+    redo = torch.empty(n, dtype=torch.int8, device=q.device)
+    r_col = tr.columns(q, r, r_far, metric, temperature)[1]
+    packed = acc == torch.float32
+    state = None if trace is None else torch.empty(3, n, dtype=acc, device=q.device)
+    args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
+                r_pack=tr.packed(b, r_col) if packed else None, perm=None, tile_ptr=None,
+                lse_all=lse_all, lse_pos=lse_pos, has_pos=has_pos, redo=redo, mass=None,
+                tile_max=None, tile_sum=None, row_state=state, CLASS=False,
+                MASS_PRECISION="ieee", BLOCK_C=16,
+                **_common(q, r, temperature, metric, offset, has_offset, precision, "fwd"))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
+    with _on_device(q):
+        tk.launch("fwd", grid, POS_PASS=False, **args)
+        if trace is not None:
+            trace.update(main_lse_all=lse_all.clone(), main_lse_pos=lse_pos.clone(),
+                         main_anchor=state[0], main_sum=state[1], main_pos_sum=state[2],
+                         redo=redo.clone(), has_pos=has_pos.clone())
+        # the exact pass takes the flagged rows first: its programs past them skip
+        order = torch.argsort((redo == 0).to(torch.int8), stable=True).to(torch.int32)
+        tk.launch("fwd", grid, tune=False, POS_PASS=True,
+                  **dict(args, perm=order, row_state=None))
+    return lse_all, lse_pos
+
+
+@torch.library.custom_op("nbkernels::triton_lse_fwd", mutates_args=())
+def _lse_fwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
+             temperature: torch.Tensor, metric: str, offset: int, has_offset: bool,
+             precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q, r, q_far, r_far = finite_rows(q, r, metric)
+    lse_all, lse_pos = lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset,
+                                          has_offset, precision, r_far)
+    return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
+
+
+@_lse_fwd.register_fake
+def _(q, r, q_labels, r_labels, temperature, metric, offset, has_offset, precision):
+    acc = tr.acc_dtype(q.dtype)
+    return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("nbkernels::triton_probs_fwd", mutates_args=())
+def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
+               temperature: torch.Tensor, num_classes: int, metric: str, offset: int,
+               has_offset: bool, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n, m, c = q.shape[0], r.shape[0], num_classes
+    acc = tr.acc_dtype(q.dtype)
+    q, r, q_far, r_far = finite_rows(q, r, metric)
+    block_c, n_tiles = _class_tiles(c, m)
+    # references in label order; class tile t owns perm[tile_ptr[t]:tile_ptr[t + 1]]
+    labels, perm = torch.sort(r_labels.contiguous(), stable=True)
+    bounds = torch.arange(n_tiles + 1, device=q.device, dtype=labels.dtype) * block_c
+    tile_ptr = torch.searchsorted(labels, bounds)
+    # labels outside [0, C) land in the first / last tile: they count in lse_all, not in yhat
+    # (with C = 0, one tile holds every reference)
+    tile_ptr[0] = 0
+    tile_ptr[-1] = m
+    # every column written, those >= C (padding of the last tile) cut off below
+    mass = torch.empty(n, n_tiles * block_c, dtype=acc, device=q.device)
+    tile_max = torch.empty(n, n_tiles, dtype=acc, device=q.device)
+    tile_sum = torch.empty(n, n_tiles, dtype=acc, device=q.device)
+    if n > 0:
+        with _on_device(q):
+            # the references themselves in label order: every tile is a contiguous block
+            r_sorted = r[perm]
+            r_col = tr.columns(q, r_sorted, None if r_far is None else r_far[perm], metric,
+                             temperature)[1]
+            tk.launch(
+                "fwd_class", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles),
+                q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
+                PACKED=False, perm=perm if has_offset else None, tile_ptr=tile_ptr,
+                lse_all=None, lse_pos=None, has_pos=None, redo=None, row_state=None, mass=mass,
+                tile_max=tile_max, tile_sum=tile_sum, CLASS=True, POS_PASS=False,
+                # p in [0, 1]: tf32 would cost 1e-3 of yhat; a hi + lo split of p in two TF32 dots
+                # ("tf32x2" in the kernel) is near fp32, and the one-hot is exact
+                MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x2", BLOCK_C=block_c,
+                **_common(q, r_sorted, temperature, metric, offset, has_offset, precision,
+                          "fwd_class"))
+    # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
+    # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
+    lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
+    scale = torch.exp(tile_max - lse_all[:, None])
+    mass.view(n, n_tiles, block_c).mul_(scale[:, :, None])
+    # contiguous: the fake returns a plain (N, C) tensor
+    return undefined_rows(mass[:, :c].contiguous(), q_far), undefined_rows(lse_all, q_far)
+
+
+def _class_tiles(c, m):
+    """(BLOCK_C, number of class tiles): at least one tile, so that C = 0 still has lse_all."""
+    block_c = _block(c, tk.class_block_cap(c, m))
+    return block_c, max(1, triton.cdiv(c, block_c))
+
+
+@_probs_fwd.register_fake
+def _(q, r, r_labels, temperature, num_classes, metric, offset, has_offset, precision):
+    acc = tr.acc_dtype(q.dtype)
+    return (q.new_empty(q.shape[0], num_classes, dtype=acc),
+            q.new_empty(q.shape[0], dtype=acc))
