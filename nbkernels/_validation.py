@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import struct
 
 import torch
 
 METRICS = ("sqeuclidean", "cosine", "dot")
 REDUCTIONS = ("mean", "sum", "none")
-BACKEND_NAMES = ("auto", "reference", "torch", "triton", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -237,56 +235,3 @@ def temperature(value, device, dtype=None):
 
     device_check(ok, message, detail)
     return value
-
-
-def backend(value, device):
-    """Resolve ``backend`` (and ``NBKERNELS_BACKEND`` for "auto") to a concrete name."""
-    choice("backend", value, BACKEND_NAMES)
-    if value == "auto":
-        env = os.environ.get("NBKERNELS_BACKEND", "auto")
-        if env not in BACKEND_NAMES:
-            raise ValueError(f"environment variable NBKERNELS_BACKEND must be one of "
-                             f"{BACKEND_NAMES}, got {env!r}")
-        value = env
-    if value == "auto":
-        return "triton" if device.type == "cuda" and _triton_ok(device) else "torch"
-    if value == "triton" and not _triton_ok(device):
-        raise BackendUnavailableError(
-            f"backend 'triton' cannot run on {device}: it needs the triton package and a CUDA "
-            "device, or TRITON_INTERPRET=1 set before triton is imported for CPU tensors"
-            + _triton_problem(device))
-    if value == "cuda" and not _cuda_ok(device):
-        raise BackendUnavailableError(
-            f"backend 'cuda' cannot run on {device}: it needs CUDA tensors and the compiled "
-            "extension nbkernels._C, built by installing from source on a machine with a CUDA "
-            "toolkit and a CUDA build of torch (FORCE_CUDA=1 pip install -e .); "
-            "or use backend='triton' or 'torch'")
-    return value
-
-
-def _cuda_ok(device):
-    try:
-        from nbkernels.backends import cuda as cuda_backend
-    except ImportError:
-        return False
-    return cuda_backend.is_available(device)
-
-
-def _triton_problem(device):
-    """"; <why the interpreter cannot run>" for CPU tensors under it, else ""."""
-    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
-        return ""
-    try:
-        from nbkernels.backends import triton as triton_backend
-        problem = triton_backend.interpreter_problem() if triton_backend.triton else None
-    except ImportError:
-        return ""
-    return f"; {problem}" if problem else ""
-
-
-def _triton_ok(device):
-    try:
-        from nbkernels.backends import triton as triton_backend
-    except ImportError:
-        return False
-    return triton_backend.is_available(device)

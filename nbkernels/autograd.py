@@ -28,24 +28,7 @@ import functools
 
 import torch
 
-from nbkernels import kernel_inputs
-
-
-def backend_module(name):
-    """The launcher module of a fused backend.
-
-    Plain imports (not ``importlib``), so that Dynamo traces the dispatch; the triton and
-    cuda modules load on first use only.
-    """
-    if name == "torch":
-        from nbkernels.backends import torch as module
-    elif name == "triton":
-        from nbkernels.backends import triton as module
-    elif name == "cuda":
-        from nbkernels.backends import cuda as module
-    else:
-        raise ValueError(f"backend must be one of ('torch', 'triton', 'cuda'), got {name!r}")
-    return module
+from nbkernels import backends, kernel_inputs
 
 
 _SECOND_ORDER = (
@@ -168,7 +151,7 @@ class NeighborLSE(torch.autograd.Function):
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
             lse_pos = lse_all.clone()
         else:
-            lse_all, lse_pos = backend_module(backend).lse_forward(
+            lse_all, lse_pos = backends.get(backend, qk.device, qk.dtype).lse_forward(
                 qk, rk, q_labels, r_labels, temperature, metric=kmetric, offset=offset)
         ctx.save_for_backward(q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos)
         if kmetric == "sqeuclidean":
@@ -187,7 +170,7 @@ class NeighborLSE(torch.autograd.Function):
             return (None,) * 8
         g_all = torch.zeros_like(lse_all) if g_all is None else g_all
         g_pos = torch.zeros_like(lse_pos) if g_pos is None else g_pos
-        dq, dr, dt = backend_module(ctx.backend).lse_backward(
+        dq, dr, dt = backends.get(ctx.backend, qk.device, qk.dtype).lse_backward(
             qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
             metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
@@ -218,7 +201,7 @@ class ClassProbs(torch.autograd.Function):
             yhat = torch.full((q.shape[0], num_classes), float("nan"), dtype=acc, device=q.device)
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
         else:
-            yhat, lse_all = backend_module(backend).probs_forward(
+            yhat, lse_all = backends.get(backend, qk.device, qk.dtype).probs_forward(
                 qk, rk, r_labels, temperature, num_classes, metric=kmetric, offset=offset)
         ctx.save_for_backward(q, r, qk, rk, r_labels, temperature, yhat, lse_all)
         return yhat.clone()
@@ -231,7 +214,7 @@ class ClassProbs(torch.autograd.Function):
         need_r = need_r or (ctx.batch and need_q)
         if _empty(q, r) or not (need_q or need_r or need_t):
             return (None,) * 8
-        dq, dr, dt = backend_module(ctx.backend).probs_backward(
+        dq, dr, dt = backends.get(ctx.backend, qk.device, qk.dtype).probs_backward(
             qk, rk, r_labels, temperature, yhat, lse_all, g, metric=ctx.kmetric,
             offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nbkernels import _validation as check
+from nbkernels import backends
 from nbkernels import distributed as dist_
 from nbkernels import functional as F
 from nbkernels import partials as P
@@ -59,7 +60,7 @@ class NeighborCache(nn.Module):
         size, dim = check.integer("size", size, low=1), check.integer("dim", dim, low=1)
         num_classes = check.num_classes(num_classes)
         check.choice("metric", metric, check.METRICS)
-        check.choice("backend", backend, check.BACKEND_NAMES)
+        check.choice("backend", backend, backends.CHOICES)
         check.temperature(temperature, torch.device("cpu"))
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -122,7 +123,7 @@ class NeighborCache(nn.Module):
         memory, mem_labels = self._content(embeddings)
         q = embeddings.to(torch.promote_types(embeddings.dtype, memory.dtype))
         t = check.temperature(self.temperature, q.device, check.acc_dtype(q.dtype))
-        backend = check.backend(self.backend, q.device)
+        backend = backends.resolve(self.backend, q.device)
         streamed = memory.device != q.device or self.chunk_size is not None
         chunk = (self.chunk_size or DEFAULT_CHUNK_SIZE) if streamed else max(len(self), 1)
         spec = Spec(self.metric, None, backend, chunk, self.num_classes)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nbkernels import backends
 from nbkernels import kernel_inputs as K
 from nbkernels import partials as P
 from nbkernels import streaming as S
@@ -185,7 +186,7 @@ def _sharded_forward(ctx, q, r, q_labels, r_labels, t, spec, group):
     sizes = gather_sizes(q.shape[0], q.device, group)
     q_all = _all_gather_padded(q, sizes, group)
     labels_all = None if q_labels is None else _all_gather_padded(q_labels, sizes, group)
-    mod = P.launchers(spec.backend)
+    mod = backends.get(spec.backend, q.device, q.dtype)
     # the same centre on every rank (the gathered queries'): states merge across ranks
     qk, prep = K.prepare_queries(q_all, spec.metric)
     part = S.forward_chunks(mod, qk, labels_all, r, r_labels, t, prep, spec, q.dtype)
@@ -219,12 +220,13 @@ def _sharded_backward(ctx, g_all, g_pos, g_yhat, need_q, need_t):
     blocks = [slice(lo, lo + n) for lo, n in zip(starts, sizes)] if need_t else [slice(None)]
     dq = torch.zeros_like(qk, dtype=acc)
     dts = []
+    mod = backends.get(ctx.spec.backend, qk.device, q_all.dtype)
     for rows in blocks:
         def pick(x, rows=rows):
             return None if x is None else x[rows]
 
         dq_b, _, dt_b = S.backward_chunks(
-            P.launchers(ctx.spec.backend), qk[rows], pick(labels_all), r, r_labels, t,
+            mod, qk[rows], pick(labels_all), r, r_labels, t,
             ctx.prep, ctx.spec, q_all.dtype, P.Partials(*[pick(f) for f in final]),
             pick(g_all), pick(g_pos), pick(g_yhat), need_q, False, need_t)
         if dq_b is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from nbkernels import _validation as check
+from nbkernels import backends
 from nbkernels import distributed as dist_
 from nbkernels.autograd import ClassProbs, NeighborLSE
 from nbkernels.backends import reference
@@ -30,7 +31,7 @@ def _common(temperature, metric, backend, device, dtype):
     accumulation dtype of ``dtype`` (fp64 inputs: an exact fp64 T)."""
     check.choice("metric", metric, check.METRICS)
     t = check.temperature(temperature, device, check.acc_dtype(dtype))
-    return t, check.backend(backend, device)
+    return t, backends.resolve(backend, device)
 
 
 def _promote(*xs):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nbkernels import _validation as check
+from nbkernels import backends
 from nbkernels import functional as F
 
 
@@ -16,7 +17,7 @@ class _NeighborLossModule(nn.Module):
         self.scale_out = scale_out  # chunk_size, distributed, group: see nca_loss
         check.choice("metric", metric, check.METRICS)
         check.choice("reduction", reduction, check.REDUCTIONS)
-        check.choice("backend", backend, check.BACKEND_NAMES)
+        check.choice("backend", backend, backends.CHOICES)
         self.metric, self.reduction, self.backend = metric, reduction, backend
         # the inputs' dtype is not known yet: checked against fp64 here, and against the
         # inputs' accumulation dtype in forward

@@ -49,8 +49,8 @@ from nbkernels._validation import acc_dtype
 
 from nbkernels import _validation as check
 from nbkernels import kernel_inputs
-from nbkernels.autograd import backend_module, is_empty
-from nbkernels.backends import reference
+from nbkernels import backends
+from nbkernels.autograd import is_empty
 
 _NEG_INF = float("-inf")
 
@@ -93,84 +93,6 @@ def has_positive(lse_pos):
 
 def _finite_or_zero(x):
     return torch.where(x == _NEG_INF, torch.zeros_like(x), x)
-
-
-# ---------------------------------------------------------------- the reference launchers
-
-
-class _ReferenceLaunchers:
-    """The launcher interface over the materialized formula, so that every chunked and
-    distributed path also runs with ``backend="reference"``. Its lse values are unshifted."""
-
-    SHIFTED = False
-
-    @staticmethod
-    def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
-        with torch.no_grad():
-            return reference.neighbor_lse(q, r, q_labels, r_labels, temperature, metric=metric,
-                                          offset=offset)
-
-    @staticmethod
-    def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
-        with torch.no_grad():
-            s = reference.logits(q, r, temperature, metric, offset)
-            lse_all = torch.logsumexp(s, 1)
-            p = torch.exp(s - lse_all[:, None])
-            yhat = torch.zeros(s.shape[0], num_classes, dtype=s.dtype, device=s.device)
-            return yhat.index_add(1, r_labels, p), lse_all
-
-    @staticmethod
-    def _grads(q, r, temperature, metric, offset, make_ds, need_q, need_r, need_t):
-        # the gradient of sum_ij ds_ij s_ij(q, r, T) with ds held constant
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(need)
-                      for x, need in ((q, need_q), (r, need_r), (temperature, need_t))]
-            s = reference.logits(*leaves, metric, offset)
-            with torch.no_grad():
-                ds = make_ds(s.detach())
-            if offset is not None:  # ds is 0 there; keep -inf * 0 out of the sum
-                s = s.masked_fill(reference._excluded(s.shape[0], s.shape[1], offset, s.device),
-                                  0.0)
-            wanted = [x for x in leaves if x.requires_grad]
-            got = iter(torch.autograd.grad((s * ds).sum(), wanted) if wanted else ())
-        return tuple(next(got) if x.requires_grad else None for x in leaves)
-
-    @staticmethod
-    def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                     *, metric, offset, need_q, need_r, need_t):
-        def make_ds(s):
-            # ds_ij = g_all_i p_ij + g_pos_i p+_ij
-            pos = q_labels[:, None] == r_labels[None, :]
-            ds = _row_g(lse_all, g_all)[:, None] * torch.exp(s - _finite_or_zero(lse_all)[:, None])
-            p_pos = torch.exp(s - _finite_or_zero(lse_pos)[:, None])
-            return ds + torch.where(pos, _row_g(lse_pos, g_pos)[:, None] * p_pos, 0.0)
-
-        return _ReferenceLaunchers._grads(q, r, temperature, metric, offset, make_ds,
-                                          need_q, need_r, need_t)
-
-    @staticmethod
-    def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, *, metric, offset,
-                       need_q, need_r, need_t):
-        def make_ds(s):
-            # ds_ij = p_ij (G_{i,b_j} - delta_i), delta_i = sum_c G_ic yhat_ic
-            g_rows = _row_g(lse_all, g.to(s.dtype))
-            delta = (g_rows * torch.nan_to_num(yhat.to(s.dtype))).sum(1, keepdim=True)
-            p = torch.exp(s - _finite_or_zero(lse_all)[:, None])
-            return p * (g_rows.index_select(1, r_labels) - delta)
-
-        return _ReferenceLaunchers._grads(q, r, temperature, metric, offset, make_ds,
-                                          need_q, need_r, need_t)
-
-
-def _row_g(lse, g):
-    """Rows without any term (lse = -inf) get no gradient."""
-    empty = (lse == _NEG_INF).view(-1, *([1] * (g.dim() - 1)))
-    return torch.where(empty, torch.zeros_like(g), g.to(lse.dtype))
-
-
-def launchers(backend):
-    """The launcher module of ``backend`` ("reference" included)."""
-    return _ReferenceLaunchers if backend == "reference" else backend_module(backend)
 
 
 def row_shift(mod, qk, temperature, kmetric):
@@ -259,7 +181,7 @@ def _check(q, r, temperature, metric, backend):
     check.same_dim("r", r, "q", q)
     check.choice("metric", metric, check.METRICS)
     t = check.temperature(temperature, q.device, check.acc_dtype(q.dtype))
-    return t, check.backend(backend, q.device)
+    return t, backends.resolve(backend, q.device)
 
 
 def chunk_partials(q, r, q_labels, r_labels, temperature, *, num_classes=None,
@@ -280,7 +202,8 @@ def chunk_partials(q, r, q_labels, r_labels, temperature, *, num_classes=None,
     """
     t, backend = _check(q, r, temperature, metric, backend)
     qk, rk, kmetric = _kernel(q, r, metric)
-    return kernel_partials(launchers(backend), qk, rk, q_labels, r_labels, t, kmetric,
+    mod = backends.get(backend, qk.device, qk.dtype)
+    return kernel_partials(mod, qk, rk, q_labels, r_labels, t, kmetric,
                            local_offset(offset, start), num_classes)
 
 
@@ -344,7 +267,8 @@ def chunk_backward(q, r, q_labels, r_labels, temperature, final, *, g_loss=None,
     if g_loss is not None:
         g_all = torch.where(has_positive(final.lse_pos), g_loss.to(final.lse_all.dtype), 0.0)
         g_pos = -g_all  # loss = lse_all - lse_pos
-    dq, dr, dt = kernel_backward(launchers(backend), qk, rk, q_labels, r_labels, t, kmetric,
+    mod = backends.get(backend, qk.device, qk.dtype)
+    dq, dr, dt = kernel_backward(mod, qk, rk, q_labels, r_labels, t, kmetric,
                                  local_offset(offset, start), final, g_all, g_pos, g_yhat,
                                  need_q=need_q, need_r=need_r, need_t=need_t)
     dq = kernel_inputs.input_grad(q, dq, metric)

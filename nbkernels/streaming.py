@@ -21,8 +21,9 @@ from typing import NamedTuple
 
 import torch
 
-from nbkernels import partials as P
+from nbkernels import backends
 from nbkernels import kernel_inputs as K
+from nbkernels import partials as P
 from nbkernels.autograd import fused_backward
 
 
@@ -150,7 +151,7 @@ class StreamedLSE(torch.autograd.Function):
     def forward(ctx, q, r, q_labels, r_labels, temperature, spec):
         ctx.batch, r = _batch(q, r)
         r_labels = q_labels if ctx.batch else r_labels
-        mod = P.launchers(spec.backend)
+        mod = backends.get(spec.backend, q.device, q.dtype)
         qk, prep = K.prepare_queries(q, spec.metric)
         part = forward_chunks(mod, qk, q_labels, r, r_labels, temperature, prep,
                               spec._replace(num_classes=None), q.dtype)
@@ -169,9 +170,9 @@ class StreamedLSE(torch.autograd.Function):
         need_q, need_r, _, _, need_t = ctx.needs_input_grad[:5]
         need_r = need_r or (ctx.batch and need_q)
         final = P.Partials(lse_all, lse_pos, positives)
-        dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, q_labels, r, r_labels,
-                                      t, ctx.prep, ctx.spec, q.dtype, final, g_all, g_pos,
-                                      None, need_q, need_r, need_t)
+        mod = backends.get(ctx.spec.backend, q.device, q.dtype)
+        dqk, dr, dt = backward_chunks(mod, qk, q_labels, r, r_labels, t, ctx.prep, ctx.spec,
+                                      q.dtype, final, g_all, g_pos, None, need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
         dq, dr = _batch_grads(ctx.batch, dq, dr)
         dt = None if dt is None else dt.to(t.dtype)
@@ -186,7 +187,7 @@ class StreamedProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, r_labels, temperature, spec):
         ctx.batch, r = _batch(q, r)
-        mod = P.launchers(spec.backend)
+        mod = backends.get(spec.backend, q.device, q.dtype)
         qk, prep = K.prepare_queries(q, spec.metric)
         part = forward_chunks(mod, qk, None, r, r_labels, temperature, prep, spec, q.dtype)
         ctx.save_for_backward(q, None if ctx.batch else r, qk, r_labels, temperature,
@@ -202,7 +203,8 @@ class StreamedProbs(torch.autograd.Function):
         need_q, need_r, _, need_t = ctx.needs_input_grad[:4]
         need_r = need_r or (ctx.batch and need_q)
         final = P.Partials(lse_all, yhat=yhat)
-        dqk, dr, dt = backward_chunks(P.launchers(ctx.spec.backend), qk, None, r, r_labels, t,
+        mod = backends.get(ctx.spec.backend, q.device, q.dtype)
+        dqk, dr, dt = backward_chunks(mod, qk, None, r, r_labels, t,
                                       ctx.prep, ctx.spec, q.dtype, final, None, None, g,
                                       need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None

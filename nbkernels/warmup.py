@@ -16,11 +16,14 @@ import time
 
 import torch
 
+from nbkernels import _validation as check
+from nbkernels import functional
+
 FORMS = ("batch", "cross", "prototype", "predict")
 
 
 def _launched():
-    try:
+    try:  # triton is optional: loaded here only, where it is needed
         from nbkernels.backends.triton import configs as triton_configs
     except ImportError:  # no triton: nothing to compile
         return {}
@@ -28,7 +31,6 @@ def _launched():
 
 
 def _run_form(form, dtype, dim, metric, device, num_classes, backend):
-    import nbkernels
     g = torch.Generator().manual_seed(0)
     c = max(2, num_classes)
     x = torch.randn(4, dim, generator=g).to(device, dtype).requires_grad_()
@@ -36,19 +38,19 @@ def _run_form(form, dtype, dim, metric, device, num_classes, backend):
     y = y.to(device)
     kw = dict(temperature=0.1, metric=metric, backend=backend)
     if form == "batch":
-        nbkernels.nca_loss(x, y, **kw).backward()
+        functional.nca_loss(x, y, **kw).backward()
     elif form == "cross":
         r = torch.randn(6, dim, generator=g).to(device, dtype).requires_grad_()
-        nbkernels.nca_loss(x, y, ref_embeddings=r, ref_labels=(torch.arange(6) % 2).to(device),
+        functional.nca_loss(x, y, ref_embeddings=r, ref_labels=(torch.arange(6) % 2).to(device),
                            **kw).backward()
     elif form == "prototype":
-        nbkernels.prototype_loss(x, y, **kw).backward()
+        functional.prototype_loss(x, y, **kw).backward()
     elif form == "predict":
         # the class forward's tile width depends on C and on whether M >= 10 C
         m = 10 * c
         r = torch.randn(m, dim, generator=g).to(device, dtype)
         labels = (torch.arange(m) % c).to(device)
-        nbkernels.soft_knn_predict(x.detach(), r, labels, c, temperature=0.1, metric=metric,
+        functional.soft_knn_predict(x.detach(), r, labels, c, temperature=0.1, metric=metric,
                                    backend=backend)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -78,7 +80,6 @@ def warmup(dtype=torch.float32, dim=128, *, metric="sqeuclidean", forms=("batch"
         nbkernels.warmup(torch.bfloat16, 128, metric="cosine", forms=("batch", "predict"),
                          num_classes=1000)
     """
-    from nbkernels import _validation as check
     unknown = [f for f in forms if f not in FORMS]
     if unknown:
         raise ValueError(f"forms must be among {FORMS}, got {unknown}")

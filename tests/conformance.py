@@ -695,8 +695,8 @@ def _fp64_runs(caps, monkeypatch):
     """A context for fp64 inputs: backends that fall back to "torch" must warn."""
     if caps.fp64 != "fallback":
         return warnings.catch_warnings()
-    module = nbkernels.autograd.backend_module(caps.name)
-    monkeypatch.setattr(module, "_warned_fp64", False)
+    from nbkernels import backends
+    monkeypatch.setattr(backends, "_warned", set())
     return pytest.warns(UserWarning, match="float64")
 
 

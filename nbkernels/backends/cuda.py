@@ -12,9 +12,9 @@ the reduction of per-row dT partial sums. Nothing is read on the host.
 
 Precision: fp16 / bf16 products on tensor cores with fp32 accumulation; fp32 inputs as
 3xTF32 on tensor cores (about fp32 accuracy, whatever ``torch.backends.cuda.matmul``
-allows). fp64 inputs fall back to the ``torch`` backend, with a one-time warning.
+allows). fp64 inputs run on the ``torch`` backend instead, with a one-time warning: the
+gateway (``nbkernels.backends.get``) decides that.
 """
-import warnings
 
 import torch
 
@@ -46,21 +46,14 @@ def is_available(device) -> bool:
 
 # ---------------------------------------------------------------------------- helpers
 
-_warned_fp64 = False
-
-
-def _fp64_fallback():
-    """The ``torch`` backend, for fp64 inputs; warns once per process."""
-    global _warned_fp64
-    if not _warned_fp64:
-        _warned_fp64 = True
-        warnings.warn("backend 'cuda' has no float64 kernels (they use tensor cores): float64 "
-                      "inputs run on backend 'torch' instead", UserWarning, stacklevel=3)
-    from nbkernels.backends import torch as torch_backend
-    return torch_backend
-
-
 def _check(q, metric):
+    if q.dtype == torch.float64:  # nbkernels.backends.get sends fp64 to backend "torch"
+        raise TypeError("backend 'cuda' has no float64 kernels: reach it through "
+                        "nbkernels.backends.get, which runs float64 on backend 'torch'")
+    _check_device(q, metric)
+
+
+def _check_device(q, metric):
     if _C is None:
         raise BackendUnavailableError(f"backend 'cuda': {BUILD_HINT} (import error: {_IMPORT_ERROR})")
     if metric not in METRICS:
@@ -101,9 +94,6 @@ def _offset(offset):
 
 def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
     """Shifted ``(lse_all, lse_pos)``, each (N,) fp32."""
-    if q.dtype == torch.float64:
-        return _fp64_fallback().lse_forward(q, r, q_labels, r_labels, temperature,
-                                            metric=metric, offset=offset)
     _check(q, metric)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     _, rn = _sqnorms(q, r, metric, r_far)
@@ -119,9 +109,6 @@ def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
     Rows without any reference get yhat = NaN (as the reference) and lse_all = -inf. Labels
     outside ``[0, num_classes)`` count in lse_all but in no class.
     """
-    if q.dtype == torch.float64:
-        return _fp64_fallback().probs_forward(q, r, r_labels, temperature, num_classes,
-                                              metric=metric, offset=offset)
     _check(q, metric)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     m, c = r.shape[0], int(num_classes)
@@ -186,10 +173,6 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
 
     ``g_all`` or ``g_pos`` may be ``None`` (zero).
     """
-    if q.dtype == torch.float64:
-        return _fp64_fallback().lse_backward(
-            q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-            metric=metric, offset=offset, need_q=need_q, need_r=need_r, need_t=need_t)
     _check(q, metric)
     g_all = torch.zeros_like(lse_all) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos) if g_pos is None else g_pos
@@ -201,10 +184,6 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
 def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, *, metric, offset, need_q,
                    need_r, need_t):
     """``(dq, dr, dt)`` of ``sum(g * yhat)``; ``None`` where not needed."""
-    if q.dtype == torch.float64:
-        return _fp64_fallback().probs_backward(
-            q, r, r_labels, temperature, yhat, lse_all, g, metric=metric, offset=offset,
-            need_q=need_q, need_r=need_r, need_t=need_t)
     _check(q, metric)
     g = g.to(torch.float32)
     # delta_i = sum_c G_ic yhat_ic

@@ -155,3 +155,73 @@ def class_probs(q, r, r_labels, temperature, num_classes, *, metric="sqeuclidean
     has_ref = ((s > float("-inf")) | torch.isnan(s)).any(1, keepdim=True)
     yhat = yhat.masked_fill(torch.logical_not(has_ref), float("nan"))
     return yhat.to(q.dtype)
+
+
+# ---------------------------------------------------------------- the launcher interface
+# (``nbkernels.backends``), over the materialized formula, so that every chunked and
+# distributed path also runs with backend="reference". Its lse values are unshifted.
+
+SHIFTED = False
+
+
+def _finite_or_zero(x):
+    return torch.where(x == float("-inf"), torch.zeros_like(x), x)
+
+
+def _row_g(lse, g):
+    """Rows without any term (lse = -inf) get no gradient."""
+    empty = (lse == float("-inf")).view(-1, *([1] * (g.dim() - 1)))
+    return torch.where(empty, torch.zeros_like(g), g.to(lse.dtype))
+
+
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
+    with torch.no_grad():
+        return neighbor_lse(q, r, q_labels, r_labels, temperature, metric=metric, offset=offset)
+
+
+def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
+    with torch.no_grad():
+        s = logits(q, r, temperature, metric, offset)
+        lse_all = torch.logsumexp(s, 1)
+        p = torch.exp(s - lse_all[:, None])
+        yhat = torch.zeros(s.shape[0], num_classes, dtype=s.dtype, device=s.device)
+        return yhat.index_add(1, r_labels, p), lse_all
+
+
+def _grads(q, r, temperature, metric, offset, make_ds, need_q, need_r, need_t):
+    # the gradient of sum_ij ds_ij s_ij(q, r, T) with ds held constant
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(need)
+                  for x, need in ((q, need_q), (r, need_r), (temperature, need_t))]
+        s = logits(*leaves, metric, offset)
+        with torch.no_grad():
+            ds = make_ds(s.detach())
+        if offset is not None:  # ds is 0 there; keep -inf * 0 out of the sum
+            s = s.masked_fill(_excluded(s.shape[0], s.shape[1], offset, s.device), 0.0)
+        wanted = [x for x in leaves if x.requires_grad]
+        got = iter(torch.autograd.grad((s * ds).sum(), wanted) if wanted else ())
+    return tuple(next(got) if x.requires_grad else None for x in leaves)
+
+
+def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+                 *, metric, offset, need_q, need_r, need_t):
+    def make_ds(s):
+        # ds_ij = g_all_i p_ij + g_pos_i p+_ij
+        pos = q_labels[:, None] == r_labels[None, :]
+        ds = _row_g(lse_all, g_all)[:, None] * torch.exp(s - _finite_or_zero(lse_all)[:, None])
+        p_pos = torch.exp(s - _finite_or_zero(lse_pos)[:, None])
+        return ds + torch.where(pos, _row_g(lse_pos, g_pos)[:, None] * p_pos, 0.0)
+
+    return _grads(q, r, temperature, metric, offset, make_ds, need_q, need_r, need_t)
+
+
+def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, *, metric, offset,
+                   need_q, need_r, need_t):
+    def make_ds(s):
+        # ds_ij = p_ij (G_{i,b_j} - delta_i), delta_i = sum_c G_ic yhat_ic
+        g_rows = _row_g(lse_all, g.to(s.dtype))
+        delta = (g_rows * torch.nan_to_num(yhat.to(s.dtype))).sum(1, keepdim=True)
+        p = torch.exp(s - _finite_or_zero(lse_all)[:, None])
+        return p * (g_rows.index_select(1, r_labels) - delta)
+
+    return _grads(q, r, temperature, metric, offset, make_ds, need_q, need_r, need_t)

@@ -93,4 +93,4 @@ def install(monkeypatch, cuda_backend):
         if metric not in cuda_backend.METRICS:
             raise ValueError(f"metric must be one of {cuda_backend.METRICS}, got {metric!r}")
 
-    monkeypatch.setattr(cuda_backend, "_check", check)
+    monkeypatch.setattr(cuda_backend, "_check_device", check)

@@ -34,8 +34,17 @@ def test_matches_triton(cb, dtype, atol, rtol):  # noqa: F811
 
 
 def test_fp64_falls_back_to_torch(cb, monkeypatch):  # noqa: F811
+    """The gateway (nbkernels.backends.get) runs fp64 on backend "torch", with a warning;
+    the cuda launchers themselves refuse fp64."""
+    from nbkernels import backends
     case = HELPERS.make_case(dtype=torch.float64)
-    monkeypatch.setattr(cb, "_warned_fp64", False)
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(UserWarning, match="float64"):
+        assert backends.get("cuda", case.q.device, torch.float64) is backends.get(
+            "torch", case.q.device, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        cb.lse_forward(case.q, case.q, case.a, case.a, case.t, metric="dot", offset=None)
+    monkeypatch.setattr(backends, "_warned", set())  # warned once per process: again here
     with pytest.warns(UserWarning, match="float64"):
         got = nbkernels.nca_loss(case.q, case.a, temperature=case.t, backend="cuda")
     want = nbkernels.nca_loss(case.q, case.a, temperature=case.t, backend="reference")
