@@ -1,4 +1,4 @@
-"""The conformance suite (conformance.py) on backend "torch", on the CPU, with tiny odd
+"""The conformance suite (tests/conformance/) on backend "torch", on the CPU, with tiny odd
 tiles (the ``small_blocks`` fixture) so that every tiling edge shows up on small inputs.
 
 The public-API tests run on backend="reference" too, and the reference's own functions are

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import sklearn  # noqa: F401  (demo dependencies, installed with the test extra)
 
 ROOT = Path(__file__).resolve().parents[1]

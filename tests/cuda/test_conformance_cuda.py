@@ -1,4 +1,4 @@
-"""The conformance suite (conformance.py) on backend "cuda": the kernels' source emulated
+"""The conformance suite (tests/conformance/) on backend "cuda": the kernels' source emulated
 on the CPU (``NBK_CUDA_EMULATE=1``), or a real GPU (``NBK_TEST_DEVICE=cuda``); see
 cuda_helpers.py. fp64 inputs fall back to backend "torch" with a warning, so the launcher
 tests run fp32 / fp16 / bf16, and fp64 only through the public API. Odd shapes cross the

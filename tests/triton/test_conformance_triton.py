@@ -1,4 +1,4 @@
-"""The conformance suite (conformance.py) on backend "triton": on the CPU through Triton's
+"""The conformance suite (tests/conformance/) on backend "triton": on the CPU through Triton's
 interpreter (``TRITON_INTERPRET=1``; no bf16 there), or on a GPU with
 ``NBK_TEST_DEVICE=cuda`` (bf16 included). Launchers run with ``precision="ieee"``; the
 tf32 paths are in test_triton_specific.py."""

@@ -1,5 +1,5 @@
 """The backward kernel's paths (``kernels.neighbor_bwd_kernel``) against the fp64
-oracle of conformance.py, under the interpreter (or on a GPU):
+oracle of tests/conformance/, under the interpreter (or on a GPU):
 
 * the batch loss's one SYMMETRIC kernel (``r is q``, one label vector): its summed
   gradient equals the oracle's dq + dr, and the dq + dr of the two-kernel path on a copy;

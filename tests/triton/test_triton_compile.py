@@ -55,7 +55,9 @@ def test_compiled_training_step_equals_eager(h, compiler):
     import nbkernels
 
     g = torch.Generator().manual_seed(0)
-    model = torch.nn.Linear(6, 4).to(h.device)
+    with torch.random.fork_rng(devices=[]):   # weights independent of earlier tests
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 4).to(h.device)
     x = torch.randn(21, 6, generator=g).to(h.device)
     y = torch.randint(0, 3, (21,), generator=g).to(h.device)
 
@@ -72,5 +74,9 @@ def test_compiled_training_step_equals_eager(h, compiler):
         loss = fn(x, y)
         loss.backward()
         results.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    # inductor fuses and reassociates the fp32 work around the kernels (the linear layer,
+    # the normalization, the class means): a few ulps of the largest gradient (~10 here,
+    # seen up to 2e-5 across weight seeds)
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()),
+                                   rtol=1e-5)

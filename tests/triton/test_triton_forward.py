@@ -1,5 +1,5 @@
 """The lse forward's row shift (``kernels.neighbor_fwd_kernel``) against the fp64
-oracle of conformance.py. The first reference tile sets each row's shift and later tiles
+oracle of tests/conformance/. The first reference tile sets each row's shift and later tiles
 keep it without a per-pair max, moving it only when a tile's sum passes 2^64 (fp32;
 2^512 fp64); a shift that lags so far that a term overflows, or a first tile with no
 term, sends the row to the exact pass (flagged in ``redo``). The references come in
