@@ -123,7 +123,7 @@ def _predict():
             # torch's default (allow_tf32 off): fp32 dots in IEEE precision
             cfg, source = tc.select(kind, elem, d, torch.device("cpu"), "ieee")
             bm, bn, w, s = build._config_tuple(cfg, kind)
-            jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
+            jit = tk.kernel_for(kind, build.SM90)
             vals = build._launch_values(kind, dtype, "sqeuclidean", False,
                                         None if kind == "fwd" else "sym", bm, bn, d, "ieee")
             vals.update(flags)

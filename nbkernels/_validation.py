@@ -8,7 +8,6 @@ import struct
 
 import torch
 
-METRICS = ("sqeuclidean", "cosine", "dot")
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -29,6 +29,7 @@ import functools
 import torch
 
 from nbkernels import backends, kernel_inputs
+from nbkernels._validation import acc_dtype
 
 
 _SECOND_ORDER = (
@@ -101,7 +102,7 @@ def _setup(ctx, q, r, metric, offset, backend):
     r = q if ctx.batch else r
     qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
-    return r, qk, rk, kmetric, torch.float64 if q.dtype == torch.float64 else torch.float32
+    return r, qk, rk, kmetric, acc_dtype(q.dtype)
 
 
 def _batch_grads(ctx, dq, dr):
@@ -156,7 +157,7 @@ class NeighborLSE(torch.autograd.Function):
         ctx.save_for_backward(q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos)
         if kmetric == "sqeuclidean":
             # the kernels leave out the row constant -||q||^2 / T; add it back
-            shift = qk.to(acc).pow(2).sum(1) / temperature.to(acc)
+            shift = kernel_inputs.row_shift(qk, temperature, kmetric)
             return lse_all - shift, lse_pos - shift
         return lse_all.clone(), lse_pos.clone()
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nbkernels import _validation as check
+from nbkernels import kernel_inputs
 from nbkernels import backends
 from nbkernels import distributed as dist_
 from nbkernels import functional as F
@@ -59,7 +60,7 @@ class NeighborCache(nn.Module):
         super().__init__()
         size, dim = check.integer("size", size, low=1), check.integer("dim", dim, low=1)
         num_classes = check.num_classes(num_classes)
-        check.choice("metric", metric, check.METRICS)
+        check.choice("metric", metric, kernel_inputs.METRICS)
         check.choice("backend", backend, backends.CHOICES)
         check.temperature(temperature, torch.device("cpu"))
         if not dtype.is_floating_point:

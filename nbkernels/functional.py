@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from nbkernels import _validation as check
+from nbkernels import kernel_inputs
 from nbkernels import backends
 from nbkernels import distributed as dist_
 from nbkernels.autograd import ClassProbs, NeighborLSE
@@ -29,7 +30,7 @@ __all__ = ["class_means", "nca_loss", "positive_counts", "prototype_loss", "soft
 def _common(temperature, metric, backend, device, dtype):
     """Checked (temperature tensor, backend name); a float temperature is made in the
     accumulation dtype of ``dtype`` (fp64 inputs: an exact fp64 T)."""
-    check.choice("metric", metric, check.METRICS)
+    check.choice("metric", metric, kernel_inputs.METRICS)
     t = check.temperature(temperature, device, check.acc_dtype(dtype))
     return t, backends.resolve(backend, device)
 

@@ -28,7 +28,11 @@ from nbkernels._validation import acc_dtype
 from nbkernels.backends.infinity import at_infinity
 
 _EPS = 1e-12  # as torch.nn.functional.normalize
+# The metrics, once: each user metric and the kernel metric its prepared rows are scored
+# with (a new metric that is a row transform is one entry here and one case below).
 KERNEL_METRIC = {"sqeuclidean": "sqeuclidean", "cosine": "dot", "dot": "dot"}
+METRICS = tuple(KERNEL_METRIC)              # what metric= takes
+KERNEL_METRICS = ("sqeuclidean", "dot")      # what the launchers take
 
 
 class Prep(NamedTuple):
@@ -102,6 +106,24 @@ def prepare(q, r, metric):
     """``(qk, rk, kernel metric)``; for the batch against itself (``r is q``) ``rk is qk``."""
     qk, prep = prepare_queries(q, metric)
     return qk, (qk if r is q else prepare_refs(r, prep)), prep.kmetric
+
+
+def symmetric(q, r, q_labels, r_labels, offset):
+    """The batch loss: the references are the queries themselves (``r is q``, one label
+    vector), self excluded (``offset`` 0) or not (None). The logits are then symmetric up
+    to a per-row shift, so one matrix product serves each pair of blocks and one kernel
+    gives the whole gradient."""
+    return q is r and q_labels is r_labels and (offset is None or offset == 0)
+
+
+def row_shift(qk, temperature, kmetric, shifted=True):
+    """The per-query constant ||q||^2 / T that the fused backends' lse values leave out
+    under "sqeuclidean" (``nbkernels.backends``: lse - row_shift is the true lse); 0 for
+    "dot" or for a backend whose values are not ``shifted`` (the reference)."""
+    if kmetric != "sqeuclidean" or not shifted:
+        return 0.0
+    acc = acc_dtype(qk.dtype)
+    return qk.to(acc).pow(2).sum(1) / temperature.to(acc)
 
 
 def input_grad(x, grad, metric):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nbkernels import _validation as check
+from nbkernels import kernel_inputs
 from nbkernels import backends
 from nbkernels import functional as F
 
@@ -15,7 +16,7 @@ class _NeighborLossModule(nn.Module):
     def _init_options(self, temperature, metric, reduction, backend, learn_temperature,
                       scale_out):
         self.scale_out = scale_out  # chunk_size, distributed, group: see nca_loss
-        check.choice("metric", metric, check.METRICS)
+        check.choice("metric", metric, kernel_inputs.METRICS)
         check.choice("reduction", reduction, check.REDUCTIONS)
         check.choice("backend", backend, backends.CHOICES)
         self.metric, self.reduction, self.backend = metric, reduction, backend

@@ -97,10 +97,7 @@ def _finite_or_zero(x):
 
 def row_shift(mod, qk, temperature, kmetric):
     """The per-query constant that ``mod``'s lse values leave out (add it back: lse - shift)."""
-    if kmetric != "sqeuclidean" or not getattr(mod, "SHIFTED", True):
-        return 0.0
-    acc = acc_dtype(qk.dtype)
-    return qk.to(acc).pow(2).sum(1) / temperature.to(acc)
+    return kernel_inputs.row_shift(qk, temperature, kmetric, getattr(mod, "SHIFTED", True))
 
 
 # ---------------------------------------------------------------- on kernel inputs
@@ -179,7 +176,7 @@ def _check(q, r, temperature, metric, backend):
     check.embeddings("q", q)
     check.embeddings("r", r)
     check.same_dim("r", r, "q", q)
-    check.choice("metric", metric, check.METRICS)
+    check.choice("metric", metric, kernel_inputs.METRICS)
     t = check.temperature(temperature, q.device, check.acc_dtype(q.dtype))
     return t, backends.resolve(backend, q.device)
 

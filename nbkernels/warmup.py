@@ -17,6 +17,7 @@ import time
 import torch
 
 from nbkernels import _validation as check
+from nbkernels import kernel_inputs
 from nbkernels import functional
 
 FORMS = ("batch", "cross", "prototype", "predict")
@@ -87,7 +88,7 @@ def warmup(dtype=torch.float32, dim=128, *, metric="sqeuclidean", forms=("batch"
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"dtype must be a floating dtype (fp16, bf16, fp32, fp64), got {dtype}")
-    check.choice("metric", metric, check.METRICS)
+    check.choice("metric", metric, kernel_inputs.METRICS)
     device = torch.device(device)
     out = []
     for form in forms:

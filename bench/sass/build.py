@@ -46,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SM = 90
+SM90 = (SM // 10, SM % 10)   # the compute capability whose kernel variants are built
 N = M = 65536
 D = 128
 NUM_CLASSES = 100
@@ -272,8 +273,6 @@ def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), cl
     from nbkernels.backends.triton import kernels as tk
     out = []
     for kind in kinds:
-        jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
-        fn = jit if hasattr(jit, "params") else jit.fn   # an @autotune wraps the JITFunction
         cfgs = tk.GPU_FWD_CONFIGS if kind == "fwd" else tk.GPU_BWD_CONFIGS
         for ci, cfg in enumerate(cfgs):
             if configs is not None and ci not in configs:
@@ -284,6 +283,7 @@ def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), cl
                     for cls in classes:
                         if not tk.fits(cfg, 4 if dtype == "fp32" else 2, D, cls and kind == "fwd"):
                             continue
+                        fn = tk.kernel_for(kind + ("_class" if cls else ""), SM90)
                         rms = (None,) if kind == "fwd" else (False, True) if cls else \
                             (False, True, "sym")
                         for rm in rms:
@@ -322,7 +322,7 @@ def table_variants(metric="sqeuclidean"):
         kind, cls = kernel[:3], kernel.endswith("class")
         d = (TABLE_D if kind == "fwd" else TABLE_D_BWD)[bucket]
         dtype = TABLE_DTYPE[dclass]
-        jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
+        jit = tk.kernel_for(kernel, SM90)
         rms = (None,) if kind == "fwd" else (False, True) if cls else (False, True, "sym")
         for rm in rms:
             vals = _fill_unknown(jit, _launch_values(kind, dtype, metric, cls, rm, bm, bn, d,

@@ -48,7 +48,7 @@ def choose(only=None):
         dtype = build.TABLE_DTYPE[dclass]
         elem = {"bf16": 2, "fp32": 4, "fp64": 8}[dtype]
         block_d = tc._block_d(kernel, d)
-        jit = tk.neighbor_fwd_kernel if kind == "fwd" else tk.neighbor_bwd_kernel
+        jit = tk.kernel_for(kernel, build.SM90)
         rms = (None,) if kind == "fwd" else (False, True) if cls else (False, True, "sym")
         cands = []
         for cfg in (tk.GPU_FWD_CONFIGS if kind == "fwd" else tk.GPU_BWD_CONFIGS):

@@ -19,7 +19,9 @@ gateway (``nbkernels.backends.get``) decides that.
 import torch
 
 from nbkernels._validation import BackendUnavailableError
+from nbkernels.backends import variants
 from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
+from nbkernels.kernel_inputs import KERNEL_METRICS
 
 try:
     from nbkernels import _C  # loading it registers torch.ops.nbkernels.cuda_*
@@ -28,7 +30,7 @@ except ImportError as e:  # the package works without the extension; is_availabl
     _C = None
     _IMPORT_ERROR = e
 
-METRICS = ("sqeuclidean", "dot")
+METRICS = KERNEL_METRICS
 CLASS_TILE = 32  # == nbk::kClassTile in csrc/cuda/neighbor_cuda.h (the op checks it)
 BUILD_HINT = (
     "the CUDA extension nbkernels._C is not built. Build it from a source checkout on a "
@@ -60,6 +62,23 @@ def _check_device(q, metric):
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if q.device.type != "cuda":
         raise BackendUnavailableError(f"backend 'cuda' needs CUDA tensors, got {q.device}")
+
+
+# The kernel variants (``nbkernels.backends.variants``): the ``torch.ops.nbkernels`` op
+# each launch runs, in order of preference; an architecture-specific kernel is one entry
+# in front of the generic one of its kind (its op and fake registered with the others).
+VARIANTS = [
+    variants.Variant("fwd", "generic", "cuda_lse_fwd"),
+    variants.Variant("fwd_class", "generic", "cuda_class_fwd"),
+    variants.Variant("bwd", "generic", "cuda_bwd"),
+    variants.Variant("bwd_class", "generic", "cuda_bwd"),
+]
+
+
+def _op(kind, device):
+    """The op of the variant that ``variants.choose`` picks for ``kind`` on ``device``."""
+    chosen = variants.choose(VARIANTS, kind, variants.capability(device))
+    return getattr(torch.ops.nbkernels, chosen.kernel)
 
 
 def _sqnorms(q, r, metric, r_far=None):
@@ -97,7 +116,7 @@ def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
     _check(q, metric)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     _, rn = _sqnorms(q, r, metric, r_far)
-    lse_all, lse_pos = torch.ops.nbkernels.cuda_lse_fwd(
+    lse_all, lse_pos = _op("fwd", q.device)(
         q, r, _rows(q_labels, torch.int64), _rows(r_labels, torch.int64), _temp(temperature),
         rn, metric == "sqeuclidean", *_offset(offset))
     return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
@@ -120,7 +139,7 @@ def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
     tile_ptr = torch.cat([labels.new_zeros(1), torch.searchsorted(labels, inner),
                           labels.new_full((1,), m)])
     _, rn = _sqnorms(q, r, metric, r_far)
-    mass, tile_max, tile_sum = torch.ops.nbkernels.cuda_class_fwd(
+    mass, tile_max, tile_sum = _op("fwd_class", q.device)(
         q, r, labels, perm, tile_ptr, _temp(temperature), rn, c, CLASS_TILE,
         metric == "sqeuclidean", *_offset(offset))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse)
@@ -152,12 +171,13 @@ def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_
     t_from_r = need_t and need_r and not need_q
     t_from_q = need_t and not t_from_r
     dq = dr = part = None
+    bwd = _op("bwd" if g_cls is None else "bwd_class", q.device)
     if need_q or t_from_q:
-        dx, dt_part = torch.ops.nbkernels.cuda_bwd(*args, False, need_q, t_from_q)
+        dx, dt_part = bwd(*args, False, need_q, t_from_q)
         dq = dx if need_q else None
         part = dt_part if t_from_q else part
     if need_r or t_from_r:
-        dx, dt_part = torch.ops.nbkernels.cuda_bwd(*args, True, need_r, t_from_r)
+        dx, dt_part = bwd(*args, True, need_r, t_from_r)
         dr = dx if need_r else None
         part = dt_part if t_from_r else part
     dt = None

@@ -66,10 +66,8 @@ from __future__ import annotations
 
 import torch
 
-
-def at_infinity(x):
-    """(N,) bool: rows with an infinite entry and no NaN, points at infinity."""
-    return torch.isinf(x).any(1) & torch.logical_not(torch.isnan(x).any(1))
+from nbkernels._validation import acc_dtype
+from nbkernels.backends.infinity import at_infinity
 
 
 def unit_rows(x):
@@ -88,7 +86,7 @@ def logits(q, r, temperature, metric, offset):
     (no gradient); under "dot" a +inf logit is NaN (the softmax is undefined there).
     Autocast does not apply: the products run in the accumulation dtype.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         q = q.to(acc)
         r = r.to(acc)

@@ -15,7 +15,8 @@ import torch
 
 from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
 from nbkernels.backends.torch_blocked import (_acc_dtype, _lse_backward, _lse_forward,
-                                              _probs_backward, _probs_forward, _symmetric)
+                                              _probs_backward, _probs_forward)
+from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric
 
 
 # ------------------------------------------------------------------------ custom ops
@@ -35,7 +36,7 @@ def _outside_autocast(fn):
     return run
 
 
-METRICS = ("sqeuclidean", "dot")
+METRICS = KERNEL_METRICS
 
 
 def _inputs(q, r, q_labels, r_labels, metric, symmetric):
@@ -139,7 +140,7 @@ def _(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, need_q, nee
 
 def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
     """Shifted ``(lse_all, lse_pos)``, each (N,) in the accumulation dtype."""
-    sym = _symmetric(q, r, q_labels, r_labels, offset)
+    sym = symmetric(q, r, q_labels, r_labels, offset)
     return torch.ops.nbkernels.torch_lse_fwd(q, r, q_labels, r_labels, temperature, metric,
                                              offset, sym)
 
@@ -160,7 +161,7 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
                  *, metric, offset, need_q, need_r, need_t):
     """``(dq, dr, dt)`` of ``sum(g_all lse_all + g_pos lse_pos)``; None where not needed.
     For the batch loss (``q is r``) ``dq`` is the whole gradient and ``dr`` None."""
-    sym = _symmetric(q, r, q_labels, r_labels, offset)
+    sym = symmetric(q, r, q_labels, r_labels, offset)
     acc = _acc_dtype(q.dtype)
     g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos

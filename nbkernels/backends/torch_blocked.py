@@ -172,12 +172,6 @@ class _OnlineLSE:
         return self.m + torch.log(self.l)
 
 
-def _symmetric(q, r, q_labels, r_labels, offset):
-    """The batch loss: references are the queries, self excluded. The logit matrix is
-    then symmetric up to a per-row shift, and each block pair needs one matrix product."""
-    return q is r and q_labels is r_labels and offset == 0
-
-
 def _lse_forward(q, r, q_labels, r_labels, temperature, metric, offset, sym, r_far):
     block = (BLOCK_SYM, BLOCK_SYM) if sym else (None, None)
     pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block, r_far=r_far)

@@ -32,18 +32,20 @@ import re
 
 import torch
 
+from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric
+
 try:
     import triton
 
     from . import kernels as tk
     from . import rows as tr
     # the custom ops (registered on import) and what diagnostics read
-    from .backward import _symmetric, lse_backward_rows  # noqa: F401
+    from .backward import lse_backward_rows  # noqa: F401
     from .forward import lse_forward_passes  # noqa: F401
 except ImportError:  # the package works without triton; is_available says False
     triton = None
 
-METRICS = ("sqeuclidean", "dot")
+METRICS = KERNEL_METRICS
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
@@ -129,7 +131,7 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
     acc = tr.acc_dtype(q.dtype)
     g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos
-    sym = _symmetric(q, r, q_labels, r_labels, offset)
+    sym = symmetric(q, r, q_labels, r_labels, offset)
     dq, dr, dt = torch.ops.nbkernels.triton_lse_bwd(
         q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric,
         offset or 0, offset is not None, sym, need_q, need_r, need_t, precision)

@@ -15,7 +15,7 @@ def _acc(x):
 
 
 def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    return tl.float64 if tr.acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def _dot_precision(dtype, precision):

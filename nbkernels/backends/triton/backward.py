@@ -143,12 +143,6 @@ def _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric=False):
             temperature.new_empty(() if need_t else (0,)))
 
 
-def _symmetric(q, r, q_labels, r_labels, offset):
-    """The batch loss (``r is q``, one label vector, self excluded or not): one kernel
-    gives the whole gradient from the symmetric logits."""
-    return q is r and q_labels is r_labels and (offset is None or offset == 0)
-
-
 @torch.library.custom_op("nbkernels::triton_lse_bwd", mutates_args=())
 def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
              temperature: torch.Tensor, lse_all: torch.Tensor, lse_pos: torch.Tensor,

@@ -34,6 +34,8 @@ import contextlib
 
 import triton
 
+from nbkernels.backends import variants
+
 from . import common as tc
 
 SASS = ("SASS model: best predicted of the GPU configs that fit, with no flavour spilling "
@@ -112,13 +114,11 @@ LAUNCHED = {}
 
 
 def arch(device):
-    """"sm90" for compute capability 9.x, else "other" (CPU under the interpreter: the
-    GPU sizes take sm90's table, the interpreter's own sizes 16 x 16)."""
-    import torch
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return "sm90" if major == 9 else "other"
-    return "sm90"
+    """"sm90" for compute capability 9.x, else "other" (CPU under the interpreter stands
+    in for sm_90, ``variants.capability``: the GPU sizes take sm90's table, the
+    interpreter's own sizes 16 x 16)."""
+    major, _ = variants.capability(device)
+    return "sm90" if major == 9 else "other"
 
 
 def dtype_class(element_size, precision=None):
@@ -156,14 +156,16 @@ def fallback(kernel, element_size, d, precision=None):
     return FALLBACK[-1]
 
 
-def select(kernel, element_size, d, device, precision=None):
+def select(kernel, element_size, d, device, precision=None, arch_key=None):
     """(triton.Config, source) of ``kernel`` for inputs of ``element_size`` bytes, feature
-    dim ``d`` and fp32 dot ``precision`` ("ieee", "tf32", "tf32x3") on ``device``."""
+    dim ``d`` and fp32 dot ``precision`` ("ieee", "tf32", "tf32x3") on ``device``; a
+    kernel variant with its own entries names them by ``arch_key`` (default: the
+    device's architecture)."""
     if kernel in _override:
         return _override[kernel], "override"
     if tc.SMALL:
         return _config(16, 16, 4, 2, kernel), "interpreter sizes"
-    key = (arch(device), kernel, dtype_class(element_size, precision),
+    key = (arch_key or arch(device), kernel, dtype_class(element_size, precision),
            d_bucket(kernel, d, element_size, precision))
     if key in TABLE:
         entry, source = TABLE[key]

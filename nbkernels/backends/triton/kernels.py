@@ -62,6 +62,8 @@ import functools
 
 import triton
 
+from nbkernels.backends import variants
+
 from . import configs
 from .kernel_bwd import neighbor_bwd_kernel
 from .common import (  # noqa: F401 (the launchers' and tests' names)
@@ -76,13 +78,34 @@ _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", 
           "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX")
 
 
+# The kernel variants, in order of preference (``nbkernels.backends.variants``): an
+# architecture-specific kernel is one entry in front of the generic one of its kind.
+VARIANTS = [
+    variants.Variant("fwd", "generic", neighbor_fwd_kernel),
+    variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
+    variants.Variant("bwd", "generic", neighbor_bwd_kernel),
+    variants.Variant("bwd_class", "generic", neighbor_bwd_kernel),
+]
+TRITON_VERSION = variants.triton_version()
+
+
+def choose(kind, device):
+    """The variant a launch of ``kind`` on ``device`` runs."""
+    return variants.choose(VARIANTS, kind, variants.capability(device), TRITON_VERSION)
+
+
+def kernel_for(kind, capability):
+    """The ``triton.jit`` function a device of ``capability`` launches for ``kind`` (the
+    SASS build and the first-call prediction compile what sm_90 runs)."""
+    return variants.choose(VARIANTS, kind, capability, TRITON_VERSION).kernel
+
+
 @functools.cache
-def _autotuned(kernel):
-    """``kernel`` under Triton's autotuner (NBK_TRITON_AUTOTUNE=1), results cached on disk."""
-    fwd = kernel == "fwd"
+def _autotuned(jit, fwd):
+    """``jit`` under Triton's autotuner (NBK_TRITON_AUTOTUNE=1), results cached on disk."""
     return triton.autotune(configs=GPU_FWD_CONFIGS if fwd else GPU_BWD_CONFIGS,
                            key=FWD_KEY if fwd else BWD_KEY, prune_configs_by=PRUNE,
-                           cache_results=True)(neighbor_fwd_kernel if fwd else neighbor_bwd_kernel)
+                           cache_results=True)(jit)
 
 
 def variant(kind, args):
@@ -93,18 +116,18 @@ def variant(kind, args):
 
 def launch(kind, grid, *, tune=True, **args):
     """Launch the forward (kind "fwd", "fwd_class") or backward ("bwd", "bwd_class")
-    kernel with the config of ``configs.select``: ``grid(meta)`` gets the
+    kernel that ``choose`` picks with the config of ``configs.select``: ``grid(meta)`` gets the
     arguments and the config's block sizes. With NBK_TRITON_AUTOTUNE=1, launches with
     ``tune`` (the main passes; not the exact / fix-up passes, which would only repeat
     their main pass's choice) go through the autotuner instead."""
-    jit = neighbor_fwd_kernel if kind.startswith("fwd") else neighbor_bwd_kernel
+    chosen = choose(kind, args["q"].device)
     if AUTOTUNE and tune and not configs.overridden(kind):
-        return _autotuned(kind[:3])[grid](**args)
+        return _autotuned(chosen.kernel, kind.startswith("fwd"))[grid](**args)
     cfg, _ = configs.select(kind, args["q"].element_size(), args["D"], args["q"].device,
-                                   args.get("PRECISION"))
+                            args.get("PRECISION"), chosen.configs)
     configs.LAUNCHED.setdefault(variant(kind, args), set()).add(str(cfg))
-    return jit[grid(dict(args, **cfg.kwargs))](**args, **cfg.kwargs, num_warps=cfg.num_warps,
-                                                num_stages=cfg.num_stages)
+    return chosen.kernel[grid(dict(args, **cfg.kwargs))](
+        **args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def fixed_configs(fwd, bwd):

@@ -4,9 +4,10 @@ import torch
 
 from nbkernels._validation import acc_dtype
 
+from . import common
 from . import kernels as tk
 
-LOG2E = 1.4426950408889634
+LOG2E = common.LOG2E.value  # the kernels' constant, as a Python float
 
 
 def label_ranks(q_labels, r_labels):

@@ -1,0 +1,118 @@
+"""The seam for architecture variants: which kernel a fused backend launches, chosen from
+the device's compute capability and the triton version by one function, ``choose``, over
+the backend's table.
+
+Each backend keeps one table, a list of :class:`Variant` in order of preference
+(``nbkernels.backends.triton.kernels.VARIANTS``, ``nbkernels.backends.cuda.VARIANTS``); the
+first entry whose kind matches and whose capability and triton ranges hold is launched.
+Every table ends with a "generic" entry per kind that holds everywhere. An sm_90-only
+kernel (TMA loads, warp specialization) is then one entry in front of the generic one,
+``Variant("fwd", "sm90_tma", kernel, capability=((9, 0), (10, 0)))``, plus its kernel
+file: the launchers, the config table (``configs``: its ``configs`` key), the SASS build
+(``bench/sass/build.py`` compiles what ``choose`` picks for sm_90) and the tests
+(``applicable``) follow from the entry.
+
+The interpreter (TRITON_INTERPRET=1) and the CUDA emulator run on the CPU and stand in for
+the GPU whose tile configs they run: a CPU device reports ``EMULATED_CAPABILITY`` (sm_90).
+"""
+import contextlib
+import dataclasses
+import re
+from typing import Any, Optional
+
+import torch
+
+EMULATED_CAPABILITY = (9, 0)
+ANY = ((0, 0), (1 << 30, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel of a backend's table.
+
+    kind: the launch it serves ("fwd", "fwd_class", "bwd", "bwd_class"). name: its name in
+    bookkeeping and test ids. kernel: what the launcher runs (a ``triton.jit`` function,
+    or the name of a ``torch.ops.nbkernels`` op). capability: [lo, hi) compute
+    capabilities. triton: [lo, hi) triton versions as (major, minor); ``None`` for a
+    backend that does not use triton. configs: the architecture key of its tile configs
+    (``triton.configs.TABLE``); ``None``: the device's.
+    """
+    kind: str
+    name: str
+    kernel: Any
+    capability: tuple = ANY
+    triton: Optional[tuple] = None
+    configs: Optional[str] = None
+
+    def holds(self, capability, triton_version=None):
+        lo, hi = self.capability
+        if not lo <= tuple(capability) < hi:
+            return False
+        if self.triton is None or triton_version is None:
+            return True
+        lo, hi = self.triton
+        return lo <= tuple(triton_version) < hi
+
+
+def capability(device):
+    """The compute capability (major, minor) the kernels for ``device`` are chosen by."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tuple(torch.cuda.get_device_capability(device))
+    return EMULATED_CAPABILITY
+
+
+def triton_version():
+    """The installed triton's (major, minor), or None without triton."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
+
+
+_pinned = {}
+
+
+def choose(table, kind, capability, triton_version=None):
+    """The first variant of ``table`` for ``kind`` that holds for ``capability`` and
+    ``triton_version`` (a pinned one first: ``pinned``)."""
+    name = _pinned.get((id(table), kind))
+    for v in table:
+        if v.kind == kind and (v.name == name if name else v.holds(capability, triton_version)):
+            return v
+    raise LookupError(f"no {kind!r} kernel for compute capability {capability} "
+                      f"and triton {triton_version} (and pinned {name!r})")
+
+
+def applicable(table, kind, capability, triton_version=None):
+    """Every variant of ``table`` for ``kind`` that holds: what tests run on a device."""
+    return [v for v in table if v.kind == kind and v.holds(capability, triton_version)]
+
+
+@contextlib.contextmanager
+def pinned(table, kind, name):
+    """Launch variant ``name`` for ``kind`` from ``table`` while inside (tests run each
+    applicable variant, not only the preferred one)."""
+    key = (id(table), kind)
+    saved = _pinned.get(key)
+    _pinned[key] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            _pinned.pop(key, None)
+        else:
+            _pinned[key] = saved
+
+
+@contextlib.contextmanager
+def registered(table, variant):
+    """``variant`` in front of ``table`` while inside (a variant under test, not yet an
+    entry of the table)."""
+    table.insert(0, variant)
+    try:
+        yield variant
+    finally:
+        table.remove(variant)

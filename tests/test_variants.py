@@ -1,0 +1,100 @@
+"""The seam for architecture variants (``nbkernels.backends.variants``): one function
+chooses a backend's kernel from the device's compute capability and the triton version,
+over the backend's table. Tests that launch the chosen kernels are in
+tests/triton/test_triton_variants.py (interpreter) and tests/cuda (emulator)."""
+import pytest
+import torch
+
+from nbkernels.backends import cuda as cuda_backend
+from nbkernels.backends import variants
+
+KINDS = ("fwd", "fwd_class", "bwd", "bwd_class")
+
+
+def _table():
+    return [
+        variants.Variant("fwd", "sm100", "k100", capability=((10, 0), (11, 0))),
+        variants.Variant("fwd", "sm90_new_triton", "k90new", capability=((9, 0), (10, 0)),
+                         triton=((3, 8), (99, 0))),
+        variants.Variant("fwd", "sm90", "k90", capability=((9, 0), (10, 0))),
+        variants.Variant("fwd", "generic", "k"),
+        variants.Variant("bwd", "generic", "kb"),
+    ]
+
+
+@pytest.mark.parametrize("cap, version, want", [
+    ((8, 0), (3, 9), "generic"), ((8, 9), None, "generic"),
+    ((9, 0), (3, 6), "sm90"), ((9, 0), (3, 7), "sm90"), ((9, 0), (3, 8), "sm90_new_triton"),
+    ((9, 0), None, "sm90_new_triton"),   # a backend without triton: the range does not apply
+    ((10, 0), (3, 6), "sm100"), ((12, 0), (3, 9), "generic")])
+def test_choose_by_capability_and_triton_version(cap, version, want):
+    assert variants.choose(_table(), "fwd", cap, version).name == want
+
+
+def test_choose_fails_loudly_without_an_entry():
+    with pytest.raises(LookupError, match="'fwd_class'.*capability"):
+        variants.choose(_table(), "fwd_class", (9, 0), (3, 9))
+
+
+def test_applicable_lists_every_variant_that_holds_in_order():
+    names = [v.name for v in variants.applicable(_table(), "fwd", (9, 0), (3, 9))]
+    assert names == ["sm90_new_triton", "sm90", "generic"]
+    assert [v.name for v in variants.applicable(_table(), "bwd", (7, 5), (3, 6))] == ["generic"]
+
+
+def test_pinned_and_registered_are_undone_on_exit():
+    table = _table()
+    toy = variants.Variant("fwd", "toy", "ktoy", capability=((9, 0), (9, 1)))
+    with variants.registered(table, toy):
+        assert variants.choose(table, "fwd", (9, 0), (3, 9)) is toy
+        assert variants.choose(table, "fwd", (9, 1), (3, 9)).name == "sm90_new_triton"
+        with variants.pinned(table, "fwd", "generic"):
+            assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "generic"
+            assert variants.choose(table, "bwd", (9, 0), (3, 9)).name == "generic"
+        assert variants.choose(table, "fwd", (9, 0), (3, 9)) is toy
+    assert toy not in table
+    assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "sm90_new_triton"
+    with variants.pinned(table, "fwd", "missing"), pytest.raises(LookupError, match="missing"):
+        variants.choose(table, "fwd", (9, 0), (3, 9))
+
+
+def test_capability_and_triton_version():
+    assert variants.capability(torch.device("cpu")) == variants.EMULATED_CAPABILITY == (9, 0)
+    version = variants.triton_version()
+    triton = pytest.importorskip("triton")
+    assert version == tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def test_every_backend_table_has_a_generic_kernel_for_every_kind():
+    """Whatever the device, each kind has a kernel: the last entry of its kind holds
+    everywhere."""
+    tables = [cuda_backend.VARIANTS]
+    try:
+        from nbkernels.backends.triton import kernels as tk
+    except ImportError:
+        pass
+    else:
+        tables.append(tk.VARIANTS)
+    for table in tables:
+        for kind in KINDS:
+            last = [v for v in table if v.kind == kind][-1]
+            assert last.name == "generic" and last.capability == variants.ANY
+            for cap in ((7, 0), (8, 0), (9, 0), (10, 0), (12, 1)):
+                assert variants.choose(table, kind, cap, (3, 6)) is not None
+
+
+def test_cuda_launchers_run_the_chosen_op(monkeypatch):
+    """The CUDA backend reaches its ops only through the table: a variant registered in
+    front, for the device's capability, is the op its launchers call; on another
+    capability the generic op is."""
+    calls = []
+    monkeypatch.setattr(torch.ops.nbkernels, "cuda_toy_fwd", lambda *a: calls.append(a) or "toy",
+                        raising=False)
+    toy = variants.Variant("fwd", "toy", "cuda_toy_fwd", capability=((9, 0), (10, 0)))
+    cpu = torch.device("cpu")
+    with variants.registered(cuda_backend.VARIANTS, toy):
+        assert cuda_backend._op("fwd", cpu)(1, 2) == "toy"
+        monkeypatch.setattr(variants, "EMULATED_CAPABILITY", (8, 0))
+        chosen = variants.choose(cuda_backend.VARIANTS, "fwd", variants.capability(cpu))
+        assert chosen.kernel == "cuda_lse_fwd"
+    assert calls == [(1, 2)]
