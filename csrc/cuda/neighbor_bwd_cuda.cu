@@ -1,7 +1,7 @@
 // Deterministic backward: recompute the logit tiles, form ds = dloss/dlogit, and
 // accumulate dq (blocks own queries) or dr (blocks own references), plus per-row partial
 // sums of ds * logit for dT. The math is in nbkernels/backends/reference.py; the algorithm
-// is that of neighbor_bwd_kernel in nbkernels/backends/triton/kernels.py.
+// is that of neighbor_bwd_kernel in nbkernels/backends/triton/kernel_bwd.py.
 //
 // No atomics: every element of dx and dt_part has exactly one writer and every sum runs in
 // a fixed order, so the gradients are bitwise reproducible. A block writes the feature

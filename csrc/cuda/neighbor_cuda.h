@@ -2,7 +2,8 @@
 //
 // No torch and no CUDA headers here: the binding (csrc/neighbor.cpp) fills these structs
 // from tensors, and every csrc/cuda/*.cu compiles with plain nvcc. The math is in
-// nbkernels/backends/reference.py; the algorithm mirrors nbkernels/backends/triton/kernels.py.
+// nbkernels/backends/reference.py; the algorithm mirrors the Triton kernels
+// (nbkernels/backends/triton/kernel_fwd.py and kernel_bwd.py).
 #pragma once
 #include <cstdint>
 

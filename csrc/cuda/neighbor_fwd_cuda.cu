@@ -1,6 +1,6 @@
 // Fused forward: the two online log-sum-exps (all references, positives), or the class
 // mass per class tile. The math is in nbkernels/backends/reference.py; the algorithm is
-// that of neighbor_fwd_kernel in nbkernels/backends/triton/kernels.py.
+// that of neighbor_fwd_kernel in nbkernels/backends/triton/kernel_fwd.py.
 //
 // A block owns kBM queries and streams reference tiles of kBN: logits on tensor cores
 // (tile_dot), then an online softmax in registers. Each running statistic has its own

@@ -21,14 +21,14 @@ def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
 
 
 @triton.jit
-def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
-              row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
-              b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c,
-              DIAG: tl.constexpr, SQEUCLID: tl.constexpr, CLASS: tl.constexpr,
-              REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
-              NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, RESIDENT: tl.constexpr,
-              ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_OWN: tl.constexpr,
-              BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
+def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col, row_shift,
+              w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
+              m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID: tl.constexpr,
+              CLASS: tl.constexpr, REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr,
+              FIXUP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
+              RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DX: tl.constexpr, i_t, DIAG: tl.constexpr):
     """One other-side tile [i_t, i_t + BOTHER) of ``neighbor_bwd_kernel``: the dx
     accumulator, the row sums of ds and the dT partial sums, updated. DIAG: the tile meets
     the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*, b_fl) come
@@ -46,9 +46,10 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_
                 run = tl.max(b_tf, 0) > 0
     if run:
         y_t = y + i_t * s_y
-        b_xy, b_yt = _rows_dot(b_x, x, y_t, o_own, m_own, o_t, m_t, D, s_x, s_xk, s_y, s_yk,
-                               RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
-                               BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
+        b_xy, b_yt = _rows_dot(b_x, x, y=y_t, o_x=o_own, m_x=m_own, o_y=o_t, m_y=m_t, D=D, s_xn=s_x,
+                               s_xd=s_xk, s_yn=s_y, s_yd=s_yk, RESIDENT=RESIDENT, ACC=ACC,
+                               PRECISION=PRECISION, BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER,
+                               BLOCK_D=BLOCK_D)
         # [BOTHER] the other rows' terms (padded vectors: no mask)
         b_yn = _col_term(y_col + i_t, o_t, m_t, False, ACC)
         if not CLASS:
@@ -226,20 +227,20 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, scale, r_col, q_col, row_shift
     for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
         if t_lo + k < t_hi:
             b_acc, b_sum, b_dt = _bwd_tile(
-                b_acc, b_sum, b_dt, (t_lo + k) * BLOCK_OTHER, i_o0, b_x, x, y, s_x, s_xk, s_y,
-                s_yk, y_labels, y_col, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc,
-                b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset,
-                b_c, True, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT,
-                RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
+                b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
+                row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
+                b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR,
+                SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN,
+                BLOCK_OTHER, BLOCK_D, BLOCK_DX, i_t=(t_lo + k) * BLOCK_OTHER, DIAG=True)
     n_diag = t_hi - t_lo
     for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
         i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
         b_acc, b_sum, b_dt = _bwd_tile(
-            b_acc, b_sum, b_dt, i_t, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
-            row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
-            b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, False, SQEUCLID,
-            CLASS, REF_MAJOR, SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION,
-            BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX)
+            b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col, row_shift,
+            w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
+            m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC,
+            FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D,
+            BLOCK_DX, i_t=i_t, DIAG=False)
     if SCALE_DS:
         if REF_MAJOR or SYMMETRIC:
             b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)

@@ -9,12 +9,11 @@ from .common import (
 
 
 @triton.jit
-def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
-                  i_m0, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c,
-                  DIAG: tl.constexpr, FIRST: tl.constexpr, POS_PASS: tl.constexpr,
-                  PACKED: tl.constexpr, RESIDENT: tl.constexpr, ACC: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
+                  offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED: tl.constexpr, RESIDENT: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, i_n, i_m0, DIAG: tl.constexpr,
+                  FIRST: tl.constexpr, POS_PASS: tl.constexpr):
     """One reference tile [i_n, i_n + BN) of the lse forward: the row state (see below),
     updated. DIAG: the tile may meet the diagonal (masked).
 
@@ -31,9 +30,9 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
     # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < hi - i_n
-    b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm, s_rd,
-                        RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
-                        BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+    b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r + i_n * s_rm, o_x=o_m, m_x=m_m, o_y=o_n, m_y=m_n, D=D,
+                        s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT, ACC=ACC,
+                        PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
     # [BN] column terms and labels (padded: no mask)
     if PACKED:
         # one int64 per reference: the fp32 column term's bits high, the label rank low
@@ -158,9 +157,10 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
             # r, r_col and r_labels arrive in label order: tile-local offsets, no gather
             o_n = tl.arange(0, BLOCK_N)
             m_n = o_n < hi - i_n
-            b_qr, _ = _rows_dot(b_q, q, r + i_n * s_rm, o_m, m_m, o_n, m_n, D, s_qn, s_qd, s_rm,
-                                s_rd, RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
-                                BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+            b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r + i_n * s_rm, o_x=o_m, m_x=m_m, o_y=o_n, m_y=m_n,
+                                D=D, s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT,
+                                ACC=ACC, PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N,
+                                BLOCK_D=BLOCK_D)
             b_s = tl.fma(b_qr, b_c, _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :])
             if HAS_OFFSET:
                 # [BN] original index of the references: the diagonal can be anywhere
@@ -185,9 +185,10 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
         # rows in any order: every tile with the general self-pair mask
         for i_n in range(0, hi, BLOCK_N):
             b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
-                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
-                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
-                False, True, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
+                offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=HAS_OFFSET, FIRST=False,
+                POS_PASS=True)
     else:
         # the first tile (the first one that meets the diagonal, else tile 0) sets the row
         # shift; the other diagonal tiles follow, unrolled (straight-line code), then the
@@ -200,22 +201,24 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
         e_n = tl.where(n_diag > 0, n_diag, tl.minimum(n_t, 1))
         if n_t > 0:
             b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
-                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, e_lo * BLOCK_N,
-                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET,
-                True, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
+                offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_D, i_n=e_lo * BLOCK_N, i_m0=i_m * BLOCK_M, DIAG=HAS_OFFSET,
+                FIRST=True, POS_PASS=POS_PASS)
         for k in tl.static_range(1, _peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
             if k < n_diag:
                 b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
-                    b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
-                    (t_lo + k) * BLOCK_N, i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd,
-                    s_rm, s_rd, b_c, True, False, POS_PASS, PACKED, RESIDENT, ACC, PRECISION,
-                    BLOCK_M, BLOCK_N, BLOCK_D)
+                    b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
+                    offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
+                    BLOCK_N, BLOCK_D, i_n=(t_lo + k) * BLOCK_N, i_m0=i_m * BLOCK_M, DIAG=True,
+                    FIRST=False, POS_PASS=POS_PASS)
         for t in range(0, n_t - e_n):
             i_n = (t + tl.where(t >= e_lo, e_n, 0)) * BLOCK_N
             b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
-                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, i_n,
-                i_m * BLOCK_M, o_m, m_m, hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, False,
-                False, POS_PASS, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
+                offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=False, FIRST=False,
+                POS_PASS=POS_PASS)
     if CLASS:
         n_tiles = tl.num_programs(1)
         # the sums were taken under fl(b_m L): relative to exp(b_m), each times 2^-d
