@@ -1,0 +1,301 @@
+"""The speed check for a GPU session: every Triton kernel variant worth deciding between,
+side by side in one process, beside FlexAttention, torch.compile of the plain formula,
+SDPA flash attention and the FlashAttention-2 anchor of bench/sass/anchor_fa2.py, at the
+target shape N = M = 65536, D = 128, 1000 classes, T = 0.1.
+
+Variants: the sm_90 config table's entry and the next best predicted candidates
+(``bench/results/config_table_sm90.json``, ``TOP`` of each) of the bf16 lse forward and
+backward, the TF32 forward+backward and soft_knn_predict with the table's configs, each
+through ``nbkernels.backends.triton.kernels.fixed_configs``, so that every timing
+compiles only what it times. Each variant is first checked against backend "torch" on
+the same inputs at N = CHECK_N (the sizes are not specialised: the same compiled kernel)
+and is timed only if it passes. Each measured variant is stored with its SASS-model
+prediction, so that the model's ranking can be checked against the GPU's.
+
+Records go to ``$OUT/gpu_perf.json`` as they happen (rewritten atomically after each);
+the table is printed last and written to ``$OUT/gpu_perf.md``. ``--budget-s`` bounds the
+whole run: a step that would start with less than its need left is recorded as skipped.
+
+``--dry``: the same code on the CPU through the Triton interpreter (TRITON_INTERPRET=1),
+at tiny sizes with fp16 for bf16, so that CI runs every path of this script
+(tests/triton/test_gpu_perf_dry.py). Its times are meaningless and labelled dry.
+"""
+import argparse
+import functools
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+
+import _harness as H  # noqa: E402
+import _providers as P  # noqa: E402
+
+TARGET = dict(n=65536, d=128, classes=1000, t=0.1)
+DRY = dict(n=256, d=16, classes=7, t=0.1)
+CHECK_N = {"gpu": 4096, "dry": 48}
+TOP = 3
+# the check: relative error (max over the output and the gradient, by norms) against
+# backend "torch" on the same inputs, a sanity check of each compiled config (the
+# accuracy tests are tests/triton): bf16 / fp16 gradients round ds to 8 / 11 bits, fp32
+# runs TF32 dots (10 bits) on both sides
+CHECK_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-2}
+TABLE_JSON = ROOT / "bench" / "results" / "config_table_sm90.json"
+
+
+def _candidates(kernel):
+    """[(config tuple, predicted seconds, is the table's choice)] of the bf16 D <= 128 entry."""
+    entries = json.loads(TABLE_JSON.read_text())["entries"]
+    entry = next(e for e in entries if e["kernel"] == kernel and e["dtype_class"] == "16"
+                 and e["bucket"] == "128")
+    ok = sorted((c for c in entry["candidates"] if c["ok"]), key=lambda c: c["predicted_s"])
+    chosen = tuple(entry["chosen"])
+    picks = [c for c in ok if tuple(c["config"]) == chosen]
+    picks += [c for c in ok if tuple(c["config"]) != chosen][:TOP - 1]
+    return [(tuple(c["config"]), c["predicted_s"], tuple(c["config"]) == chosen) for c in picks]
+
+
+class Run:
+    def __init__(self, args):
+        self.dry = args.dry
+        self.device = torch.device("cpu" if args.dry else "cuda")
+        self.shape = DRY if args.dry else TARGET
+        self.check_n = CHECK_N["dry" if args.dry else "gpu"]
+        self.half = torch.float16 if args.dry else torch.bfloat16
+        self.deadline = time.monotonic() + args.budget_s
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        env = H.env_info(self.device)
+        env["dry"] = self.dry
+        self.file = H.ResultFile(self.out / "gpu_perf.json", env)
+        self.peak = None if args.dry else _peak(env.get("gpu_name"))
+
+    # -------------------------------------------------------------------- helpers
+    def release(self):
+        """Drop what a provider left cached (the next one may need the memory)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def inputs(self, n, dtype, seed=0):
+        d, c = self.shape["d"], self.shape["classes"]
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(n, d, generator=g) * 0.3).to(self.device, dtype)
+        y = torch.randint(0, c, (n,), generator=g).to(self.device)
+        return x, y
+
+    def time(self, fn, setup=None):
+        """Seconds of ``fn()`` after one untimed call (compiles, autotunes, caches)."""
+        if not self.dry:
+            if setup:
+                setup()
+            fn()
+            torch.cuda.synchronize(self.device)
+            return H.cuda_time(fn, setup=setup, budget_s=0.3, max_reps=20)
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        s = time.perf_counter() - t0
+        return {"median": s, "min": s, "max": s, "rounds": 1, "method": "dry (cpu, interpreter)"}
+
+    def record(self, name, mode, dtype, flop, need_s=10, **kw):
+        """Run ``kw['run']()`` (returns a timing dict) and store it, or store why not."""
+        run, info = kw.pop("run"), kw.pop("info", {})
+        rec = dict(name=name, mode=mode, dtype=str(dtype).removeprefix("torch."), **kw,
+                   n=self.shape["n"], d=self.shape["d"], classes=self.shape["classes"])
+        if self.left() < need_s:
+            rec.update(status="skipped", reason=f"{self.left():.0f} s left, needs ~{need_s} s")
+            return self.file.add(**rec)
+        t0 = time.monotonic()
+        try:
+            timing = run()
+        except Exception as e:  # noqa: BLE001 (an OOM or a compile error is a result)
+            rec.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+        else:
+            if isinstance(timing, str):
+                rec.update(status="skipped", reason=timing)
+            else:
+                rec.update(status="ok", time_s=timing)
+                if self.peak and flop:
+                    tflops = flop / timing["median"] / 1e12
+                    rec.update(tflops=tflops, peak_fraction=tflops / self.peak[rec["dtype"]])
+        rec.update(info, wall_s=time.monotonic() - t0)
+        H.log(f"{name} {mode}: {rec['status']} {rec.get('reason', '')}"
+              f"{_ms(rec['time_s']['median']) if rec['status'] == 'ok' else ''}")
+        return self.file.add(**rec)
+
+    # -------------------------------------------------------------------- ours
+    def check(self, call, dtype, backward):
+        """Relative error of ``call(x, y, backend)`` (and of dx of its mean) against backend
+        "torch", by norms over every row."""
+        x, y = self.inputs(self.check_n, dtype, seed=1)
+        outs = []
+        for backend in ("triton", "torch"):
+            xi = x.clone().requires_grad_(backward)
+            out = call(xi, y, backend)
+            if backward:
+                out.float().mean().backward()
+            outs.append([out.detach().float()] + ([xi.grad.float()] if backward else []))
+        errs = [float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(*outs)]
+        finite = all(torch.isfinite(a).all() for a in outs[0])
+        return max(errs) if finite else math.inf
+
+    def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
+             need_s=25):
+        from nbkernels.backends.triton import configs as tc
+        from nbkernels.backends.triton import kernels as tk
+        fwd = None if fwd_cfg is None else tc._config(*fwd_cfg, "fwd")
+        bwd = None if bwd_cfg is None else tc._config(*bwd_cfg, "bwd")
+        backward = mode == "fwdbwd"
+        n, d = self.shape["n"], self.shape["d"]
+        info = dict(fwd_config=fwd_cfg, bwd_config=bwd_cfg, predicted_s=predicted_s)
+
+        def run():
+            with tk.fixed_configs(fwd, bwd):
+                err = self.check(call, dtype, backward)
+                info["check_rel_err"] = err
+                if not err <= CHECK_TOL[dtype]:
+                    return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
+                x, y = self.inputs(n, dtype)
+                if backward:
+                    x.requires_grad_(True)
+                    return self.time(lambda: call(x, y, "triton").float().mean().backward(),
+                                     setup=lambda: setattr(x, "grad", None))
+                with torch.no_grad():
+                    return self.time(lambda: call(x, y, "triton"))
+        flop = (8 if backward else 2) * n * n * d
+        return self.record(name, mode, dtype, flop, need_s=need_s, run=run, info=info)
+
+    # -------------------------------------------------------------------- others
+    def provider(self, name, mode, dtype, flop, make, need_s=30):
+        def run():
+            reason = P.unavailable(name, self.device)
+            if reason:
+                return reason
+            x, y = self.inputs(self.shape["n"], dtype)
+            if mode == "fwdbwd":
+                x.requires_grad_(True)
+                fn = make(x, y)
+                return self.time(lambda: fn().backward(), setup=lambda: setattr(x, "grad", None))
+            fn = make(x, y)
+            with torch.no_grad():
+                return self.time(fn)
+        return self.record(name, mode, dtype, flop, need_s=need_s, run=run)
+
+    def fa2_anchor(self):
+        """bench/sass/anchor_fa2.py's kernel over q = k = v = x as one head."""
+        from sass import anchor_fa2 as A
+        n, d = self.shape["n"], self.shape["d"]
+
+        def run():
+            x, _ = self.inputs(n, self.half)
+            o = torch.empty_like(x)
+            grid = (n // A.BLOCK_M, 1)
+
+            def go():
+                A.fa2_fwd_kernel[grid](x, x, x, o, d ** -0.5, n * d, d, 1, n, HEAD_DIM=d,
+                                       BLOCK_M=A.BLOCK_M, BLOCK_N=A.BLOCK_N,
+                                       num_warps=A.NUM_WARPS, num_stages=A.NUM_STAGES)
+            go()
+            return self.time(go)
+        return self.record("anchor-fa2", "fwd", self.half, 4 * n * n * d, need_s=15, run=run)
+
+
+def _peak(gpu_name):
+    import bench_gpu
+    peaks = {"bfloat16": bench_gpu.peak_tflops(gpu_name, "bfloat16"),
+             "float32": bench_gpu.peak_tflops(gpu_name, "float32")}
+    return peaks if all(peaks.values()) else None
+
+
+def _ms(s):
+    return f" {s * 1e3:.3f} ms"
+
+
+def nca(x, y, backend, t=0.1):
+    """Per-row losses (the check compares every row; the backward takes their mean)."""
+    import nbkernels
+    return nbkernels.nca_loss(x, y, temperature=t, reduction="none", backend=backend)
+
+
+def knn(classes):
+    def call(x, y, backend, t=0.1):
+        import nbkernels
+        return nbkernels.soft_knn_predict(x, x, y, classes, temperature=t, exclude_self=True,
+                                          backend=backend)
+    return call
+
+
+def table(records):
+    rows = ["| variant | mode | dtype | config fwd / bwd | predicted ms | measured ms | "
+            "TFLOP/s | % peak | check |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        cfg = " / ".join("x".join(map(str, c)) if c else "table"
+                         for c in (r.get("fwd_config"), r.get("bwd_config")))
+        pred = r.get("predicted_s")
+        got = r.get("time_s", {}).get("median") if r["status"] == "ok" else None
+        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["name"], r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
+            else "-" if not r["name"].startswith("nbkernels") else "table",
+            f"{pred * 1e3:.2f}" if pred else "-",
+            f"{got * 1e3:.3f}" if got else r["status"] + (f": {r['reason'][:60]}"
+                                                          if r.get("reason") else ""),
+            f"{r['tflops']:.0f}" if r.get("tflops") else "-",
+            f"{100 * r['peak_fraction']:.1f}" if r.get("peak_fraction") else "-",
+            f"{r['check_rel_err']:.1e}" if r.get("check_rel_err") is not None else "-"))
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=210.0)
+    ap.add_argument("--dry", action="store_true", help="CPU, Triton interpreter, tiny sizes")
+    args = ap.parse_args(argv)
+    if not args.dry and not torch.cuda.is_available():
+        ap.error("no CUDA device here: run on a GPU, or --dry (CPU, TRITON_INTERPRET=1)")
+    run = Run(args)
+    if not args.dry:
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 = TF32 dots, as bench_gpu
+    n, d, c = run.shape["n"], run.shape["d"], run.shape["classes"]
+    fwd_cands, bwd_cands = _candidates("fwd"), _candidates("bwd")
+    (table_fwd, fwd_pred, _), (table_bwd, _, _) = fwd_cands[0], bwd_cands[0]
+    half, t = run.half, run.shape["t"]
+    # most wanted first: ours with the table's configs, the alternatives and anchors at the
+    # same shape, then the other candidate configs (the model's ranking) and TF32
+    run.ours("nbkernels-triton", nca, half, "fwd", table_fwd, table_bwd, fwd_pred)
+    run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd)
+    run.ours("nbkernels-triton-knn", knn(c), half, "fwd")
+    run.provider("sdpa-flash", "fwd", half, 4 * n * n * d, lambda x, y: P.sdpa_anchor(x, t),
+                 need_s=10)
+    run.fa2_anchor()
+    for name, make in (("flex", lambda x, y: P.FlexNCA(x, y, t)),
+                       ("compile", lambda x, y: functools.partial(
+                           P.compiled(P.plain_nca_loss, False), x, y, t))):
+        for mode, flop in (("fwd", 2 * n * n * d), ("fwdbwd", 8 * n * n * d)):
+            run.provider(name, mode, half, flop, make, need_s=40)
+            run.release()
+    for cfg, pred, chosen in fwd_cands[1:]:
+        run.ours("nbkernels-triton", nca, half, "fwd", cfg, table_bwd, pred)
+    for cfg, pred, chosen in bwd_cands[1:]:
+        run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, cfg)
+    run.ours("nbkernels-triton", nca, torch.float32, "fwd")
+    run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd")
+    text = table(run.file.records)
+    (run.out / "gpu_perf.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

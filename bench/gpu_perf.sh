@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# bench/gpu_perf.sh: the prepared speed check, under 4 minutes of wall time on an H100 /
+# H200 with a cold Triton cache.
+#
+#     OUT=/some/folder bash bench/gpu_perf.sh          (OUT defaults to ./gpu_out)
+#
+# Run from the repository root on a machine with a CUDA GPU. bench/gpu_perf.py times, in
+# one process and at N = M = 65536, D = 128, 1000 classes: our bf16 forward and
+# forward+backward with the sm_90 table's configs, soft_knn_predict, SDPA flash and the
+# FlashAttention-2 anchor (bench/sass/anchor_fa2.py), FlexAttention and torch.compile of the
+# plain formula (forward, forward+backward), then the other candidate configs of the
+# SASS model (its ranking against the GPU's) and TF32. Each of our variants is checked
+# against backend "torch" before it is timed. Files under $OUT: gpu_perf.log,
+# perf_env.txt, gpu_perf.json (rewritten after each record: a kill keeps what ran) and
+# gpu_perf.md (the table, also printed last). GPU_PERF_TOTAL_S (default 230) bounds it.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_perf.log") 2>&1
+PY=${PYTHON:-python3}
+TOTAL=${GPU_PERF_TOTAL_S:-230}
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$PWD:$PWD/tests
+export NBK_TRITON_AUTOTUNE=0
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  git log -1 --format='commit %h %s' 2>/dev/null
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch',
+torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"; } \
+    > "$OUT/perf_env.txt" 2>&1
+cat "$OUT/perf_env.txt"
+# the script stops starting steps 15 s before the limit; the timeout is the backstop
+timeout -k 5 "$TOTAL" "$PY" bench/gpu_perf.py --out "$OUT" --budget-s $(( TOTAL - 15 ))
+rc=$?
+(( rc == 124 || rc == 137 )) && echo "=== gpu_perf.py TIMED OUT after $TOTAL s (records kept)"
+exit $rc

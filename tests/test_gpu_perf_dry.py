@@ -1,0 +1,40 @@
+"""bench/gpu_perf.py, the speed check prepared for the next GPU, run here in its dry mode:
+the same code on the CPU through the Triton interpreter with the GPU's tile configs
+(NBK_TRITON_SIZES=gpu), at tiny sizes. Every variant it would time must pass its check
+against backend "torch" and be timed; the providers that need CUDA are recorded as
+skipped with their reason; the table lists every record."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_perf_dry_run(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", NBK_TRITON_SIZES="gpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_perf.py"), "--dry",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_perf.json").read_text())
+    assert data["env"]["dry"] is True
+    records = data["records"]
+    ours = [r for r in records if r["name"].startswith("nbkernels")]
+    # the table's configs and the other candidates, bf16 (fp16 here) and fp32, fwd and fwdbwd
+    assert len(ours) >= 7
+    assert {(r["mode"], r["dtype"]) for r in ours} == {
+        ("fwd", "float16"), ("fwdbwd", "float16"), ("fwd", "float32"), ("fwdbwd", "float32")}
+    for r in ours:
+        assert r["status"] == "ok", r
+        assert 0 <= r["check_rel_err"] < 5e-3 and r["time_s"]["median"] > 0
+    assert len({(r["fwd_config"] and tuple(r["fwd_config"])) for r in ours if r["mode"] == "fwd"}) >= 3
+    by_name = {r["name"]: r for r in records}
+    for cuda_only in ("sdpa-flash", "flex"):
+        assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]
+    assert by_name["anchor-fa2"]["status"] == "ok"
+    assert by_name["compile"]["status"] == "ok"
+    table = (tmp_path / "gpu_perf.md").read_text().splitlines()
+    assert len(table) == 2 + len(records) and table == proc.stdout.strip().splitlines()[-len(table):]
