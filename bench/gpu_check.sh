@@ -30,14 +30,11 @@
 # Files under $OUT: gpu_check.log tests.jsonl gpu_diagnose.json gpu_<gpu>.json
 # first_call.json determinism.json table.md. Exit status: 0 if every stage that ran passed, else 1.
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-PY=${PYTHON:-python3}
+LOG=gpu_check.log
+source "$(dirname "$0")/_gpu_setup.sh"
 TOTAL=${GPU_CHECK_TOTAL_S:-360}
 T0=$(date +%s)
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 NBK_TEST_LOG=$OUT/tests.jsonl
+export NBK_TEST_LOG=$OUT/tests.jsonl
 FAILED=()
 
 elapsed() { echo $(( $(date +%s) - T0 )); }

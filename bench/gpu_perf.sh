@@ -14,13 +14,10 @@
 # perf_env.txt, gpu_perf.json (rewritten after each record: a kill keeps what ran) and
 # gpu_perf.md (the table, also printed last). GPU_PERF_TOTAL_S (default 230) bounds it.
 set -u
-cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_perf.log") 2>&1
-PY=${PYTHON:-python3}
+LOG=gpu_perf.log
+source "$(dirname "$0")/_gpu_setup.sh"
 TOTAL=${GPU_PERF_TOTAL_S:-230}
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=$PWD:$PWD/tests
+export PYTHONPATH=$PWD:$PWD/tests
 export NBK_TRITON_AUTOTUNE=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   git log -1 --format='commit %h %s' 2>/dev/null
