@@ -60,6 +60,9 @@ def test_pinned_and_registered_are_undone_on_exit():
 
 def test_capability_and_triton_version():
     assert variants.capability(torch.device("cpu")) == variants.EMULATED_CAPABILITY == (9, 0)
+    if not torch.cuda.is_available():   # fake CUDA tensors on a CPU build: the portable kernels
+        assert variants.capability(torch.device("cuda")) == variants.UNKNOWN
+        assert variants.choose(_table(), "fwd", variants.UNKNOWN, (3, 9)).name == "generic"
     version = variants.triton_version()
     triton = pytest.importorskip("triton")
     assert version == tuple(int(x) for x in triton.__version__.split(".")[:2])

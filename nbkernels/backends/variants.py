@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 EMULATED_CAPABILITY = (9, 0)
+UNKNOWN = (0, 0)
 ANY = ((0, 0), (1 << 30, 0))
 
 
@@ -55,9 +56,13 @@ class Variant:
 
 
 def capability(device):
-    """The compute capability (major, minor) the kernels for ``device`` are chosen by."""
+    """The compute capability (major, minor) the kernels for ``device`` are chosen by. A
+    CUDA device that cannot be queried (fake tensors traced on a CPU-only build of torch)
+    reports ``UNKNOWN``: only the portable ("generic") kernels hold for it."""
     device = torch.device(device)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return UNKNOWN
         return tuple(torch.cuda.get_device_capability(device))
     return EMULATED_CAPABILITY
 
