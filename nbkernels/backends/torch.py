@@ -13,9 +13,10 @@ from typing import Optional
 
 import torch
 
+from nbkernels._validation import acc_dtype
 from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
-from nbkernels.backends.torch_blocked import (_acc_dtype, _lse_backward, _lse_forward,
-                                              _probs_backward, _probs_forward)
+from nbkernels.backends.torch_blocked import (blocked_lse_backward, blocked_lse_forward,
+                                              blocked_probs_backward, blocked_probs_forward)
 from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric
 
 
@@ -54,14 +55,14 @@ def _lse_fwd_op(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor,
                 r_labels: torch.Tensor, temperature: torch.Tensor, metric: str,
                 offset: Optional[int], symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, r, q_labels, r_labels, q_far, r_far = _inputs(q, r, q_labels, r_labels, metric, symmetric)
-    lse_all, lse_pos = _lse_forward(q, r, q_labels, r_labels, temperature, metric, offset,
-                                    symmetric, r_far)
+    lse_all, lse_pos = blocked_lse_forward(q, r, q_labels, r_labels, temperature, metric, offset,
+                                           symmetric, r_far)
     return undefined_rows(lse_all, q_far), undefined_rows(lse_pos, q_far)
 
 
 @_lse_fwd_op.register_fake
 def _(q, r, q_labels, r_labels, temperature, metric, offset, symmetric):
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     return q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc)
 
 
@@ -71,14 +72,14 @@ def _probs_fwd_op(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                   temperature: torch.Tensor, num_classes: int, metric: str,
                   offset: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     q, r, _, r_labels, q_far, r_far = _inputs(q, r, None, r_labels, metric, False)
-    yhat, lse_all = _probs_forward(q, r, r_labels, temperature, num_classes, metric, offset,
-                                   r_far)
+    yhat, lse_all = blocked_probs_forward(q, r, r_labels, temperature, num_classes, metric, offset,
+                                          r_far)
     return undefined_rows(yhat, q_far), undefined_rows(lse_all, q_far)
 
 
 @_probs_fwd_op.register_fake
 def _(q, r, r_labels, temperature, num_classes, metric, offset):
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     return q.new_empty(q.shape[0], num_classes, dtype=acc), q.new_empty(q.shape[0], dtype=acc)
 
 
@@ -91,7 +92,7 @@ def _grads_out(q, r, temperature, grads):
 def _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric=False):
     return (q.new_empty(q.shape if need_q or (symmetric and need_r) else (0,)),
             r.new_empty(r.shape if need_r and not symmetric else (0,)),
-            temperature.new_empty(() if need_t else (0,), dtype=_acc_dtype(q.dtype)))
+            temperature.new_empty(() if need_t else (0,), dtype=acc_dtype(q.dtype)))
 
 
 @torch.library.custom_op("nbkernels::torch_lse_bwd", mutates_args=())
@@ -104,8 +105,8 @@ def _lse_bwd_op(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor,
     q_in, r_in = q, r
     q, r, q_labels, r_labels, q_far, r_far = _inputs(q, r, q_labels, r_labels, metric, symmetric)
     lse_all, lse_pos, g_all, g_pos = silent_rows(q_far, lse_all, lse_pos, g_all, g_pos)
-    grads = _lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                          metric, offset, symmetric, r_far, need_q, need_r, need_t)
+    grads = blocked_lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
+                                 g_pos, metric, offset, symmetric, r_far, need_q, need_r, need_t)
     dq = grads[0] if need_q or (symmetric and need_r) else None
     return _grads_out(q_in, r_in, temperature, (dq, grads[1], grads[2] if need_t else None))
 
@@ -125,8 +126,8 @@ def _probs_bwd_op(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     q_in, r_in = q, r
     q, r, _, r_labels, q_far, r_far = _inputs(q, r, None, r_labels, metric, False)
     yhat, lse_all, g = silent_rows(q_far, yhat, lse_all, g)
-    grads = _probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, r_far,
-                            need_q, need_r, need_t)
+    grads = blocked_probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset,
+                                   r_far, need_q, need_r, need_t)
     return _grads_out(q_in, r_in, temperature, grads)
 
 
@@ -162,7 +163,7 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
     """``(dq, dr, dt)`` of ``sum(g_all lse_all + g_pos lse_pos)``; None where not needed.
     For the batch loss (``q is r``) ``dq`` is the whole gradient and ``dr`` None."""
     sym = symmetric(q, r, q_labels, r_labels, offset)
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos
     grads = torch.ops.nbkernels.torch_lse_bwd(q, r, q_labels, r_labels, temperature, lse_all,

@@ -172,7 +172,7 @@ class _OnlineLSE:
         return self.m + torch.log(self.l)
 
 
-def _lse_forward(q, r, q_labels, r_labels, temperature, metric, offset, sym, r_far):
+def blocked_lse_forward(q, r, q_labels, r_labels, temperature, metric, offset, sym, r_far):
     block = (BLOCK_SYM, BLOCK_SYM) if sym else (None, None)
     pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block, r_far=r_far)
     acc, dev = pb.q.dtype, pb.q.device
@@ -196,7 +196,7 @@ def _lse_forward(q, r, q_labels, r_labels, temperature, metric, offset, sym, r_f
     return pb.unsort_rows(run_all.lse()), pb.unsort_rows(run_pos.lse())
 
 
-def _probs_forward(q, r, r_labels, temperature, num_classes, metric, offset, r_far):
+def blocked_probs_forward(q, r, r_labels, temperature, num_classes, metric, offset, r_far):
     q_labels = torch.zeros(q.shape[0], dtype=r_labels.dtype, device=q.device)
     pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, r_far=r_far)
     acc, dev = pb.q.dtype, pb.q.device
@@ -278,8 +278,8 @@ def _lse_ds(s, own, rows, pos, dim):
     return ds.add_(ds_pos) if pos is not None else ds
 
 
-def _lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                  metric, offset, sym, r_far, need_q, need_r, need_t):
+def blocked_lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
+                         metric, offset, sym, r_far, need_q, need_r, need_t):
     block = (BLOCK_SYM, BLOCK_SYM) if sym else (None, None)
     pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, *block, r_far=r_far)
     lse_all, g_all = _row_terms(pb, lse_all, g_all)
@@ -325,8 +325,8 @@ def _symmetric_backward(pb, rows, dtype):
     return pb.unsort_rows(dx).to(dtype), None, dt
 
 
-def _probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, r_far,
-                    need_q, need_r, need_t):
+def blocked_probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, r_far,
+                           need_q, need_r, need_t):
     q_labels = torch.zeros(q.shape[0], dtype=r_labels.dtype, device=q.device)
     pb = _Problem(q, r, q_labels, r_labels, temperature, metric, offset, r_far=r_far)
     acc = pb.q.dtype
