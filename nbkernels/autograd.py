@@ -105,11 +105,12 @@ def _setup(ctx, q, r, metric, offset, backend):
     return r, qk, rk, kmetric, acc_dtype(q.dtype)
 
 
-def _batch_grads(ctx, dq, dr):
-    """``r=None`` (the references are the queries): the whole gradient goes to ``q``."""
-    if not ctx.batch:
+def batch_grads(batch, dq, dr):
+    """``r=None`` (``batch``: the references are the queries): the gradients of both roles
+    go to ``q``. Shared with the streamed Functions (``nbkernels.streaming``)."""
+    if not batch:
         return dq, dr
-    return (dq if dr is None else dr if dq is None else dq + dr), None
+    return (dq if dr is None else dr if dq is None else dq + dr.to(dq.dtype)), None
 
 
 def is_empty(*sizes):
@@ -176,7 +177,7 @@ class NeighborLSE(torch.autograd.Function):
             metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
         dt = None if dt is None else dt.to(temperature.dtype)
-        dq, dr = _batch_grads(ctx, dq, dr)
+        dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, None, dt, None, None, None
 
 
@@ -220,5 +221,5 @@ class ClassProbs(torch.autograd.Function):
             offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
         dt = None if dt is None else dt.to(temperature.dtype)
-        dq, dr = _batch_grads(ctx, dq, dr)
+        dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, dt, None, None, None, None

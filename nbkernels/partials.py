@@ -167,11 +167,6 @@ def local_offset(offset, start):
 # ---------------------------------------------------------------- the public API
 
 
-def _kernel(q, r, metric):
-    # the centre of "sqeuclidean" comes from q: every chunk of one state gets the same
-    return kernel_inputs.prepare(q, r, metric)
-
-
 def _check(q, r, temperature, metric, backend):
     check.embeddings("q", q)
     check.embeddings("r", r)
@@ -198,7 +193,8 @@ def chunk_partials(q, r, q_labels, r_labels, temperature, *, num_classes=None,
     Returns :class:`Partials`. No autograd: see :func:`chunk_backward`.
     """
     t, backend = _check(q, r, temperature, metric, backend)
-    qk, rk, kmetric = _kernel(q, r, metric)
+    # the centre of "sqeuclidean" comes from q: every chunk of one state gets the same
+    qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     mod = backends.get(backend, qk.device, qk.dtype)
     return kernel_partials(mod, qk, rk, q_labels, r_labels, t, kmetric,
                            local_offset(offset, start), num_classes)
@@ -259,7 +255,8 @@ def chunk_backward(q, r, q_labels, r_labels, temperature, final, *, g_loss=None,
     the chunks), dr (M_k, D) in r's dtype; None where not asked for.
     """
     t, backend = _check(q, r, temperature, metric, backend)
-    qk, rk, kmetric = _kernel(q, r, metric)
+    # the centre of "sqeuclidean" comes from q: every chunk of one state gets the same
+    qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     g_all = g_pos = None
     if g_loss is not None:
         g_all = torch.where(has_positive(final.lse_pos), g_loss.to(final.lse_all.dtype), 0.0)

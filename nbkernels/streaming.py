@@ -24,7 +24,7 @@ import torch
 from nbkernels import backends
 from nbkernels import kernel_inputs as K
 from nbkernels import partials as P
-from nbkernels.autograd import fused_backward
+from nbkernels.autograd import batch_grads, fused_backward
 
 
 def _describe(ctx):
@@ -130,12 +130,6 @@ def _batch(q, r):
     return r is None, (q if r is None else r)
 
 
-def _batch_grads(batch, dq, dr):
-    """The batch against itself: both roles' gradients go to ``q``."""
-    if not batch:
-        return dq, dr
-    return (dq if dr is None else dr if dq is None else dq + dr.to(dq.dtype)), None
-
 
 class StreamedLSE(torch.autograd.Function):
     """``(lse_all, lse_pos, positives) = StreamedLSE.apply(q, r, q_labels, r_labels, T, spec)``.
@@ -174,7 +168,7 @@ class StreamedLSE(torch.autograd.Function):
         dqk, dr, dt = backward_chunks(mod, qk, q_labels, r, r_labels, t, ctx.prep, ctx.spec,
                                       q.dtype, final, g_all, g_pos, None, need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
-        dq, dr = _batch_grads(ctx.batch, dq, dr)
+        dq, dr = batch_grads(ctx.batch, dq, dr)
         dt = None if dt is None else dt.to(t.dtype)
         return dq, dr, None, None, dt, None
 
@@ -208,6 +202,6 @@ class StreamedProbs(torch.autograd.Function):
                                       ctx.prep, ctx.spec, q.dtype, final, None, None, g,
                                       need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
-        dq, dr = _batch_grads(ctx.batch, dq, dr)
+        dq, dr = batch_grads(ctx.batch, dq, dr)
         dt = None if dt is None else dt.to(t.dtype)
         return dq, dr, None, dt, None

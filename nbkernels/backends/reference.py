@@ -68,6 +68,7 @@ import torch
 
 from nbkernels._validation import acc_dtype
 from nbkernels.backends.infinity import at_infinity
+from nbkernels.kernel_inputs import centre_of
 
 
 def unit_rows(x):
@@ -98,9 +99,7 @@ def logits(q, r, temperature, metric, offset):
             r = torch.where(r_far[:, None], 0.0, r)
             # distances do not change under translation: centred on the queries' mean,
             # the expansion cancels nothing that matters for rows far from the origin
-            finite = torch.isfinite(q.detach()).all(1, keepdim=True)
-            centre = (torch.where(finite, q.detach(), 0.0).sum(0)
-                      / finite.sum().clamp_min(1).to(q.dtype))
+            centre = centre_of(q)
             q, r = q - centre, r - centre
             sim = -(q.pow(2).sum(1, keepdim=True) - 2.0 * q @ r.T + r.pow(2).sum(1))
         else:

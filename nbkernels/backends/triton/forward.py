@@ -29,7 +29,7 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
     has_pos = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
     # the rows for the exact pass (written by the main pass)
     redo = torch.empty(n, dtype=torch.int8, device=q.device)
-    r_col = tr.columns(q, r, r_far, metric, temperature)[1]
+    r_col = tr.column(r, r_far, metric, temperature)
     packed = acc == torch.float32
     state = None if trace is None else torch.empty(3, n, dtype=acc, device=q.device)
     args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
@@ -92,8 +92,8 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
         with _on_device(q):
             # the references themselves in label order: every tile is a contiguous block
             r_sorted = r[perm]
-            r_col = tr.columns(q, r_sorted, None if r_far is None else r_far[perm], metric,
-                             temperature)[1]
+            r_col = tr.column(r_sorted, None if r_far is None else r_far[perm], metric,
+                              temperature)
             tk.launch(
                 "fwd_class", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles),
                 q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,

@@ -65,21 +65,27 @@ def logit_scale(temperature, metric, acc):
     return (2.0 if metric == "sqeuclidean" else 1.0) / temperature.to(acc).reshape(())
 
 
-def columns(q, r, r_far, metric, temperature):
-    """(q_col, r_col): the kernels' per-row logit terms -||x||^2/T in the accumulation
-    dtype, padded (``padded``) with -inf: zeros for "dot"; -inf at the references at
-    infinity ("sqeuclidean": weight 0, their rows zeroed)."""
-    acc = acc_dtype(q.dtype)
+def column(x, far, metric, temperature):
+    """The kernels' per-row logit term -||x||^2/T of rows ``x`` in the accumulation dtype,
+    padded (``padded``) with -inf: zeros for "dot"; -inf at the rows flagged in ``far``
+    (references at infinity under "sqeuclidean": weight 0, their rows zeroed)."""
+    acc = acc_dtype(x.dtype)
     if metric != "sqeuclidean":
-        q_col = torch.zeros(q.shape[0], dtype=acc, device=q.device)
-        r_col = q_col if r is q else torch.zeros(r.shape[0], dtype=acc, device=q.device)
+        col = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     else:
-        t = temperature.to(acc)
-        q_col = -q.to(acc).pow(2).sum(1) / t
-        r_col = q_col if r is q else -r.to(acc).pow(2).sum(1) / t
-    if r_far is not None:
-        r_col = r_col.masked_fill(r_far, float("-inf"))
-    return padded(q_col, float("-inf")), padded(r_col, float("-inf"))
+        col = -x.to(acc).pow(2).sum(1) / temperature.to(acc)
+    if far is not None:
+        col = col.masked_fill(far, float("-inf"))
+    return padded(col, float("-inf"))
+
+
+def columns(q, r, r_far, metric, temperature):
+    """(q_col, r_col): ``column`` of the queries and of the references (computed once
+    when ``r is q`` and no reference is at infinity)."""
+    q_col = column(q, None, metric, temperature)
+    if r is q and r_far is None:
+        return q_col, q_col
+    return q_col, column(r, r_far, metric, temperature)
 
 
 def _product_error(a, b, p):
