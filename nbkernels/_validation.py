@@ -191,9 +191,11 @@ def temperature(value, device, dtype=None):
     [1.2e-38, 3.4e38] for fp32, [2.2e-308, 1.8e308] for fp64. ``None`` (a constructor:
     the inputs are not known yet) checks against fp64, the widest, and returns fp64.
 
-    A real number (int, float, NumPy scalar; not a bool) becomes a tensor of ``dtype``;
-    a 0-dim floating tensor keeps its own dtype and is checked as cast to ``dtype``
-    (without a host sync on accelerators, see :func:`device_check`).
+    The result is what every backend receives (``nbkernels.backends``: the temperature in
+    the accumulation dtype): this is the one place where it is cast. A real number (int,
+    float, NumPy scalar; not a bool) becomes a tensor of ``dtype``; a 0-dim floating tensor
+    is cast to ``dtype`` differentiably (its gradient comes back in its own dtype) and
+    checked as cast (without a host sync on accelerators, see :func:`device_check`).
     """
     acc = torch.float64 if dtype is None else dtype
     low, high = temperature_range(acc)
@@ -223,8 +225,8 @@ def temperature(value, device, dtype=None):
         raise ValueError(f"temperature must be on the embeddings' device {device}, got {value.device}")
     message = f"temperature must be finite and > 0, and {span}"
     t = value.detach()
-    made = t.to(acc)  # as the kernels use it. In range implies finite and > 0; NaN fails
-    ok = (made >= low) & (made <= high)
+    made = value.to(acc)  # as the kernels use it. In range implies finite and > 0; NaN fails
+    ok = (made.detach() >= low) & (made.detach() <= high)
 
     def detail():
         got = t.item()
@@ -233,4 +235,4 @@ def temperature(value, device, dtype=None):
         return f"temperature must be {span}, got {got!r} (a {str(t.dtype).replace('torch.', '')} tensor)"
 
     device_check(ok, message, detail)
-    return value
+    return made

@@ -132,7 +132,8 @@ class NeighborLSE(torch.autograd.Function):
     """``(lse_all, lse_pos) = NeighborLSE.apply(q, r, q_labels, r_labels, T, metric, offset, backend)``.
 
     q: (N, D), r: (M, D) floating, same dtype, or ``r=None`` (with ``r_labels=None``) for
-    the batch against itself; labels int64 (N,), (M,); T: 0-dim tensor;
+    the batch against itself; labels int64 (N,), (M,); T: 0-dim tensor in the accumulation dtype
+    (``nbkernels._validation.temperature``);
     metric: "sqeuclidean" | "cosine" | "dot"; offset: None or int (query i skips
     reference i + offset); backend: "torch" | "triton" | "cuda". Returns two (N,)
     tensors in the accumulation dtype; ``lse_pos`` is -inf on rows with no positive.
@@ -176,7 +177,6 @@ class NeighborLSE(torch.autograd.Function):
             qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
             metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
-        dt = None if dt is None else dt.to(temperature.dtype)
         dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, None, dt, None, None, None
 
@@ -220,6 +220,5 @@ class ClassProbs(torch.autograd.Function):
             qk, rk, r_labels, temperature, yhat, lse_all, g, metric=ctx.kmetric,
             offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
-        dt = None if dt is None else dt.to(temperature.dtype)
         dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, dt, None, None, None, None

@@ -123,7 +123,7 @@ def row_shift(qk, temperature, kmetric, shifted=True):
     if kmetric != "sqeuclidean" or not shifted:
         return 0.0
     acc = acc_dtype(qk.dtype)
-    return qk.to(acc).pow(2).sum(1) / temperature.to(acc)
+    return qk.to(acc).pow(2).sum(1) / temperature
 
 
 def input_grad(x, grad, metric):

@@ -196,8 +196,13 @@ def test_temperature_is_made_in_the_accumulation_dtype():
     for dtype in (torch.float32, torch.float64):
         t = check.temperature(np.float32(0.5), torch.device("cpu"), dtype)
         assert t.dtype == dtype and t.item() == 0.5
-    assert check.temperature(torch.tensor(0.5, dtype=torch.float16), torch.device("cpu"),
-                             torch.float32).dtype == torch.float16  # a tensor keeps its dtype
+    # a tensor is cast (the one cast every backend relies on), differentiably: its
+    # gradient comes back in its own dtype
+    half = torch.tensor(0.5, dtype=torch.float16, requires_grad=True)
+    made = check.temperature(half, torch.device("cpu"), torch.float32)
+    assert made.dtype == torch.float32 and made.item() == 0.5
+    (3.0 * made).backward()
+    assert half.grad.dtype == torch.float16 and half.grad.item() == 3.0
 
 
 @pytest.mark.parametrize("t", [1e39, 3.5e38, 10 ** 39, 1e-40, 1e-45, np.float64(1e-39)])

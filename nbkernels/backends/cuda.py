@@ -101,7 +101,7 @@ def _rows(x, dtype=torch.float32):
 
 
 def _temp(temperature):
-    return temperature.to(torch.float32).reshape(())
+    return temperature.reshape(())
 
 
 def _offset(offset):
@@ -183,7 +183,7 @@ def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_
     dt = None
     if need_t:
         # dT = -1/T sum_ij ds_ij logit_ij
-        dt = (-part.sum() / temperature.to(torch.float32)).to(temperature.dtype)
+        dt = -part.sum() / temperature
     return dq, dr, dt
 
 

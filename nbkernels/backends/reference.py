@@ -104,7 +104,7 @@ def logits(q, r, temperature, metric, offset):
             sim = -(q.pow(2).sum(1, keepdim=True) - 2.0 * q @ r.T + r.pow(2).sum(1))
         else:
             sim = q @ r.T
-        s = sim / temperature.to(acc)
+        s = sim / temperature
         if metric == "sqeuclidean":  # after the division: no gradient to T from them either
             s = s.masked_fill(r_far[None, :], float("-inf"))
             s = s.masked_fill(q_far[:, None], float("nan"))

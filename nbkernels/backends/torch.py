@@ -92,7 +92,7 @@ def _grads_out(q, r, temperature, grads):
 def _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric=False):
     return (q.new_empty(q.shape if need_q or (symmetric and need_r) else (0,)),
             r.new_empty(r.shape if need_r and not symmetric else (0,)),
-            temperature.new_empty(() if need_t else (0,), dtype=acc_dtype(q.dtype)))
+            temperature.new_empty(() if need_t else (0,)))
 
 
 @torch.library.custom_op("nbkernels::torch_lse_bwd", mutates_args=())

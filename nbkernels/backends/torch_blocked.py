@@ -45,7 +45,7 @@ class _Problem:
         block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
         self.n, self.m = q.shape[0], r.shape[0]
         self.metric = metric
-        self.inv_t = 1.0 / temperature.to(acc)
+        self.inv_t = 1.0 / temperature
         self.q_order = torch.argsort(q_labels, stable=True)
         self.r_order = torch.argsort(r_labels, stable=True)
         self.ql = q_labels[self.q_order]

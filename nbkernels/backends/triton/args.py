@@ -10,10 +10,6 @@ from . import kernels as tk
 from . import rows as tr
 
 
-def _acc(x):
-    return tr.acc_dtype(x.dtype)
-
-
 def _tl_acc(dtype):
     return tl.float64 if tr.acc_dtype(dtype) == torch.float64 else tl.float32
 
@@ -53,7 +49,7 @@ def _common(q, r, temperature, metric, offset, has_offset, precision, kind):
     n, d = q.shape
     m = r.shape[0]
     resident, block_d, _ = _feature_blocks(d, _resident_limit(kind, q, precision))
-    return dict(q=q, r=r, scale=tr.logit_scale(temperature, metric, _acc(q)), N=n, M=m, D=d,
+    return dict(q=q, r=r, scale=tr.logit_scale(temperature, metric), N=n, M=m, D=d,
                 offset=offset,
                 s_qn=q.stride(0), s_qd=q.stride(1), s_rm=r.stride(0), s_rd=r.stride(1),
                 N_KEY=triton.next_power_of_2(max(n, 1)), M_KEY=triton.next_power_of_2(max(m, 1)),

@@ -131,7 +131,7 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
     if need_t:
         # dT = -1/T sum_ij ds_ij logit_ij
         total = part.sum() if part is not None else torch.zeros((), dtype=acc, device=q.device)
-        dt = (-total / temperature.to(acc)).to(temperature.dtype)
+        dt = -total / temperature
     else:
         dt = temperature.new_empty(0)
     return dq, dr, dt

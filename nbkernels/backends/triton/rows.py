@@ -59,10 +59,10 @@ def class_labels(labels, num_classes):
     return padded(torch.where(inside, labels, -1).to(torch.int32), -1)
 
 
-def logit_scale(temperature, metric, acc):
+def logit_scale(temperature, metric):
     """The kernels' 0-dim logit scale c: s = fma(q.r, c, column term), c = 2/T
     ("sqeuclidean") or 1/T ("dot"); also the factor of their dx."""
-    return (2.0 if metric == "sqeuclidean" else 1.0) / temperature.to(acc).reshape(())
+    return (2.0 if metric == "sqeuclidean" else 1.0) / temperature.reshape(())
 
 
 def column(x, far, metric, temperature):
@@ -73,7 +73,7 @@ def column(x, far, metric, temperature):
     if metric != "sqeuclidean":
         col = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     else:
-        col = -x.to(acc).pow(2).sum(1) / temperature.to(acc)
+        col = -x.to(acc).pow(2).sum(1) / temperature
     if far is not None:
         col = col.masked_fill(far, float("-inf"))
     return padded(col, float("-inf"))
