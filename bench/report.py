@@ -24,6 +24,9 @@ def load(results):
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "records" in data:
             files[path.stem] = data
+        elif isinstance(data, dict) and "project_commit" in data:
+            # a GPU run's evidence copied as it was (its own schema, summarized in a .md)
+            files[path.stem] = dict(data, summary=path.with_suffix(".md"))
     return files
 
 
@@ -230,6 +233,21 @@ def gpu_targets(recs):
     return table(["target (N=M=65536, D=128 unless stated)", "measured", "status"], rows)
 
 
+def evidence(name, data):
+    """A GPU run recorded in its own schema: its machine, commit and the table of its
+    summary (``.md`` beside the JSON), quoted as they are."""
+    summary = data["summary"]
+    rows = [line for line in summary.read_text().splitlines() if line.startswith("|")] \
+        if summary.exists() else []
+    return [f"### {data['machine']['gpu'].split(' (')[0]}, commit {data['project_commit']}, "
+            f"{data['date']} (`bench/results/{name}.json`, `{summary.name}`)", "",
+            f"{data['machine']['gpu']}; torch {data['machine']['torch']}, "
+            f"triton {data['machine']['triton']}. The kernels of commit "
+            f"{data['project_commit']}, timed as they were; its correctness findings are in "
+            f"the summary. {data['how']['timings']}", "",
+            *rows, ""]
+
+
 def gpu_results(files):
     gpus = {k: v for k, v in files.items() if k.startswith("gpu_")}
     if not gpus:
@@ -237,6 +255,9 @@ def gpu_results(files):
                 "(see \"GPU\" above).")
     parts = []
     for name, data in gpus.items():
+        if "records" not in data:
+            parts += evidence(name, data)
+            continue
         recs = data["records"]
         parts += [f"### {data['env'].get('gpu_name', name)} (`bench/results/{name}.json`)", "",
                   machine(data["env"]) + " fp32 = fp32 storage with TF32 matmuls.", "",

@@ -4,6 +4,6 @@ build.py compiles every kernel variant the launchers select (and csrc/cuda/*.cu)
 deviceless sm_90 target; sass.py finds the main loop of the disassembly and counts its
 instructions per query-reference pair; model.py turns those counts into cycles per pair
 on H100 pipes; anchor_fa2.py is the calibration kernel; budgets.py holds the regression
-budgets; report.py writes bench/results/sass_sm90.json and the table in bench/README.md.
+budgets; report.py writes bench/results/sass_sm90.json and the tables in bench/sass/README.md.
 Every number here is *predicted from compiled SASS*, never measured.
 """

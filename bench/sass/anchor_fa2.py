@@ -6,7 +6,7 @@ in base 2 (the softmax scale times log2(e) folded into one multiplier of the log
 each probability is one exp2). Head dim 128, bf16 inputs, fp32 accumulators, 8 warps,
 2 stages. Non-causal, no masking (N_CTX a multiple of the blocks): the case of the Triton
 "Fused Attention" tutorial's forward benchmark at d = 128, whose measured throughput on
-H100 (``MEASURED_TFLOPS``; source in bench/README.md) calibrates the pipe model.
+H100 (``MEASURED_TFLOPS``; source in bench/sass/README.md) calibrates the pipe model.
 
 It is never run here: report.py compiles it for sm_90 and counts its main loop like the
 kernels of nbkernels. FLOP per query-key pair: 4 * HEAD_DIM (q.k and p.v).
@@ -17,7 +17,7 @@ import triton.language as tl
 HEAD_DIM = 128
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 64, 8, 2
 N_CTX = 16384
-# Triton tutorial 06-fused-attention, fwd, non-causal, d = 128, H100 (bench/README.md)
+# Triton tutorial 06-fused-attention, fwd, non-causal, d = 128, H100 (bench/sass/README.md)
 MEASURED_TFLOPS = 477.0
 FLOP_PER_PAIR = 4 * HEAD_DIM
 

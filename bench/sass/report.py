@@ -1,6 +1,6 @@
 """Static sm_90 performance model of every kernel: bench/results/sass_sm90.json + a table.
 
-    python bench/sass/report.py              # compile all, write the JSON and bench/README.md
+    python bench/sass/report.py              # compile all, write the JSON and bench/sass/README.md
     python bench/sass/report.py --print      # print the table, write nothing
     python bench/sass/report.py --quick      # first autotune config only (faster)
     python bench/sass/report.py --render     # README block from the committed JSONs only
@@ -33,7 +33,7 @@ from bench.sass import analyze, anchor_fa2, budgets, build, model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "sass_sm90.json"
 PREVIOUS = ROOT / "bench" / "results" / "sass_sm90_62a178c.json"  # the previous kernels' JSON
-README = ROOT / "bench" / "README.md"
+README = ROOT / "bench" / "sass" / "README.md"
 BEGIN, END = "<!-- sass:begin -->", "<!-- sass:end -->"
 
 
