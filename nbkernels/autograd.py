@@ -102,6 +102,7 @@ def _setup(ctx, q, r, metric, offset, backend):
     r = q if ctx.batch else r
     qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
+    ctx.symmetric = False  # the lse launchers' flag; NeighborLSE sets it
     return r, qk, rk, kmetric, acc_dtype(q.dtype)
 
 
@@ -150,12 +151,14 @@ class NeighborLSE(torch.autograd.Function):
     def _forward(ctx, q, r, q_labels, r_labels, temperature, metric, offset, backend):
         r_labels = q_labels if r is None else r_labels
         r, qk, rk, kmetric, acc = _setup(ctx, q, r, metric, offset, backend)
+        ctx.symmetric = kernel_inputs.symmetric(qk, rk, q_labels, r_labels, offset)
         if _empty(q, r):
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
             lse_pos = lse_all.clone()
         else:
             lse_all, lse_pos = backends.get(backend, qk.device, qk.dtype).lse_forward(
-                qk, rk, q_labels, r_labels, temperature, metric=kmetric, offset=offset)
+                qk, rk, q_labels, r_labels, temperature, metric=kmetric, offset=offset,
+                symmetric=ctx.symmetric)
         ctx.save_for_backward(q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos)
         if kmetric == "sqeuclidean":
             # the kernels leave out the row constant -||q||^2 / T; add it back
@@ -175,7 +178,8 @@ class NeighborLSE(torch.autograd.Function):
         g_pos = torch.zeros_like(lse_pos) if g_pos is None else g_pos
         dq, dr, dt = backends.get(ctx.backend, qk.device, qk.dtype).lse_backward(
             qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-            metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
+            metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t,
+            symmetric=ctx.symmetric)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
         dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, None, dt, None, None, None

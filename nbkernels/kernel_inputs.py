@@ -112,8 +112,18 @@ def symmetric(q, r, q_labels, r_labels, offset):
     """The batch loss: the references are the queries themselves (``r is q``, one label
     vector), self excluded (``offset`` 0) or not (None). The logits are then symmetric up
     to a per-row shift, so one matrix product serves each pair of blocks and one kernel
-    gives the whole gradient."""
+    gives the whole gradient. Decided once per call (``autograd``, ``partials``) and
+    passed to the lse launchers as their ``symmetric`` flag."""
     return q is r and q_labels is r_labels and (offset is None or offset == 0)
+
+
+def symmetric_flag(flag, q, r, q_labels, r_labels, offset):
+    """The lse launchers' ``symmetric`` argument, checked: True only where
+    :func:`symmetric` holds (a launcher may then return the whole gradient as ``dq``)."""
+    if flag and not symmetric(q, r, q_labels, r_labels, offset):
+        raise ValueError("symmetric=True needs the batch against itself: r is q, r_labels is "
+                         f"q_labels and offset None or 0 (got offset={offset!r})")
+    return bool(flag)
 
 
 def row_shift(qk, temperature, kmetric, shifted=True):

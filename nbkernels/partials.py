@@ -121,8 +121,9 @@ def kernel_partials(mod, qk, rk, q_labels, r_labels, t, kmetric, offset, num_cla
         return empty_partials(qk.shape[0], num_classes, with_loss, qk.dtype, qk.device)
     lse_all = lse_pos = positives = yhat = None
     if with_loss:
-        lse_all, lse_pos = mod.lse_forward(qk, rk, q_labels, r_labels, t, metric=kmetric,
-                                           offset=offset)
+        lse_all, lse_pos = mod.lse_forward(
+            qk, rk, q_labels, r_labels, t, metric=kmetric, offset=offset,
+            symmetric=kernel_inputs.symmetric(qk, rk, q_labels, r_labels, offset))
         positives = positive_counts(q_labels, r_labels, offset)
     if num_classes is not None:
         yhat, lse_all = mod.probs_forward(qk, rk, r_labels, t, num_classes, metric=kmetric,
@@ -139,9 +140,10 @@ def kernel_backward(mod, qk, rk, q_labels, r_labels, t, kmetric, offset, final,
     if g_all is not None or g_pos is not None:
         g_all = torch.zeros_like(final.lse_all) if g_all is None else g_all
         g_pos = torch.zeros_like(final.lse_pos) if g_pos is None else g_pos
-        parts.append(mod.lse_backward(qk, rk, q_labels, r_labels, t, final.lse_all, final.lse_pos,
-                                      g_all, g_pos, metric=kmetric, offset=offset,
-                                      need_q=need_q, need_r=need_r, need_t=need_t))
+        parts.append(mod.lse_backward(
+            qk, rk, q_labels, r_labels, t, final.lse_all, final.lse_pos, g_all, g_pos,
+            metric=kmetric, offset=offset, need_q=need_q, need_r=need_r, need_t=need_t,
+            symmetric=kernel_inputs.symmetric(qk, rk, q_labels, r_labels, offset)))
     if g_yhat is not None:
         parts.append(mod.probs_backward(qk, rk, r_labels, t, final.yhat, final.lse_all, g_yhat,
                                         metric=kmetric, offset=offset,

@@ -31,15 +31,18 @@ distributed path also runs with it. Every fused backend (``torch``, ``triton``,
   partial states: two chunks of references combine with ``logaddexp``.
 * Gradients are those of the *true* logits (the row constant included); each is
   returned in its input's dtype, or ``None`` when its ``need_*`` flag is false.
-  When ``q is r`` (the batch loss) a launcher may return the summed gradient as
-  ``dq`` and ``None`` as ``dr``: autograd adds the two anyway.
+  ``symmetric=True`` (the batch loss: ``r is q``, one label vector, offset None or 0;
+  decided once per call by ``kernel_inputs.symmetric``, checked by the launchers) lets a
+  launcher score the symmetric logits once and return the summed gradient as ``dq`` and
+  ``None`` as ``dr``: autograd adds the two anyway. Without it (the default) every
+  launcher computes dq and dr separately, whatever the inputs.
 
 Launchers::
 
-    lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset)
+    lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset, symmetric=False)
         -> (lse_all, lse_pos)
     lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                 *, metric, offset, need_q, need_r, need_t) -> (dq, dr, dt)
+                 *, metric, offset, need_q, need_r, need_t, symmetric=False) -> (dq, dr, dt)
     probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset)
         -> (yhat, lse_all)
     probs_backward(q, r, r_labels, temperature, yhat, lse_all, g,

@@ -21,7 +21,7 @@ import torch
 from nbkernels._validation import BackendUnavailableError
 from nbkernels.backends import variants
 from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
-from nbkernels.kernel_inputs import KERNEL_METRICS
+from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric_flag
 
 try:
     from nbkernels import _C  # loading it registers torch.ops.nbkernels.cuda_*
@@ -111,9 +111,11 @@ def _offset(offset):
 # ------------------------------------------------------------------------- launchers
 
 
-def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
-    """Shifted ``(lse_all, lse_pos)``, each (N,) fp32."""
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset, symmetric=False):
+    """Shifted ``(lse_all, lse_pos)``, each (N,) fp32 (``symmetric`` is checked; these
+    kernels have no symmetric form)."""
     _check(q, metric)
+    symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)
     q, r, q_far, r_far = finite_rows(q, r, metric)
     _, rn = _sqnorms(q, r, metric, r_far)
     lse_all, lse_pos = _op("fwd", q.device)(
@@ -188,12 +190,14 @@ def _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_
 
 
 def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, *,
-                 metric, offset, need_q, need_r, need_t):
+                 metric, offset, need_q, need_r, need_t, symmetric=False):
     """``(dq, dr, dt)`` of ``sum(g_all * lse_all + g_pos * lse_pos)``; ``None`` where not needed.
 
-    ``g_all`` or ``g_pos`` may be ``None`` (zero).
+    ``g_all`` or ``g_pos`` may be ``None`` (zero). ``symmetric`` is checked; dq and dr
+    come back separately.
     """
     _check(q, metric)
+    symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)
     g_all = torch.zeros_like(lse_all) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos) if g_pos is None else g_pos
     return _backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,

@@ -68,7 +68,7 @@ import torch
 
 from nbkernels._validation import acc_dtype
 from nbkernels.backends.infinity import at_infinity
-from nbkernels.kernel_inputs import centre_of
+from nbkernels.kernel_inputs import centre_of, symmetric_flag
 
 
 def unit_rows(x):
@@ -171,7 +171,8 @@ def _row_g(lse, g):
     return torch.where(empty, torch.zeros_like(g), g.to(lse.dtype))
 
 
-def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset, symmetric=False):
+    symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)  # checked, not needed here
     with torch.no_grad():
         return neighbor_lse(q, r, q_labels, r_labels, temperature, metric=metric, offset=offset)
 
@@ -201,7 +202,9 @@ def _grads(q, r, temperature, metric, offset, make_ds, need_q, need_r, need_t):
 
 
 def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                 *, metric, offset, need_q, need_r, need_t):
+                 *, metric, offset, need_q, need_r, need_t, symmetric=False):
+    symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)  # checked, not needed here
+
     def make_ds(s):
         # ds_ij = g_all_i p_ij + g_pos_i p+_ij
         pos = q_labels[:, None] == r_labels[None, :]

@@ -17,7 +17,7 @@ from nbkernels._validation import acc_dtype
 from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
 from nbkernels.backends.torch_blocked import (blocked_lse_backward, blocked_lse_forward,
                                               blocked_probs_backward, blocked_probs_forward)
-from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric
+from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric_flag
 
 
 # ------------------------------------------------------------------------ custom ops
@@ -139,9 +139,9 @@ def _(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, need_q, nee
 # ------------------------------------------------------------------------- launchers
 
 
-def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset):
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset, symmetric=False):
     """Shifted ``(lse_all, lse_pos)``, each (N,) in the accumulation dtype."""
-    sym = symmetric(q, r, q_labels, r_labels, offset)
+    sym = symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)
     return torch.ops.nbkernels.torch_lse_fwd(q, r, q_labels, r_labels, temperature, metric,
                                              offset, sym)
 
@@ -159,10 +159,10 @@ def _none_unless(grads, need_q, need_r, need_t, sym=False):
 
 
 def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos,
-                 *, metric, offset, need_q, need_r, need_t):
+                 *, metric, offset, need_q, need_r, need_t, symmetric=False):
     """``(dq, dr, dt)`` of ``sum(g_all lse_all + g_pos lse_pos)``; None where not needed.
-    For the batch loss (``q is r``) ``dq`` is the whole gradient and ``dr`` None."""
-    sym = symmetric(q, r, q_labels, r_labels, offset)
+    ``symmetric`` (the batch loss): ``dq`` is the whole gradient and ``dr`` None."""
+    sym = symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)
     acc = acc_dtype(q.dtype)
     g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos

@@ -114,13 +114,13 @@ class Launchers:
     def __getattr__(self, name):
         return functools.partial(getattr(self.module, name), **self.extra)
 
-    def lse(self, case, metric, offset, g_all, g_pos, need=ALL):
+    def lse(self, case, metric, offset, g_all, g_pos, need=ALL, symmetric=False):
         """(lse_all, lse_pos, dq, dr, dt), the lse shifted as the launchers return it."""
         lse_all, lse_pos = self.lse_forward(case.q, case.r, case.a, case.b, case.t,
-                                            metric=metric, offset=offset)
+                                            metric=metric, offset=offset, symmetric=symmetric)
         grads = self.lse_backward(case.q, case.r, case.a, case.b, case.t, lse_all, lse_pos,
                                   g_all, g_pos, metric=metric, offset=offset, need_q=need[0],
-                                  need_r=need[1], need_t=need[2])
+                                  need_r=need[1], need_t=need[2], symmetric=symmetric)
         return (lse_all, lse_pos, *grads)
 
     def probs(self, case, metric, offset, g, need=ALL):

@@ -108,25 +108,47 @@ def test_many_tiles(launch, caps, coarse_tol):
     check_probs(launch, case, "dot", None, atol, rtol)
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "two-sided"])
 @pytest.mark.parametrize("offset", [0, None])
 @pytest.mark.parametrize("metric", METRICS)
-def test_batch_against_itself(launch, caps, shape_tol, metric, offset):
-    """``r is q`` with one label vector (self excluded or not): the launchers may score the
-    symmetric logits once, and ``dq`` is then the whole gradient (``dr`` None). Against the
-    oracle's dq + dr on a copy of the rows, on one tile and across tile edges."""
+def test_batch_against_itself(launch, caps, shape_tol, metric, offset, symmetric):
+    """``r is q`` with one label vector (self excluded or not). With ``symmetric=True`` the
+    launchers may score the symmetric logits once, and ``dq`` is then the whole gradient
+    (``dr`` None); without it they compute dq and dr. Against the oracle's dq + dr on a
+    copy of the rows, on one tile and across tile edges."""
     dtype, atol, rtol = shape_tol
     for n in (21, caps.large[0]):
         case = make_case(caps, n=n, m=n, d=7, c=4, dtype=dtype, scale=0.5, temperature=0.4)
         case.r, case.b = case.q, case.a
         want, (g_all, g_pos) = oracle_lse(case, metric, offset, *upstream_lse(case))
-        got = launch.lse(case, metric, offset, g_all, g_pos)
+        got = launch.lse(case, metric, offset, g_all, g_pos, symmetric=symmetric)
         dq, dr = got[2], got[3]
+        assert symmetric or dr is not None, "without symmetric=True dr comes back on its own"
         whole = dq if dr is None else dq + dr
         shift = cases.row_shift(case, metric)
         _close_all(("lse_all", "lse_pos", "dx", "dt"),
                    (got[0] + shift, got[1] + shift, whole, got[4]),
                    (want[0], want[1], want[2] + want[3], want[4]), atol, rtol,
                    dt_spread(case, metric, offset, g_all, g_pos))
+
+
+def test_symmetric_flag_is_checked(launch, caps):
+    """``symmetric=True`` where the references are not the queries, or with an offset
+    other than None or 0, is refused (forward and backward) instead of answering for
+    another problem."""
+    case = make_case(caps, n=9, m=9, d=5, c=3, dtype=caps.exact)
+    batch = make_case(caps, n=9, m=9, d=5, c=3, dtype=caps.exact)
+    batch.r, batch.b = batch.q, batch.a
+    g = upstream_lse(case)
+    for bad, offset in ((case, 0), (batch, 2)):
+        with pytest.raises(ValueError, match="symmetric=True needs the batch against itself"):
+            launch.lse(bad, "sqeuclidean", offset, *g, symmetric=True)
+        la, lp = launch.lse_forward(bad.q, bad.r, bad.a, bad.b, bad.t, metric="sqeuclidean",
+                                    offset=offset)
+        with pytest.raises(ValueError, match="symmetric=True needs the batch against itself"):
+            launch.lse_backward(bad.q, bad.r, bad.a, bad.b, bad.t, la, lp, *g,
+                                metric="sqeuclidean", offset=offset, need_q=True, need_r=True,
+                                need_t=True, symmetric=True)
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric
+from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric_flag
 
 try:
     import triton
@@ -111,27 +111,30 @@ def _none_unless(t, need):
     return t if need else None
 
 
-def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset, precision=None):
-    """Shifted ``(lse_all, lse_pos)``, each (N,) in the accumulation dtype."""
+def lse_forward(q, r, q_labels, r_labels, temperature, *, metric, offset, symmetric=False,
+                precision=None):
+    """Shifted ``(lse_all, lse_pos)``, each (N,) in the accumulation dtype (``symmetric``
+    is checked; the forward has no symmetric kernel)."""
     _check(metric, precision)
+    symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)
     precision = precision or _default_precision()
     return torch.ops.nbkernels.triton_lse_fwd(q, r, q_labels, r_labels, temperature, metric,
                                               offset or 0, offset is not None, precision)
 
 
 def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, *,
-                 metric, offset, need_q, need_r, need_t, precision=None):
+                 metric, offset, need_q, need_r, need_t, symmetric=False, precision=None):
     """``(dq, dr, dt)`` of ``sum(g_all * lse_all + g_pos * lse_pos)``; ``None`` where not needed.
 
-    ``g_all`` or ``g_pos`` may be ``None`` (zero). For the batch loss (``q is r``, one
-    label vector) ``dq`` is the whole gradient and ``dr`` is ``None``.
+    ``g_all`` or ``g_pos`` may be ``None`` (zero). ``symmetric`` (the batch loss: ``q is
+    r``, one label vector): one kernel, ``dq`` is the whole gradient and ``dr`` is ``None``.
     """
     _check(metric, precision)
     precision = precision or _default_precision()
     acc = tr.acc_dtype(q.dtype)
     g_all = torch.zeros_like(lse_all, dtype=acc) if g_all is None else g_all
     g_pos = torch.zeros_like(lse_pos, dtype=acc) if g_pos is None else g_pos
-    sym = symmetric(q, r, q_labels, r_labels, offset)
+    sym = symmetric_flag(symmetric, q, r, q_labels, r_labels, offset)
     dq, dr, dt = torch.ops.nbkernels.triton_lse_bwd(
         q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric,
         offset or 0, offset is not None, sym, need_q, need_r, need_t, precision)
