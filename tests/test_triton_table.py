@@ -117,3 +117,23 @@ def test_autotuned_kernels_cache_their_results():
         assert tuner.cache_results or os.environ.get("TRITON_INTERPRET") == "1"
         assert len(tuner.configs) == len(tk.GPU_FWD_CONFIGS if kind == "fwd"
                                          else tk.GPU_BWD_CONFIGS)
+
+
+def test_tiles_beyond_pad_are_refused():
+    """The launchers pad per-row vectors to a multiple of PAD, which the kernels stream
+    unmasked: a tile wider than PAD would read past them (a 128 x 256 forward gave a
+    relative error of 53 on 48 rows). Such a config is refused where configs are built
+    or pinned, before any launch."""
+    configs = tc
+    wide = 2 * common.PAD
+    with pytest.raises(ValueError, match=r"at most PAD = 128.*'BLOCK_N': 256"):
+        configs._config(128, wide, 8, 3, "fwd")
+    with pytest.raises(ValueError, match=r"at most PAD = 128.*'BLOCK_OWN': 256"):
+        configs._config(wide, 64, 8, 2, "bwd")
+    ok = configs._config(common.PAD, common.PAD, 8, 3, "fwd")
+    bad = triton.Config({"BLOCK_OWN": 64, "BLOCK_OTHER": wide}, num_warps=4, num_stages=2)
+    before = {k: configs.overridden(k) for k in configs.KERNELS}
+    with pytest.raises(ValueError, match="at most PAD"):
+        with configs.override(ok, bad):
+            pass
+    assert {k: configs.overridden(k) for k in configs.KERNELS} == before

@@ -142,9 +142,21 @@ def _block_d(kernel, d, element_size=2, precision=None):
     return max(16, triton.next_power_of_2(d))
 
 
+def _check_tiles(cfg):
+    """A config's tiles may not pass PAD: the launchers pad the per-row vectors the kernels
+    stream unmasked (column terms, labels, weights) to a multiple of PAD only."""
+    tiles = {k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK_") and k != "BLOCK_D"}
+    big = {k: v for k, v in tiles.items() if v > tc.PAD}
+    if big:
+        raise ValueError(f"config tiles must be at most PAD = {tc.PAD} (the per-row vectors are "
+                         f"padded to a multiple of it), got {big}")
+    return cfg
+
+
 def _config(own, other, warps, stages, kernel):
     names = ("BLOCK_M", "BLOCK_N") if kernel.startswith("fwd") else ("BLOCK_OWN", "BLOCK_OTHER")
-    return triton.Config(dict(zip(names, (own, other))), num_warps=warps, num_stages=stages)
+    return _check_tiles(triton.Config(dict(zip(names, (own, other))), num_warps=warps,
+                                      num_stages=stages))
 
 
 def fallback(kernel, element_size, d, precision=None):
@@ -180,11 +192,10 @@ def overridden(kernel):
 @contextlib.contextmanager
 def override(fwd=None, bwd=None):
     """Pin the forward kernels to config ``fwd`` and the backward ones to ``bwd``."""
+    pins = {kernel: fwd if kernel.startswith("fwd") else bwd for kernel in KERNELS}
+    pins = {kernel: _check_tiles(cfg) for kernel, cfg in pins.items() if cfg is not None}
     saved = dict(_override)
-    for kernel in KERNELS:
-        cfg = fwd if kernel.startswith("fwd") else bwd
-        if cfg is not None:
-            _override[kernel] = cfg
+    _override.update(pins)
     try:
         yield
     finally:
