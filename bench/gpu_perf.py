@@ -61,6 +61,31 @@ def _candidates(kernel):
     return [(tuple(c["config"]), c["predicted_s"], tuple(c["config"]) == chosen) for c in picks]
 
 
+LATENCY_JSON = ROOT / "bench" / "results" / "sass_latency_sm90.json"
+LATENCY_TOP = 2
+
+
+def _latency_candidates(kernel, taken):
+    """[(config tuple, predicted seconds)]: the latency model's best bf16 configs
+    (``bench/sass/latency_report.py``; ``fwd``: the lse forward, ``bwd``: the symmetric
+    backward) that ``taken`` does not hold, so that the GPU checks its ranking too."""
+    data = json.loads(LATENCY_JSON.read_text())
+    prefix = "fwd_bf16_sqeuclidean_" if kernel == "fwd" else "bwd_sym_bf16_sqeuclidean_"
+    rows = sorted((r for r in data["variants"] + data.get("sweep", [])
+                   if r["name"].startswith(prefix)), key=lambda r: r["latency"]["time_s"])
+    picks = [r for r in rows if tuple(r["config_tuple"]) not in taken][:LATENCY_TOP]
+    return [(tuple(r["config_tuple"]), r["latency"]["time_s"]) for r in picks]
+
+
+def latency_prediction(kernel, cfg):
+    """The latency model's predicted seconds of bf16 ``kernel`` at ``cfg`` (None if absent)."""
+    data = json.loads(LATENCY_JSON.read_text())
+    prefix = "fwd_bf16_sqeuclidean_" if kernel == "fwd" else "bwd_sym_bf16_sqeuclidean_"
+    return next((r["latency"]["time_s"] for r in data["variants"] + data.get("sweep", [])
+                 if r["name"].startswith(prefix) and tuple(r["config_tuple"]) == tuple(cfg)),
+                None)
+
+
 class Run:
     def __init__(self, args):
         self.dry = args.dry
@@ -159,6 +184,10 @@ class Run:
         backward = mode == "fwdbwd"
         n, d = self.shape["n"], self.shape["d"]
         info = dict(fwd_config=fwd_cfg, bwd_config=bwd_cfg, predicted_s=predicted_s)
+        if dtype != torch.float32 and (fwd_cfg or bwd_cfg):
+            # the latency model's prediction of the kernel this row varies
+            info["predicted_latency_s"] = latency_prediction(
+                "bwd" if backward else "fwd", bwd_cfg if backward else fwd_cfg)
 
         def run():
             with tk.fixed_configs(fwd, bwd):
@@ -237,17 +266,19 @@ def knn(classes):
 
 
 def table(records):
-    rows = ["| variant | mode | dtype | config fwd / bwd | predicted ms | measured ms | "
-            "TFLOP/s | % peak | check |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| variant | mode | dtype | config fwd / bwd | predicted ms (pipe / latency) | "
+            "measured ms | TFLOP/s | % peak | check |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
         cfg = " / ".join("x".join(map(str, c)) if c else "table"
                          for c in (r.get("fwd_config"), r.get("bwd_config")))
-        pred = r.get("predicted_s")
+        pred = " / ".join(f"{x * 1e3:.2f}" if x else "-"
+                          for x in (r.get("predicted_s"), r.get("predicted_latency_s")))
         got = r.get("time_s", {}).get("median") if r["status"] == "ok" else None
         rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"], r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
             else "-" if not r["name"].startswith("nbkernels") else "table",
-            f"{pred * 1e3:.2f}" if pred else "-",
+            pred,
             f"{got * 1e3:.3f}" if got else r["status"] + (f": {r['reason'][:60]}"
                                                           if r.get("reason") else ""),
             f"{r['tflops']:.0f}" if r.get("tflops") else "-",
@@ -285,6 +316,11 @@ def main(argv=None):
         for mode, flop in (("fwd", 2 * n * n * d), ("fwdbwd", 8 * n * n * d)):
             run.provider(name, mode, half, flop, make, need_s=40)
             run.release()
+    # the latency model's own picks (bench/sass/latency_report.py), where they differ
+    for cfg, pred in _latency_candidates("fwd", {c for c, _, _ in fwd_cands}):
+        run.ours("nbkernels-triton", nca, half, "fwd", cfg, table_bwd)
+    for cfg, pred in _latency_candidates("bwd", {c for c, _, _ in bwd_cands}):
+        run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, cfg)
     for cfg, pred, chosen in fwd_cands[1:]:
         run.ours("nbkernels-triton", nca, half, "fwd", cfg, table_bwd, pred)
     for cfg, pred, chosen in bwd_cands[1:]:

@@ -1,0 +1,280 @@
+"""The latency-aware estimate (``latency.py``) of the Triton kernels, against the GPU's
+measurements.
+
+    python bench/sass/latency_report.py            # compile, simulate, write JSON + README
+    python bench/sass/latency_report.py --render   # README block from the committed JSON
+
+*Predicted from compiled SASS*, never measured. Two parts:
+
+* **Measured points** (``points.json`` beside this file): kernels a GPU has timed, each at
+  the commit that was timed. That commit is checked out in a temporary git worktree and
+  its own ``bench/sass/build.py`` compiles the variants the autotuner was given there;
+  the prediction of a point is the fastest of them (the autotuner keeps the fastest).
+  Each row gives the prediction, the measurement and their ratio, and the same for the
+  pipe model of ``model.py`` (raw, and calibrated by the anchor's factor).
+* **Current kernels**: every GPU config of the bf16 and TF32 forward and backward
+  (sqeuclidean, no class output) of this checkout, and the FA2-style anchor, with the
+  what-ifs that say where the forward's time goes.
+
+Writes ``bench/results/sass_latency_sm90.json`` and the block between
+``<!-- latency:begin -->`` and ``<!-- latency:end -->`` in bench/sass/README.md.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.sass import analyze, anchor_fa2, build, latency, model, report, sass  # noqa: E402
+
+POINTS = Path(__file__).with_name("points.json")
+RESULTS = ROOT / "bench" / "results" / "sass_latency_sm90.json"
+README = report.README
+BEGIN, END = "<!-- latency:begin -->", "<!-- latency:end -->"
+
+# run inside a worktree of the measured commit: its build compiles its kernels
+_AT_COMMIT = r"""
+import json, sys
+sys.path.insert(0, ".")
+from bench.sass import build
+want = set(json.loads(sys.argv[1]))
+out = []
+for v in build.variants(dtypes=("bf16", "fp32"), metrics=("sqeuclidean",), classes=(False,)):
+    if v.name in want:
+        c = build.compile_variant(v)
+        out.append(dict(name=v.name, kind=v.kind, cubin=str(c.cubin), fn=c.name,
+                        shared=c.shared, block_m=v.block_m, block_n=v.block_n,
+                        num_warps=v.num_warps, flop_per_pair=v.flop_per_pair,
+                        dtype=v.dtype, ref_major=v.ref_major, inner_trips=v.inner_trips))
+print("JSON" + json.dumps(out))
+"""
+
+
+def simulate(c, kind, dtype, flop_per_pair, block_m, block_n, num_warps, inner_trips=1,
+             n=build.N, m=build.M):
+    """One compiled kernel: occupancy, the simulated SM and the predictions of both models."""
+    funcs = latency.disassemble(c["cubin"])
+    func, hi = funcs[c["fn"]]
+    usage = sass.resource_usage(c["cubin"])[c["fn"]]
+    occ = model.occupancy(usage["regs"], c["shared"] + usage["shared_static"], num_warps)
+    ops = latency.body(func, hi, num_warps, inner_trips)
+    ctas = max(1, occ["ctas_per_sm"])
+    cycles = latency.simulate(ops, num_warps, ctas=ctas)
+    pairs = block_m * block_n
+    tiles = -(-n // block_m)
+    iters = -(-m // block_n)
+    pred = latency.predict(cycles, iters, tiles, ctas, n * m * flop_per_pair)
+    mix = sass.loop_mix(func, num_warps, pairs, inner_trips)
+    hbm = analyze.hbm_bytes_per_pair("anchor" if kind == "anchor" else kind, dtype)
+    pipe = model.predict(model.pipes(mix.per_pair, mix.tensor_flop_per_pair, hbm), flop_per_pair)
+    return dict(regs=usage["regs"], ctas_per_sm=ctas, warp_instrs_per_iter=len(ops),
+                issue_only_cycles=len(ops) * num_warps * ctas / 4, cycles_per_iter=cycles,
+                latency=pred, pipe_raw=pipe["overlap"])
+
+
+def _compile_at(commit, names):
+    """{variant name: compiled record} of ``names`` at ``commit`` (a temporary worktree)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"nbk-{commit}-"))
+    wt = tmp / "src"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), commit],
+                   check=True)
+    try:
+        env = dict(os.environ, NBK_SASS_CACHE=str(tmp / "cubins"))
+        out = subprocess.run([sys.executable, "-c", _AT_COMMIT, json.dumps(sorted(names))],
+                             cwd=wt, env=env, capture_output=True, text=True, check=True).stdout
+        recs = json.loads(out[out.index("JSON") + 4:])
+        return {r["name"]: r for r in recs}
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)],
+                       check=False)
+
+
+def measured_points(factor):
+    """Each point of points.json: the predictions of its variants against the measurement."""
+    rows = []
+    for p in json.loads(POINTS.read_text())["points"]:
+        compiled = _compile_at(p["commit"], p["variants"])
+        preds = {}
+        for name in p["variants"]:
+            c = compiled[name]
+            preds[name] = simulate(c, c["kind"], c["dtype"], c["flop_per_pair"], c["block_m"],
+                                   c["block_n"], c["num_warps"], c["inner_trips"])
+        best = min(preds, key=lambda k: preds[k]["latency"]["time_s"])
+        pipe_best = min(preds, key=lambda k: preds[k]["pipe_raw"]["time_s"])
+        ms = p["measured_ms"]
+        lat_ms = 1e3 * preds[best]["latency"]["time_s"]
+        pipe_ms = 1e3 * preds[pipe_best]["pipe_raw"]["time_s"]
+        rows.append(dict(p, variants=preds, latency_pick=best, latency_ms=lat_ms,
+                         latency_ratio=ms / lat_ms, pipe_raw_ms=pipe_ms,
+                         pipe_raw_ratio=ms / pipe_ms, pipe_calibrated_ratio=ms * factor / pipe_ms))
+    return rows
+
+
+def _current(v):
+    c = build.compile_variant(v)
+    rec = dict(cubin=str(c.cubin), fn=c.name, shared=c.shared)
+    kind = "anchor" if v.kind == "anchor" else v.kind
+    out = simulate(rec, kind, v.dtype, v.flop_per_pair, v.block_m, v.block_n, v.num_warps,
+                   v.inner_trips)
+    return dict(name=v.name, config=v.config,
+                config_tuple=[v.block_m, v.block_n, v.num_warps, v.num_stages], **out)
+
+
+# forward configs beyond the GPU lists (kernels.GPU_FWD_CONFIGS), for the model to rank:
+# one warpgroup per CTA, with two CTAs per SM where they fit (their MMA and softmax may
+# overlap). Tiles stay within PAD (configs._check_tiles).
+SWEEP_FWD = [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3)]
+
+
+def sweep_variants():
+    from nbkernels.backends.triton import kernels as tk
+    jit = tk.kernel_for("fwd", build.SM90)
+    out = []
+    for bm, bn, w, s in SWEEP_FWD:
+        vals = build._fill_unknown(jit, build._launch_values("fwd", "bf16", "sqeuclidean", False,
+                                                             None, bm, bn))
+        out.append(build.Variant(
+            name=f"fwd_bf16_sqeuclidean_{bm}x{bn}w{w}s{s}", kind="fwd", dtype="bf16",
+            metric="sqeuclidean", cls=False, ref_major=None, block_m=bm, block_n=bn,
+            block_d=vals["BLOCK_D"], num_warps=w, num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
+            flop_per_pair=2 * build.D, values=vals, fn=jit))
+    return out
+
+
+def what_ifs(v):
+    """Where the forward's time goes: the simulation again with one cost removed."""
+    c = build.compile_variant(v)
+    func, hi = latency.disassemble(c.cubin)[c.name]
+    ops = latency.body(func, hi, v.num_warps, v.inner_trips)
+    base = latency.simulate(ops, v.num_warps)
+    out = {"simulated": base, "issue_only": len(ops) * v.num_warps / 4}
+    out["no tensor-core time (MMA fully overlapped)"] = latency.simulate(
+        [replace(o, tensor=0.0) for o in ops], v.num_warps)
+    saved = latency.LATENCY["LDGSTS"]
+    latency.LATENCY["LDGSTS"] = 0
+    try:
+        out["no global-load latency (loads issued far enough ahead)"] = latency.simulate(
+            ops, v.num_warps)
+    finally:
+        latency.LATENCY["LDGSTS"] = saved
+    out["no CTA barriers"] = latency.simulate(
+        [o for o in ops if not (o.base == "BAR" and ".SYNC" in o.op)], v.num_warps)
+    return out
+
+
+def current_kernels():
+    vs = build.variants(dtypes=("bf16", "fp32"), metrics=("sqeuclidean",), classes=(False,))
+    rows = [_current(v) for v in vs]
+    sweep = [_current(v) for v in sweep_variants()]
+    anchor = _current(anchor_fa2.variant())
+    fwd = next(v for v in vs if v.name.startswith("fwd_bf16") and "128x128" in v.name)
+    return rows, sweep, anchor, {"variant": fwd.name, "cycles_per_iter": what_ifs(fwd)}
+
+
+def constants():
+    return dict(latency=latency.LATENCY, default_latency=latency.DEFAULT_LATENCY,
+                read_release=latency.READ_RELEASE, hgmma_latency=latency.HGMMA_LATENCY,
+                smem_bytes_per_cycle=latency.SMEM_BYTES_PER_CYCLE,
+                mufu_cycles=latency.MUFU_CYCLES, int_cycles=latency.INT_CYCLES,
+                sms=model.SMS, clock_hz=model.CLOCK_HZ)
+
+
+def _ms(x):
+    return f"{1e3 * x:.2f}"
+
+
+def block(data):
+    """The README block, from the JSON."""
+    env = data["env"]
+    out = [f"*Predicted from compiled SASS*, never measured: the latency-aware estimate "
+           f"(`bench/sass/latency.py`), triton {env['triton']}, sm_90, {env['date']}, commit "
+           f"`{(env['git_commit'] or '?')[:7]}`; written by `python bench/sass/latency_report.py` "
+           f"to `bench/results/sass_latency_sm90.json`. N = M = 65536, D = 128; "
+           f"{model.SMS} SMs at {model.CLOCK_HZ / 1e9:.2f} GHz.", "",
+           "**Against the GPU's measurements** (H200, `bench/results/gpu_h200_2026-12-04_"
+           "5fa40b9.json`; each point's kernels compiled at the measured commit; the model's "
+           "pick is its fastest of the configs the autotuner was given). Ratio = measured / "
+           "predicted: 1.0 is exact, above 1 the model is optimistic.", "",
+           "The last column scales the latency model by its error on the bf16 forward "
+           "(one factor, fitted on that one point): what is left is what the model misses "
+           "elsewhere.", "",
+           "| measured point | measured | latency model (its pick) | ratio | pipe model raw | "
+           "ratio | ratio, calibrated pipe model | ratio, latency model scaled on the bf16 "
+           "forward |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    first = data["points"][0]["latency_ratio"]
+    for p in data["points"]:
+        out.append(f"| {p['what']} | {p['measured_ms']:.2f} ms | {p['latency_ms']:.2f} ms "
+                   f"(`{p['latency_pick']}`) | {p['latency_ratio']:.2f} | {p['pipe_raw_ms']:.2f} "
+                   f"ms | {p['pipe_raw_ratio']:.2f} | {p['pipe_calibrated_ratio']:.2f} | "
+                   f"{p['latency_ratio'] / first:.2f} |")
+    a = data["anchor"]
+    out += ["", f"FA2-style anchor (Triton tutorial forward, `anchor_fa2.py`): latency model "
+            f"{a['latency']['tflops']:.0f} TFLOP/s, pipe model {a['pipe_raw']['tflops']:.0f} "
+            f"raw; the cited H100 measurement is {anchor_fa2.MEASURED_TFLOPS:.0f} (not measured "
+            "here).", "", "**Current kernels** (this commit; per config; the dr kernels, which mirror dq, are in "
+            "the JSON):", "",
+            "The last three forward rows are configs outside the GPU lists "
+            "(`SWEEP_FWD`), for the model to rank; `bench/gpu_perf.sh` times the model's "
+            "best ones beside the table's.", "",
+            "| kernel | CTAs/SM | warp instr./iter | issue-only cycles/iter | simulated "
+            "cycles/iter | latency model ms | % bf16 peak | pipe model raw ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["variants"] + data["sweep"]:
+        if "_dr_" in r["name"]:
+            continue   # the dr kernels mirror dq (they are in the JSON)
+        out.append(f"| {r['name']} | {r['ctas_per_sm']} | {r['warp_instrs_per_iter']} | "
+                   f"{r['issue_only_cycles']:.0f} | {r['cycles_per_iter']:.0f} | "
+                   f"{_ms(r['latency']['time_s'])} | {r['latency']['pct_bf16_peak']:.1f} | "
+                   f"{_ms(r['pipe_raw']['time_s'])} |")
+    w = data["what_ifs"]
+    base = w["cycles_per_iter"]["simulated"]
+    out += ["", f"**Where the bf16 forward's time goes** (`{w['variant']}`, simulated cycles "
+            "per main-loop iteration of one SM, each line removing one cost):", ""]
+    for k, cyc in w["cycles_per_iter"].items():
+        saves = "" if k in ("simulated", "issue_only") else \
+            f" (saves {100 * (base - cyc) / base:.0f}% of the time)"
+        out.append(f"- {k}: {cyc:.0f}{saves}")
+    return "\n".join(out)
+
+
+def write_readme(text, readme=README):
+    s = readme.read_text()
+    if BEGIN not in s:
+        s = s.rstrip("\n") + f"\n\n## Latency-aware estimate\n\n{BEGIN}\n{END}\n"
+    head, rest = s.split(BEGIN, 1)
+    readme.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--render", action="store_true", help="README block from the JSON only")
+    args = ap.parse_args(argv)
+    if not args.render:
+        why = build.unavailable_reason()
+        if why:
+            sys.exit(f"cannot compile for sm_90 here: {why}")
+        t0 = time.time()
+        factor = json.loads((ROOT / "bench" / "results" / "sass_sm90.json").read_text())[
+            "calibration_factor"]
+        rows, sweep, anchor, whatifs = current_kernels()
+        data = dict(env=report.env(), constants=constants(), calibration_factor=factor,
+                    points=measured_points(factor), anchor=anchor, variants=rows, sweep=sweep,
+                    what_ifs=whatifs)
+        data["seconds"] = round(time.time() - t0, 1)
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+    data = json.loads(RESULTS.read_text())
+    write_readme(block(data))
+    print(f"updated {README.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The latency-aware SASS estimate (bench/sass/latency.py): its reading of the control bits
+and the semantics of its simulation, on instruction streams whose timing is known by hand,
+then on a compiled forward kernel (where the static SASS model can run)."""
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.sass import build, latency  # noqa: E402
+
+NONE = 7  # no scoreboard
+
+
+def op(base="FFMA", stall=1, wbar=NONE, rbar=NONE, wait=0, tensor=0.0, name=None, args=""):
+    return latency.Op(base, name or base, args, stall, wbar, rbar, wait, tensor, 0)
+
+
+def word(stall, yld, wbar, rbar, wait, reuse):
+    c = stall | yld << 4 | wbar << 5 | rbar << 8 | wait << 11 | reuse << 17
+    return c << 41
+
+
+def test_control_bits():
+    # an sm_90 "@!PT LDS RZ, [RZ]" as nvdisasm -hex prints it: stall 1, yield, no scoreboard
+    assert latency.control(0x000FE20000000800) == (1, 1, NONE, NONE, 0, 0)
+    for fields in ((5, 0, 2, NONE, 0b000101, 0), (15, 1, NONE, 3, 0b111111, 0b1010)):
+        assert latency.control(word(*fields) | 0x1234) == fields
+
+
+def test_one_warp_runs_its_stalls():
+    # 10 instructions of stall 4: one iteration every 40 cycles
+    assert latency.simulate([op(stall=4)] * 10, num_warps=1) == 40
+
+
+def test_warps_of_different_schedulers_run_in_parallel():
+    assert latency.simulate([op(stall=4)] * 10, num_warps=4) == 40
+
+
+def test_two_warps_share_a_scheduler_issue_slot():
+    # warps 0 and 4 sit on sub-partition 0: stall 1 each, one issue per cycle there
+    assert latency.simulate([op(stall=1)] * 10, num_warps=5) == 20
+    # with stall 2 they interleave into the gaps: still one iteration per 20 cycles
+    assert latency.simulate([op(stall=2)] * 10, num_warps=5) == 20
+
+
+def test_scoreboard_wait_exposes_latency():
+    # MUFU sets scoreboard 0 (latency LATENCY["MUFU"]); the next instruction waits on it
+    chain = [op("MUFU", stall=1, wbar=0), op(stall=1, wait=0b1)]
+    per_iter = latency.simulate(chain, num_warps=1)
+    assert per_iter == latency.LATENCY["MUFU"] + 1
+    # without the wait the two issue back to back (but the MUFU pipe takes 8 cycles)
+    assert latency.simulate([chain[0], op(stall=1)], num_warps=1) == latency.MUFU_CYCLES
+
+
+def test_mufu_pipe_is_shared_per_scheduler():
+    # two warps on one sub-partition, 4 MUFU each: 8 MUFU x 8 cycles per iteration
+    assert latency.simulate([op("MUFU", stall=1)] * 4, num_warps=5) == 8 * latency.MUFU_CYCLES
+
+
+def test_cta_barrier_holds_every_warp():
+    # every warp runs 10 instructions of stall 3, then BAR.SYNC: 30 cycles, + the barrier;
+    # with two warps per scheduler the second passes it one cycle later
+    body = [op(stall=3)] * 10 + [op("BAR", stall=1, name="BAR.SYNC.DEFER_BLOCKING")]
+    alone = latency.simulate(body, num_warps=1)
+    together = latency.simulate(body, num_warps=8)
+    assert 30 <= alone <= 33 and alone <= together <= alone + 2
+    # a barrier no warp of the CTA can pass alone: one warp per scheduler waiting on
+    # scoreboard 0 (a 30-cycle LDS) holds the other three at the barrier
+    slow = [op("LDS", stall=1, wbar=0), op(stall=1, wait=0b1)] + body[-1:]
+    assert latency.simulate(slow, num_warps=4) >= latency.LATENCY["LDS"]
+
+
+def test_tensor_cores_are_shared_by_the_sm():
+    # each warp issues an HGMMA of 100 tensor cycles and waits for it: 8 warps, 800 cycles
+    body = [op("HGMMA", tensor=100.0, args="gsb0"),
+            op("WARPGROUP", name="WARPGROUP.DEPBAR.LE", args="gsb0, 0x0")]
+    per_iter = latency.simulate(body, num_warps=8)
+    assert 800 <= per_iter <= 800 + latency.HGMMA_LATENCY + 2
+    # a depbar that keeps one group outstanding lets the next MMA queue behind: no idle pipe
+    keep = [body[0], replace(body[1], args="gsb0, 0x1")]
+    assert latency.simulate(keep, num_warps=8) == 800
+
+
+def test_predict_counts_waves():
+    # 264 tiles on 132 SMs, 1 CTA each: 2 waves; 265 tiles: 3
+    two = latency.predict(1000, 10, 264, 1, 1e12)
+    three = latency.predict(1000, 10, 265, 1, 1e12)
+    assert two["waves"] == 2 and three["waves"] == 3
+    assert three["time_s"] == pytest.approx(1.5 * two["time_s"])
+
+
+REASON = build.unavailable_reason()
+
+
+@pytest.mark.skipif(bool(REASON), reason=f"static SASS model unavailable: {REASON}")
+def test_forward_kernel_simulates_above_its_bounds():
+    """The bf16 forward at its first GPU config: the simulated iteration is no faster than
+    its issue slots or its tensor-core time, and its main loop holds HGMMA and MUFU."""
+    from nbkernels.backends.triton import kernels as tk
+    v = next(v for v in build.variants(dtypes=("bf16",), metrics=("sqeuclidean",),
+                                       classes=(False,), kinds=("fwd",), configs=[0]))
+    assert tk.GPU_FWD_CONFIGS[0].num_warps == v.num_warps
+    c = build.compile_variant(v)
+    func, hi = latency.disassemble(c.cubin)[c.name]
+    ops = latency.body(func, hi, v.num_warps, v.inner_trips)
+    bases = {o.base for o in ops}
+    assert {"HGMMA", "MUFU"} <= bases
+    assert all(0 <= o.stall <= 15 for o in ops) and any(o.wait for o in ops)
+    cycles = latency.simulate(ops, v.num_warps)
+    assert cycles >= len(ops) * v.num_warps / 4
+    assert cycles >= sum(o.tensor for o in ops) * v.num_warps
