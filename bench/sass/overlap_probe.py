@@ -32,11 +32,17 @@ OUT = ROOT / "bench" / "results" / "overlap_probe_sm90.json"
 
 
 @triton.jit
-def plain(q, r, out, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+def _query_tile(q, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """The program's rows, feature offsets, resident query tile [BM, D] and row sums."""
     o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, D)
     b_q = tl.load(q + o_m[:, None] * D + o_d[None, :])
-    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return o_m, o_d, b_q, tl.zeros([BLOCK_M], dtype=tl.float32)
+
+
+@triton.jit
+def plain(q, r, out, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    o_m, o_d, b_q, b_l = _query_tile(q, BLOCK_M, D)
     for i_n in range(0, M, BLOCK_N):
         o_n = i_n + tl.arange(0, BLOCK_N)
         b_s = tl.dot(b_q, tl.trans(tl.load(r + o_n[:, None] * D + o_d[None, :])))
@@ -46,10 +52,7 @@ def plain(q, r, out, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.cons
 
 @triton.jit
 def ahead(q, r, out, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_d = tl.arange(0, D)
-    b_q = tl.load(q + o_m[:, None] * D + o_d[None, :])
-    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    o_m, o_d, b_q, b_l = _query_tile(q, BLOCK_M, D)
     o_n = tl.arange(0, BLOCK_N)
     b_next = tl.dot(b_q, tl.trans(tl.load(r + o_n[:, None] * D + o_d[None, :])))
     for i_n in range(BLOCK_N, M, BLOCK_N):
