@@ -18,7 +18,8 @@ by their trip count). Each sub-partition issues at most one instruction per cycl
 the oldest ready warp. Shared units: per sub-partition the MUFU (4 lanes: 8 cycles per
 warp instruction) and the integer pipe (16 lanes: 2 cycles); per SM the tensor cores
 (``model.TENSOR_RATE`` FLOP per cycle, an HGMMA / HMMA queued behind the previous one) and
-shared-memory bandwidth (128 B per cycle). Synchronisation: ``BAR.SYNC`` waits for every
+shared-memory bandwidth (128 B per cycle), which LDS / STS / LDSM and wgmma's operand reads
+(B, and A unless it comes from registers) share. Synchronisation: ``BAR.SYNC`` waits for every
 warp of its CTA; ``WARPGROUP.DEPBAR.LE gsb0, k`` for all but the last ``k`` HGMMA groups
 of the warp; ``DEPBAR.LE SBx, k`` for all but the last ``k`` committed ``LDGDEPBAR``
 groups of cp.async loads.
@@ -50,6 +51,9 @@ DEFAULT_LATENCY = 20
 READ_RELEASE = 6          # cycles until a variable-latency instruction has read its sources
 HGMMA_LATENCY = 24        # beyond the tensor-pipe time of the last HGMMA of a group
 SMEM_BYTES_PER_CYCLE = 128
+# wgmma's shared-memory operand reads count against SMEM_BYTES_PER_CYCLE
+WGMMA_SMEM = True
+WGMMA_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "E4M3": 1, "E5M2": 1, "S8": 1}
 MUFU_CYCLES, INT_CYCLES = 8, 2
 INT_PIPE = ("IADD3", "LOP3", "ISETP", "SHF", "LEA", "SEL", "IABS", "PRMT", "SGXT", "IMNMX",
             "VIMNMX", "POPC", "FLO", "BMSK", "BREV", "PLOP3", "P2R", "R2P")
@@ -120,6 +124,14 @@ def _smem_bytes(ins):
     if ins.base in ("LDS", "STS"):
         width = next((int(p) for p in parts[1:] if p.isdigit()), 32)
         return 32 * width // 8
+    if ins.base == "HGMMA" and WGMMA_SMEM:
+        # the operands wgmma reads from shared memory: B always, A unless it comes from
+        # registers (SASS: the second operand is a register, not a descriptor); one
+        # warpgroup instruction, seen by each of its 4 warps
+        m, n, k = (int(x) for x in parts[1].split("x"))
+        size = next((WGMMA_BYTES[p] for p in parts[2:] if p in WGMMA_BYTES), 2)
+        a_smem = ins.args.split(",")[1].strip().startswith("gdesc")
+        return ((m * k if a_smem else 0) + n * k) * size / 4
     return 0
 
 
@@ -229,6 +241,9 @@ def simulate(ops, num_warps, ctas=1, iters=6, warmup=2):
                 if op.tensor:
                     start = max(t, tensor_free)
                     tensor_free = start + op.tensor
+                    if op.smem_bytes:   # its operands stream from shared memory alongside
+                        smem_free = max(t, smem_free) + op.smem_bytes / SMEM_BYTES_PER_CYCLE
+                        tensor_free = max(tensor_free, smem_free)
                     if op.base == "HGMMA":
                         w.mma_open = tensor_free + HGMMA_LATENCY
                         if "gsb0" in op.args:
@@ -236,7 +251,7 @@ def simulate(ops, num_warps, ctas=1, iters=6, warmup=2):
                         done_at = t
                     else:
                         done_at = tensor_free + LATENCY["HMMA"]
-                if op.smem_bytes:
+                if op.smem_bytes and not op.tensor:
                     start = max(t, smem_free)
                     smem_free = start + op.smem_bytes / SMEM_BYTES_PER_CYCLE
                     done_at = max(done_at, smem_free + LATENCY.get(op.base, 30) - 1)
