@@ -114,3 +114,20 @@ def test_forward_kernel_simulates_above_its_bounds():
     cycles = latency.simulate(ops, v.num_warps)
     assert cycles >= len(ops) * v.num_warps / 4
     assert cycles >= sum(o.tensor for o in ops) * v.num_warps
+
+
+def test_wgmma_operand_bytes():
+    # SS: A and B from shared memory (one descriptor operand); RS: A from registers.
+    # Per warp: a quarter of the warpgroup instruction's bytes.
+    from bench.sass import sass
+    ss = sass.Instr(0, "", "HGMMA.64x128x16.F32.BF16", "R24, gdesc[UR16], R24")
+    rs = sass.Instr(0, "", "HGMMA.64x128x16.F32.BF16", "R24, R120, gdesc[UR8], R24, gsb0")
+    tf32 = sass.Instr(0, "", "HGMMA.64x64x8.F32.TF32", "R24, gdesc[UR16], R24")
+    assert latency._smem_bytes(ss) == (64 * 16 + 128 * 16) * 2 / 4
+    assert latency._smem_bytes(rs) == 128 * 16 * 2 / 4
+    assert latency._smem_bytes(tf32) == (64 * 8 + 64 * 8) * 4 / 4
+    # a tile of MMAs whose operands take longer to stream than to multiply waits on them
+    slow = [op("HGMMA", tensor=10.0, args="gsb0"),
+            op("WARPGROUP", name="WARPGROUP.DEPBAR.LE", args="gsb0, 0x0")]
+    slow[0] = replace(slow[0], smem_bytes=128 * 40)
+    assert latency.simulate(slow, num_warps=1) >= 40
