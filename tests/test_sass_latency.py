@@ -131,3 +131,36 @@ def test_wgmma_operand_bytes():
             op("WARPGROUP", name="WARPGROUP.DEPBAR.LE", args="gsb0, 0x0")]
     slow[0] = replace(slow[0], smem_bytes=128 * 40)
     assert latency.simulate(slow, num_warps=1) >= 40
+
+
+def test_points_from_a_gpu_perf_run(tmp_path):
+    """bench/gpu_perf.py's records become measured points: each pinned bf16 forward, and
+    each batch backward as fwd+bwd less the forward of the same config; dry runs, other
+    dtypes and failed rows give none, and points already there are not added twice."""
+    import json
+
+    from bench.sass import latency_report as L
+
+    def rec(mode, fwd, bwd, ms, dtype="bfloat16", status="ok"):
+        return dict(name="nbkernels-triton", mode=mode, dtype=dtype, status=status,
+                    fwd_config=fwd, bwd_config=bwd, time_s={"median": ms / 1e3})
+    perf = dict(env=dict(git_commit="0123456789abcdef", git_dirty=False, gpu_name="NVIDIA H200"),
+                records=[rec("fwd", [128, 128, 8, 2], [128, 64, 8, 2], 5.0),
+                         rec("fwd", [128, 64, 4, 3], [128, 64, 8, 2], 4.0),
+                         rec("fwdbwd", [128, 128, 8, 2], [64, 64, 4, 3], 20.0),
+                         rec("fwdbwd", [64, 64, 4, 2], [64, 64, 4, 2], 30.0),   # no fwd of it
+                         rec("fwd", [64, 64, 4, 2], [128, 64, 8, 2], 9.0, dtype="float32"),
+                         rec("fwd", [32, 32, 4, 2], [128, 64, 8, 2], 9.0, status="skipped")])
+    points = L.points_from_perf(perf)
+    got = {p["variants"][0]: round(p["measured_ms"], 9) for p in points}
+    assert got == {"fwd_bf16_sqeuclidean_128x128w8s2": 5.0,
+                   "fwd_bf16_sqeuclidean_128x64w4s3": 4.0,
+                   "bwd_sym_bf16_sqeuclidean_64x64w4s3": 15.0}
+    assert {p["commit"] for p in points} == {"0123456"}
+    assert L.points_from_perf(dict(perf, env=dict(perf["env"], dry=True))) == []
+    path, perf_path = tmp_path / "points.json", tmp_path / "gpu_perf.json"
+    path.write_text(json.dumps({"points": []}))
+    perf_path.write_text(json.dumps(perf))
+    assert len(L.add_points(perf_path, path)) == 3
+    assert L.add_points(perf_path, path) == []
+    assert len(json.loads(path.read_text())["points"]) == 3

@@ -42,12 +42,28 @@ BEGIN, END = "<!-- latency:begin -->", "<!-- latency:end -->"
 
 # run inside a worktree of the measured commit: its build compiles its kernels
 _AT_COMMIT = r"""
-import json, sys
+import json, re, sys
 sys.path.insert(0, ".")
 from bench.sass import build
 want = set(json.loads(sys.argv[1]))
 out = []
-for v in build.variants(dtypes=("bf16", "fp32"), metrics=("sqeuclidean",), classes=(False,)):
+vs = build.variants(dtypes=("bf16", "fp32"), metrics=("sqeuclidean",), classes=(False,))
+# a config outside that commit's GPU lists (timed through an override): built as they are
+for name in sorted(want - {v.name for v in vs}):
+    kind, side, dtype, bm, bn, w, s = re.match(
+        r"(fwd|bwd)_?(sym|dq|dr)?_(bf16|fp32)_sqeuclidean_(\d+)x(\d+)w(\d+)s(\d+)$", name).groups()
+    bm, bn, w, s = int(bm), int(bn), int(w), int(s)
+    rm = {None: None, "dq": False, "dr": True, "sym": "sym"}[side]
+    from nbkernels.backends.triton import kernels as tk  # this layout: commits after 7fef025
+    fn = tk.kernel_for(kind, build.SM90)
+    vals = build._fill_unknown(fn, build._launch_values(kind, dtype, "sqeuclidean", False, rm,
+                                                        bm, bn))
+    vs.append(build.Variant(name=name, kind=kind, dtype=dtype, metric="sqeuclidean", cls=False,
+                            ref_major=rm, block_m=bm, block_n=bn, block_d=vals["BLOCK_D"],
+                            num_warps=w, num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
+                            flop_per_pair=(2 if kind == "fwd" else 4) * build.D, values=vals,
+                            fn=fn))
+for v in vs:
     if v.name in want:
         c = build.compile_variant(v)
         out.append(dict(name=v.name, kind=v.kind, cubin=str(c.cubin), fn=c.name,
@@ -116,6 +132,42 @@ def measured_points(factor):
                          latency_ratio=ms / lat_ms, pipe_raw_ms=pipe_ms,
                          pipe_raw_ratio=ms / pipe_ms, pipe_calibrated_ratio=ms * factor / pipe_ms))
     return rows
+
+
+def points_from_perf(perf):
+    """Measured points from a ``bench/gpu_perf.py`` result (its parsed JSON): each bf16
+    forward timed at a pinned config, and each batch backward (fwd+bwd less the forward of
+    the same run at the same forward config). A dry run gives none."""
+    if perf["env"].get("dry"):
+        return []
+    ok = [r for r in perf["records"] if r["name"] == "nbkernels-triton"
+          and r["dtype"] == "bfloat16" and r["status"] == "ok" and r.get("fwd_config")]
+    commit = perf["env"]["git_commit"][:7] + ("+dirty" if perf["env"].get("git_dirty") else "")
+    gpu = perf["env"].get("gpu_name", "GPU")
+
+    def name(kind, cfg):
+        return f"{kind}_bf16_sqeuclidean_{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}"
+    fwd = {tuple(r["fwd_config"]): 1e3 * r["time_s"]["median"] for r in ok if r["mode"] == "fwd"}
+    out = [dict(what=f"bf16 forward, {name('fwd', c)[21:]} ({gpu}, gpu_perf)", commit=commit,
+                measured_ms=ms, variants=[name("fwd", c)]) for c, ms in fwd.items()]
+    for r in ok:
+        cfg, both = tuple(r["fwd_config"]), 1e3 * r["time_s"]["median"]
+        if r["mode"] == "fwdbwd" and r.get("bwd_config") and cfg in fwd:
+            out.append(dict(what=f"bf16 batch backward, {name('bwd_sym', r['bwd_config'])[25:]} "
+                                 f"({gpu}, gpu_perf: fwd+bwd - fwd)", commit=commit,
+                            measured_ms=both - fwd[cfg], variants=[name("bwd_sym", r["bwd_config"])]))
+    return out
+
+
+def add_points(perf_path, points_path=POINTS):
+    """Append the points of a gpu_perf.json to points.json (those not there yet)."""
+    data = json.loads(Path(points_path).read_text())
+    have = {(p["what"], p["commit"]) for p in data["points"]}
+    new = [p for p in points_from_perf(json.loads(Path(perf_path).read_text()))
+           if (p["what"], p["commit"]) not in have]
+    data["points"] += new
+    Path(points_path).write_text(json.dumps(data, indent=1) + "\n")
+    return new
 
 
 def _current(v):
@@ -256,7 +308,11 @@ def write_readme(text, readme=README):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="README block from the JSON only")
+    ap.add_argument("--perf", metavar="GPU_PERF_JSON",
+                    help="first add the points of a bench/gpu_perf.py result to points.json")
     args = ap.parse_args(argv)
+    if args.perf:
+        print(f"added {len(add_points(args.perf))} points to {POINTS.relative_to(ROOT)}")
     if not args.render:
         why = build.unavailable_reason()
         if why:
