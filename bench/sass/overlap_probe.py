@@ -11,7 +11,13 @@ k = 0 (the MMA serialised with the exps), or after exps / with k > 0 (overlapped
 * ``ahead``: the dot of tile j + 1 issued before the softmax of tile j (its result
   loop-carried), the software pipelining FlashAttention-3 does by hand;
 * ``tma``: the reference tiles through device-side tensor descriptors (TMA, mbarriers);
-* ``tma_ws``: the same with ``tl.range(..., warp_specialize=True)``.
+* ``tma_ws``: the same with ``tl.range(..., warp_specialize=True)``;
+* ``gluon_ahead``: the "ahead" form written in Gluon, where the wgmma is issued async and
+  waited for explicitly (one warpgroup, 64 x 128 tiles, a 3-buffer cp.async ring). Its
+  ptxas advisories are recorded: ptxas serializes a wgmma pipeline whose accumulator
+  registers other instructions touch while it is in flight (here the loop-carried copy of
+  the next tile's accumulator). An unrolled form with two accumulators that never move
+  was tried too, and was serialized the same way.
 
 *Compiled, not run*: what the compiler emits, for deciding how a v4 forward can be built.
 """
@@ -26,7 +32,7 @@ if str(ROOT) not in sys.path:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.sass import build, latency, report  # noqa: E402
+from bench.sass import build, latency, model, report, sass  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "overlap_probe_sm90.json"
 
@@ -79,19 +85,110 @@ def tma(q, r, out, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.conste
 
 
 FORMS = {"plain": (plain, {}), "ahead": (ahead, {}), "tma": (tma, {"WS": False}),
-         "tma_ws": (tma, {"WS": True})}
+         "tma_ws": (tma, {"WS": True}), "gluon_ahead": (None, {})}
 
 
-def probe(name, block_n=128, num_warps=8, num_stages=3):
-    import torch
-    fn, extra = FORMS[name]
-    bf16 = torch.empty(0, dtype=torch.bfloat16, device="meta")
-    f32 = torch.empty(0, dtype=torch.float32, device="meta")
-    values = dict(q=bf16, r=bf16, out=f32, M=65536, BLOCK_M=128, BLOCK_N=block_n, D=128, **extra)
-    c = build.compile_triton(fn, values, num_warps, num_stages,
-                             f"probe_{name}_128x{block_n}w{num_warps}s{num_stages}")
-    func, hi = latency.disassemble(c.cubin)[c.name]
-    ops = latency.body(func, hi, num_warps, 1)
+def _gluon_kernel():
+    """The "ahead" form in Gluon (triton.experimental.gluon): one warpgroup, the reference
+    tiles through a cp.async ring of STAGES buffers, the next tile's wgmma issued async
+    before the current tile's exps, and waited for with one group left in flight."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared,
+                                                                  warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    @gluon.jit
+    def gluon_ahead(q, r, out, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    D: gl.constexpr, STAGES: gl.constexpr):
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                            warps_per_cta=[4, 1], order=[1, 0])
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.bfloat16)
+        r_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
+        i_m = gl.program_id(0)
+        o_m = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+        o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+        q_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, D], q_sl,
+                                        gl.load(q + o_m[:, None] * D + o_d[None, :]))
+        r_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], r_sl)
+        o_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
+        for s in gl.static_range(STAGES - 1):
+            async_copy.async_load(r_s.index(s), r + (s * BLOCK_N + o_n)[:, None] * D + o_d[None, :])
+            async_copy.commit_group()
+        n = M // BLOCK_N
+        zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+        b_l = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
+        async_copy.wait_group(STAGES - 2)
+        gl.barrier()
+        fence_async_shared()
+        tok = warpgroup_mma(q_s, r_s.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+        for j in range(n - 1):
+            nxt = j + STAGES - 1
+            if nxt < n:
+                async_copy.async_load(r_s.index(nxt % STAGES),
+                                      r + (nxt * BLOCK_N + o_n)[:, None] * D + o_d[None, :])
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 2)
+            gl.barrier()
+            fence_async_shared()
+            nxt_tok = warpgroup_mma(q_s, r_s.index((j + 1) % STAGES).permute((1, 0)), zero,
+                                    use_acc=False, is_async=True)
+            b_s = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
+            b_l += gl.sum(gl.exp2(b_s), axis=1)
+            tok = nxt_tok
+        b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+        b_l += gl.sum(gl.exp2(b_s), axis=1)
+        gl.store(out + i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma)), b_l)
+
+    return gluon_ahead
+
+
+def _compile(name, values, num_warps, num_stages):
+    """(cubin path, kernel name, dynamic shared bytes) of form ``name``."""
+    if FORMS[name][0] is not None:
+        c = build.compile_triton(FORMS[name][0], values, num_warps, num_stages,
+                                 f"probe_{name}_{values['BLOCK_M']}x{values['BLOCK_N']}"
+                                 f"w{num_warps}s{num_stages}")
+        return c.cubin, c.name, c.shared
+    from triton.experimental.gluon._runtime import GluonASTSource
+    fn = _gluon_kernel()
+    src, _ = build.ast_source(fn, values)
+    k = triton.compile(GluonASTSource(fn, src.signature, src.constants, src.attrs),
+                       target=build._target(), options=dict(num_warps=num_warps))
+    path = build.cache_dir() / f"probe_{name}_{values['BLOCK_M']}x{values['BLOCK_N']}.cubin"
+    path.write_bytes(k.asm["cubin"])
+    _ADVICE[name] = _ptxas_advice(k.asm["ptx"])
+    return path, k.metadata.name, int(k.metadata.shared)
+
+
+_ADVICE = {}
+
+
+def _ptxas_advice(ptx):
+    """ptxas's performance advisories (``(C75..)`` lines of ``-v``) on ``ptx`` for sm_90a,
+    with the newest bundled ptxas that reads it: why a wgmma pipeline is serialized."""
+    import subprocess
+    import tempfile
+    for tool in ("ptxas-blackwell", "ptxas"):
+        exe = build.tool(tool)
+        if not exe:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(ptx)
+            out = subprocess.run([exe, "-arch=sm_90a", "-v", str(src), "-o", str(src) + ".cubin"],
+                                 capture_output=True, text=True)
+        if out.returncode == 0:
+            return [line.split("info    : ", 1)[-1] for line in out.stderr.splitlines()
+                    if "(C75" in line]
+    return None
+
+
+def _loop(ops):
+    """The loop's MMA / exp / barrier / wait order, runs collapsed: [[tag, count]]."""
     seq = []
     for o in ops:
         tag = {"HGMMA": "HGMMA", "MUFU": "MUFU", "BAR": "BAR"}.get(o.base)
@@ -102,15 +199,43 @@ def probe(name, block_n=128, num_warps=8, num_stages=3):
                 seq[-1][1] += 1
             else:
                 seq.append([tag, 1])
-    tags = [t for t, _ in seq]
-    waits = [i for i, t in enumerate(tags) if t.startswith("WAIT")]
-    last_mma = max((i for i, t in enumerate(tags) if t == "HGMMA"), default=None)
-    # overlapped: a wait that keeps MMA in flight, or exps between the chain and its wait
-    overlapped = any(tags[i] != "WAIT(0x0)" for i in waits) or any(
-        "MUFU" in tags[last_mma:i] for i in waits if last_mma is not None and i > last_mma)
-    return dict(form=name, config=f"128x{block_n} w{num_warps} s{num_stages}",
-                loop=" | ".join(f"{t} x{n}" for t, n in seq), mma_overlaps_exps=overlapped,
-                cycles_per_iter=latency.simulate(ops, num_warps))
+    return seq
+
+
+def _overlapped(tags):
+    """A wait that keeps MMA in flight, or exps issued between an MMA and its wait."""
+    last = None
+    for i, t in enumerate(tags):
+        if t == "HGMMA":
+            last = i
+        elif t.startswith("WAIT") and (t != "WAIT(0x0)" or
+                                       (last is not None and "MUFU" in tags[last:i])):
+            return True
+    return False
+
+
+def probe(name, block_m=128, block_n=128, num_warps=8, num_stages=3):
+    import torch
+    bf16 = torch.empty(0, dtype=torch.bfloat16, device="meta")
+    f32 = torch.empty(0, dtype=torch.float32, device="meta")
+    values = dict(q=bf16, r=bf16, out=f32, M=65536, BLOCK_M=block_m, BLOCK_N=block_n, D=128,
+                  **FORMS[name][1])
+    if FORMS[name][0] is None:
+        values["STAGES"] = num_stages
+    cubin, fn_name, shared = _compile(name, values, num_warps, num_stages)
+    func, hi = latency.disassemble(cubin)[fn_name]
+    ops = latency.body(func, hi, num_warps, 1)
+    usage = sass.resource_usage(cubin)[fn_name]
+    ctas = max(1, model.occupancy(usage["regs"], shared + usage["shared_static"],
+                                  num_warps)["ctas_per_sm"])
+    cycles = latency.simulate(ops, num_warps, ctas=ctas)
+    seq = _loop(ops)
+    return dict(form=name, config=f"{block_m}x{block_n} w{num_warps} s{num_stages}",
+                regs=usage["regs"], ctas_per_sm=ctas,
+                loop=" | ".join(f"{t} x{n}" for t, n in seq),
+                mma_overlaps_exps=_overlapped([t for t, _ in seq]),
+                cycles_per_iter=cycles, cycles_per_pair=cycles / (ctas * block_m * block_n),
+                **({"ptxas_advice": _ADVICE[name]} if name in _ADVICE else {}))
 
 
 def main():
@@ -120,7 +245,7 @@ def main():
     rows = []
     for name in FORMS:
         try:
-            rows.append(probe(name))
+            rows.append(probe(name, 64, 128, 4, 3) if name.startswith("gluon") else probe(name))
         except Exception as e:  # a form this triton cannot compile is a result too
             rows.append(dict(form=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
         print(json.dumps(rows[-1]), flush=True)
