@@ -12,12 +12,14 @@ k = 0 (the MMA serialised with the exps), or after exps / with k > 0 (overlapped
   loop-carried), the software pipelining FlashAttention-3 does by hand;
 * ``tma``: the reference tiles through device-side tensor descriptors (TMA, mbarriers);
 * ``tma_ws``: the same with ``tl.range(..., warp_specialize=True)``;
-* ``gluon_ahead``: the "ahead" form written in Gluon, where the wgmma is issued async and
-  waited for explicitly (one warpgroup, 64 x 128 tiles, a 3-buffer cp.async ring). Its
-  ptxas advisories are recorded: ptxas serializes a wgmma pipeline whose accumulator
-  registers other instructions touch while it is in flight (here the loop-carried copy of
-  the next tile's accumulator). An unrolled form with two accumulators that never move
-  was tried too, and was serialized the same way.
+* ``gluon_ahead`` / ``gluon_carried``: the "ahead" form written in Gluon, where the wgmma is issued async and
+  waited for explicitly (one warpgroup, 64 x 128 tiles, a 3-buffer cp.async ring): the
+  next tile's wgmma is issued, this tile's exps run, and the wgmma is waited for before
+  the back edge. ``gluon_carried`` instead carries the in-flight wgmma across the back
+  edge and waits with one group left at the top of the next iteration. Their ptxas
+  advisories are recorded: ptxas serializes a wgmma pipeline whose accumulator registers
+  other instructions touch while it is in flight, as the loop's copy of the carried
+  accumulator does (advisory C7514).
 
 *Compiled, not run*: what the compiler emits, for deciding how a v4 forward can be built.
 """
@@ -85,7 +87,8 @@ def tma(q, r, out, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.conste
 
 
 FORMS = {"plain": (plain, {}), "ahead": (ahead, {}), "tma": (tma, {"WS": False}),
-         "tma_ws": (tma, {"WS": True}), "gluon_ahead": (None, {})}
+         "tma_ws": (tma, {"WS": True}), "gluon_ahead": (None, {"CARRY": False}),
+         "gluon_carried": (None, {"CARRY": True})}
 
 
 def _gluon_kernel():
@@ -101,7 +104,7 @@ def _gluon_kernel():
 
     @gluon.jit
     def gluon_ahead(q, r, out, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    D: gl.constexpr, STAGES: gl.constexpr):
+                    D: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
         ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
@@ -125,6 +128,8 @@ def _gluon_kernel():
         gl.barrier()
         fence_async_shared()
         tok = warpgroup_mma(q_s, r_s.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if not CARRY:
+            b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         for j in range(n - 1):
             nxt = j + STAGES - 1
             if nxt < n:
@@ -136,10 +141,18 @@ def _gluon_kernel():
             fence_async_shared()
             nxt_tok = warpgroup_mma(q_s, r_s.index((j + 1) % STAGES).permute((1, 0)), zero,
                                     use_acc=False, is_async=True)
-            b_s = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
-            b_l += gl.sum(gl.exp2(b_s), axis=1)
-            tok = nxt_tok
-        b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+            if CARRY:
+                # this tile's wgmma, left in flight across the back edge, waited for here
+                b_s = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
+                b_l += gl.sum(gl.exp2(b_s), axis=1)
+                tok = nxt_tok
+            else:
+                # the next tile's wgmma runs under this tile's exps and is waited for
+                # before the back edge: no accumulator in flight where the loop copies it
+                b_l += gl.sum(gl.exp2(b_s), axis=1)
+                b_s = warpgroup_mma_wait(num_outstanding=0, deps=(nxt_tok,))
+        if CARRY:
+            b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         b_l += gl.sum(gl.exp2(b_s), axis=1)
         gl.store(out + i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma)), b_l)
 
@@ -203,14 +216,16 @@ def _loop(ops):
 
 
 def _overlapped(tags):
-    """A wait that keeps MMA in flight, or exps issued between an MMA and its wait."""
-    last = None
+    """A wait that keeps MMA in flight, or exps issued between an MMA chain's first
+    instruction and its wait."""
+    first = None
     for i, t in enumerate(tags):
-        if t == "HGMMA":
-            last = i
-        elif t.startswith("WAIT") and (t != "WAIT(0x0)" or
-                                       (last is not None and "MUFU" in tags[last:i])):
-            return True
+        if t == "HGMMA" and first is None:
+            first = i
+        elif t.startswith("WAIT"):
+            if t != "WAIT(0x0)" or (first is not None and "MUFU" in tags[first:i]):
+                return True
+            first = None
     return False
 
 
@@ -243,9 +258,13 @@ def main():
     if why:
         sys.exit(f"cannot compile for sm_90 here: {why}")
     rows = []
-    for name in FORMS:
+    # the Triton forms at our forward's config, and the plain one also at the Gluon forms'
+    # (one warpgroup, 64 x 128, two CTAs per SM), the like-for-like comparison
+    runs = [(name, (128, 128, 8, 3)) for name in FORMS if not name.startswith("gluon")]
+    runs += [(name, (64, 128, 4, 3)) for name in ("plain", "gluon_ahead", "gluon_carried")]
+    for name, cfg in runs:
         try:
-            rows.append(probe(name, 64, 128, 4, 3) if name.startswith("gluon") else probe(name))
+            rows.append(probe(name, *cfg))
         except Exception as e:  # a form this triton cannot compile is a result too
             rows.append(dict(form=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
         print(json.dumps(rows[-1]), flush=True)
