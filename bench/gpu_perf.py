@@ -176,7 +176,7 @@ class Run:
         return max(errs) if finite else math.inf
 
     def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
-             need_s=25):
+             need_s=25, unavailable=None):
         from nbkernels.backends.triton import configs as tc
         from nbkernels.backends.triton import kernels as tk
         fwd = None if fwd_cfg is None else tc._config(*fwd_cfg, "fwd")
@@ -190,6 +190,9 @@ class Run:
                 "bwd" if backward else "fwd", bwd_cfg if backward else fwd_cfg)
 
         def run():
+            reason = unavailable and unavailable(self.device)
+            if reason:
+                return reason
             with tk.fixed_configs(fwd, bwd):
                 err = self.check(call, dtype, backward)
                 info["check_rel_err"] = err
@@ -255,6 +258,25 @@ def nca(x, y, backend, t=0.1):
     """Per-row losses (the check compares every row; the backward takes their mean)."""
     import nbkernels
     return nbkernels.nca_loss(x, y, temperature=t, reduction="none", backend=backend)
+
+
+def gluon_v4(x, y, backend, t=0.1):
+    """bench/gluon_fwd.py's prototype forward as "triton"; the other backends as ``nca``."""
+    if backend != "triton":
+        return nca(x, y, backend, t)
+    import gluon_fwd
+    return gluon_fwd.nca_rows(x, y, t)
+
+
+def gluon_unavailable(device):
+    """Why the Gluon prototype cannot run on ``device`` (None if it can)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "needs an sm_90 CUDA device (Gluon has no interpreter)"
+    try:
+        import gluon_fwd  # noqa: F401
+    except Exception as e:  # another triton's Gluon API is a result too
+        return f"does not import with this triton: {type(e).__name__}: {str(e)[:200]}"
+    return None
 
 
 def knn(classes):
@@ -327,6 +349,8 @@ def main(argv=None):
         run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, cfg)
     run.ours("nbkernels-triton", nca, torch.float32, "fwd")
     run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd")
+    # last: the Gluon v4 prototype (not nbkernels; checked against backend "torch" first)
+    run.ours("v4-gluon-prototype", gluon_v4, half, "fwd", unavailable=gluon_unavailable)
     text = table(run.file.records)
     (run.out / "gpu_perf.md").write_text(text + "\n")
     print(text)

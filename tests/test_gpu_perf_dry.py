@@ -34,6 +34,8 @@ def test_gpu_perf_dry_run(tmp_path):
     by_name = {r["name"]: r for r in records}
     for cuda_only in ("sdpa-flash", "flex"):
         assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]
+    proto = by_name["v4-gluon-prototype"]
+    assert proto["status"] == "skipped" and "sm_90" in proto["reason"]
     assert by_name["anchor-fa2"]["status"] == "ok"
     assert by_name["compile"]["status"] == "ok"
     table = (tmp_path / "gpu_perf.md").read_text().splitlines()
