@@ -177,7 +177,8 @@ def main():
         config=dict(block_m=BLOCK_M, block_n=BLOCK_N, d=D, stages=STAGES, num_warps=NUM_WARPS),
         regs=usage["regs"], shared_bytes=shared, ctas_per_sm=ctas,
         warp_instrs_per_tile=len(ops), loop=" | ".join(f"{t} x{c}" for t, c in seq),
-        mma_overlaps_exps=overlap_probe._overlapped([t for t, _ in seq]),
+        exps_under_mma=overlap_probe.exps_under_mma(seq),
+        mma_overlaps_exps=overlap_probe._overlapped(seq),
         ptxas_advice=overlap_probe._ptxas_advice(ptx), cycles_per_tile=cycles,
         predicted_latency_model=pred), indent=1) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")

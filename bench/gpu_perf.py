@@ -79,6 +79,8 @@ def _latency_candidates(kernel, taken):
 
 def latency_prediction(kernel, cfg):
     """The latency model's predicted seconds of bf16 ``kernel`` at ``cfg`` (None if absent)."""
+    if cfg is None:
+        return None
     data = json.loads(LATENCY_JSON.read_text())
     prefix = "fwd_bf16_sqeuclidean_" if kernel == "fwd" else "bwd_sym_bf16_sqeuclidean_"
     return next((r["latency"]["time_s"] for r in data["variants"] + data.get("sweep", [])
@@ -185,9 +187,11 @@ class Run:
         n, d = self.shape["n"], self.shape["d"]
         info = dict(fwd_config=fwd_cfg, bwd_config=bwd_cfg, predicted_s=predicted_s)
         if dtype != torch.float32 and (fwd_cfg or bwd_cfg):
-            # the latency model's prediction of the kernel this row varies
-            info["predicted_latency_s"] = latency_prediction(
-                "bwd" if backward else "fwd", bwd_cfg if backward else fwd_cfg)
+            # the latency model's prediction of what this row times: the forward, or the
+            # forward and the batch backward
+            parts = [latency_prediction("fwd", fwd_cfg)] + (
+                [latency_prediction("bwd", bwd_cfg)] if backward else [])
+            info["predicted_latency_s"] = None if None in parts else sum(parts)
 
         def run():
             reason = unavailable and unavailable(self.device)

@@ -164,3 +164,22 @@ def test_points_from_a_gpu_perf_run(tmp_path):
     assert len(L.add_points(perf_path, path)) == 3
     assert L.add_points(perf_path, path) == []
     assert len(json.loads(path.read_text())["points"]) == 3
+
+
+def test_shared_memory_widths():
+    from bench.sass import sass
+
+    def ins(op):
+        return sass.Instr(0, "", op, "R0, [R1]")
+    assert latency._smem_bytes(ins("LDSM.16.M88.4")) == 512
+    assert latency._smem_bytes(ins("LDSM.16.MT88.2")) == 256
+    assert latency._smem_bytes(ins("LDS")) == 128
+    assert latency._smem_bytes(ins("LDS.U8")) == 32
+    assert latency._smem_bytes(ins("STS.64")) == 256
+    assert latency._smem_bytes(ins("LDS.128")) == 512
+
+
+def test_a_scoreboard_waits_for_its_slowest_producer():
+    # an LDS (30 cycles) then a MUFU (20) set scoreboard 0; the wait frees with the later
+    chain = [op("LDS", stall=1, wbar=0), op("MUFU", stall=1, wbar=0), op(stall=1, wait=0b1)]
+    assert latency.simulate(chain, num_warps=1) == latency.LATENCY["LDS"] + 1

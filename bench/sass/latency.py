@@ -118,11 +118,14 @@ def _smem_bytes(ins):
     """Bytes one warp moves through shared memory (LDS / STS / LDSM; 0 otherwise)."""
     parts = ins.op.split(".")
     if ins.base == "LDSM":
-        n = next((int(p[1:]) for p in parts if p in ("x1", "x2", "x4") or p.startswith("x")), 4) \
-            if any(p.startswith("x") for p in parts) else 4
+        # LDSM.16.M88.4: four 8x8 matrices of 16-bit elements (128 B each) per warp
+        n = next((int(p) for p in parts[2:] if p in ("1", "2", "4")), 4)
         return 128 * n
     if ins.base in ("LDS", "STS"):
-        width = next((int(p) for p in parts[1:] if p.isdigit()), 32)
+        # LDS.64 / .128, LDS.U8 / .S16 ...; 32 bits when no width is written
+        width = next((int(p.lstrip("US")) for p in parts[1:]
+                      if p.lstrip("US").isdigit() and p.lstrip("US") in ("8", "16", "32", "64",
+                                                                         "128")), 32)
         return 32 * width // 8
     if ins.base == "HGMMA" and WGMMA_SMEM:
         # the operands wgmma reads from shared memory: B always, A unless it comes from
@@ -260,7 +263,8 @@ def simulate(ops, num_warps, ctas=1, iters=6, warmup=2):
                 if op.base == "LDGDEPBAR":
                     w.cp_groups.append(w.cp_open)
                 if op.wbar < 6:
-                    w.sb[op.wbar] = done_at
+                    # a scoreboard counts every producer it is set by: the last one frees it
+                    w.sb[op.wbar] = max(w.sb[op.wbar], done_at)
                 if op.rbar < 6:
                     w.sb[op.rbar] = max(w.sb[op.rbar], t + READ_RELEASE)
                 w.ready = t + max(op.stall, 1)

@@ -22,6 +22,7 @@ Writes ``bench/results/sass_latency_sm90.json`` and the block between
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,10 +101,18 @@ def _compile_at(commit, names):
     """{variant name: compiled record} of ``names`` at ``commit`` (a temporary worktree)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"nbk-{commit}-"))
     wt = tmp / "src"
+    try:
+        return _compile_in(tmp, wt, commit, names)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compile_in(tmp, wt, commit, names):
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), commit],
                    check=True)
     try:
-        env = dict(os.environ, NBK_SASS_CACHE=str(tmp / "cubins"))
+        # the cubins outlive the worktree: they are simulated after it is gone
+        env = dict(os.environ, NBK_SASS_CACHE=str(build.cache_dir() / f"commit-{commit}"))
         out = subprocess.run([sys.executable, "-c", _AT_COMMIT, json.dumps(sorted(names))],
                              cwd=wt, env=env, capture_output=True, text=True, check=True).stdout
         recs = json.loads(out[out.index("JSON") + 4:])
@@ -138,24 +147,26 @@ def points_from_perf(perf):
     """Measured points from a ``bench/gpu_perf.py`` result (its parsed JSON): each bf16
     forward timed at a pinned config, and each batch backward (fwd+bwd less the forward of
     the same run at the same forward config). A dry run gives none."""
-    if perf["env"].get("dry"):
+    if perf["env"].get("dry") or not perf["env"].get("git_commit", "").isalnum():
         return []
     ok = [r for r in perf["records"] if r["name"] == "nbkernels-triton"
           and r["dtype"] == "bfloat16" and r["status"] == "ok" and r.get("fwd_config")]
-    commit = perf["env"]["git_commit"][:7] + ("+dirty" if perf["env"].get("git_dirty") else "")
+    # the commit to compile at; a dirty tree's kernels may differ from it (flagged)
+    commit, dirty = perf["env"]["git_commit"][:7], bool(perf["env"].get("git_dirty"))
     gpu = perf["env"].get("gpu_name", "GPU")
 
     def name(kind, cfg):
         return f"{kind}_bf16_sqeuclidean_{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}"
     fwd = {tuple(r["fwd_config"]): 1e3 * r["time_s"]["median"] for r in ok if r["mode"] == "fwd"}
     out = [dict(what=f"bf16 forward, {name('fwd', c)[21:]} ({gpu}, gpu_perf)", commit=commit,
-                measured_ms=ms, variants=[name("fwd", c)]) for c, ms in fwd.items()]
+                dirty=dirty, measured_ms=ms, variants=[name("fwd", c)]) for c, ms in fwd.items()]
     for r in ok:
         cfg, both = tuple(r["fwd_config"]), 1e3 * r["time_s"]["median"]
         if r["mode"] == "fwdbwd" and r.get("bwd_config") and cfg in fwd:
             out.append(dict(what=f"bf16 batch backward, {name('bwd_sym', r['bwd_config'])[25:]} "
                                  f"({gpu}, gpu_perf: fwd+bwd - fwd)", commit=commit,
-                            measured_ms=both - fwd[cfg], variants=[name("bwd_sym", r["bwd_config"])]))
+                            dirty=dirty, measured_ms=both - fwd[cfg],
+                            variants=[name("bwd_sym", r["bwd_config"])]))
     return out
 
 

@@ -215,18 +215,26 @@ def _loop(ops):
     return seq
 
 
-def _overlapped(tags):
-    """A wait that keeps MMA in flight, or exps issued between an MMA chain's first
-    instruction and its wait."""
-    first = None
-    for i, t in enumerate(tags):
-        if t == "HGMMA" and first is None:
+def exps_under_mma(seq):
+    """(exps issued between an MMA chain's first instruction and its wait, exps in all) of
+    a loop order ``seq`` (``_loop``); a wait that keeps MMA in flight covers what follows
+    it too. The MMA overlaps the exps when a good share of them sits under it."""
+    under, total, first, open_ = 0, 0, None, False
+    for i, (t, n) in enumerate(seq):
+        if t == "MUFU":
+            total += n
+            under += n if (first is not None or open_) else 0
+        elif t == "HGMMA" and first is None:
             first = i
         elif t.startswith("WAIT"):
-            if t != "WAIT(0x0)" or (first is not None and "MUFU" in tags[first:i]):
-                return True
+            open_ = t != "WAIT(0x0)"
             first = None
-    return False
+    return under, total
+
+
+def _overlapped(seq, share=0.25):
+    under, total = exps_under_mma(seq)
+    return total > 0 and under >= share * total
 
 
 def probe(name, block_m=128, block_n=128, num_warps=8, num_stages=3):
@@ -248,7 +256,7 @@ def probe(name, block_m=128, block_n=128, num_warps=8, num_stages=3):
     return dict(form=name, config=f"{block_m}x{block_n} w{num_warps} s{num_stages}",
                 regs=usage["regs"], ctas_per_sm=ctas,
                 loop=" | ".join(f"{t} x{n}" for t, n in seq),
-                mma_overlaps_exps=_overlapped([t for t, _ in seq]),
+                exps_under_mma=exps_under_mma(seq), mma_overlaps_exps=_overlapped(seq),
                 cycles_per_iter=cycles, cycles_per_pair=cycles / (ctas * block_m * block_n),
                 **({"ptxas_advice": _ADVICE[name]} if name in _ADVICE else {}))
 
