@@ -182,6 +182,14 @@ _T_TYPES = ("temperature must be a float (or any real number: int, NumPy scalar)
             "or a 0-dim floating tensor")
 
 
+def kernel_temperature(t, dtype):
+    """The temperature tensor ``t`` as every backend takes it: in the accumulation dtype
+    ``dtype``. A differentiable cast (autograd returns its gradient in ``t``'s own dtype),
+    the only one: :func:`temperature` makes the public API's T with it, and the autograd
+    Functions apply it for callers that reach them directly (a no-op on a T made here)."""
+    return t.to(dtype)
+
+
 def temperature(value, device, dtype=None):
     """Return the temperature as a 0-dim tensor on ``device``.
 
@@ -225,7 +233,7 @@ def temperature(value, device, dtype=None):
         raise ValueError(f"temperature must be on the embeddings' device {device}, got {value.device}")
     message = f"temperature must be finite and > 0, and {span}"
     t = value.detach()
-    made = value.to(acc)  # as the kernels use it. In range implies finite and > 0; NaN fails
+    made = kernel_temperature(value, acc)  # in range implies finite and > 0; NaN fails
     ok = (made.detach() >= low) & (made.detach() <= high)
 
     def detail():

@@ -95,15 +95,16 @@ def _input_grads(ctx, q, r, dq, dr):
     return (None if dq is None else dq.to(q.dtype)), (None if dr is None else dr.to(r.dtype))
 
 
-def _setup(ctx, q, r, metric, offset, backend):
+def _setup(ctx, q, r, temperature, metric, offset, backend):
     """Forward set-up shared by the Functions: ``r=None`` stands for ``q`` (the batch).
-    Returns ``(r, qk, rk, kernel metric, accumulation dtype)``."""
+    Returns ``(r, qk, rk, kernel metric, accumulation dtype, kernel temperature)``."""
     ctx.batch = r is None
     r = q if ctx.batch else r
     qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
-    ctx.symmetric = False  # the lse launchers' flag; NeighborLSE sets it
-    return r, qk, rk, kmetric, acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
+    ctx.t_dtype = temperature.dtype  # dT goes back in the caller's dtype
+    return r, qk, rk, kmetric, acc, kernel_inputs.kernel_temperature(temperature, acc)
 
 
 def batch_grads(batch, dq, dr):
@@ -150,7 +151,8 @@ class NeighborLSE(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, q, r, q_labels, r_labels, temperature, metric, offset, backend):
         r_labels = q_labels if r is None else r_labels
-        r, qk, rk, kmetric, acc = _setup(ctx, q, r, metric, offset, backend)
+        r, qk, rk, kmetric, acc, temperature = _setup(ctx, q, r, temperature, metric, offset,
+                                                      backend)
         ctx.symmetric = kernel_inputs.symmetric(qk, rk, q_labels, r_labels, offset)
         if _empty(q, r):
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
@@ -181,6 +183,7 @@ class NeighborLSE(torch.autograd.Function):
             metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t,
             symmetric=ctx.symmetric)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
+        dt = None if dt is None else dt.to(ctx.t_dtype)
         dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, None, dt, None, None, None
 
@@ -202,7 +205,8 @@ class ClassProbs(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, r, r_labels, temperature, num_classes, metric, offset, backend):
-        r, qk, rk, kmetric, acc = _setup(ctx, q, r, metric, offset, backend)
+        r, qk, rk, kmetric, acc, temperature = _setup(ctx, q, r, temperature, metric, offset,
+                                                      backend)
         if _empty(q, r):
             yhat = torch.full((q.shape[0], num_classes), float("nan"), dtype=acc, device=q.device)
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
@@ -224,5 +228,6 @@ class ClassProbs(torch.autograd.Function):
             qk, rk, r_labels, temperature, yhat, lse_all, g, metric=ctx.kmetric,
             offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
+        dt = None if dt is None else dt.to(ctx.t_dtype)
         dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, dt, None, None, None, None

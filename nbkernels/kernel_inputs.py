@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from nbkernels._validation import acc_dtype
+from nbkernels._validation import acc_dtype, kernel_temperature  # noqa: F401 (re-exported)
 from nbkernels.backends.infinity import at_infinity
 
 _EPS = 1e-12  # as torch.nn.functional.normalize
@@ -121,8 +121,10 @@ def symmetric_flag(flag, q, r, q_labels, r_labels, offset):
     """The lse launchers' ``symmetric`` argument, checked: True only where
     :func:`symmetric` holds (a launcher may then return the whole gradient as ``dq``)."""
     if flag and not symmetric(q, r, q_labels, r_labels, offset):
+        why = ("r is not q" if q is not r else "r_labels is not q_labels"
+               if q_labels is not r_labels else f"offset is {offset!r}")
         raise ValueError("symmetric=True needs the batch against itself: r is q, r_labels is "
-                         f"q_labels and offset None or 0 (got offset={offset!r})")
+                         f"q_labels and offset None or 0 (here {why})")
     return bool(flag)
 
 
