@@ -54,6 +54,45 @@ def _softmax_tile(b_s, i_n, o_m, b_a, r_col, r_labels, b_c, b_m, b_l, b_lp,
 
 
 @gluon.jit
+def stage(q, r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+          STAGES: gl.constexpr):
+    """The program's BLOCK_M rows of ``q`` in shared memory, and a ring of STAGES shared
+    buffers for the tiles of ``r``, its first STAGES - 2 requested (cp.async):
+    ``(q_s, r_s, o_nl, o_d)``, the last two the load offsets of a tile."""
+    ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
+                                        warps_per_cta=[4, 1], order=[1, 0])
+    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.bfloat16)
+    r_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
+    o_ml = gl.program_id(0) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+    q_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, D], q_sl,
+                                    gl.load(q + o_ml[:, None] * D + o_d[None, :]))
+    r_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], r_sl)
+    o_nl = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
+    for s in gl.static_range(STAGES - 2):
+        async_copy.async_load(r_s.index(s), r + (s * BLOCK_N + o_nl)[:, None] * D + o_d[None, :])
+        async_copy.commit_group()
+    return q_s, r_s, o_nl, o_d
+
+
+@gluon.jit
+def issue(q_s, r_s, r, o_nl, o_d, t, n, zero, BLOCK_N: gl.constexpr, D: gl.constexpr,
+          STAGES: gl.constexpr):
+    """Request tile t + STAGES - 2 into the ring (the slot of tile t - 2, whose wgmma is
+    done), wait for tile t, and issue its wgmma asynchronously (``S = q r_t^T``)."""
+    nxt = t + STAGES - 2
+    if nxt < n:
+        async_copy.async_load(r_s.index(nxt % STAGES),
+                              r + (nxt * BLOCK_N + o_nl)[:, None] * D + o_d[None, :])
+    async_copy.commit_group()
+    async_copy.wait_group(STAGES - 2)
+    gl.barrier()
+    fence_async_shared()
+    return warpgroup_mma(q_s, r_s.index(t % STAGES).permute((1, 0)), zero, use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
 def lse_fwd_sm90(q, r_col, labels, scale, lse_all, lse_pos, N,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                  STAGES: gl.constexpr):
@@ -61,21 +100,8 @@ def lse_fwd_sm90(q, r_col, labels, scale, lse_all, lse_pos, N,
                                                   instr_shape=[16, BLOCK_N, 16])
     rows: gl.constexpr = gl.SliceLayout(1, mma)
     cols: gl.constexpr = gl.SliceLayout(0, mma)
-    ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                        warps_per_cta=[4, 1], order=[1, 0])
-    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.bfloat16)
-    r_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
-    i_m = gl.program_id(0)
-    o_ml = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
-    o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
-    q_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, D], q_sl,
-                                    gl.load(q + o_ml[:, None] * D + o_d[None, :]))
-    r_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], r_sl)
-    o_nl = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
-    for s in gl.static_range(STAGES - 1):
-        async_copy.async_load(r_s.index(s), q + (s * BLOCK_N + o_nl)[:, None] * D + o_d[None, :])
-        async_copy.commit_group()
-    o_m = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows)
+    q_s, r_s, o_nl, o_d = stage(q, q, BLOCK_M, BLOCK_N, D, STAGES)
+    o_m = gl.program_id(0) * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows)
     b_a = gl.load(labels + o_m)
     b_c = gl.load(scale)
     b_m = gl.full([BLOCK_M], float("-inf"), gl.float32, rows)
@@ -83,23 +109,11 @@ def lse_fwd_sm90(q, r_col, labels, scale, lse_all, lse_pos, N,
     b_lp = gl.zeros([BLOCK_M], gl.float32, rows)
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
     n = N // BLOCK_N
-    async_copy.wait_group(STAGES - 2)
-    gl.barrier()
-    fence_async_shared()
-    tok = warpgroup_mma(q_s, r_s.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    tok = issue(q_s, r_s, q, o_nl, o_d, 0, n, zero, BLOCK_N, D, STAGES)
     b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
     for j in range(n - 1):
-        nxt = j + STAGES - 1
-        if nxt < n:
-            async_copy.async_load(r_s.index(nxt % STAGES),
-                                  q + (nxt * BLOCK_N + o_nl)[:, None] * D + o_d[None, :])
-        async_copy.commit_group()
-        async_copy.wait_group(STAGES - 2)
-        gl.barrier()
-        fence_async_shared()
         # tile j + 1's wgmma runs under tile j's softmax, waited for before the back edge
-        tok = warpgroup_mma(q_s, r_s.index((j + 1) % STAGES).permute((1, 0)), zero,
-                            use_acc=False, is_async=True)
+        tok = issue(q_s, r_s, q, o_nl, o_d, j + 1, n, zero, BLOCK_N, D, STAGES)
         b_m, b_l, b_lp = _softmax_tile(b_s, j * BLOCK_N, o_m, b_a, r_col, labels, b_c, b_m,
                                        b_l, b_lp, BLOCK_N, cols)
         b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
@@ -154,18 +168,14 @@ OUT = ROOT / "bench" / "results" / "gluon_fwd_sm90.json"
 def main():
     import json
 
-    from bench.sass import latency, model, overlap_probe, report, sass
+    from bench.sass import latency, overlap_probe, report
     cubin, name, shared, ptx = compile_sm90()
-    func, hi = latency.disassemble(cubin)[name]
-    ops = latency.body(func, hi, NUM_WARPS, 1)
-    usage = sass.resource_usage(cubin)[name]
-    ctas = max(1, model.occupancy(usage["regs"], shared + usage["shared_static"],
-                                  NUM_WARPS)["ctas_per_sm"])
-    cycles = latency.simulate(ops, NUM_WARPS, ctas=ctas)
+    sim = latency.simulate_cubin(cubin, name, shared, NUM_WARPS)
+    ops, ctas, cycles = sim.ops, sim.ctas_per_sm, sim.cycles_per_iter
     n = 65536
     pred = latency.predict(cycles, n // BLOCK_N, n // BLOCK_M, ctas, 2 * n * n * D)
     seq = overlap_probe._loop(ops)
-    print(f"regs {usage['regs']}, shared {shared} B, {ctas} CTAs/SM, "
+    print(f"regs {sim.regs}, shared {shared} B, {ctas} CTAs/SM, "
           f"{len(ops)} instructions per warp per tile")
     print("loop:", " | ".join(f"{t} x{c}" for t, c in seq))
     print("ptxas advisories:", overlap_probe._ptxas_advice(ptx) or "none")
@@ -175,7 +185,7 @@ def main():
     OUT.write_text(json.dumps(dict(
         env=report.env(), what=__doc__.split("\n\n")[0],
         config=dict(block_m=BLOCK_M, block_n=BLOCK_N, d=D, stages=STAGES, num_warps=NUM_WARPS),
-        regs=usage["regs"], shared_bytes=shared, ctas_per_sm=ctas,
+        regs=sim.regs, shared_bytes=shared, ctas_per_sm=ctas,
         warp_instrs_per_tile=len(ops), loop=" | ".join(f"{t} x{c}" for t, c in seq),
         exps_under_mma=overlap_probe.exps_under_mma(seq),
         mma_overlaps_exps=overlap_probe._overlapped(seq),

@@ -286,6 +286,27 @@ def _advance(w, op, t, n):
         w.iter_end.append(t)
 
 
+@dataclass
+class Simulated:
+    """A compiled kernel's main loop, simulated on one SM with every CTA that fits."""
+    func: object
+    ops: list
+    regs: int
+    ctas_per_sm: int
+    cycles_per_iter: float
+
+
+def simulate_cubin(cubin, name, shared, num_warps, inner_trips=1):
+    """Disassemble kernel ``name`` of ``cubin`` (``shared``: its dynamic shared memory),
+    find its main loop and simulate it with the CTAs its registers and memory allow."""
+    func, hi = disassemble(cubin)[name]
+    usage = sass.resource_usage(cubin)[name]
+    occ = model.occupancy(usage["regs"], shared + usage["shared_static"], num_warps)
+    ops = body(func, hi, num_warps, inner_trips)
+    ctas = max(1, occ["ctas_per_sm"])
+    return Simulated(func, ops, usage["regs"], ctas, simulate(ops, num_warps, ctas=ctas))
+
+
 def predict(cycles_per_iter, iters_per_cta, tiles, ctas_per_sm, flop):
     """Time and TFLOP/s of a grid of ``tiles`` CTAs, each ``iters_per_cta`` main-loop
     iterations, ``model.SMS * ctas_per_sm`` of them at once (the last wave partial):

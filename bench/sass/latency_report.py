@@ -78,13 +78,8 @@ print("JSON" + json.dumps(out))
 def simulate(c, kind, dtype, flop_per_pair, block_m, block_n, num_warps, inner_trips=1,
              n=build.N, m=build.M):
     """One compiled kernel: occupancy, the simulated SM and the predictions of both models."""
-    funcs = latency.disassemble(c["cubin"])
-    func, hi = funcs[c["fn"]]
-    usage = sass.resource_usage(c["cubin"])[c["fn"]]
-    occ = model.occupancy(usage["regs"], c["shared"] + usage["shared_static"], num_warps)
-    ops = latency.body(func, hi, num_warps, inner_trips)
-    ctas = max(1, occ["ctas_per_sm"])
-    cycles = latency.simulate(ops, num_warps, ctas=ctas)
+    sim = latency.simulate_cubin(c["cubin"], c["fn"], c["shared"], num_warps, inner_trips)
+    func, ops, ctas, cycles = sim.func, sim.ops, sim.ctas_per_sm, sim.cycles_per_iter
     pairs = block_m * block_n
     tiles = -(-n // block_m)
     iters = -(-m // block_n)
@@ -92,7 +87,7 @@ def simulate(c, kind, dtype, flop_per_pair, block_m, block_n, num_warps, inner_t
     mix = sass.loop_mix(func, num_warps, pairs, inner_trips)
     hbm = analyze.hbm_bytes_per_pair("anchor" if kind == "anchor" else kind, dtype)
     pipe = model.predict(model.pipes(mix.per_pair, mix.tensor_flop_per_pair, hbm), flop_per_pair)
-    return dict(regs=usage["regs"], ctas_per_sm=ctas, warp_instrs_per_iter=len(ops),
+    return dict(regs=sim.regs, ctas_per_sm=ctas, warp_instrs_per_iter=len(ops),
                 issue_only_cycles=len(ops) * num_warps * ctas / 4, cycles_per_iter=cycles,
                 latency=pred, pipe_raw=pipe["overlap"])
 

@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.sass import build, latency, model, report, sass  # noqa: E402
+from bench.sass import build, latency, report  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "overlap_probe_sm90.json"
 
@@ -92,69 +92,43 @@ FORMS = {"plain": (plain, {}), "ahead": (ahead, {}), "tma": (tma, {"WS": False})
 
 
 def _gluon_kernel():
-    """The "ahead" form in Gluon (triton.experimental.gluon): one warpgroup, the reference
-    tiles through a cp.async ring of STAGES buffers, the next tile's wgmma issued async
-    before the current tile's exps, and waited for with one group left in flight."""
+    """The "ahead" form in Gluon (triton.experimental.gluon), with bench/gluon_fwd.py's
+    staging: one warpgroup, the reference tiles through a cp.async ring of STAGES buffers,
+    the next tile's wgmma issued async before the current tile's exps. CARRY: waited for
+    with one group left at the top of the next iteration (the wgmma in flight across the
+    back edge); else waited for before the back edge."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared,
-                                                                  warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+
+    from bench.gluon_fwd import issue, stage
 
     @gluon.jit
     def gluon_ahead(q, r, out, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     D: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr):
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
-        ld: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                            warps_per_cta=[4, 1], order=[1, 0])
-        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], gl.bfloat16)
-        r_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.bfloat16)
-        i_m = gl.program_id(0)
-        o_m = i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
-        o_d = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
-        q_s = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, D], q_sl,
-                                        gl.load(q + o_m[:, None] * D + o_d[None, :]))
-        r_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], r_sl)
-        o_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
-        for s in gl.static_range(STAGES - 1):
-            async_copy.async_load(r_s.index(s), r + (s * BLOCK_N + o_n)[:, None] * D + o_d[None, :])
-            async_copy.commit_group()
+        q_s, r_s, o_nl, o_d = stage(q, r, BLOCK_M, BLOCK_N, D, STAGES)
         n = M // BLOCK_N
         zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
         b_l = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
-        async_copy.wait_group(STAGES - 2)
-        gl.barrier()
-        fence_async_shared()
-        tok = warpgroup_mma(q_s, r_s.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+        tok = issue(q_s, r_s, r, o_nl, o_d, 0, n, zero, BLOCK_N, D, STAGES)
         if not CARRY:
             b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         for j in range(n - 1):
-            nxt = j + STAGES - 1
-            if nxt < n:
-                async_copy.async_load(r_s.index(nxt % STAGES),
-                                      r + (nxt * BLOCK_N + o_n)[:, None] * D + o_d[None, :])
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 2)
-            gl.barrier()
-            fence_async_shared()
-            nxt_tok = warpgroup_mma(q_s, r_s.index((j + 1) % STAGES).permute((1, 0)), zero,
-                                    use_acc=False, is_async=True)
+            nxt_tok = issue(q_s, r_s, r, o_nl, o_d, j + 1, n, zero, BLOCK_N, D, STAGES)
             if CARRY:
-                # this tile's wgmma, left in flight across the back edge, waited for here
                 b_s = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
                 b_l += gl.sum(gl.exp2(b_s), axis=1)
                 tok = nxt_tok
             else:
-                # the next tile's wgmma runs under this tile's exps and is waited for
-                # before the back edge: no accumulator in flight where the loop copies it
                 b_l += gl.sum(gl.exp2(b_s), axis=1)
                 b_s = warpgroup_mma_wait(num_outstanding=0, deps=(nxt_tok,))
         if CARRY:
             b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         b_l += gl.sum(gl.exp2(b_s), axis=1)
-        gl.store(out + i_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma)), b_l)
+        o_m = gl.program_id(0) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        gl.store(out + o_m, b_l)
 
     return gluon_ahead
 
@@ -246,15 +220,11 @@ def probe(name, block_m=128, block_n=128, num_warps=8, num_stages=3):
     if FORMS[name][0] is None:
         values["STAGES"] = num_stages
     cubin, fn_name, shared = _compile(name, values, num_warps, num_stages)
-    func, hi = latency.disassemble(cubin)[fn_name]
-    ops = latency.body(func, hi, num_warps, 1)
-    usage = sass.resource_usage(cubin)[fn_name]
-    ctas = max(1, model.occupancy(usage["regs"], shared + usage["shared_static"],
-                                  num_warps)["ctas_per_sm"])
-    cycles = latency.simulate(ops, num_warps, ctas=ctas)
+    sim = latency.simulate_cubin(cubin, fn_name, shared, num_warps)
+    ops, ctas, cycles = sim.ops, sim.ctas_per_sm, sim.cycles_per_iter
     seq = _loop(ops)
     return dict(form=name, config=f"{block_m}x{block_n} w{num_warps} s{num_stages}",
-                regs=usage["regs"], ctas_per_sm=ctas,
+                regs=sim.regs, ctas_per_sm=ctas,
                 loop=" | ".join(f"{t} x{n}" for t, n in seq),
                 exps_under_mma=exps_under_mma(seq), mma_overlaps_exps=_overlapped(seq),
                 cycles_per_iter=cycles, cycles_per_pair=cycles / (ctas * block_m * block_n),
