@@ -11,7 +11,8 @@ What it does: one warpgroup per program owns BLOCK_M query rows (in shared memor
 reference tiles stream through a ring of STAGES shared buffers (cp.async). Each
 iteration issues tile j + 1's wgmma asynchronously, runs tile j's softmax, and waits for
 the wgmma before the back edge (the form of ``bench/sass/overlap_probe.py`` that ptxas
-does not serialize). Logits in natural units, ``z = fma(q.r, 2/T, -||r||^2/T)``
+does not serialize); tile j's column terms and labels are loaded before the issue, so that
+ptxas keeps the softmax under the MMA. Logits in natural units, ``z = fma(q.r, 2/T, -||r||^2/T)``
 (sqeuclidean, the rows centred as nbkernels centres them), the self pair masked, an
 online max per tile, the sums of all terms and of the positives (same label).
 
@@ -37,17 +38,22 @@ BLOCK_M, BLOCK_N, D, STAGES, NUM_WARPS = 64, 128, 128, 3, 4
 
 
 @gluon.jit
-def _softmax_tile(b_s, i_n, o_m, b_a, r_col, r_labels, b_c, b_m, b_l, b_lp,
-                  BLOCK_N: gl.constexpr, cols: gl.constexpr):
-    """Tile [i_n, i_n + BN) into the row state (max b_m, sums b_l and b_lp)."""
+def _tile_terms(i_n, r_col, r_labels, BLOCK_N: gl.constexpr, cols: gl.constexpr):
+    """[BN] indices, column terms and labels of the reference tile at ``i_n``."""
     o_n = i_n + gl.arange(0, BLOCK_N, layout=cols)
-    # [BM, BN] logits in natural units, the self pair at -inf
-    b_z = b_s * b_c + gl.load(r_col + o_n)[None, :]
+    return o_n, gl.load(r_col + o_n), gl.load(r_labels + o_n)
+
+
+@gluon.jit
+def _softmax_tile(b_s, o_n, b_col, b_b, o_m, b_a, b_c, b_m, b_l, b_lp):
+    """Tile ``o_n`` into the row state (max b_m, sums b_l and b_lp): logits in natural
+    units, the self pair at -inf, an online max."""
+    b_z = b_s * b_c + b_col[None, :]
     b_z = gl.where(o_n[None, :] == o_m[:, None], float("-inf"), b_z)
     b_new = gl.maximum(b_m, gl.max(b_z, axis=1))
     b_alpha = gl.exp2((b_m - b_new) * 1.4426950408889634)
     b_p = gl.exp2((b_z - b_new[:, None]) * 1.4426950408889634)
-    m_pos = b_a[:, None] == gl.load(r_labels + o_n)[None, :]
+    m_pos = b_a[:, None] == b_b[None, :]
     b_l = b_l * b_alpha + gl.sum(b_p, axis=1)
     b_lp = b_lp * b_alpha + gl.sum(gl.where(m_pos, b_p, 0.0), axis=1)
     return b_new, b_l, b_lp
@@ -112,13 +118,16 @@ def lse_fwd_sm90(q, r_col, labels, scale, lse_all, lse_pos, N,
     tok = issue(q_s, r_s, q, o_nl, o_d, 0, n, zero, BLOCK_N, D, STAGES)
     b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
     for j in range(n - 1):
-        # tile j + 1's wgmma runs under tile j's softmax, waited for before the back edge
+        # tile j's terms are loaded before tile j + 1's wgmma is issued, so that its
+        # softmax needs only registers: ptxas then keeps the exps under the MMA (loaded
+        # after the issue, they were scheduled ahead of it); the wgmma is waited for
+        # before the back edge
+        o_n, b_col, b_b = _tile_terms(j * BLOCK_N, r_col, labels, BLOCK_N, cols)
         tok = issue(q_s, r_s, q, o_nl, o_d, j + 1, n, zero, BLOCK_N, D, STAGES)
-        b_m, b_l, b_lp = _softmax_tile(b_s, j * BLOCK_N, o_m, b_a, r_col, labels, b_c, b_m,
-                                       b_l, b_lp, BLOCK_N, cols)
+        b_m, b_l, b_lp = _softmax_tile(b_s, o_n, b_col, b_b, o_m, b_a, b_c, b_m, b_l, b_lp)
         b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-    b_m, b_l, b_lp = _softmax_tile(b_s, (n - 1) * BLOCK_N, o_m, b_a, r_col, labels, b_c, b_m,
-                                   b_l, b_lp, BLOCK_N, cols)
+    o_n, b_col, b_b = _tile_terms((n - 1) * BLOCK_N, r_col, labels, BLOCK_N, cols)
+    b_m, b_l, b_lp = _softmax_tile(b_s, o_n, b_col, b_b, o_m, b_a, b_c, b_m, b_l, b_lp)
     gl.store(lse_all + o_m, b_m + gl.log(b_l))
     gl.store(lse_pos + o_m, b_m + gl.log(b_lp))
 
