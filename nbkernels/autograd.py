@@ -134,8 +134,9 @@ class NeighborLSE(torch.autograd.Function):
     """``(lse_all, lse_pos) = NeighborLSE.apply(q, r, q_labels, r_labels, T, metric, offset, backend)``.
 
     q: (N, D), r: (M, D) floating, same dtype, or ``r=None`` (with ``r_labels=None``) for
-    the batch against itself; labels int64 (N,), (M,); T: 0-dim tensor in the accumulation dtype
-    (``nbkernels._validation.temperature``);
+    the batch against itself; labels int64 (N,), (M,); T: 0-dim floating tensor of any dtype
+    (cast once to the accumulation dtype, ``kernel_inputs.kernel_temperature``; its gradient
+    comes back in its own dtype);
     metric: "sqeuclidean" | "cosine" | "dot"; offset: None or int (query i skips
     reference i + offset); backend: "torch" | "triton" | "cuda". Returns two (N,)
     tensors in the accumulation dtype; ``lse_pos`` is -inf on rows with no positive.

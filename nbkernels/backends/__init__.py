@@ -20,9 +20,9 @@ distributed path also runs with it. Every fused backend (``torch``, ``triton``,
 * ``metric`` is ``"sqeuclidean"`` or ``"dot"``. Cosine reaches the launchers as
   ``"dot"`` on rows that ``nbkernels.kernel_inputs`` has already normalized (and
   "sqeuclidean" rows centred).
-* ``temperature`` is a 0-dim tensor on the device in the accumulation dtype, as
-  ``nbkernels._validation.temperature`` returns it (the one place it is cast); never
-  read on the host. ``dt`` comes back in that dtype.
+* ``temperature`` is a 0-dim tensor on the device in the accumulation dtype, made so by
+  ``kernel_inputs.kernel_temperature`` (the one cast: the public API's checks and the
+  autograd Functions apply it); never read on the host. ``dt`` comes back in that dtype.
 * ``offset`` is ``None`` (no exclusion) or an int: query ``i`` skips reference ``i + offset``.
 * Accumulation is fp32, fp64 for fp64 inputs. Returned row statistics use that dtype.
 * lse values are *shifted*: for "sqeuclidean" they are computed from
