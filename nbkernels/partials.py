@@ -49,6 +49,7 @@ from nbkernels._validation import acc_dtype
 
 from nbkernels import _validation as check
 from nbkernels import kernel_inputs
+from nbkernels.backends.infinity import finite_or_zero
 from nbkernels import backends
 from nbkernels.autograd import is_empty
 
@@ -89,10 +90,6 @@ def has_positive(lse_pos):
     -inf (references at infinity under "sqeuclidean", -inf dot products) has none: its
     loss is 0 and it does not count in the mean, as if those references were absent."""
     return lse_pos != _NEG_INF
-
-
-def _finite_or_zero(x):
-    return torch.where(x == _NEG_INF, torch.zeros_like(x), x)
 
 
 def row_shift(mod, qk, temperature, kmetric):
@@ -209,7 +206,7 @@ def merge(*parts):
     if len(parts) == 1:
         return parts[0]
     lse_all = torch.stack([p.lse_all for p in parts])  # [K, N]
-    m_all = _finite_or_zero(lse_all.amax(0))
+    m_all = finite_or_zero(lse_all.amax(0))
     w = torch.exp(lse_all - m_all)  # the running-max rescale of each state's sum
     total = w.sum(0)
     fields = [m_all + torch.log(total), None, None, None]
@@ -225,7 +222,7 @@ def merge(*parts):
 
 
 def _logsumexp(x):
-    m = _finite_or_zero(x.amax(0))
+    m = finite_or_zero(x.amax(0))
     return m + torch.log(torch.exp(x - m).sum(0))
 
 

@@ -5,6 +5,11 @@ import torch
 _NAN = float("nan")
 
 
+def finite_or_zero(x):
+    """-inf -> 0 (a row without any term), so that ``s - x`` stays -inf there, not NaN."""
+    return torch.where(x == float("-inf"), torch.zeros_like(x), x)
+
+
 def at_infinity(x):
     """(N,) bool: rows with an infinite entry and no NaN (points at infinity)."""
     return torch.isinf(x).any(1) & torch.logical_not(torch.isnan(x).any(1))

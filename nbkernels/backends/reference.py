@@ -67,7 +67,7 @@ from __future__ import annotations
 import torch
 
 from nbkernels._validation import acc_dtype
-from nbkernels.backends.infinity import at_infinity
+from nbkernels.backends.infinity import at_infinity, finite_or_zero
 from nbkernels.kernel_inputs import centre_of, symmetric_flag
 
 
@@ -161,10 +161,6 @@ def class_probs(q, r, r_labels, temperature, num_classes, *, metric="sqeuclidean
 SHIFTED = False
 
 
-def _finite_or_zero(x):
-    return torch.where(x == float("-inf"), torch.zeros_like(x), x)
-
-
 def _row_g(lse, g):
     """Rows without any term (lse = -inf) get no gradient."""
     empty = (lse == float("-inf")).view(-1, *([1] * (g.dim() - 1)))
@@ -208,8 +204,8 @@ def lse_backward(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all,
     def make_ds(s):
         # ds_ij = g_all_i p_ij + g_pos_i p+_ij
         pos = q_labels[:, None] == r_labels[None, :]
-        ds = _row_g(lse_all, g_all)[:, None] * torch.exp(s - _finite_or_zero(lse_all)[:, None])
-        p_pos = torch.exp(s - _finite_or_zero(lse_pos)[:, None])
+        ds = _row_g(lse_all, g_all)[:, None] * torch.exp(s - finite_or_zero(lse_all)[:, None])
+        p_pos = torch.exp(s - finite_or_zero(lse_pos)[:, None])
         return ds + torch.where(pos, _row_g(lse_pos, g_pos)[:, None] * p_pos, 0.0)
 
     return _grads(q, r, temperature, metric, offset, make_ds, need_q, need_r, need_t)
@@ -221,7 +217,7 @@ def probs_backward(q, r, r_labels, temperature, yhat, lse_all, g, *, metric, off
         # ds_ij = p_ij (G_{i,b_j} - delta_i), delta_i = sum_c G_ic yhat_ic
         g_rows = _row_g(lse_all, g.to(s.dtype))
         delta = (g_rows * torch.nan_to_num(yhat.to(s.dtype))).sum(1, keepdim=True)
-        p = torch.exp(s - _finite_or_zero(lse_all)[:, None])
+        p = torch.exp(s - finite_or_zero(lse_all)[:, None])
         return p * (g_rows.index_select(1, r_labels) - delta)
 
     return _grads(q, r, temperature, metric, offset, make_ds, need_q, need_r, need_t)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from nbkernels._validation import acc_dtype as _acc_dtype
+from nbkernels.backends.infinity import finite_or_zero
 
 # Tile sizes. 256 x 1024 fp32 logits are 1 MiB, which stays in a core's L2 cache on
 # current x86 servers while leaving the matrix products large enough to run at speed.
@@ -125,11 +126,6 @@ class _Problem:
         return x[self.q_order]
 
 
-def _finite_or_zero(x):
-    """-inf -> 0 so that ``s - x`` stays -inf (not NaN) on rows without any term."""
-    return torch.where(x == _NEG_INF, torch.zeros_like(x), x)
-
-
 def _exp_(x, zero_tiny=True):
     """In-place exp of a tile whose entries are <= 0 (or NaN).
 
@@ -160,7 +156,7 @@ class _OnlineLSE:
         factor of the old sums and that tile of exponentials."""
         m_old = self.m[i0:i1]
         m_new = torch.maximum(m_old, s.amax(dim))
-        m_safe = _finite_or_zero(m_new)
+        m_safe = finite_or_zero(m_new)
         alpha = torch.exp(m_old - m_safe)
         p = _exp_(s.sub_(m_safe.unsqueeze(dim)), zero_tiny=False)
         tile_sum = torch.where(m_new == _NEG_INF, torch.zeros_like(m_safe), p.sum(dim))
@@ -264,7 +260,7 @@ def _row_terms(pb, lse, g):
     g = pb.sort_rows(g.to(pb.q.dtype))
     empty = lse == _NEG_INF
     g = torch.where(empty.view(-1, *([1] * (g.dim() - 1))), torch.zeros_like(g), g)
-    return _finite_or_zero(lse), g
+    return finite_or_zero(lse), g
 
 
 def _lse_ds(s, own, rows, pos, dim):
