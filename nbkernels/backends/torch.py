@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from nbkernels._validation import acc_dtype
+from nbkernels.backends.fake import fake_grads
 from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
 from nbkernels.backends.torch_blocked import (blocked_lse_backward, blocked_lse_forward,
                                               blocked_probs_backward, blocked_probs_forward)
@@ -89,12 +90,6 @@ def _grads_out(q, r, temperature, grads):
     return tuple(e if g is None else g for g, e in zip(grads, empty))
 
 
-def _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric=False):
-    return (q.new_empty(q.shape if need_q or (symmetric and need_r) else (0,)),
-            r.new_empty(r.shape if need_r and not symmetric else (0,)),
-            temperature.new_empty(() if need_t else (0,)))
-
-
 @torch.library.custom_op("nbkernels::torch_lse_bwd", mutates_args=())
 @_outside_autocast
 def _lse_bwd_op(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor,
@@ -114,7 +109,7 @@ def _lse_bwd_op(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor,
 @_lse_bwd_op.register_fake
 def _(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric, offset,
       symmetric, need_q, need_r, need_t):
-    return _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric)
+    return fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric)
 
 
 @torch.library.custom_op("nbkernels::torch_probs_bwd", mutates_args=())
@@ -133,7 +128,7 @@ def _probs_bwd_op(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
 
 @_probs_bwd_op.register_fake
 def _(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, need_q, need_r, need_t):
-    return _fake_grads(q, r, temperature, need_q, need_r, need_t)
+    return fake_grads(q, r, temperature, need_q, need_r, need_t)
 
 
 # ------------------------------------------------------------------------- launchers

@@ -4,6 +4,7 @@ symmetric launches."""
 import torch
 import triton
 
+from nbkernels.backends.fake import fake_grads
 from nbkernels.backends.infinity import finite_rows, silent_rows
 
 from . import kernels as tk
@@ -137,12 +138,6 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
     return dq, dr, dt
 
 
-def _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric=False):
-    return (q.new_empty(q.shape if need_q or (symmetric and need_r) else (0,)),
-            r.new_empty(r.shape if need_r and not symmetric else (0,)),
-            temperature.new_empty(() if need_t else (0,)))
-
-
 @torch.library.custom_op("nbkernels::triton_lse_bwd", mutates_args=())
 def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels: torch.Tensor,
              temperature: torch.Tensor, lse_all: torch.Tensor, lse_pos: torch.Tensor,
@@ -170,7 +165,7 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
 @_lse_bwd.register_fake
 def _(q, r, q_labels, r_labels, temperature, lse_all, lse_pos, g_all, g_pos, metric, offset,
       has_offset, symmetric, need_q, need_r, need_t, precision):
-    return _fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric)
+    return fake_grads(q, r, temperature, need_q, need_r, need_t, symmetric)
 
 
 @torch.library.custom_op("nbkernels::triton_probs_bwd", mutates_args=())
@@ -202,4 +197,4 @@ def _probs_bwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
 @_probs_bwd.register_fake
 def _(q, r, r_labels, temperature, yhat, lse_all, g, metric, offset, has_offset, need_q,
       need_r, need_t, precision):
-    return _fake_grads(q, r, temperature, need_q, need_r, need_t)
+    return fake_grads(q, r, temperature, need_q, need_r, need_t)
