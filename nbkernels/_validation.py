@@ -200,7 +200,7 @@ def temperature(value, device, dtype=None):
     the inputs are not known yet) checks against fp64, the widest, and returns fp64.
 
     The result is what every backend receives (``nbkernels.backends``: the temperature in
-    the accumulation dtype): this is the one place where it is cast. A real number (int,
+    the accumulation dtype), made by :func:`kernel_temperature`, the one cast. A real number (int,
     float, NumPy scalar; not a bool) becomes a tensor of ``dtype``; a 0-dim floating tensor
     is cast to ``dtype`` differentiably (its gradient comes back in its own dtype) and
     checked as cast (without a host sync on accelerators, see :func:`device_check`).
