@@ -21,6 +21,7 @@ at tiny sizes with fp16 for bf16, so that CI runs every path of this script
 (tests/triton/test_gpu_perf_dry.py). Its times are meaningless and labelled dry.
 """
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -178,7 +179,10 @@ class Run:
         return max(errs) if finite else math.inf
 
     def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
-             need_s=25, unavailable=None):
+             need_s=25, unavailable=None, bwd_variant=None):
+        """Check and time ``call`` with the triton backend, at the given configs (None: the
+        table's) and backward variant (``kernels.VARIANTS``; None: the one chosen)."""
+        from nbkernels.backends import triton as tb
         from nbkernels.backends.triton import configs as tc
         from nbkernels.backends.triton import kernels as tk
         fwd = None if fwd_cfg is None else tc._config(*fwd_cfg, "fwd")
@@ -186,6 +190,9 @@ class Run:
         backward = mode == "fwdbwd"
         n, d = self.shape["n"], self.shape["d"]
         info = dict(fwd_config=fwd_cfg, bwd_config=bwd_cfg, predicted_s=predicted_s)
+        if backward:
+            precision = tb._default_precision() if dtype == torch.float32 else "ieee"
+            info["bwd_variant"] = bwd_variant or tk.choose("bwd", self.device, precision).name
         if dtype != torch.float32 and (fwd_cfg or bwd_cfg):
             # the latency model's prediction of what this row times: the forward, or the
             # forward and the batch backward
@@ -197,7 +204,7 @@ class Run:
             reason = unavailable and unavailable(self.device)
             if reason:
                 return reason
-            with tk.fixed_configs(fwd, bwd):
+            with tk.fixed_configs(fwd, bwd), _pinned_backward(bwd_variant):
                 err = self.check(call, dtype, backward)
                 info["check_rel_err"] = err
                 if not err <= CHECK_TOL[dtype]:
@@ -247,6 +254,16 @@ class Run:
         return self.record("anchor-fa2", "fwd", self.half, 4 * n * n * d, need_s=15, run=run)
 
 
+def _pinned_backward(name):
+    """Both backward kinds pinned to kernel variant ``name`` (None: nothing pinned)."""
+    from nbkernels.backends import variants
+    from nbkernels.backends.triton import kernels as tk
+    stack = contextlib.ExitStack()
+    for kind in ("bwd", "bwd_class") if name else ():
+        stack.enter_context(variants.pinned(tk.VARIANTS, kind, name))
+    return stack
+
+
 def _peak(gpu_name):
     import bench_gpu
     peaks = {"bfloat16": bench_gpu.peak_tflops(gpu_name, "bfloat16"),
@@ -292,19 +309,19 @@ def knn(classes):
 
 
 def table(records):
-    rows = ["| variant | mode | dtype | config fwd / bwd | predicted ms (pipe / latency) | "
-            "measured ms | TFLOP/s | % peak | check |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| variant | mode | dtype | config fwd / bwd | bwd kernel | "
+            "predicted ms (pipe / latency) | measured ms | TFLOP/s | % peak | check |",
+            "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
         cfg = " / ".join("x".join(map(str, c)) if c else "table"
                          for c in (r.get("fwd_config"), r.get("bwd_config")))
         pred = " / ".join(f"{x * 1e3:.2f}" if x else "-"
                           for x in (r.get("predicted_s"), r.get("predicted_latency_s")))
         got = r.get("time_s", {}).get("median") if r["status"] == "ok" else None
-        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"], r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
             else "-" if not r["name"].startswith("nbkernels") else "table",
-            pred,
+            r.get("bwd_variant") or "-", pred,
             f"{got * 1e3:.3f}" if got else r["status"] + (f": {r['reason'][:60]}"
                                                           if r.get("reason") else ""),
             f"{r['tflops']:.0f}" if r.get("tflops") else "-",
@@ -352,7 +369,10 @@ def main(argv=None):
     for cfg, pred, chosen in bwd_cands[1:]:
         run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, cfg)
     run.ours("nbkernels-triton", nca, torch.float32, "fwd")
-    run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd")
+    # TF32 backward: the sm_90 transposed variant (chosen there) and the generic kernel
+    run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd",
+             bwd_variant="sm90_tf32_transposed")
+    run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd", bwd_variant="generic")
     # last: the Gluon v4 prototype (not nbkernels; checked against backend "torch" first)
     run.ours("v4-gluon-prototype", gluon_v4, half, "fwd", unavailable=gluon_unavailable)
     text = table(run.file.records)

@@ -31,6 +31,9 @@ def test_gpu_perf_dry_run(tmp_path):
         assert r["status"] == "ok", r
         assert 0 <= r["check_rel_err"] < 5e-3 and r["time_s"]["median"] > 0
     assert len({(r["fwd_config"] and tuple(r["fwd_config"])) for r in ours if r["mode"] == "fwd"}) >= 3
+    # the TF32 backward both ways: the sm_90 transposed variant and the generic kernel
+    assert {r["bwd_variant"] for r in ours if (r["mode"], r["dtype"]) == ("fwdbwd", "float32")} \
+        == {"sm90_tf32_transposed", "generic"}
     by_name = {r["name"]: r for r in records}
     for cuda_only in ("sdpa-flash", "flex"):
         assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]

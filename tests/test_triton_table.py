@@ -34,9 +34,30 @@ def _reachable():
     return out
 
 
+def _variants_with_configs():
+    """The variants with table entries of their own (under their ``configs`` key)."""
+    return [v for v in tk.VARIANTS if v.configs is not None]
+
+
 def test_every_variant_has_an_sm90_entry_and_every_entry_is_used():
     reachable = _reachable()
-    assert {("sm90",) + k for k in reachable} == set(tc.TABLE)
+    want = {("sm90",) + k for k in reachable}
+    # a variant with its own key: an entry for each (kernel, dtype class, bucket) it serves
+    for v in _variants_with_configs():
+        dclasses = {tc.dtype_class(4, p) for p in v.precisions}
+        want |= {(v.configs, kernel, dclass, bucket) for kernel, dclass, bucket in reachable
+                 if kernel == v.kind and dclass in dclasses}
+    assert want == set(tc.TABLE)
+
+
+def _block_t(arch, kernel, d, elem, prec):
+    """The transposed tile width the variant of ``arch`` adds per stage (``fits``)."""
+    v = next((v for v in _variants_with_configs() if (v.configs, v.kind) == (arch, kernel)),
+             None)
+    if v is None or not v.flag("OTHER_T"):
+        return 0
+    resident = d <= common.resident_limit(kernel, elem, prec)
+    return max(16, triton.next_power_of_2(d)) if resident else common.MAX_BLOCK_DX
 
 
 def test_buckets_follow_the_resident_limits():
@@ -50,12 +71,13 @@ def test_buckets_follow_the_resident_limits():
 
 @pytest.mark.parametrize("key", sorted(tc.TABLE), ids=lambda k: "-".join(k))
 def test_entry_fits_and_is_a_gpu_config(key):
-    _, kernel, dclass, bucket = key
+    arch, kernel, dclass, bucket = key
     (own, other, warps, stages), source = tc.TABLE[key]
     cfg = tc._config(own, other, warps, stages, kernel)
     elem, prec = CLASSES[dclass]
     d = _reachable()[kernel, dclass, bucket]
-    assert tk.fits(cfg, elem, tc._block_d(kernel, d, elem, prec), kernel == "fwd_class")
+    assert tk.fits(cfg, elem, tc._block_d(kernel, d, elem, prec), kernel == "fwd_class",
+                   _block_t(arch, kernel, d, elem, prec))
     # every table config is one of the GPU configs, which the GPU-sized interpreter suite
     # runs one by one (test_every_gpu_config)
     pool = tk.GPU_FWD_CONFIGS if kernel.startswith("fwd") else tk.GPU_BWD_CONFIGS

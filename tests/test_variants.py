@@ -101,3 +101,35 @@ def test_cuda_launchers_run_the_chosen_op(monkeypatch):
         chosen = variants.choose(cuda_backend.VARIANTS, "fwd", variants.capability(cpu))
         assert chosen.kernel == "cuda_lse_fwd"
     assert calls == [(1, 2)]
+
+
+def test_precision_ranges_and_flags():
+    """A variant for some fp32 dot precisions only (the sm_90 TF32 backward) holds for
+    those, and for a launch that names none; its flags are what the launcher sets."""
+    tf32 = variants.Variant("bwd", "tf32_only", "kt", capability=((9, 0), (10, 0)),
+                            precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),))
+    table = [tf32, variants.Variant("bwd", "generic", "kb")]
+    for precision, want in (("tf32", "tf32_only"), ("tf32x3", "tf32_only"), ("ieee", "generic"),
+                            (None, "tf32_only")):
+        assert variants.choose(table, "bwd", (9, 0), (3, 9), precision).name == want
+    assert variants.choose(table, "bwd", (8, 0), (3, 9), "tf32").name == "generic"
+    assert [v.name for v in variants.applicable(table, "bwd", (9, 0), None, "ieee")] == ["generic"]
+    assert tf32.flag("OTHER_T") is True and table[1].flag("OTHER_T") is False
+    assert table[1].flag("OTHER_T", None) is None
+
+
+def test_triton_table_takes_the_transposed_tf32_backward_on_sm90_only():
+    """The Triton table: fp32 inputs with TF32 dots (torch's allow_tf32, or tf32x3) take the
+    transposed backward on sm_90; IEEE dots, 16-bit and fp64 inputs (precision "ieee") and
+    other architectures the generic one; forwards are generic everywhere."""
+    tk = pytest.importorskip("nbkernels.backends.triton.kernels")
+    for kind in ("bwd", "bwd_class"):
+        for precision in ("tf32", "tf32x3"):
+            chosen = tk.variant_for(kind, (9, 0), precision)
+            assert chosen.name == "sm90_tf32_transposed" and chosen.flag("OTHER_T")
+            assert chosen.configs == "sm90_tf32t"
+            for cap in ((8, 0), (8, 9), (10, 0), (12, 0)):
+                assert tk.variant_for(kind, cap, precision).name == "generic"
+        assert tk.variant_for(kind, (9, 0), "ieee").name == "generic"
+    for kind in ("fwd", "fwd_class"):
+        assert tk.variant_for(kind, (9, 0), "tf32").name == "generic"

@@ -261,6 +261,23 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn, d=D, precision=N
     return v
 
 
+def launch_precision(dtype, precision=None):
+    """The ``PRECISION`` a launch passes: fp32 dots in TF32 unless ``precision`` says
+    otherwise, "ieee" for every other dtype (``args._dot_precision``)."""
+    return (precision or "tf32") if dtype == "fp32" else "ieee"
+
+
+def with_variant(values, variant):
+    """Launch values with the flags of kernel variant ``variant`` (``kernels.VARIANTS``):
+    OTHER_T also passes the transposed copies of q and r ([D, rows padded]), the other
+    side's row stride M (a multiple of PAD)."""
+    out = dict(values, **dict(variant.flags))
+    if variant.flag("OTHER_T"):
+        t = values["q"].dtype
+        out.update(q_t=_meta(t), r_t=_meta(t), s_qt=N, s_rt=M)
+    return out
+
+
 def _config_tuple(cfg, kind):
     kw = cfg.kwargs
     bm, bn = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "fwd" else (kw["BLOCK_OWN"], kw["BLOCK_OTHER"])
@@ -283,12 +300,14 @@ def variants(dtypes=("bf16", "fp16", "fp32"), metrics=("sqeuclidean", "dot"), cl
                     for cls in classes:
                         if not tk.fits(cfg, 4 if dtype == "fp32" else 2, D, cls and kind == "fwd"):
                             continue
-                        fn = tk.kernel_for(kind + ("_class" if cls else ""), SM90)
+                        chosen = tk.variant_for(kind + ("_class" if cls else ""), SM90,
+                                                launch_precision(dtype))
+                        fn = chosen.kernel
                         rms = (None,) if kind == "fwd" else (False, True) if cls else \
                             (False, True, "sym")
                         for rm in rms:
-                            vals = _fill_unknown(fn, _launch_values(kind, dtype, metric, cls, rm,
-                                                                    bm, bn))
+                            vals = _fill_unknown(fn, with_variant(_launch_values(
+                                kind, dtype, metric, cls, rm, bm, bn), chosen))
                             side = {None: "", False: "_dq", True: "_dr", "sym": "_sym"}[rm]
                             name = (f"{kind}{side}"
                                     f"_{dtype}_{metric}{'_class' if cls else ''}"
@@ -309,27 +328,42 @@ TABLE_D_BWD = {"128": 128, "chunked": 192}
 TABLE_DTYPE = {"16": "bf16", "32": "fp32", "32ieee": "fp32", "64": "fp64"}
 
 
+def table_variant(arch):
+    """The kernel variant (``kernels.VARIANTS``) whose config entries carry ``arch``: the
+    generic kernel for "sm90", else the variant that names ``arch`` as its configs."""
+    from nbkernels.backends.triton import kernels as tk
+    if arch == "sm90":
+        return None
+    return next(v for v in tk.VARIANTS if v.configs == arch)
+
+
 def table_variants(metric="sqeuclidean"):
     """One compiled variant per flavour of every sm_90 entry of the launchers' config table
     (``nbkernels/backends/triton/configs.py``): the lse forward, the class forward, the
-    dq / dr / symmetric backward, the class dq / dr backward, at a D in the entry's bucket."""
+    dq / dr / symmetric backward, the class dq / dr backward, at a D in the entry's bucket.
+    Entries of "sm90" compile the generic kernel, those of a variant's own key (e.g.
+    "sm90_tf32t") that variant, with its flags."""
     from nbkernels.backends.triton import configs as tc
     from nbkernels.backends.triton import kernels as tk
     out = []
     for (arch, kernel, dclass, bucket), ((bm, bn, w, s), _) in sorted(tc.TABLE.items()):
-        if arch != "sm90":
+        if not arch.startswith("sm90"):
             continue
+        variant = table_variant(arch)
         kind, cls = kernel[:3], kernel.endswith("class")
         d = (TABLE_D if kind == "fwd" else TABLE_D_BWD)[bucket]
         dtype = TABLE_DTYPE[dclass]
-        jit = tk.kernel_for(kernel, SM90)
+        jit = variant.kernel if variant else next(
+            v.kernel for v in tk.VARIANTS if v.kind == kernel and v.name == "generic")
         rms = (None,) if kind == "fwd" else (False, True) if cls else (False, True, "sym")
         for rm in rms:
-            vals = _fill_unknown(jit, _launch_values(kind, dtype, metric, cls, rm, bm, bn, d,
-                                                     "ieee" if dclass == "32ieee" else None))
+            vals = _launch_values(kind, dtype, metric, cls, rm, bm, bn, d,
+                                  "ieee" if dclass == "32ieee" else None)
+            vals = _fill_unknown(jit, with_variant(vals, variant) if variant else vals)
             side = {None: "", False: "_dq", True: "_dr", "sym": "_sym"}[rm]
+            tag = "" if arch == "sm90" else f"_{arch[len('sm90_'):]}"
             name = (f"table_{kind}{side}_{dclass}_{metric}{'_class' if cls else ''}_d{d}"
-                    f"_{bm}x{bn}w{w}s{s}")
+                    f"_{bm}x{bn}w{w}s{s}{tag}")
             out.append(Variant(name=name, kind=kind, dtype=dtype, metric=metric, cls=cls,
                                ref_major=rm, block_m=bm, block_n=bn, block_d=vals["BLOCK_D"],
                                num_warps=w, num_stages=s, config=f"{bm}x{bn} w{w} s{s}",

@@ -36,7 +36,10 @@ class Variant:
     or the name of a ``torch.ops.nbkernels`` op). capability: [lo, hi) compute
     capabilities. triton: [lo, hi) triton versions as (major, minor); ``None`` for a
     backend that does not use triton. configs: the architecture key of its tile configs
-    (``triton.configs.TABLE``); ``None``: the device's.
+    (``triton.configs.TABLE``); ``None``: the device's. precisions: the dot precisions of
+    fp32 inputs it serves ("tf32", "tf32x3", "ieee"; what a launch passes as
+    ``PRECISION``, "ieee" for every other dtype); ``None``: all. flags: the compile-time
+    flags a launch of it sets, as (name, value) pairs.
     """
     kind: str
     name: str
@@ -44,15 +47,25 @@ class Variant:
     capability: tuple = ANY
     triton: Optional[tuple] = None
     configs: Optional[str] = None
+    precisions: Optional[tuple] = None
+    flags: tuple = ()
 
-    def holds(self, capability, triton_version=None):
+    def holds(self, capability, triton_version=None, precision=None):
+        """Whether it serves a launch on ``capability`` with ``triton_version`` and dot
+        ``precision``; a version or precision of None is not checked."""
         lo, hi = self.capability
         if not lo <= tuple(capability) < hi:
+            return False
+        if not (self.precisions is None or precision is None or precision in self.precisions):
             return False
         if self.triton is None or triton_version is None:
             return True
         lo, hi = self.triton
         return lo <= tuple(triton_version) < hi
+
+    def flag(self, name, default=False):
+        """The value this variant sets for compile-time flag ``name``."""
+        return dict(self.flags).get(name, default)
 
 
 def capability(device):
@@ -80,20 +93,22 @@ def triton_version():
 _pinned = {}
 
 
-def choose(table, kind, capability, triton_version=None):
-    """The first variant of ``table`` for ``kind`` that holds for ``capability`` and
-    ``triton_version`` (a pinned one first: ``pinned``)."""
+def choose(table, kind, capability, triton_version=None, precision=None):
+    """The first variant of ``table`` for ``kind`` that holds for ``capability``,
+    ``triton_version`` and ``precision`` (a pinned one first: ``pinned``)."""
     name = _pinned.get((id(table), kind))
     for v in table:
-        if v.kind == kind and (v.name == name if name else v.holds(capability, triton_version)):
+        if v.kind == kind and (v.name == name if name else
+                               v.holds(capability, triton_version, precision)):
             return v
-    raise LookupError(f"no {kind!r} kernel for compute capability {capability} "
-                      f"and triton {triton_version} (and pinned {name!r})")
+    raise LookupError(f"no {kind!r} kernel for compute capability {capability}, "
+                      f"triton {triton_version} and precision {precision!r} "
+                      f"(and pinned {name!r})")
 
 
-def applicable(table, kind, capability, triton_version=None):
+def applicable(table, kind, capability, triton_version=None, precision=None):
     """Every variant of ``table`` for ``kind`` that holds: what tests run on a device."""
-    return [v for v in table if v.kind == kind and v.holds(capability, triton_version)]
+    return [v for v in table if v.kind == kind and v.holds(capability, triton_version, precision)]
 
 
 @contextlib.contextmanager

@@ -2,10 +2,14 @@
 ``nbkernels.backends.variants``): every variant that holds for this device passes the fp64
 oracle when pinned, and a toy variant registered through the seam is launched exactly where
 its capability range holds (the interpreter stands in for sm_90)."""
+import contextlib
+import types
+
 import pytest
 import torch
 
-from conformance import TOL, Launchers, check_lse, check_probs
+from conformance import (TOL, Launchers, check_lse, check_probs, oracle_lse, upstream_lse,
+                         upstream_probs)
 from nbkernels.backends import variants
 from nbkernels.backends.triton import kernels as tk
 
@@ -57,3 +61,118 @@ def test_toy_variant_is_selected_by_capability(tb, h, monkeypatch):
         monkeypatch.setattr(variants, "EMULATED_CAPABILITY", (8, 0))
         check_lse(launch, case, "sqeuclidean", 0, atol, rtol)
     assert on_sm90 >= 1 and toy.launches == on_sm90
+
+
+# --- the sm_90 TF32 backward that takes the other side from a transposed copy (OTHER_T)
+
+TRANSPOSED = "sm90_tf32_transposed"
+
+
+def _pinned_backward(name):
+    """Both backward kinds pinned to variant ``name``."""
+    stack = contextlib.ExitStack()
+    for kind in ("bwd", "bwd_class"):
+        stack.enter_context(variants.pinned(tk.VARIANTS, kind, name))
+    return stack
+
+
+def _batch(case):
+    """The batch loss's case: the references are the queries (``symmetric``)."""
+    return types.SimpleNamespace(**dict(vars(case), r=case.q, b=case.a))
+
+
+def _every_backward(tb, case, precision):
+    """The gradients of every backward kernel the variant serves: the cross lse (dq and dr
+    kernels), the batch lse (the symmetric kernel) and the class distribution (dq, dr)."""
+    launch = Launchers(tb, precision=precision)
+    g_all, g_pos = upstream_lse(case)
+    out = list(launch.lse(case, "sqeuclidean", None, g_all, g_pos)[2:])
+    out += [x for x in launch.lse(_batch(case), "sqeuclidean", 0, g_all, g_pos,
+                                  symmetric=True)[2:] if x is not None]
+    out += list(launch.probs(case, "dot", None, upstream_probs(case))[2:])
+    return out
+
+
+def _launched_other_t():
+    """{OTHER_T value of each backward variant launched since the last clear}."""
+    from nbkernels.backends.triton import configs as tc
+    return {dict(flags).get("OTHER_T", "False") for kind, _, _, flags in tc.LAUNCHED
+            if kind.startswith("bwd")}
+
+
+def test_transposed_backward_batch_matches_oracle(tb, h):
+    """The symmetric batch kernel with OTHER_T (the applicable-variant test above runs the
+    cross and class kernels) against the fp64 oracle, fp32 IEEE dots, across tile edges."""
+    atol, rtol = TOL[torch.float32]
+    for n in (21, 45):
+        case = _batch(h.make_case(n=n, m=n, d=7, c=4, dtype=torch.float32, scale=0.5,
+                                  temperature=0.4))
+        want, (g_all, g_pos) = oracle_lse(case, "sqeuclidean", 0, *upstream_lse(case))
+        with _pinned_backward(TRANSPOSED):
+            got = Launchers(tb, precision="ieee").lse(case, "sqeuclidean", 0, g_all, g_pos,
+                                                      symmetric=True)
+        assert got[3] is None
+        torch.testing.assert_close(got[2].double(), want[2] + want[3], atol=atol, rtol=rtol)
+        torch.testing.assert_close(got[4].double(), want[4], atol=atol, rtol=rtol)
+
+
+def test_tf32_backward_takes_the_transposed_variant(tb, h):
+    """On sm_90 (the interpreter stands in) fp32 inputs with TF32 dots launch the
+    transposed backward; IEEE dots and 16-bit inputs the generic one."""
+    from nbkernels.backends.triton import configs as tc
+    if h.device != "cpu":
+        cap = variants.capability(torch.device(h.device))
+        if TRANSPOSED not in [v.name for v in variants.applicable(tk.VARIANTS, "bwd", cap)]:
+            pytest.skip(f"no {TRANSPOSED} on compute capability {cap}")
+    for dtype, precision, want in ((torch.float32, "tf32", {"True"}),
+                                   (torch.float32, "tf32x3", {"True"}),
+                                   (torch.float32, "ieee", {"False"}),
+                                   (torch.float16, None, {"False"})):
+        tc.LAUNCHED.clear()
+        _every_backward(tb, h.make_case(n=19, m=17, d=6, c=3, dtype=dtype), precision)
+        assert _launched_other_t() == want, (dtype, precision)
+
+
+def test_transposed_tf32_backward_is_the_generic_arithmetic(tb, h):
+    """At TF32 (the interpreter cuts dot inputs to 10 bits as the GPU does) the transposed
+    backward gives the generic kernel's gradients bit for bit: the dx dot gets the same
+    values, from another copy. And both stay within TF32's error of the fp64 oracle."""
+    from nbkernels.backends.triton import configs as tc
+    case = h.make_case(n=37, m=29, d=19, c=5, dtype=torch.float32, scale=0.5, temperature=0.5)
+    # the same tiles for both (the variant has configs of its own)
+    same = tc.select("bwd", 4, 19, torch.device(h.device), "tf32")[0]
+    with tk.fixed_configs(None, same), _pinned_backward("generic"):
+        generic = _every_backward(tb, case, "tf32")
+    with tk.fixed_configs(None, same), _pinned_backward(TRANSPOSED):
+        transposed = _every_backward(tb, case, "tf32")
+    assert len(generic) == len(transposed) == 8
+    for x, y in zip(transposed, generic):
+        assert torch.equal(x, y)
+    g_all, g_pos = upstream_lse(case)
+    want, _ = oracle_lse(case, "sqeuclidean", None, g_all, g_pos)
+    for x, y in zip(transposed[:3], want[2:]):
+        torch.testing.assert_close(x.double(), y, atol=5e-2, rtol=2e-2)
+
+
+if tk.SIZES == "gpu":
+    # every GPU backward config (the GPU, or the interpreter with NBK_TRITON_SIZES=gpu): two
+    # 128-row tiles, D resident (128) and in chunks with two dx slices (130)
+    _N, _M = (300, 293) if torch.cuda.is_available() else (150, 143)
+
+    @pytest.mark.parametrize("d", [128, 130])
+    @pytest.mark.parametrize("i", range(len(tk.GPU_BWD_CONFIGS)))
+    def test_transposed_backward_in_every_gpu_config(tb, h, i, d):
+        """The transposed backward in GPU config i: bit for bit the generic kernel's at TF32,
+        and with IEEE dots within fp32 tolerance of the fp64 oracle (cross lse, class)."""
+        cfg = tk.GPU_BWD_CONFIGS[i]
+        case = h.make_case(n=_N, m=_M, d=d, c=7, dtype=torch.float32, scale=0.25,
+                           temperature=0.7)
+        with tk.fixed_configs(None, cfg), _pinned_backward("generic"):
+            generic = _every_backward(tb, case, "tf32")
+        with tk.fixed_configs(None, cfg), _pinned_backward(TRANSPOSED):
+            transposed = _every_backward(tb, case, "tf32")
+            atol, rtol = TOL[torch.float32]
+            check_lse(Launchers(tb, precision="ieee"), case, "sqeuclidean", None, atol, rtol)
+            check_probs(Launchers(tb, precision="ieee"), case, "dot", None, atol, rtol)
+        for x, y in zip(transposed, generic):
+            assert torch.equal(x, y)

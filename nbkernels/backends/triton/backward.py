@@ -9,7 +9,7 @@ from nbkernels.backends.infinity import finite_rows, silent_rows
 
 from . import kernels as tk
 from . import rows as tr
-from .args import _common, _feature_blocks, _on_device, _resident_limit
+from .args import _common, _dot_precision, _feature_blocks, _on_device, _resident_limit
 
 
 def _ds_scales(gmax):
@@ -81,6 +81,16 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
         q_col = r_col  # one set of rows: references at infinity have weight 0 both ways
     kind = "bwd_class" if passes[0][0][3] is not None else "bwd"
     resident, _, block_dx = _feature_blocks(d, _resident_limit(kind, q, precision))
+    chosen = tk.choose(kind, q.device, _dot_precision(q.dtype, precision))
+    # OTHER_T (kernels.VARIANTS): the other side's transposed copy, made once per side
+    copies = {}
+
+    def other_t(x):
+        if not chosen.flag("OTHER_T"):
+            return None, 0
+        if id(x) not in copies:
+            copies[id(x)] = tr.transposed(x)
+        return copies[id(x)], copies[id(x)].stride(0)
     # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
     row_scale, top_scale = _ds_scales(gmax) if gmax is not None else (None, None)
     common = dict(q_labels=labels[0], r_labels=labels[1], r_col=r_col, q_col=q_col,
@@ -106,13 +116,17 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
         dt_part = torch.empty(n_own, dtype=acc, device=q.device) if need_dt else None
         n_dx = max(1, triton.cdiv(d, block_dx)) if need_dx and not resident else 1
         grid = (lambda meta, n_own=n_own, n_dx=n_dx: (triton.cdiv(n_own, meta["BLOCK_OWN"]), n_dx))
+        # the other side: q for dr, r for dq and the symmetric kernel (where r is q)
+        y_t, s_yt = other_t(q if mode == "dr" else r)
+        sides = dict(q_t=y_t, r_t=None, s_qt=s_yt, s_rt=0) if mode == "dr" else \
+            dict(q_t=None, r_t=y_t, s_qt=0, s_rt=s_yt)
         for fixup, ((shift, w_neg, w_pos, g_cls), flags) in enumerate(passes):
             shift, w_neg, w_pos, g_cls = _scaled((shift, w_neg, w_pos, g_cls), scale)
             shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
             with _on_device(q):
                 tk.launch(
-                    kind, grid, tune=not fixup,
+                    kind, grid, tune=not fixup, chosen=chosen, **sides,
                     row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
                     s_gn=0 if g_cls is None else g_cls.stride(0),
                     s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,

@@ -79,19 +79,21 @@ GPU_BWD_CONFIGS = [
 ]
 
 
-def fits(config, elem, block_d, cls=False):
+def fits(config, elem, block_d, cls=False, block_t=0):
     """Whether a config suits the kernel: its tiles (the own tile plus ``num_stages``
-    other tiles of [rows, block_d] elements of ``elem`` bytes) fit in 200 KB of sm_90's
-    227 KB of shared memory (fp32 at 128 x 128 with 3 stages does not), and, for the
-    class forward (``cls``), its [BM, BN] tile is at most 128 x 64: beside the
-    [BM, BLOCK_C] class mass a 128 x 128 tile spills (456 B in the compiled SASS) and is
-    predicted no faster."""
+    other tiles of [rows, block_d] elements of ``elem`` bytes, and with the backward's
+    OTHER_T as many transposed tiles of [block_t, rows]) fit in 200 KB of sm_90's 227 KB
+    of shared memory (fp32 at 128 x 128 with 3 stages does not), and, for the class
+    forward (``cls``), its [BM, BN] tile is at most 128 x 64: beside the [BM, BLOCK_C]
+    class mass a 128 x 128 tile spills (456 B in the compiled SASS) and is predicted no
+    faster."""
     kw = config.kwargs
     own = kw.get("BLOCK_M", kw.get("BLOCK_OWN"))
     other = kw.get("BLOCK_N", kw.get("BLOCK_OTHER"))
     if cls and own * other > 128 * 64:
         return False
-    return (own + max(config.num_stages, 1) * other) * block_d * elem <= 200 * 1024
+    stages = max(config.num_stages, 1)
+    return (own * block_d + stages * other * (block_d + block_t)) * elem <= 200 * 1024
 
 
 def _prune(configs, named_args, **kwargs):
@@ -100,7 +102,8 @@ def _prune(configs, named_args, **kwargs):
     q = args.get("q")
     elem = q.element_size() if hasattr(q, "element_size") else 2
     cls = bool(args.get("CLASS")) and "BLOCK_M" in configs[0].kwargs  # the class forward
-    keep = [c for c in configs if fits(c, elem, args.get("BLOCK_D", 64), cls)]
+    block_t = args.get("BLOCK_DX", 0) if args.get("OTHER_T") else 0
+    keep = [c for c in configs if fits(c, elem, args.get("BLOCK_D", 64), cls, block_t)]
     return keep or configs[-1:]
 
 
@@ -115,7 +118,7 @@ PRUNE = {"early_config_prune": _prune}
 FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS",
            "PRECISION", "BLOCK_C"]
 BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "REF_MAJOR",
-           "SYMMETRIC", "FIXUP", "NEED_DX", "NEED_DT", "PRECISION"]
+           "SYMMETRIC", "FIXUP", "NEED_DX", "NEED_DT", "PRECISION", "OTHER_T"]
 # Integers that vary per call and gain nothing from specialization (== 1, % 16): one
 # compiled kernel for every size. Strides and D stay specialized.
 FWD_NO_SPECIALIZE = ["N", "M", "offset", "N_KEY", "M_KEY", "D_KEY"]

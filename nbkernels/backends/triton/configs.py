@@ -16,6 +16,10 @@ not specialised), instead of compiling and timing every autotune config of every
   backward, none for the lse kernels with fp32 IEEE dots, where D is looped in chunks of
   64).
 
+A kernel variant with configs of its own (``kernels.VARIANTS``: its ``configs``) has
+entries under that key in place of the architecture: "sm90_tf32t", the sm_90 TF32
+backward, chosen by the latency model (``bench/sass/tf32_backward.py``).
+
 Only Hopper (sm_90) has entries, chosen from the SASS model by ``bench/sass/table.py``
 (``bench/results/config_table_sm90.json``; predicted, not measured, until a GPU run times
 them): for each entry, every GPU config whose tiles fit sm_90's shared memory is compiled
@@ -46,6 +50,9 @@ LEAST = ("SASS model: every GPU config that fits spills here; the least stack "
          "(bench/sass/table.py)")
 IEEE = ("SASS model, fp32 IEEE dots (FMA loops): best predicted of the configs with no spill "
         "(bench/sass/table.py)")
+
+TF32T = ("latency model: the fastest predicted GPU config of the transposed TF32 backward with "
+         "no flavour spilling (bench/sass/tf32_backward.py, bench/results/tf32_backward_sm90.json)")
 
 TABLE = {
     # --- lse forward
@@ -89,6 +96,12 @@ TABLE = {
     ("sm90", "bwd_class", "32ieee", "chunked"): ((128, 32, 8, 2), LEAST),
     ("sm90", "bwd_class", "64", "128"): ((32, 32, 4, 2), LEAST),
     ("sm90", "bwd_class", "64", "chunked"): ((32, 32, 4, 2), LEAST),
+    # --- the sm_90 TF32 backward that reads the other side transposed (kernels.VARIANTS,
+    # "sm90_tf32_transposed"; its tiles count twice in shared memory, ``fits``)
+    ("sm90_tf32t", "bwd", "32", "128"): ((128, 32, 8, 2), TF32T),
+    ("sm90_tf32t", "bwd", "32", "chunked"): ((128, 32, 8, 2), TF32T),
+    ("sm90_tf32t", "bwd_class", "32", "128"): ((128, 32, 8, 2), TF32T),
+    ("sm90_tf32t", "bwd_class", "32", "chunked"): ((128, 32, 8, 2), TF32T),
 }
 # What the compiled entries may do that the rest may not (checked by tests/test_sass.py):
 # stack bytes of the entries where every config spills (fp64 backward: the fp64 dx

@@ -21,14 +21,15 @@ def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
 
 
 @triton.jit
-def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col, row_shift,
+def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, s_yk, y_labels, y_col,
+              row_shift,
               w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
               m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID: tl.constexpr,
               CLASS: tl.constexpr, REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr,
               FIXUP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
               RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DX: tl.constexpr, i_t, DIAG: tl.constexpr):
+              BLOCK_DX: tl.constexpr, OTHER_T: tl.constexpr, i_t, DIAG: tl.constexpr):
     """One other-side tile [i_t, i_t + BOTHER) of ``neighbor_bwd_kernel``: the dx
     accumulator, the row sums of ds and the dT partial sums, updated. DIAG: the tile meets
     the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*, b_fl) come
@@ -109,7 +110,13 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_label
         if SYMMETRIC:
             b_ds = b_ds + b_dsj
         if NEED_DX:
-            if not RESIDENT:
+            if OTHER_T:
+                # [BOTHER, BDX] from the launcher's transposed copy [D, n_other padded with
+                # zeros to PAD]: the other rows contiguous (K-major for the TF32 dot), and
+                # no mask along them, so that the load vectorises
+                b_yt = tl.trans(tl.load(y_tt + i_t + o_t[None, :] + o_dx[:, None] * s_ytt,
+                                        mask=m_dx[:, None], other=0))
+            elif not RESIDENT:
                 # [BOTHER, BDX]
                 b_yt = tl.load(y_t + o_t[:, None] * s_y + o_dx[None, :] * s_yk,
                                mask=m_t[:, None] & m_dx[None, :], other=0)
@@ -122,16 +129,18 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_label
 
 
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
-def neighbor_bwd_kernel(q, r, q_labels, r_labels, scale, r_col, q_col, row_shift,
+def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col, row_shift,
                         w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part,
-                        N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_gn, s_gc, s_xn, s_xd,
+                        N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_qt, s_rt, s_gn, s_gc, s_xn,
+                        s_xd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
                         REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
                         NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, SCALE_DS: tl.constexpr,
                         RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr,
+                        OTHER_T: tl.constexpr = False):
     """dq (REF_MAJOR=False), dr (REF_MAJOR=True) or, SYMMETRIC, the whole batch gradient.
 
     A program owns BLOCK_OWN rows of x (q, or r) and the feature slice BLOCK_DX of dx
@@ -169,6 +178,11 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, scale, r_col, q_col, row_shift
 
     "dot": dx = c sum ds y, c = 1/T; "sqeuclidean": dx = c (sum ds y - x sum ds), c = 2/T
     (``scale``, the launcher's, as in the forward).
+    OTHER_T (the "sm90_tf32_transposed" variant, ``kernels.VARIANTS``): the dx dot takes
+    the other side's tile from ``q_t`` / ``r_t``, the launcher's [D, rows padded to PAD]
+    copy of q / r (row stride ``s_qt`` / ``s_rt``, zeros in the padding), K-major for
+    a TF32 warpgroup MMA; the same values as the generic load, so the same arithmetic.
+
     dt_part[own] = sum_other ds * logit (own as the query, or as the reference when
     REF_MAJOR), written by the slice-0 programs only. SCALE_DS: the weights carry the
     powers of two of ``ds_scale``: per own row (dq), or one (1,) for dr / SYMMETRIC.
@@ -183,10 +197,12 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, scale, r_col, q_col, row_shift
         n_own, n_other = M, N
         x, s_x, s_xk, x_labels, x_col = r, s_rm, s_rd, r_labels, r_col
         y, s_y, s_yk, y_labels, y_col = q, s_qn, s_qd, q_labels, q_col
+        y_tt, s_ytt = q_t, s_qt
     else:
         n_own, n_other = N, M
         x, s_x, s_xk, x_labels, x_col = q, s_qn, s_qd, q_labels, q_col
         y, s_y, s_yk, y_labels, y_col = r, s_rm, s_rd, r_labels, r_col
+        y_tt, s_ytt = r_t, s_rt
     m_own = o_own < n_own
     b_x = tl.zeros([BLOCK_OWN, BLOCK_D], dtype=x.dtype.element_ty)
     if RESIDENT:
@@ -227,20 +243,21 @@ def neighbor_bwd_kernel(q, r, q_labels, r_labels, scale, r_col, q_col, row_shift
     for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
         if t_lo + k < t_hi:
             b_acc, b_sum, b_dt = _bwd_tile(
-                b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col,
-                row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
+                b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, s_yk, y_labels,
+                y_col, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
                 b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR,
                 SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN,
-                BLOCK_OTHER, BLOCK_D, BLOCK_DX, i_t=(t_lo + k) * BLOCK_OTHER, DIAG=True)
+                BLOCK_OTHER, BLOCK_D, BLOCK_DX, OTHER_T, i_t=(t_lo + k) * BLOCK_OTHER, DIAG=True)
     n_diag = t_hi - t_lo
     for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
         i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
         b_acc, b_sum, b_dt = _bwd_tile(
-            b_acc, b_sum, b_dt, i_o0, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col, row_shift,
+            b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, s_yk, y_labels, y_col,
+            row_shift,
             w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
             m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC,
             FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D,
-            BLOCK_DX, i_t=i_t, DIAG=False)
+            BLOCK_DX, OTHER_T, i_t=i_t, DIAG=False)
     if SCALE_DS:
         if REF_MAJOR or SYMMETRIC:
             b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)

@@ -75,29 +75,55 @@ from .kernel_fwd import neighbor_fwd_kernel
 # the compile-time flags of each kernel: with the dtype and D, a kernel variant
 _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", "SYMMETRIC",
           "FIXUP", "NEED_DX", "NEED_DT", "SCALE_DS", "RESIDENT", "PRECISION",
-          "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX")
+          "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX", "OTHER_T")
 
 
 # The kernel variants, in order of preference (``nbkernels.backends.variants``): an
 # architecture-specific kernel is one entry in front of the generic one of its kind.
+#
+# "sm90_tf32_transposed", the backward of fp32 inputs with TF32 dots on sm_90: Hopper's
+# warpgroup MMA takes 32-bit operands from shared memory only K-major, and the dx dot's
+# K is the other side's rows, which are not contiguous in x. The generic kernel then
+# loads each other-side tile through registers (a synchronous load, not cp.async) and
+# stores it a second time, transposed, element by element, behind an extra barrier
+# (compiled SASS, triton 3.9: 8 LDG.128, 8 STS.128, 32 STS and 4 BAR.SYNC per tile,
+# where the 16-bit kernels pipeline their tiles with cp.async). With OTHER_T the launcher
+# passes a transposed copy of the other side, [D, rows padded to PAD], and the dx dot
+# takes its tile from there: both tiles are pipelined by 16-byte cp.async, with no
+# shared-memory store and one barrier less (the latency model, bench/sass/latency.py:
+# 12-18% fewer cycles per tile; predicted, not measured). The cost: one transposed copy
+# of q or r (D x M fp32) per backward, and twice the other side's tile in shared memory
+# (``fits``). The arithmetic is the generic kernel's, element for element.
 VARIANTS = [
     variants.Variant("fwd", "generic", neighbor_fwd_kernel),
     variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
+    variants.Variant("bwd", "sm90_tf32_transposed", neighbor_bwd_kernel,
+                     capability=((9, 0), (10, 0)), configs="sm90_tf32t",
+                     precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),)),
     variants.Variant("bwd", "generic", neighbor_bwd_kernel),
+    variants.Variant("bwd_class", "sm90_tf32_transposed", neighbor_bwd_kernel,
+                     capability=((9, 0), (10, 0)), configs="sm90_tf32t",
+                     precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),)),
     variants.Variant("bwd_class", "generic", neighbor_bwd_kernel),
 ]
 TRITON_VERSION = variants.triton_version()
 
 
-def choose(kind, device):
-    """The variant a launch of ``kind`` on ``device`` runs."""
-    return variants.choose(VARIANTS, kind, variants.capability(device), TRITON_VERSION)
+def choose(kind, device, precision=None):
+    """The variant a launch of ``kind`` on ``device`` with dot ``precision`` runs."""
+    return variants.choose(VARIANTS, kind, variants.capability(device), TRITON_VERSION,
+                           precision)
 
 
-def kernel_for(kind, capability):
-    """The ``triton.jit`` function a device of ``capability`` launches for ``kind`` (the
-    SASS build and the first-call prediction compile what sm_90 runs)."""
-    return variants.choose(VARIANTS, kind, capability, TRITON_VERSION).kernel
+def variant_for(kind, capability, precision=None):
+    """The variant a device of ``capability`` launches for ``kind`` at dot ``precision``
+    (the SASS build and the first-call prediction compile what sm_90 runs)."""
+    return variants.choose(VARIANTS, kind, capability, TRITON_VERSION, precision)
+
+
+def kernel_for(kind, capability, precision=None):
+    """The ``triton.jit`` function of ``variant_for``."""
+    return variant_for(kind, capability, precision).kernel
 
 
 @functools.cache
@@ -114,13 +140,16 @@ def variant(kind, args):
             tuple((k, str(args[k])) for k in _FLAGS if k in args))
 
 
-def launch(kind, grid, *, tune=True, **args):
+def launch(kind, grid, *, tune=True, chosen=None, **args):
     """Launch the forward (kind "fwd", "fwd_class") or backward ("bwd", "bwd_class")
-    kernel that ``choose`` picks with the config of ``configs.select``: ``grid(meta)`` gets the
-    arguments and the config's block sizes. With NBK_TRITON_AUTOTUNE=1, launches with
-    ``tune`` (the main passes; not the exact / fix-up passes, which would only repeat
-    their main pass's choice) go through the autotuner instead."""
-    chosen = choose(kind, args["q"].device)
+    kernel variant ``chosen`` (default: what ``choose`` picks), with its flags and the
+    config of ``configs.select``: ``grid(meta)`` gets the arguments and the config's block
+    sizes. With NBK_TRITON_AUTOTUNE=1, launches with ``tune`` (the main passes; not the
+    exact / fix-up passes, which would only repeat their main pass's choice) go through
+    the autotuner instead."""
+    if chosen is None:
+        chosen = choose(kind, args["q"].device, args.get("PRECISION"))
+    args = {**args, **dict(chosen.flags)}
     if AUTOTUNE and tune and not configs.overridden(kind):
         return _autotuned(chosen.kernel, kind.startswith("fwd"))[grid](**args)
     cfg, _ = configs.select(kind, args["q"].element_size(), args["D"], args["q"].device,

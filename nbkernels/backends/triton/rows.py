@@ -47,6 +47,16 @@ def padded(x, value):
     return torch.cat([x, x.new_full((extra,), value)]) if extra else x
 
 
+def transposed(x):
+    """x (L, D) as a [D, L padded to a multiple of PAD] copy, zeros in the padding: the
+    other side of the backward's OTHER_T variant, whose tiles then load unmasked along
+    the rows (which the padded column terms weigh at 0) and vectorise."""
+    n, d = x.shape
+    out = x.new_zeros(d, n + (-n % tk.PAD))
+    out[:, :n] = x.t()
+    return out
+
+
 def packed(labels, col):
     """One int64 per row: the bits of the fp32 column term high, the int32 label low (both
     padded alike), for the lse forward's one load per reference."""
