@@ -33,7 +33,8 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
     packed = acc == torch.float32
     state = None if trace is None else torch.empty(3, n, dtype=acc, device=q.device)
     args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
-                r_pack=tr.packed(b, r_col) if packed else None, perm=None, tile_ptr=None,
+                r_pack=tr.packed(b, r_col) if packed else None, perm=None, self_pos=None,
+                tile_ptr=None,
                 lse_all=lse_all, lse_pos=lse_pos, has_pos=has_pos, redo=redo, mass=None,
                 tile_max=None, tile_sum=None, row_state=state, CLASS=False,
                 MASS_PRECISION="ieee", BLOCK_C=16,
@@ -97,7 +98,8 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
             tk.launch(
                 "fwd_class", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles),
                 q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
-                PACKED=False, perm=perm if has_offset else None, tile_ptr=tile_ptr,
+                PACKED=False, perm=None, self_pos=_self_positions(perm, n, offset)
+                if has_offset else None, tile_ptr=tile_ptr,
                 lse_all=None, lse_pos=None, has_pos=None, redo=None, row_state=None, mass=mass,
                 tile_max=tile_max, tile_sum=tile_sum, CLASS=True, POS_PASS=False,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; a hi + lo split of p in two TF32 dots
@@ -112,6 +114,17 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     mass.view(n, n_tiles, block_c).mul_(scale[:, :, None])
     # contiguous: the fake returns a plain (N, C) tensor
     return undefined_rows(mass[:, :c].contiguous(), q_far), undefined_rows(lse_all, q_far)
+
+
+def _self_positions(perm, n, offset):
+    """(N,) int32: where query i's excluded reference i + offset sits among the references
+    in label order (``perm``: their original indices), -1 where it is not a reference."""
+    m = perm.shape[0]
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(m, device=perm.device, dtype=perm.dtype)
+    j = torch.arange(n, device=perm.device, dtype=torch.int64) + offset
+    inside = (j >= 0) & (j < m)
+    return torch.where(inside, inv[j.clamp(0, max(m - 1, 0))] if m else j, -1).to(torch.int32)
 
 
 def _class_tiles(c, m):

@@ -81,7 +81,7 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
 
 
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
-def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, tile_ptr,
+def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, self_pos, tile_ptr,
                         lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum, row_state,
                         N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
@@ -113,7 +113,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
     POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31; fp64: 2^-1022 and 2^-960.
 
     CLASS=True reads the references in label order (the launcher sorts r, r_col and
-    r_labels; perm holds their original indices, for the self-pair mask; tile_ptr: the
+    r_labels; ``self_pos`` (N,) int32: the position in that order of each query's
+    excluded reference, -1 for none, for the self-pair mask; tile_ptr: the
     references of class tile c are rows tile_ptr[c]:tile_ptr[c+1]) and writes mass
     (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
     relative to tile_max, plus tile_max (a logit: the tile's running max) and tile_sum
@@ -141,6 +142,9 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
         lo = tl.load(tile_ptr + i_c)
         hi = tl.load(tile_ptr + i_c + 1)
         b_y = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+        if HAS_OFFSET:
+            # [BM] the position in label order of each row's excluded reference (-1: none)
+            b_self = tl.load(self_pos + o_m, mask=m_m, other=-1).to(tl.int64)
     else:
         lo = 0
         hi = M
@@ -153,24 +157,51 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, ti
             # no flagged row in this block: no reference tile at all
             hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
     if CLASS:
+        # the logit dot is an MMA (16-bit inputs, or fp32 with TF32 dots): p comes in a
+        # tensor-core accumulator's layout. There the masks and the one-hot compare in
+        # int32 and p's columns are permuted (below); with FMA logit dots (fp32 IEEE,
+        # fp64) the same changes make ptxas spill (compiled SASS, triton 3.9), so not
+        MMA_P: tl.constexpr = (q.dtype.element_ty != tl.float32 or PRECISION != "ieee") and \
+            q.dtype.element_ty != tl.float64
         for i_n in range(lo, hi, BLOCK_N):
             # r, r_col and r_labels arrive in label order: tile-local offsets, no gather
             o_n = tl.arange(0, BLOCK_N)
-            m_n = o_n < hi - i_n
+            # the references left in this class tile
+            n_left = hi - i_n
+            if MMA_P:
+                n_left = n_left.to(tl.int32)
+            m_n = o_n < n_left
             b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r + i_n * s_rm, o_x=o_m, m_x=m_m, o_y=o_n, m_y=m_n,
                                 D=D, s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT,
                                 ACC=ACC, PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N,
                                 BLOCK_D=BLOCK_D)
             b_s = tl.fma(b_qr, b_c, _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :])
             if HAS_OFFSET:
-                # [BN] original index of the references: the diagonal can be anywhere
-                o_r = tl.load(perm + i_n + o_n, mask=m_n, other=-1)
-                b_s = tl.where(o_r[None, :] == o_m[:, None] + offset, float("-inf"), b_s)
+                # each row's self pair as a column of this tile (int32, |.| < M): one
+                # 32-bit compare per pair, and per-row work only (the diagonal can be
+                # anywhere in label order)
+                b_sc = (b_self - i_n).to(tl.int32)
+                b_s = tl.where(b_sc[:, None] == o_n[None, :], float("-inf"), b_s)
             b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
-            # [BN] sorted labels (-1: in no class)
-            b_b = tl.load(r_labels + i_n + o_n, mask=m_n, other=-1)
+            o_k = o_n
+            if MASS_PRECISION == "tf32x2" and MMA_P:
+                # the mass dot takes p as its register operand: in TF32 a thread holds the
+                # columns {t, t + 4} of each 8-wide k block, where the logit dot's
+                # accumulator gave it {2t, 2t + 1}. Permuting p's columns so (and the
+                # one-hot's rows alike: the same products) makes that a relabelling
+                # instead of a shuffle per element (compiled SASS, triton 3.9, bf16
+                # 128 x 64: 64 SHFL.IDX and 94 SEL per thread and tile gone)
+                o_k = (o_n // 8) * 8 + (o_n % 4) * 2 + (o_n % 8) // 4
+                b_p = tl.reshape(tl.permute(tl.reshape(b_p, [BLOCK_M, BLOCK_N // 8, 4, 2]),
+                                            (0, 1, 3, 2)), [BLOCK_M, BLOCK_N])
+            # [BN] sorted labels (-1: in no class), in the order of p's columns
+            b_b = tl.load(r_labels + i_n + o_k, mask=o_k < n_left, other=-1)
             # [BN, BC] one-hot; mass_ic = sum_{b_j=c} of the pair's _exp, rescaled like b_l
-            b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
+            if MMA_P:
+                b_hot = ((b_b - (i_c * BLOCK_C).to(tl.int32))[:, None]
+                         == tl.arange(0, BLOCK_C)[None, :]).to(ACC)
+            else:
+                b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
             b_y = b_y * b_alpha[:, None]
             if MASS_PRECISION == "tf32x2":
                 # p = hi + lo, hi truncated to TF32's 10 mantissa bits and lo the exact rest:
