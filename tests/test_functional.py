@@ -215,10 +215,11 @@ def test_triton_interpreter_numpy_mismatch_is_named(monkeypatch, triton_version,
 def test_class_tile_is_narrow_only_where_references_fill_it():
     pytest.importorskip("triton")
     from nbkernels.backends.triton import kernels as tk
-    wide, narrow = tk.MAX_BLOCK_C, tk.NARROW_BLOCK_C
-    assert narrow < wide
-    # a bank of many references per class: the narrow tile
-    assert tk.class_block_cap(100, 65536) == tk.class_block_cap(100, 1000) == narrow
+    wide, narrow, narrowest = tk.MAX_BLOCK_C, tk.NARROW_BLOCK_C, tk.NARROWEST_BLOCK_C
+    assert narrowest <= narrow < wide
+    # a bank of many references per class: the narrowest tile from 20 per class on
+    assert tk.class_block_cap(100, 65536) == tk.class_block_cap(100, 2000) == narrowest
+    assert tk.class_block_cap(100, 1999) == tk.class_block_cap(100, 1000) == narrow
     # prototypes or proxies (a few references per class): the wide one
     assert tk.class_block_cap(100, 100) == tk.class_block_cap(100, 999) == wide
 

@@ -8,7 +8,7 @@ inputs (the problem of bench/README's GPU targets):
 
 * forward without class output = ``lse_forward`` of ``nca_loss`` (the batch against itself,
   self excluded: HAS_OFFSET, offset 0); with class output = ``probs_forward`` of
-  ``soft_knn_predict`` (a bank, no offset), BLOCK_C = 32 (``class_block_cap``: M >= 10 C),
+  ``soft_knn_predict`` (a bank, no offset), BLOCK_C = 16 (``class_block_cap``: M >= 20 C),
   MASS_PRECISION = "tf32x2";
 * backward: the dq kernel (REF_MAJOR=False) and the dr kernel (REF_MAJOR=True) of a loss
   with a float temperature (NEED_DX, not NEED_DT); fp16 scales ds (SCALE_DS, ``ds_scale``);

@@ -46,21 +46,27 @@ def resident_limit(kind, element_size, precision=None):
     return MAX_RESIDENT_D_BWD if kind.startswith("bwd") else MAX_RESIDENT_D
 
 
-# Class tile width of the class-distribution forward (one-hot dot of [BN, BC]): at most 32
+# Class tile width of the class-distribution forward (one-hot dot of [BN, BC]): 16 or 32
 # while the references fill the class tiles (``class_block_cap``), else 64.
 MAX_BLOCK_C = 16 if SMALL else 64
 NARROW_BLOCK_C = 16 if SMALL else 32
+NARROWEST_BLOCK_C = 16
 
 
 def class_block_cap(c, m):
     """The widest class tile for C classes over M references.
 
     A class tile's references end in a part-filled reference tile, which wastes about
-    C BLOCK_N / (2 BLOCK_C M) of the pairs. The narrow tile halves the [BM, BC] mass and
-    the one-hot beside the logit tile (predicted from compiled SASS, triton 3.9, bf16
-    128 x 64: 27.8 -> 23.3 instructions per pair; triton 3.6: 42.2 -> 27.7), and is
-    taken where that waste stays small, M >= 10 C; prototypes (M ~ C) keep 64.
+    C BLOCK_N / (2 BLOCK_C M) of the pairs. A narrower tile shrinks the [BM, BC] mass and
+    the one-hot beside the logit tile, and the mass dot's tensor time with them: 64 -> 32
+    cut 27.8 -> 23.3 instructions per pair (predicted from compiled SASS, triton 3.9,
+    bf16 128 x 64; triton 3.6: 42.2 -> 27.7), 32 -> 16 a further 14% of the cycles per
+    tile in the latency model (bf16, self excluded: 3293 -> 2821). Each is taken where
+    the waste stays at 10% or less: 16 for M >= 20 C, 32 for M >= 10 C; prototypes
+    (M ~ C) keep 64.
     """
+    if 20 * c <= m:
+        return NARROWEST_BLOCK_C
     return NARROW_BLOCK_C if 10 * c <= m else MAX_BLOCK_C
 # Streamed per-row vectors are padded to a multiple of this (>= every BLOCK_N / OTHER).
 PAD = 128

@@ -68,7 +68,8 @@ from . import configs
 from .kernel_bwd import neighbor_bwd_kernel
 from .common import (  # noqa: F401 (the launchers' and tests' names)
     INTERPRET, SIZES, SMALL, AUTOTUNE, PAD, POS_LOG2_LIMIT, MAX_BLOCK_D, MAX_BLOCK_DX,
-    MAX_RESIDENT_D, MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C, class_block_cap,
+    MAX_RESIDENT_D, MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C, NARROWEST_BLOCK_C,
+    class_block_cap,
     GPU_FWD_CONFIGS, GPU_BWD_CONFIGS, FWD_KEY, BWD_KEY, PRUNE, fits, resident_limit)
 from .kernel_fwd import neighbor_fwd_kernel
 
