@@ -192,7 +192,7 @@ class Run:
         info = dict(fwd_config=fwd_cfg, bwd_config=bwd_cfg, predicted_s=predicted_s)
         if backward:
             precision = tb._default_precision() if dtype == torch.float32 else "ieee"
-            info["bwd_variant"] = bwd_variant or tk.choose("bwd", self.device, precision).name
+            info["bwd_precision"] = precision
         if dtype != torch.float32 and (fwd_cfg or bwd_cfg):
             # the latency model's prediction of what this row times: the forward, or the
             # forward and the batch backward
@@ -202,11 +202,16 @@ class Run:
 
         def run():
             reason = unavailable and unavailable(self.device)
+            if not reason and bwd_variant and backward:
+                reason = _variant_unavailable(bwd_variant, self.device, info["bwd_precision"])
             if reason:
                 return reason
+            tc.LAUNCHED.clear()
             with tk.fixed_configs(fwd, bwd), _pinned_backward(bwd_variant):
                 err = self.check(call, dtype, backward)
                 info["check_rel_err"] = err
+                if backward:   # what ran, from the launchers' own bookkeeping
+                    info["bwd_variant"] = _launched_backward()
                 if not err <= CHECK_TOL[dtype]:
                     return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
                 x, y = self.inputs(n, dtype)
@@ -252,6 +257,25 @@ class Run:
             go()
             return self.time(go)
         return self.record("anchor-fa2", "fwd", self.half, 4 * n * n * d, need_s=15, run=run)
+
+
+def _variant_unavailable(name, device, precision):
+    """Why backward variant ``name`` does not hold on ``device`` (None if it does)."""
+    from nbkernels.backends import variants
+    from nbkernels.backends.triton import kernels as tk
+    cap = variants.capability(device)
+    if name in [v.name for v in variants.applicable(tk.VARIANTS, "bwd", cap, tk.TRITON_VERSION,
+                                                    precision)]:
+        return None
+    return f"backward variant {name!r} does not hold for capability {cap}, precision {precision}"
+
+
+def _launched_backward():
+    """The backward variants the launchers ran since LAUNCHED was cleared, by their flag."""
+    from nbkernels.backends.triton import configs as tc
+    flags = {dict(key[3]).get("OTHER_T", "False") for key in tc.LAUNCHED
+             if key[0].startswith("bwd")}
+    return "+".join(sorted("sm90_tf32_transposed" if f == "True" else "generic" for f in flags))
 
 
 def _pinned_backward(name):
@@ -339,8 +363,9 @@ def main(argv=None):
     if not args.dry and not torch.cuda.is_available():
         ap.error("no CUDA device here: run on a GPU, or --dry (CPU, TRITON_INTERPRET=1)")
     run = Run(args)
-    if not args.dry:
-        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 = TF32 dots, as bench_gpu
+    # fp32 = TF32 dots, as bench_gpu (in the dry run too: the launchers then choose as
+    # on an sm_90, which the interpreter stands in for)
+    torch.backends.cuda.matmul.allow_tf32 = True
     n, d, c = run.shape["n"], run.shape["d"], run.shape["classes"]
     fwd_cands, bwd_cands = _candidates("fwd"), _candidates("bwd")
     (table_fwd, fwd_pred, _), (table_bwd, _, _) = fwd_cands[0], bwd_cands[0]

@@ -82,11 +82,12 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
     kind = "bwd_class" if passes[0][0][3] is not None else "bwd"
     resident, _, block_dx = _feature_blocks(d, _resident_limit(kind, q, precision))
     chosen = tk.choose(kind, q.device, _dot_precision(q.dtype, precision))
-    # OTHER_T (kernels.VARIANTS): the other side's transposed copy, made once per side
+    # OTHER_T (kernels.VARIANTS): the other side's transposed copy, made once per side and
+    # only for a launch that computes dx (a dT-only launch does no dx dot)
     copies = {}
 
-    def other_t(x):
-        if not chosen.flag("OTHER_T"):
+    def other_t(x, need_dx):
+        if not (chosen.flag("OTHER_T") and need_dx):
             return None, 0
         if id(x) not in copies:
             copies[id(x)] = tr.transposed(x)
@@ -117,7 +118,7 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
         n_dx = max(1, triton.cdiv(d, block_dx)) if need_dx and not resident else 1
         grid = (lambda meta, n_own=n_own, n_dx=n_dx: (triton.cdiv(n_own, meta["BLOCK_OWN"]), n_dx))
         # the other side: q for dr, r for dq and the symmetric kernel (where r is q)
-        y_t, s_yt = other_t(q if mode == "dr" else r)
+        y_t, s_yt = other_t(q if mode == "dr" else r, need_dx)
         sides = dict(q_t=y_t, r_t=None, s_qt=s_yt, s_rt=0) if mode == "dr" else \
             dict(q_t=None, r_t=y_t, s_qt=0, s_rt=s_yt)
         for fixup, ((shift, w_neg, w_pos, g_cls), flags) in enumerate(passes):

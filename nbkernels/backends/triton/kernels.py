@@ -92,9 +92,10 @@ _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", 
 # passes a transposed copy of the other side, [D, rows padded to PAD], and the dx dot
 # takes its tile from there: both tiles are pipelined by 16-byte cp.async, with no
 # shared-memory store and one barrier less (the latency model, bench/sass/latency.py:
-# 12-18% fewer cycles per tile; predicted, not measured). The cost: one transposed copy
-# of q or r (D x M fp32) per backward, and twice the other side's tile in shared memory
-# (``fits``). The arithmetic is the generic kernel's, element for element.
+# 12-18% fewer cycles per tile; predicted, not measured). The cost: a transposed copy of
+# the other side (r for dq, q for dr and the batch kernel; D x rows, fp32) per backward,
+# and twice the other side's tile in shared memory (``fits``). The arithmetic is the
+# generic kernel's, element for element.
 VARIANTS = [
     variants.Variant("fwd", "generic", neighbor_fwd_kernel),
     variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
