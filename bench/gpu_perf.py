@@ -179,9 +179,10 @@ class Run:
         return max(errs) if finite else math.inf
 
     def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
-             need_s=25, unavailable=None, bwd_variant=None):
+             need_s=25, unavailable=None, bwd_variant=None, class_tile=None):
         """Check and time ``call`` with the triton backend, at the given configs (None: the
-        table's) and backward variant (``kernels.VARIANTS``; None: the one chosen)."""
+        table's), backward variant (``kernels.VARIANTS``; None: the one chosen) and class
+        tile width of the class forward (None: ``class_block_cap``'s)."""
         from nbkernels.backends import triton as tb
         from nbkernels.backends.triton import configs as tc
         from nbkernels.backends.triton import kernels as tk
@@ -190,6 +191,8 @@ class Run:
         backward = mode == "fwdbwd"
         n, d = self.shape["n"], self.shape["d"]
         info = dict(fwd_config=fwd_cfg, bwd_config=bwd_cfg, predicted_s=predicted_s)
+        if class_tile:
+            info["class_tile"] = class_tile
         if backward:
             precision = tb._default_precision() if dtype == torch.float32 else "ieee"
             info["bwd_precision"] = precision
@@ -207,7 +210,8 @@ class Run:
             if reason:
                 return reason
             tc.LAUNCHED.clear()
-            with tk.fixed_configs(fwd, bwd), _pinned_backward(bwd_variant):
+            with tk.fixed_configs(fwd, bwd), _pinned_backward(bwd_variant), \
+                    _class_tile(class_tile):
                 err = self.check(call, dtype, backward)
                 info["check_rel_err"] = err
                 if backward:   # what ran, from the launchers' own bookkeeping
@@ -278,6 +282,19 @@ def _launched_backward():
     return "+".join(sorted("sm90_tf32_transposed" if f == "True" else "generic" for f in flags))
 
 
+@contextlib.contextmanager
+def _class_tile(width):
+    """The class forward's class tiles ``width`` wide (None: ``class_block_cap``'s choice)."""
+    from nbkernels.backends.triton import kernels as tk
+    saved = tk.class_block_cap
+    if width:
+        tk.class_block_cap = lambda c, m: width
+    try:
+        yield
+    finally:
+        tk.class_block_cap = saved
+
+
 def _pinned_backward(name):
     """Both backward kinds pinned to kernel variant ``name`` (None: nothing pinned)."""
     from nbkernels.backends import variants
@@ -343,7 +360,8 @@ def table(records):
                           for x in (r.get("predicted_s"), r.get("predicted_latency_s")))
         got = r.get("time_s", {}).get("median") if r["status"] == "ok" else None
         rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            r["name"], r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
+            r["name"] + (f" (class tile {r['class_tile']})" if r.get("class_tile") else ""),
+            r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
             else "-" if not r["name"].startswith("nbkernels") else "table",
             r.get("bwd_variant") or "-", pred,
             f"{got * 1e3:.3f}" if got else r["status"] + (f": {r['reason'][:60]}"
@@ -398,6 +416,8 @@ def main(argv=None):
     run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd",
              bwd_variant="sm90_tf32_transposed")
     run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd", bwd_variant="generic")
+    # the class forward's tile: class_block_cap's 16 (M >= 20 C) against the 32 before it
+    run.ours("nbkernels-triton-knn", knn(c), half, "fwd", class_tile=32)
     # last: the Gluon v4 prototype (not nbkernels; checked against backend "torch" first)
     run.ours("v4-gluon-prototype", gluon_v4, half, "fwd", unavailable=gluon_unavailable)
     text = table(run.file.records)

@@ -9,7 +9,9 @@
 # forward+backward with the sm_90 table's configs, soft_knn_predict, SDPA flash and the
 # FlashAttention-2 anchor (bench/sass/anchor_fa2.py), FlexAttention and torch.compile of the
 # plain formula (forward, forward+backward), then the other candidate configs of the
-# SASS model (its ranking against the GPU's) and TF32. Each of our variants is checked
+# SASS model (its ranking against the GPU's), TF32 (its backward both ways: the sm_90
+# transposed variant and the generic kernel), soft_knn_predict with 32-wide class tiles
+# (against the default 16) and the Gluon prototype. Each of our variants is checked
 # against backend "torch" before it is timed. Files under $OUT: gpu_perf.log,
 # perf_env.txt, gpu_perf.json (rewritten after each record: a kill keeps what ran) and
 # gpu_perf.md (the table, also printed last). GPU_PERF_TOTAL_S (default 230) bounds it.
