@@ -21,10 +21,14 @@ POS_FLOOR_F64 = tl.constexpr(2.0 ** -960)
 # A tile's sum above this moves the forward's row shift (neighbor_fwd_kernel): 2^64, 2^512
 RESCALE_F32 = tl.constexpr(2.0 ** 64)
 RESCALE_F64 = tl.constexpr(2.0 ** 512)
-# The largest move of the shift at once, in log2 units: 2^-k stays a normal number (the
-# GPU's ex2.approx.ftz flushes 2^-127 and below to 0, which would wipe the row's sums)
-MAX_MOVE_F32 = tl.constexpr(126.0)
-MAX_MOVE_F64 = tl.constexpr(1022.0)
+# The largest move of the shift at once, in log2 units: the rescale factor stays a normal
+# number (the GPU's ex2.approx.ftz flushes anything below 2^-126 to 0, which would wipe
+# the row's sums). One binade below the edge: the factor is exp2 of the float difference
+# of the two shifts, which passes k by up to 1.5 ulp of the shift (a move of 126 gave
+# exp2(-126.00001) = 0 on an N = 200, T = 1e-3 batch), so k = 125 stays normal while
+# |shift| < 2^23, logits within 5.8e6 of the anchor in natural units.
+MAX_MOVE_F32 = tl.constexpr(125.0)
+MAX_MOVE_F64 = tl.constexpr(1021.0)
 # The same limits in log2 units, for the backward's one-exp positives (launcher side)
 POS_LOG2_LIMIT = {"fp32": 64.0, "fp64": 960.0}
 
