@@ -242,7 +242,7 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn, d=D, precision=N
                  lse_pos=None if cls else f32, mass=f32 if cls else None,
                  # the first pass (POS_PASS=False) flags rows for the rare positives' pass
                  has_pos=None if cls else _meta(torch.int8),
-                 redo=None if cls else _meta(torch.int8), POS_PASS=False,
+                 redo=_meta(torch.int8), POS_PASS=False,
                  tile_max=f32 if cls else None, tile_sum=f32 if cls else None, CLASS=cls,
                  MASS_PRECISION="ieee" if dtype == "fp64" else "tf32x2",
                  BLOCK_C=block(NUM_CLASSES, tk.class_block_cap(NUM_CLASSES, M)) if cls else 16,

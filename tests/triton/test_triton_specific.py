@@ -48,3 +48,47 @@ def test_no_classes(tb, h):
     assert yhat.shape == (9, 0)
     for grad in grads:
         assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_class_forward_redoes_rows_whose_anchor_lagged(tb, h, monkeypatch):
+    """The class forward's main pass keeps each row's first-tile anchor (no per-pair max)
+    where its logit dot is an MMA (16-bit inputs here): a later reference tile whose
+    logits pass it by more than 128 binades overflows, and the row must be redone
+    exactly. Here class 0's references in label order start with far ones (a whole first
+    tile and more) and end with near ones: every query's main pass overflows, the exact
+    pass runs for it, and yhat and lse_all match the fp64 oracle. fp64 (FMA logit dots)
+    takes each tile's max in its main pass and flags nothing."""
+    from nbkernels.backends.triton import kernels as tk
+    from conformance import oracle_probs
+    import types
+    n, far, near, d = 5, 150, 40, 4
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.1
+    r = torch.cat([torch.randn(far, d, generator=g, dtype=torch.float64) * 0.1 + 3.0,
+                   torch.randn(near, d, generator=g, dtype=torch.float64) * 0.1,
+                   torch.randn(30, d, generator=g, dtype=torch.float64) * 0.1 + 1.0])
+    b = torch.cat([torch.zeros(far + near, dtype=torch.int64), torch.ones(30, dtype=torch.int64)])
+    t = 0.02   # far logits ~ -9 D / T = -1800, near ~ 0: 2600 binades apart
+    flagged = []
+    launch = tk.launch
+
+    def spy(kind, grid, **args):
+        if kind == "fwd_class" and args.get("POS_PASS"):
+            flagged.append(int(args["redo"].sum()))
+        return launch(kind, grid, **args)
+    monkeypatch.setattr(tk, "launch", spy)
+    for dtype, atol in ((torch.float16, 1e-3), (torch.float64, 1e-9)):
+        case = types.SimpleNamespace(q=q.to(h.device, dtype), r=r.to(h.device, dtype),
+                                     a=torch.zeros(n, dtype=torch.int64, device=h.device),
+                                     b=b.to(h.device), c=2,
+                                     t=torch.tensor(t, dtype=dtype, device=h.device))
+        yhat, lse_all = tb.probs_forward(case.q, case.r, case.b, case.t, 2, metric="sqeuclidean",
+                                         offset=None, precision="ieee")
+        gc = torch.zeros(n, 2, dtype=torch.float64)
+        want = oracle_probs(case, "sqeuclidean", None, gc)
+        assert torch.isfinite(yhat).all() and torch.isfinite(lse_all).all()
+        torch.testing.assert_close(yhat.double().cpu(), want[0].cpu(), atol=atol, rtol=atol)
+        shift = h.row_shift(case, "sqeuclidean")
+        torch.testing.assert_close((lse_all + shift).double().cpu(), want[1].cpu(), atol=atol,
+                                   rtol=atol)
+    assert flagged == [n, 0]

@@ -95,18 +95,27 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
             r_sorted = r[perm]
             r_col = tr.column(r_sorted, None if r_far is None else r_far[perm], metric,
                               temperature)
-            tk.launch(
-                "fwd_class", lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles),
+            # per row and class tile: the main pass's flags for the exact pass
+            redo = torch.empty(n, n_tiles, dtype=torch.int8, device=q.device)
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)  # noqa: E731
+            args = dict(
                 q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
                 PACKED=False, perm=None, self_pos=_self_positions(perm, n, offset)
                 if has_offset else None, tile_ptr=tile_ptr,
-                lse_all=None, lse_pos=None, has_pos=None, redo=None, row_state=None, mass=mass,
-                tile_max=tile_max, tile_sum=tile_sum, CLASS=True, POS_PASS=False,
+                lse_all=None, lse_pos=None, has_pos=None, redo=redo, row_state=None, mass=mass,
+                tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; a hi + lo split of p in two TF32 dots
                 # ("tf32x2" in the kernel) is near fp32, and the one-hot is exact
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x2", BLOCK_C=block_c,
                 **_common(q, r_sorted, temperature, metric, offset, has_offset, precision,
                           "fwd_class"))
+            tk.launch("fwd_class", grid, POS_PASS=False, **args)
+            # the exact pass (each tile's max) for the rows a class tile flagged, taken
+            # first: the programs past them skip, with no host synchronisation
+            rows = redo.amax(1)
+            order = torch.argsort((rows == 0).to(torch.int8), stable=True).to(torch.int32)
+            tk.launch("fwd_class", grid, tune=False, POS_PASS=True,
+                      **dict(args, perm=order, redo=rows))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)

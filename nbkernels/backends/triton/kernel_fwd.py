@@ -80,6 +80,94 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
     return b_m, b_l, b_mp, b_lp
 
 
+@triton.jit
+def _fwd_class_tile(b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m, hi, i_c, D,
+                    s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET: tl.constexpr, RESIDENT: tl.constexpr,
+                    ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
+                    MMA_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, i_n, FIRST: tl.constexpr,
+                    EXACT: tl.constexpr):
+    """One reference tile [i_n, i_n + BN) of the class forward: the row state (anchor b_m,
+    sum b_l) and the class mass b_y [BM, BC], updated.
+
+    Main pass: as the lse forward's (``_fwd_lse_tile``), FIRST sets the anchor to the
+    tile's max logit and later tiles keep its shift, with no per-pair max, moving it by
+    whole powers of two when a tile's sum passes RESCALE; a term that overflows past a
+    lagging anchor makes the sum inf, and the launcher redoes the row with EXACT (each
+    tile's max, ``_online_lse``). MMA_P: the logit dot is an MMA (see the kernel).
+    """
+    # r, r_col and r_labels arrive in label order: tile-local offsets, no gather
+    o_n = tl.arange(0, BLOCK_N)
+    # the references left in this class tile
+    n_left = hi - i_n
+    if MMA_P:
+        n_left = n_left.to(tl.int32)
+    m_n = o_n < n_left
+    b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r + i_n * s_rm, o_x=o_m, m_x=m_m, o_y=o_n, m_y=m_n,
+                        D=D, s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT,
+                        ACC=ACC, PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N,
+                        BLOCK_D=BLOCK_D)
+    b_s = tl.fma(b_qr, b_c, _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :])
+    if HAS_OFFSET:
+        # each row's self pair as a column of this tile (int32, |.| < M): one 32-bit
+        # compare per pair, and per-row work only (the diagonal can be anywhere in label
+        # order)
+        b_sc = (b_self - i_n).to(tl.int32)
+        b_s = tl.where(b_sc[:, None] == o_n[None, :], float("-inf"), b_s)
+    if EXACT:
+        b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
+        b_y = b_y * b_alpha[:, None]
+    elif FIRST:
+        # a row whose first tile is all masked gets anchor -inf: flagged by the launcher
+        # once a later term makes its sum nonzero
+        b_m = tl.max(b_s, 1)
+        b_p = _exp(b_s, _shift(b_m)[:, None])
+        b_l = tl.sum(b_p, 1)
+    else:
+        b_sh = _shift(b_m)
+        b_p = _exp(b_s, b_sh[:, None])
+        b_t = tl.sum(b_p, 1)
+        # [BM] lazy shift: k = 0 unless the tile's sum passed RESCALE
+        RESCALE: tl.constexpr = RESCALE_F64 if ACC == tl.float64 else RESCALE_F32
+        MAX_MOVE: tl.constexpr = MAX_MOVE_F64 if ACC == tl.float64 else MAX_MOVE_F32
+        b_k = tl.where(b_t > RESCALE, tl.minimum(tl.math.ceil(tl.log2(b_t)), MAX_MOVE), 0.0)
+        b_m = tl.where(b_k > 0, b_m + b_k * LN2, b_m)
+        # the sums follow the shift's actual move (its float difference, exact)
+        b_scale = tl.math.exp2(_shift(b_m) - b_sh)
+        b_l = (b_l + b_t) * b_scale
+    o_k = o_n
+    if MASS_PRECISION == "tf32x2" and MMA_P:
+        # the mass dot takes p as its register operand: in TF32 a thread holds the
+        # columns {t, t + 4} of each 8-wide k block, where the logit dot's accumulator
+        # gave it {2t, 2t + 1}. Permuting p's columns so (and the one-hot's rows alike:
+        # the same products) makes that a relabelling instead of a shuffle per element
+        # (compiled SASS, triton 3.9, bf16 128 x 64: 64 SHFL.IDX and 94 SEL per thread
+        # and tile gone)
+        o_k = (o_n // 8) * 8 + (o_n % 4) * 2 + (o_n % 8) // 4
+        b_p = tl.reshape(tl.permute(tl.reshape(b_p, [BLOCK_M, BLOCK_N // 8, 4, 2]),
+                                    (0, 1, 3, 2)), [BLOCK_M, BLOCK_N])
+    # [BN] sorted labels (-1: in no class), in the order of p's columns
+    b_b = tl.load(r_labels + i_n + o_k, mask=o_k < n_left, other=-1)
+    # [BN, BC] one-hot; mass_ic = sum_{b_j=c} of the pair's _exp, rescaled like b_l
+    if MMA_P:
+        b_hot = ((b_b - (i_c * BLOCK_C).to(tl.int32))[:, None]
+                 == tl.arange(0, BLOCK_C)[None, :]).to(ACC)
+    else:
+        b_hot = (b_b[:, None] == (i_c * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]).to(ACC)
+    if MASS_PRECISION == "tf32x2":
+        # p = hi + lo, hi truncated to TF32's 10 mantissa bits and lo the exact rest: the
+        # one-hot is exact in TF32, so two TF32 dots carry p to 2^-21 relative, as 3xTF32
+        # would (its third product, lo x lo of the one-hot, is 0)
+        b_hi = (b_p.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        b_y = tl.dot(b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
+        b_y = tl.dot(b_p - b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
+    else:
+        b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION, out_dtype=ACC)
+    if not (EXACT or FIRST):
+        b_y = b_y * b_scale[:, None]
+    return b_m, b_l, b_y
+
+
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
 def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, self_pos, tile_ptr,
                         lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum, row_state,
@@ -133,7 +221,12 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
     b_c = tl.load(scale).to(ACC)
     b_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype.element_ty)
     if RESIDENT:
-        b_q = _load_rows(q, o_m, m_m, D, s_qn, s_qd, BLOCK_D)
+        m_q = m_m
+        if POS_PASS and CLASS:
+            # the exact pass: only the flagged rows (its many class-tile programs without
+            # one skip, and should not read their queries)
+            m_q = m_m & (tl.load(redo + o_m, mask=m_m, other=0) != 0)
+        b_q = _load_rows(q, o_m, m_q, D, s_qn, s_qd, BLOCK_D)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BLOCK_M], dtype=ACC)
     if CLASS:
@@ -142,9 +235,14 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         lo = tl.load(tile_ptr + i_c)
         hi = tl.load(tile_ptr + i_c + 1)
         b_y = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+        b_self = tl.zeros([BLOCK_M], dtype=tl.int64)
         if HAS_OFFSET:
             # [BM] the position in label order of each row's excluded reference (-1: none)
             b_self = tl.load(self_pos + o_m, mask=m_m, other=-1).to(tl.int64)
+        if POS_PASS:
+            # the exact pass: ``redo`` (N,) flags the rows; a block without one skips
+            b_redo = tl.load(redo + o_m, mask=m_m, other=0)
+            hi = tl.where(tl.max(b_redo, 0) > 0, hi, lo)
     else:
         lo = 0
         hi = M
@@ -159,59 +257,34 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
     if CLASS:
         # the logit dot is an MMA (16-bit inputs, or fp32 with TF32 dots): p comes in a
         # tensor-core accumulator's layout. There the masks and the one-hot compare in
-        # int32 and p's columns are permuted (below); with FMA logit dots (fp32 IEEE,
-        # fp64) the same changes make ptxas spill (compiled SASS, triton 3.9), so not
+        # int32 and p's columns are permuted (``_fwd_class_tile``); with FMA logit dots
+        # (fp32 IEEE, fp64) the same changes make ptxas spill (compiled SASS, triton 3.9)
         MMA_P: tl.constexpr = (q.dtype.element_ty != tl.float32 or PRECISION != "ieee") and \
             q.dtype.element_ty != tl.float64
-        for i_n in range(lo, hi, BLOCK_N):
-            # r, r_col and r_labels arrive in label order: tile-local offsets, no gather
-            o_n = tl.arange(0, BLOCK_N)
-            # the references left in this class tile
-            n_left = hi - i_n
-            if MMA_P:
-                n_left = n_left.to(tl.int32)
-            m_n = o_n < n_left
-            b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r + i_n * s_rm, o_x=o_m, m_x=m_m, o_y=o_n, m_y=m_n,
-                                D=D, s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT,
-                                ACC=ACC, PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N,
-                                BLOCK_D=BLOCK_D)
-            b_s = tl.fma(b_qr, b_c, _col_term(r_col + i_n, o_n, m_n, True, ACC)[None, :])
-            if HAS_OFFSET:
-                # each row's self pair as a column of this tile (int32, |.| < M): one
-                # 32-bit compare per pair, and per-row work only (the diagonal can be
-                # anywhere in label order)
-                b_sc = (b_self - i_n).to(tl.int32)
-                b_s = tl.where(b_sc[:, None] == o_n[None, :], float("-inf"), b_s)
-            b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
-            o_k = o_n
-            if MASS_PRECISION == "tf32x2" and MMA_P:
-                # the mass dot takes p as its register operand: in TF32 a thread holds the
-                # columns {t, t + 4} of each 8-wide k block, where the logit dot's
-                # accumulator gave it {2t, 2t + 1}. Permuting p's columns so (and the
-                # one-hot's rows alike: the same products) makes that a relabelling
-                # instead of a shuffle per element (compiled SASS, triton 3.9, bf16
-                # 128 x 64: 64 SHFL.IDX and 94 SEL per thread and tile gone)
-                o_k = (o_n // 8) * 8 + (o_n % 4) * 2 + (o_n % 8) // 4
-                b_p = tl.reshape(tl.permute(tl.reshape(b_p, [BLOCK_M, BLOCK_N // 8, 4, 2]),
-                                            (0, 1, 3, 2)), [BLOCK_M, BLOCK_N])
-            # [BN] sorted labels (-1: in no class), in the order of p's columns
-            b_b = tl.load(r_labels + i_n + o_k, mask=o_k < n_left, other=-1)
-            # [BN, BC] one-hot; mass_ic = sum_{b_j=c} of the pair's _exp, rescaled like b_l
-            if MMA_P:
-                b_hot = ((b_b - (i_c * BLOCK_C).to(tl.int32))[:, None]
-                         == tl.arange(0, BLOCK_C)[None, :]).to(ACC)
-            else:
-                b_hot = (b_b[:, None] == o_c[None, :]).to(ACC)
-            b_y = b_y * b_alpha[:, None]
-            if MASS_PRECISION == "tf32x2":
-                # p = hi + lo, hi truncated to TF32's 10 mantissa bits and lo the exact rest:
-                # the one-hot is exact in TF32, so two TF32 dots carry p to 2^-21 relative,
-                # as 3xTF32 would (its third product, lo x lo of the one-hot, is 0)
-                b_hi = (b_p.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                b_y = tl.dot(b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
-                b_y = tl.dot(b_p - b_hi, b_hot, b_y, input_precision="tf32", out_dtype=ACC)
-            else:
-                b_y = tl.dot(b_p, b_hot, b_y, input_precision=MASS_PRECISION, out_dtype=ACC)
+        if POS_PASS or not MMA_P:
+            # the exact pass: each tile's max (the rows flagged by the main pass only);
+            # with FMA logit dots the main pass is exact too (the lazy shift made ptxas
+            # spill there, compiled SASS, triton 3.9), and flags no row
+            for i_n in range(lo, hi, BLOCK_N):
+                b_m, b_l, b_y = _fwd_class_tile(
+                    b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m, hi, i_c, D,
+                    s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET, RESIDENT, ACC, PRECISION,
+                    MASS_PRECISION, MMA_P, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C, i_n=i_n,
+                    FIRST=False, EXACT=True)
+        else:
+            # the first tile sets the anchor, then the loop has no per-pair max
+            if lo < hi:
+                b_m, b_l, b_y = _fwd_class_tile(
+                    b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m, hi, i_c, D,
+                    s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET, RESIDENT, ACC, PRECISION,
+                    MASS_PRECISION, MMA_P, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C, i_n=lo,
+                    FIRST=True, EXACT=False)
+            for i_n in range(lo + BLOCK_N, hi, BLOCK_N):
+                b_m, b_l, b_y = _fwd_class_tile(
+                    b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m, hi, i_c, D,
+                    s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET, RESIDENT, ACC, PRECISION,
+                    MASS_PRECISION, MMA_P, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_C, i_n=i_n,
+                    FIRST=False, EXACT=False)
     elif POS_PASS:
         # rows in any order: every tile with the general self-pair mask
         for i_n in range(0, hi, BLOCK_N):
@@ -255,10 +328,21 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         # the sums were taken under fl(b_m L): relative to exp(b_m), each times 2^-d
         b_ms = tl.where(b_m == float("-inf"), 0.0, b_m)
         b_sc = tl.math.exp2(-tl.fma(b_ms, LOG2E, -(b_ms * LOG2E)))
+        m_out = m_m
+        if POS_PASS:
+            m_out = m_m & (b_redo != 0)
+        elif not MMA_P:
+            tl.store(redo + o_m * n_tiles + i_c, tl.zeros([BLOCK_M], dtype=tl.int8), mask=m_m)
+        else:
+            # the exact pass's rows (per class tile; the launcher ORs them): a sum that is
+            # not finite (inf: a term overflowed past a lagging anchor; NaN inputs stay
+            # NaN there), or terms taken under no anchor (a first tile all masked)
+            b_bad = ~(b_l < float("inf")) | ((b_m == float("-inf")) & (b_l != 0))
+            tl.store(redo + o_m * n_tiles + i_c, b_bad.to(tl.int8), mask=m_m)
         tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y * b_sc[:, None],
-                 mask=m_m[:, None])
-        tl.store(tile_max + o_m * n_tiles + i_c, b_m, mask=m_m)
-        tl.store(tile_sum + o_m * n_tiles + i_c, b_l * b_sc, mask=m_m)
+                 mask=m_out[:, None])
+        tl.store(tile_max + o_m * n_tiles + i_c, b_m, mask=m_out)
+        tl.store(tile_sum + o_m * n_tiles + i_c, b_l * b_sc, mask=m_out)
     elif POS_PASS:
         # no term: max -inf and sum 0 give -inf
         m_out = m_m & (b_redo != 0)
