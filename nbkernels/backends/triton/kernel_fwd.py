@@ -205,8 +205,13 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
     excluded reference, -1 for none, for the self-pair mask; tile_ptr: the
     references of class tile c are rows tile_ptr[c]:tile_ptr[c+1]) and writes mass
     (N, n_tiles * BLOCK_C), every column (those >= C are cut off by the launcher),
-    relative to tile_max, plus tile_max (a logit: the tile's running max) and tile_sum
-    (N, n_tiles), both sums relative to exp(tile_max).
+    relative to tile_max, plus tile_max (a logit: the anchor) and tile_sum (N, n_tiles),
+    both sums relative to exp(tile_max). Where the logit dot is an MMA its main pass keeps
+    the lazy shift of the lse forward (``_fwd_class_tile``) and writes ``redo`` (N,
+    n_tiles) int8 for the rows to redo; a second launch with POS_PASS=True takes the rows
+    in the order of ``perm`` with ``redo`` (N,) flagging them, and recomputes every class
+    tile of the flagged ones with each tile's max. With FMA logit dots the main pass
+    takes each tile's max itself and flags no row.
 
     ``row_state`` (3, N) or None: the main pass also writes each row's anchor and its two
     sums there (for diagnostics; None compiles it out).

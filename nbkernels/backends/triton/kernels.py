@@ -37,7 +37,8 @@ in BLOCK_D chunks and both sides are reloaded per tile.
   and rows where it underflows get an exact second launch (POS_PASS). With CLASS the
   grid has a second axis over BLOCK_C class tiles; references are pre-sorted by label,
   so the program for class tile ``c`` streams only the references whose labels fall in
-  it (``tile_ptr``) and accumulates their mass with a one-hot ``tl.dot``.
+  it (``tile_ptr``) and accumulates their mass with a one-hot ``tl.dot``; a lazy row
+  shift as above, with an exact second launch for the rows it flags.
 * ``neighbor_bwd_kernel``: recomputes each logit tile once and turns it into
   ``ds = dloss / dlogit`` with one exp2 per pair and direction (see its docstring).
   No atomics: every output element has exactly one writer per launch, and launches
