@@ -9,6 +9,19 @@ from .common import (
 
 
 @triton.jit
+def _lazy_move(b_m, b_sh, b_t, ACC: tl.constexpr):
+    """The lazy shift's step after a tile whose terms under shift ``b_sh`` (the anchor
+    b_m's) sum to b_t: (the anchor, moved by k ln 2 with k = 0 unless b_t passed RESCALE,
+    at most MAX_MOVE; the factor the sums follow the shift's actual move by, its float
+    difference, exact)."""
+    RESCALE: tl.constexpr = RESCALE_F64 if ACC == tl.float64 else RESCALE_F32
+    MAX_MOVE: tl.constexpr = MAX_MOVE_F64 if ACC == tl.float64 else MAX_MOVE_F32
+    b_k = tl.where(b_t > RESCALE, tl.minimum(tl.math.ceil(tl.log2(b_t)), MAX_MOVE), 0.0)
+    b_m = tl.where(b_k > 0, b_m + b_k * LN2, b_m)
+    return b_m, tl.math.exp2(_shift(b_m) - b_sh)
+
+
+@triton.jit
 def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
                   offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED: tl.constexpr, RESIDENT: tl.constexpr,
                   ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -68,13 +81,7 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
         b_p = _exp(b_s, b_sh[:, None])
         b_t = tl.sum(b_p, 1)
         b_tp = tl.sum(tl.where(m_pos, b_p, 0.0), 1)
-        # [BM] lazy shift: k = 0 unless the tile's sum passed RESCALE
-        RESCALE: tl.constexpr = RESCALE_F64 if ACC == tl.float64 else RESCALE_F32
-        MAX_MOVE: tl.constexpr = MAX_MOVE_F64 if ACC == tl.float64 else MAX_MOVE_F32
-        b_k = tl.where(b_t > RESCALE, tl.minimum(tl.math.ceil(tl.log2(b_t)), MAX_MOVE), 0.0)
-        b_m = tl.where(b_k > 0, b_m + b_k * LN2, b_m)
-        # the sums follow the shift's actual move (its float difference, exact)
-        b_sc = tl.math.exp2(_shift(b_m) - b_sh)
+        b_m, b_sc = _lazy_move(b_m, b_sh, b_t, ACC)
         b_l = (b_l + b_t) * b_sc
         b_lp = (b_lp + b_tp) * b_sc
     return b_m, b_l, b_mp, b_lp
@@ -127,13 +134,7 @@ def _fwd_class_tile(b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m,
         b_sh = _shift(b_m)
         b_p = _exp(b_s, b_sh[:, None])
         b_t = tl.sum(b_p, 1)
-        # [BM] lazy shift: k = 0 unless the tile's sum passed RESCALE
-        RESCALE: tl.constexpr = RESCALE_F64 if ACC == tl.float64 else RESCALE_F32
-        MAX_MOVE: tl.constexpr = MAX_MOVE_F64 if ACC == tl.float64 else MAX_MOVE_F32
-        b_k = tl.where(b_t > RESCALE, tl.minimum(tl.math.ceil(tl.log2(b_t)), MAX_MOVE), 0.0)
-        b_m = tl.where(b_k > 0, b_m + b_k * LN2, b_m)
-        # the sums follow the shift's actual move (its float difference, exact)
-        b_scale = tl.math.exp2(_shift(b_m) - b_sh)
+        b_m, b_scale = _lazy_move(b_m, b_sh, b_t, ACC)
         b_l = (b_l + b_t) * b_scale
     o_k = o_n
     if MASS_PRECISION == "tf32x2" and MMA_P:
