@@ -95,6 +95,18 @@ def _input_grads(ctx, q, r, dq, dr):
     return (None if dq is None else dq.to(q.dtype)), (None if dr is None else dr.to(r.dtype))
 
 
+def kernel_t(ctx, temperature, dtype):
+    """``temperature`` cast for the kernels (``kernel_inputs.kernel_temperature``, to the
+    accumulation ``dtype``); ``ctx`` keeps its own dtype for :func:`caller_dt`."""
+    ctx.t_dtype = temperature.dtype
+    return kernel_inputs.kernel_temperature(temperature, dtype)
+
+
+def caller_dt(ctx, dt):
+    """dT in the dtype of the temperature the caller passed (:func:`kernel_t`)."""
+    return None if dt is None else dt.to(ctx.t_dtype)
+
+
 def _setup(ctx, q, r, temperature, metric, offset, backend):
     """Forward set-up shared by the Functions: ``r=None`` stands for ``q`` (the batch).
     Returns ``(r, qk, rk, kernel metric, accumulation dtype, kernel temperature)``."""
@@ -103,8 +115,7 @@ def _setup(ctx, q, r, temperature, metric, offset, backend):
     qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     ctx.metric, ctx.kmetric, ctx.offset, ctx.backend = metric, kmetric, offset, backend
     acc = acc_dtype(q.dtype)
-    ctx.t_dtype = temperature.dtype  # dT goes back in the caller's dtype
-    return r, qk, rk, kmetric, acc, kernel_inputs.kernel_temperature(temperature, acc)
+    return r, qk, rk, kmetric, acc, kernel_t(ctx, temperature, acc)
 
 
 def batch_grads(batch, dq, dr):
@@ -184,7 +195,7 @@ class NeighborLSE(torch.autograd.Function):
             metric=ctx.kmetric, offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t,
             symmetric=ctx.symmetric)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
-        dt = None if dt is None else dt.to(ctx.t_dtype)
+        dt = caller_dt(ctx, dt)
         dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, None, dt, None, None, None
 
@@ -229,6 +240,6 @@ class ClassProbs(torch.autograd.Function):
             qk, rk, r_labels, temperature, yhat, lse_all, g, metric=ctx.kmetric,
             offset=ctx.offset, need_q=need_q, need_r=need_r, need_t=need_t)
         dq, dr = _input_grads(ctx, q, r, dq, dr)
-        dt = None if dt is None else dt.to(ctx.t_dtype)
+        dt = caller_dt(ctx, dt)
         dq, dr = batch_grads(ctx.batch, dq, dr)
         return dq, dr, None, dt, None, None, None, None

@@ -28,7 +28,7 @@ from nbkernels import backends
 from nbkernels import kernel_inputs as K
 from nbkernels import partials as P
 from nbkernels import streaming as S
-from nbkernels.autograd import fused_backward
+from nbkernels.autograd import caller_dt, fused_backward, kernel_t
 
 
 def _describe(ctx):
@@ -183,7 +183,7 @@ def merge_across_ranks(part, group=None):
 def _sharded_forward(ctx, q, r, q_labels, r_labels, t, spec, group):
     """Gather the queries, merge their states over every rank's shard ``r``; own rows out."""
     rank, _ = require(group)
-    ctx.t_dtype, t = t.dtype, K.kernel_temperature(t, K.acc_dtype(q.dtype))
+    t = kernel_t(ctx, t, K.acc_dtype(q.dtype))
     sizes = gather_sizes(q.shape[0], q.device, group)
     q_all = _all_gather_padded(q, sizes, group)
     labels_all = None if q_labels is None else _all_gather_padded(q_labels, sizes, group)
@@ -240,7 +240,7 @@ def _sharded_backward(ctx, g_all, g_pos, g_yhat, need_q, need_t):
     if need_t:
         per_rank = torch.stack(dts)
         dist.all_reduce(per_rank, group=group)
-        dt = per_rank[dist.get_rank(group)].to(ctx.t_dtype)
+        dt = caller_dt(ctx, per_rank[dist.get_rank(group)])
     return dq_own, dt
 
 

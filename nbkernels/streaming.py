@@ -24,7 +24,7 @@ import torch
 from nbkernels import backends
 from nbkernels import kernel_inputs as K
 from nbkernels import partials as P
-from nbkernels.autograd import batch_grads, fused_backward
+from nbkernels.autograd import batch_grads, caller_dt, fused_backward, kernel_t
 
 
 def _describe(ctx):
@@ -144,8 +144,7 @@ class StreamedLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, q_labels, r_labels, temperature, spec):
         ctx.batch, r = _batch(q, r)
-        ctx.t_dtype, temperature = temperature.dtype, K.kernel_temperature(
-            temperature, K.acc_dtype(q.dtype))
+        temperature = kernel_t(ctx, temperature, K.acc_dtype(q.dtype))
         r_labels = q_labels if ctx.batch else r_labels
         mod = backends.get(spec.backend, q.device, q.dtype)
         qk, prep = K.prepare_queries(q, spec.metric)
@@ -171,7 +170,7 @@ class StreamedLSE(torch.autograd.Function):
                                       q.dtype, final, g_all, g_pos, None, need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
         dq, dr = batch_grads(ctx.batch, dq, dr)
-        dt = None if dt is None else dt.to(ctx.t_dtype)
+        dt = caller_dt(ctx, dt)
         return dq, dr, None, None, dt, None
 
 
@@ -183,8 +182,7 @@ class StreamedProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, r_labels, temperature, spec):
         ctx.batch, r = _batch(q, r)
-        ctx.t_dtype, temperature = temperature.dtype, K.kernel_temperature(
-            temperature, K.acc_dtype(q.dtype))
+        temperature = kernel_t(ctx, temperature, K.acc_dtype(q.dtype))
         mod = backends.get(spec.backend, q.device, q.dtype)
         qk, prep = K.prepare_queries(q, spec.metric)
         part = forward_chunks(mod, qk, None, r, r_labels, temperature, prep, spec, q.dtype)
@@ -207,5 +205,5 @@ class StreamedProbs(torch.autograd.Function):
                                       need_q, need_r, need_t)
         dq = query_grad(q, dqk, ctx.spec.metric) if need_q else None
         dq, dr = batch_grads(ctx.batch, dq, dr)
-        dt = None if dt is None else dt.to(ctx.t_dtype)
+        dt = caller_dt(ctx, dt)
         return dq, dr, None, dt, None
