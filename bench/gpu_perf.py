@@ -299,10 +299,9 @@ def _pinned_backward(name):
     """Both backward kinds pinned to kernel variant ``name`` (None: nothing pinned)."""
     from nbkernels.backends import variants
     from nbkernels.backends.triton import kernels as tk
-    stack = contextlib.ExitStack()
-    for kind in ("bwd", "bwd_class") if name else ():
-        stack.enter_context(variants.pinned(tk.VARIANTS, kind, name))
-    return stack
+    if not name:
+        return contextlib.nullcontext()
+    return variants.pinned(tk.VARIANTS, ("bwd", "bwd_class"), name)
 
 
 def _peak(gpu_name):

@@ -133,3 +133,14 @@ def test_triton_table_takes_the_transposed_tf32_backward_on_sm90_only():
         assert tk.variant_for(kind, (9, 0), "ieee").name == "generic"
     for kind in ("fwd", "fwd_class"):
         assert tk.variant_for(kind, (9, 0), "tf32").name == "generic"
+
+
+def test_pinned_takes_several_kinds():
+    table = _table() + [variants.Variant("fwd", "other", "k2"),
+                        variants.Variant("bwd", "other", "kb2")]
+    with variants.pinned(table, ("fwd", "bwd"), "other"):
+        assert variants.choose(table, "fwd", (9, 0), (3, 9)).kernel == "k2"
+        assert variants.choose(table, "bwd", (9, 0), (3, 9)).kernel == "kb2"
+    assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "sm90_new_triton"
+    assert variants.choose(table, "bwd", (9, 0), (3, 9)).name == "generic"
+    assert not variants._pinned

@@ -113,18 +113,19 @@ def applicable(table, kind, capability, triton_version=None, precision=None):
 
 @contextlib.contextmanager
 def pinned(table, kind, name):
-    """Launch variant ``name`` for ``kind`` from ``table`` while inside (tests run each
-    applicable variant, not only the preferred one)."""
-    key = (id(table), kind)
-    saved = _pinned.get(key)
-    _pinned[key] = name
+    """Launch variant ``name`` for ``kind`` (one kind, or a tuple of kinds) from ``table``
+    while inside (tests run each applicable variant, not only the preferred one)."""
+    keys = [(id(table), k) for k in ((kind,) if isinstance(kind, str) else kind)]
+    saved = {key: _pinned.get(key) for key in keys}
+    _pinned.update((key, name) for key in keys)
     try:
         yield
     finally:
-        if saved is None:
-            _pinned.pop(key, None)
-        else:
-            _pinned[key] = saved
+        for key, was in saved.items():
+            if was is None:
+                _pinned.pop(key, None)
+            else:
+                _pinned[key] = was
 
 
 @contextlib.contextmanager

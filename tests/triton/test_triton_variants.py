@@ -2,7 +2,6 @@
 ``nbkernels.backends.variants``): every variant that holds for this device passes the fp64
 oracle when pinned, and a toy variant registered through the seam is launched exactly where
 its capability range holds (the interpreter stands in for sm_90)."""
-import contextlib
 import types
 
 import pytest
@@ -70,10 +69,7 @@ TRANSPOSED = "sm90_tf32_transposed"
 
 def _pinned_backward(name):
     """Both backward kinds pinned to variant ``name``."""
-    stack = contextlib.ExitStack()
-    for kind in ("bwd", "bwd_class"):
-        stack.enter_context(variants.pinned(tk.VARIANTS, kind, name))
-    return stack
+    return variants.pinned(tk.VARIANTS, ("bwd", "bwd_class"), name)
 
 
 def _batch(case):

@@ -9,7 +9,7 @@ from nbkernels.backends.infinity import finite_rows, silent_rows
 
 from . import kernels as tk
 from . import rows as tr
-from .args import _common, _dot_precision, _feature_blocks, _on_device, _resident_limit
+from .args import _common, _feature_blocks, _on_device, _resident_limit
 
 
 def _ds_scales(gmax):
@@ -81,7 +81,12 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
         q_col = r_col  # one set of rows: references at infinity have weight 0 both ways
     kind = "bwd_class" if passes[0][0][3] is not None else "bwd"
     resident, _, block_dx = _feature_blocks(d, _resident_limit(kind, q, precision))
-    chosen = tk.choose(kind, q.device, _dot_precision(q.dtype, precision))
+    # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
+    row_scale, top_scale = _ds_scales(gmax) if gmax is not None else (None, None)
+    common = dict(q_labels=labels[0], r_labels=labels[1], r_col=r_col, q_col=q_col,
+                  C=num_classes, SCALE_DS=gmax is not None, BLOCK_DX=block_dx,
+                  **_common(q, r, temperature, metric, offset, has_offset, precision, kind))
+    chosen = tk.choose(kind, q.device, common["PRECISION"])
     # OTHER_T (kernels.VARIANTS): the other side's transposed copy, made once per side and
     # only for a launch that computes dx (a dT-only launch does no dx dot)
     copies = {}
@@ -92,11 +97,6 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
         if id(x) not in copies:
             copies[id(x)] = tr.transposed(x)
         return copies[id(x)], copies[id(x)].stride(0)
-    # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
-    row_scale, top_scale = _ds_scales(gmax) if gmax is not None else (None, None)
-    common = dict(q_labels=labels[0], r_labels=labels[1], r_col=r_col, q_col=q_col,
-                  C=num_classes, SCALE_DS=gmax is not None, BLOCK_DX=block_dx,
-                  **_common(q, r, temperature, metric, offset, has_offset, precision, kind))
     # dT partial sums come from the dr kernel when it runs alone, else from the dq kernel
     t_from_r = need_t and need_r and not need_q and not symmetric
     kernels = []

@@ -224,14 +224,16 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         # the exact pass takes its rows in the launcher's order (``perm``: the flagged
         # rows first), so that only the first few programs find one
         o_m = tl.load(perm + o_m, mask=m_m, other=0).to(tl.int64)
+        # [BM] its rows' flags (``redo``, (N,)): a block without one skips every tile
+        b_redo = tl.load(redo + o_m, mask=m_m, other=0)
     b_c = tl.load(scale).to(ACC)
     b_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype.element_ty)
     if RESIDENT:
         m_q = m_m
         if POS_PASS and CLASS:
-            # the exact pass: only the flagged rows (its many class-tile programs without
-            # one skip, and should not read their queries)
-            m_q = m_m & (tl.load(redo + o_m, mask=m_m, other=0) != 0)
+            # only the flagged rows: the class exact pass's many programs without one
+            # should not read their queries
+            m_q = m_m & (b_redo != 0)
         b_q = _load_rows(q, o_m, m_q, D, s_qn, s_qd, BLOCK_D)
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BLOCK_M], dtype=ACC)
@@ -246,8 +248,6 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
             # [BM] the position in label order of each row's excluded reference (-1: none)
             b_self = tl.load(self_pos + o_m, mask=m_m, other=-1).to(tl.int64)
         if POS_PASS:
-            # the exact pass: ``redo`` (N,) flags the rows; a block without one skips
-            b_redo = tl.load(redo + o_m, mask=m_m, other=0)
             hi = tl.where(tl.max(b_redo, 0) > 0, hi, lo)
     else:
         lo = 0
@@ -257,8 +257,6 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         b_lp = tl.zeros([BLOCK_M], dtype=ACC)
         b_mp = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
         if POS_PASS:
-            b_redo = tl.load(redo + o_m, mask=m_m, other=0)
-            # no flagged row in this block: no reference tile at all
             hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
     if CLASS:
         # the logit dot is an MMA (16-bit inputs, or fp32 with TF32 dots): p comes in a

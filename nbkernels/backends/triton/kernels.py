@@ -97,17 +97,14 @@ _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", 
 # the other side (r for dq, q for dr and the batch kernel; D x rows, fp32) per backward,
 # and twice the other side's tile in shared memory (``fits``). The arithmetic is the
 # generic kernel's, element for element.
+_TF32_TRANSPOSED = dict(capability=((9, 0), (10, 0)), configs="sm90_tf32t",
+                        precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),))
 VARIANTS = [
     variants.Variant("fwd", "generic", neighbor_fwd_kernel),
     variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
-    variants.Variant("bwd", "sm90_tf32_transposed", neighbor_bwd_kernel,
-                     capability=((9, 0), (10, 0)), configs="sm90_tf32t",
-                     precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),)),
-    variants.Variant("bwd", "generic", neighbor_bwd_kernel),
-    variants.Variant("bwd_class", "sm90_tf32_transposed", neighbor_bwd_kernel,
-                     capability=((9, 0), (10, 0)), configs="sm90_tf32t",
-                     precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),)),
-    variants.Variant("bwd_class", "generic", neighbor_bwd_kernel),
+    *(v for kind in ("bwd", "bwd_class") for v in (
+        variants.Variant(kind, "sm90_tf32_transposed", neighbor_bwd_kernel, **_TF32_TRANSPOSED),
+        variants.Variant(kind, "generic", neighbor_bwd_kernel))),
 ]
 TRITON_VERSION = variants.triton_version()
 
