@@ -181,28 +181,32 @@ def test_previous_vs_current_comparison_renders_from_committed_jsons():
 # ------------------------------------------------- the launchers' config table, compiled
 
 
-def _table_key(v):
-    kind = v.kind + ("_class" if v.cls else "")
-    dclass = v.name.split("_")[2 if v.ref_major is None else 3]
-    bucket = next(b for b, d in (build.TABLE_D if v.kind == "fwd" else build.TABLE_D_BWD).items()
-                  if f"_d{d}_" in v.name)
-    return kind, dclass, bucket
-
-
 @pytest.mark.parametrize("variant", build.table_variants(), ids=lambda v: v.name)
 def test_table_entry_compiles_clean(variant):
-    """Every sm_90 entry of nbkernels/backends/configs.TABLE, in each flavour it
-    serves: no spill (but the listed ones, which may not grow), and the dots of 16-bit
-    and TF32 entries on HGMMA (warpgroup MMA)."""
+    """Every sm_90 entry of nbkernels/backends/configs.TABLE as this triton launches it
+    (``configs.table``: with the version's replacements), in each flavour it serves: no
+    spill (but the listed ones, which may not grow), and the dots of 16-bit and TF32
+    entries on HGMMA (warpgroup MMA)."""
     from nbkernels.backends.triton import configs as tc
-    row = analyze.analyze_variant(variant)
-    key = _table_key(variant)
-    stack = row.get("stack_bytes", 0) + row.get("local_bytes", 0)
-    allowed = tc.SPILL_ALLOWANCE.get(key)
-    if allowed is None:
-        assert not row["spills"], f"{variant.name}: spills ({stack} B of stack)"
-    else:
-        assert stack <= allowed, f"{variant.name}: {stack} B of stack > {allowed} B allowed"
-    if key[1] in ("16", "32") and key not in tc.NO_HGMMA:
-        assert any("GMMA" in s for s in row.get("shapes", {})), \
-            f"{variant.name}: no HGMMA in the main loop ({row.get('shapes')})"
+    from bench.sass import table
+    why = table.violation(variant, analyze.analyze_variant(variant), tc.spill_allowance(),
+                          tc.no_hgmma())
+    assert why is None, f"{variant.name}: {why}"
+
+
+def test_violation_names_what_breaks_the_table_rule():
+    """The rule both the test above and ``table.py --fix`` apply, on made-up SASS rows."""
+    from bench.sass import table
+    v = next(v for v in build.table_variants() if v.name.startswith("table_fwd_16_"))
+    key = table.entry_key(v)
+    assert key == ("fwd", "16", "128")
+    on_hgmma = {"HGMMA.64x128x16.F32.BF16": 8}
+    clean = dict(spills=False, stack_bytes=0, local_bytes=0, shapes=on_hgmma)
+    assert table.violation(v, clean, {}, set()) is None
+    spill = dict(clean, spills=True, stack_bytes=8)
+    assert table.violation(v, spill, {}, set()) == "spills (8 B of stack)"
+    assert table.violation(v, spill, {key: 8}, set()) is None
+    assert table.violation(v, spill, {key: 4}, set()) == "8 B of stack > 4 B allowed"
+    mma_sync = dict(clean, shapes={"HMMA.16816.F32.BF16": 8})
+    assert table.violation(v, mma_sync, {}, set()).startswith("no HGMMA in the main loop")
+    assert table.violation(v, mma_sync, {}, {key}) is None

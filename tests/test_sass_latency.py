@@ -144,7 +144,8 @@ def test_points_from_a_gpu_perf_run(tmp_path):
     def rec(mode, fwd, bwd, ms, dtype="bfloat16", status="ok"):
         return dict(name="nbkernels-triton", mode=mode, dtype=dtype, status=status,
                     fwd_config=fwd, bwd_config=bwd, time_s={"median": ms / 1e3})
-    perf = dict(env=dict(git_commit="0123456789abcdef", git_dirty=False, gpu_name="NVIDIA H200"),
+    perf = dict(env=dict(git_commit="0123456789abcdef", git_dirty=False, gpu_name="NVIDIA H200",
+                         triton="3.6.0"),
                 records=[rec("fwd", [128, 128, 8, 2], [128, 64, 8, 2], 5.0),
                          rec("fwd", [128, 64, 4, 3], [128, 64, 8, 2], 4.0),
                          rec("fwdbwd", [128, 128, 8, 2], [64, 64, 4, 3], 20.0),
@@ -157,6 +158,8 @@ def test_points_from_a_gpu_perf_run(tmp_path):
                    "fwd_bf16_sqeuclidean_128x64w4s3": 4.0,
                    "bwd_sym_bf16_sqeuclidean_64x64w4s3": 15.0}
     assert {p["commit"] for p in points} == {"0123456"}
+    # the triton the GPU ran, which --triton 3.6=PATH compiles the point with
+    assert {p["triton"] for p in points} == {"3.6.0"} and L._minor("3.6.0") == "3.6"
     assert L.points_from_perf(dict(perf, env=dict(perf["env"], dry=True))) == []
     path, perf_path = tmp_path / "points.json", tmp_path / "gpu_perf.json"
     path.write_text(json.dumps({"points": []}))

@@ -69,10 +69,17 @@ def test_buckets_follow_the_resident_limits():
     assert tc.d_bucket("fwd_class", 16, 4, "ieee") == "128"
 
 
-@pytest.mark.parametrize("key", sorted(tc.TABLE), ids=lambda k: "-".join(k))
-def test_entry_fits_and_is_a_gpu_config(key):
+# every entry: TABLE's, and each triton version's replacements
+ENTRIES = [(None, key, entry) for key, entry in sorted(tc.TABLE.items())] + [
+    (version, key, entry) for version, entries in sorted(tc.TABLE_BY_TRITON.items())
+    for key, entry in sorted(entries.items())]
+
+
+@pytest.mark.parametrize("version,key,entry", ENTRIES,
+                         ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else None)
+def test_entry_fits_and_is_a_gpu_config(version, key, entry):
     arch, kernel, dclass, bucket = key
-    (own, other, warps, stages), source = tc.TABLE[key]
+    (own, other, warps, stages), source = entry
     cfg = tc._config(own, other, warps, stages, kernel)
     elem, prec = CLASSES[dclass]
     d = _reachable()[kernel, dclass, bucket]
@@ -95,14 +102,51 @@ def test_fallback_fits_small_shared_memory(kernel, dclass, d):
     assert (own + stages * other) * block_d * elem <= tc.FALLBACK_SMEM
 
 
+def test_version_entries_replace_table_entries():
+    """A triton version's entries replace entries of TABLE with other configs, and name
+    the version whose run of bench/sass/table.py --fix chose them; its stack allowances
+    are for entries of TABLE."""
+    for version, entries in tc.TABLE_BY_TRITON.items():
+        assert version in {(3, 6), (3, 7), (3, 8)}, version
+        for key, (cfg, source) in entries.items():
+            assert key in tc.TABLE and cfg != tc.TABLE[key][0], key
+            assert f"triton {version[0]}.{version[1]}" in source, source
+        merged = tc.table(version)
+        assert set(merged) == set(tc.TABLE)
+        assert all(merged[k] == e for k, e in entries.items())
+    for version, allowance in tc.SPILL_ALLOWANCE_BY_TRITON.items():
+        assert {("sm90",) + k for k in allowance} <= set(tc.TABLE)
+        assert tc.spill_allowance(version) == {**tc.SPILL_ALLOWANCE, **allowance}
+    for version, excused in tc.NO_HGMMA_BY_TRITON.items():
+        assert {("sm90",) + k for k in excused} <= set(tc.TABLE)
+        assert all(k[1] in ("16", "32") for k in excused)
+        assert tc.no_hgmma(version) == tc.NO_HGMMA | excused
+
+
+def test_select_takes_the_installed_triton_entries(monkeypatch):
+    if common.SMALL:
+        pytest.skip("NBK_TRITON_SIZES=interpreter pins 16 x 16")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tc, "arch", lambda device: "sm90")
+    key = ("sm90", "fwd", "16", "128")
+    other = next(c for c in [(64, 64, 4, 2), (64, 32, 4, 3)] if c != tc.TABLE[key][0])
+    monkeypatch.setattr(tc, "TABLE_BY_TRITON", {(3, 6): {key: (other, "under triton 3.6")}})
+    for version, want in [((3, 6), other), ((3, 9), tc.TABLE[key][0])]:
+        monkeypatch.setattr(tc.variants, "triton_version", lambda v=version: v)
+        cfg, _ = tc.select("fwd", 2, 128, cpu)
+        assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
+                cfg.num_stages) == want
+
+
 def test_select_reads_the_table_and_falls_back(monkeypatch):
     if common.SMALL:
         pytest.skip("NBK_TRITON_SIZES=interpreter pins 16 x 16")
     cpu = torch.device("cpu")
     monkeypatch.setattr(tc, "arch", lambda device: "sm90")
     cfg, source = tc.select("fwd", 2, 128, cpu)
-    assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) == tc.TABLE["sm90", "fwd", "16", "128"][0][:2]
-    assert source == tc.TABLE["sm90", "fwd", "16", "128"][1]
+    entry, want = tc.table()["sm90", "fwd", "16", "128"]
+    assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) == entry[:2]
+    assert source == want
     monkeypatch.setattr(tc, "arch", lambda device: "other")
     cfg, source = tc.select("bwd", 4, 128, cpu)
     assert source == "fallback"

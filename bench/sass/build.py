@@ -337,16 +337,18 @@ def table_variant(arch):
     return next(v for v in tk.VARIANTS if v.configs == arch)
 
 
-def table_variants(metric="sqeuclidean"):
+def table_variants(metric="sqeuclidean", entries=None):
     """One compiled variant per flavour of every sm_90 entry of the launchers' config table
-    (``nbkernels/backends/triton/configs.py``): the lse forward, the class forward, the
+    (``nbkernels/backends/triton/configs.py``; as the installed triton launches it,
+    ``configs.table``, or ``entries``): the lse forward, the class forward, the
     dq / dr / symmetric backward, the class dq / dr backward, at a D in the entry's bucket.
     Entries of "sm90" compile the generic kernel, those of a variant's own key (e.g.
     "sm90_tf32t") that variant, with its flags."""
     from nbkernels.backends.triton import configs as tc
     from nbkernels.backends.triton import kernels as tk
     out = []
-    for (arch, kernel, dclass, bucket), ((bm, bn, w, s), _) in sorted(tc.TABLE.items()):
+    entries = tc.table() if entries is None else entries
+    for (arch, kernel, dclass, bucket), ((bm, bn, w, s), _) in sorted(entries.items()):
         if not arch.startswith("sm90"):
             continue
         variant = table_variant(arch)

@@ -98,7 +98,8 @@ def _at(commit):
             code = ("import json; from bench.sass import class_forward as cf; "
                     f"json.dump(cf.measure(), open({str(out)!r}, 'w'))")
             subprocess.run([sys.executable, "-c", code], cwd=str(wt), check=True,
-                           env=dict(os.environ, PYTHONPATH=str(wt)))
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (
+                               str(wt), os.environ.get("PYTHONPATH"))))))
             return json.loads(out.read_text())
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)],

@@ -3,12 +3,17 @@ measurements.
 
     python bench/sass/latency_report.py            # compile, simulate, write JSON + README
     python bench/sass/latency_report.py --render   # README block from the committed JSON
+    # the measured points with the triton the GPU ran (3.6), installed beside this one:
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    python bench/sass/latency_report.py --triton 3.6=/tmp/triton36
 
 *Predicted from compiled SASS*, never measured. Two parts:
 
 * **Measured points** (``points.json`` beside this file): kernels a GPU has timed, each at
   the commit that was timed. That commit is checked out in a temporary git worktree and
-  its own ``bench/sass/build.py`` compiles the variants the autotuner was given there;
+  its own ``bench/sass/build.py`` compiles the variants the autotuner was given there,
+  with the triton the GPU ran (the point's ``triton``) where ``--triton`` names an
+  install of it, else with this checkout's (the row says which);
   the prediction of a point is the fastest of them (the autotuner keeps the fastest).
   Each row gives the prediction, the measurement and their ratio, and the same for the
   pipe model of ``model.py`` (raw, and calibrated by the anchor's factor).
@@ -48,6 +53,7 @@ ERR_BEGIN, ERR_END = "<!-- latency-error:begin -->", "<!-- latency-error:end -->
 _AT_COMMIT = r"""
 import json, re, sys
 sys.path.insert(0, ".")
+import triton
 from bench.sass import build
 want = set(json.loads(sys.argv[1]))
 out = []
@@ -73,7 +79,8 @@ for v in vs:
         out.append(dict(name=v.name, kind=v.kind, cubin=str(c.cubin), fn=c.name,
                         shared=c.shared, block_m=v.block_m, block_n=v.block_n,
                         num_warps=v.num_warps, flop_per_pair=v.flop_per_pair,
-                        dtype=v.dtype, ref_major=v.ref_major, inner_trips=v.inner_trips))
+                        dtype=v.dtype, ref_major=v.ref_major, inner_trips=v.inner_trips,
+                        triton=triton.__version__))
 print("JSON" + json.dumps(out))
 """
 
@@ -95,22 +102,27 @@ def simulate(c, kind, dtype, flop_per_pair, block_m, block_n, num_warps, inner_t
                 latency=pred, pipe_raw=pipe["overlap"])
 
 
-def _compile_at(commit, names):
-    """{variant name: compiled record} of ``names`` at ``commit`` (a temporary worktree)."""
+def _compile_at(commit, names, triton_path=None):
+    """{variant name: compiled record} of ``names`` at ``commit`` (a temporary worktree),
+    by the triton installed at ``triton_path`` (default: this one)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"nbk-{commit}-"))
     wt = tmp / "src"
     try:
-        return _compile_in(tmp, wt, commit, names)
+        return _compile_in(tmp, wt, commit, names, triton_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile_in(tmp, wt, commit, names):
+def _compile_in(tmp, wt, commit, names, triton_path):
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), commit],
                    check=True)
     try:
         # the cubins outlive the worktree: they are simulated after it is gone
-        env = dict(os.environ, NBK_SASS_CACHE=str(build.cache_dir() / f"commit-{commit}"))
+        tag = f"commit-{commit}" + (f"-{Path(triton_path).name}" if triton_path else "")
+        env = dict(os.environ, NBK_SASS_CACHE=str(build.cache_dir() / tag))
+        if triton_path:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(triton_path),
+                                                              env.get("PYTHONPATH"))))
         out = subprocess.run([sys.executable, "-c", _AT_COMMIT, json.dumps(sorted(names))],
                              cwd=wt, env=env, capture_output=True, text=True, check=True).stdout
         recs = json.loads(out[out.index("JSON") + 4:])
@@ -120,11 +132,17 @@ def _compile_in(tmp, wt, commit, names):
                        check=False)
 
 
-def measured_points(factor):
-    """Each point of points.json: the predictions of its variants against the measurement."""
+def _minor(version):
+    return ".".join(str(version).split(".")[:2])
+
+
+def measured_points(factor, tritons=None):
+    """Each point of points.json: the predictions of its variants against the measurement.
+    ``tritons``: {"3.6": install path}, the tritons the points may be compiled with."""
     rows = []
+    tritons = tritons or {}
     for p in json.loads(POINTS.read_text())["points"]:
-        compiled = _compile_at(p["commit"], p["variants"])
+        compiled = _compile_at(p["commit"], p["variants"], tritons.get(_minor(p.get("triton"))))
         preds = {}
         for name in p["variants"]:
             c = compiled[name]
@@ -135,7 +153,8 @@ def measured_points(factor):
         ms = p["measured_ms"]
         lat_ms = 1e3 * preds[best]["latency"]["time_s"]
         pipe_ms = 1e3 * preds[pipe_best]["pipe_raw"]["time_s"]
-        rows.append(dict(p, variants=preds, latency_pick=best, latency_ms=lat_ms,
+        rows.append(dict(p, variants=preds, compiled_with=compiled[best]["triton"],
+                         latency_pick=best, latency_ms=lat_ms,
                          latency_ratio=ms / lat_ms, pipe_raw_ms=pipe_ms,
                          pipe_raw_ratio=ms / pipe_ms, pipe_calibrated_ratio=ms * factor / pipe_ms))
     return rows
@@ -156,14 +175,16 @@ def points_from_perf(perf):
     def name(kind, cfg):
         return f"{kind}_bf16_sqeuclidean_{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}"
     fwd = {tuple(r["fwd_config"]): 1e3 * r["time_s"]["median"] for r in ok if r["mode"] == "fwd"}
+    ran = perf["env"].get("triton")
     out = [dict(what=f"bf16 forward, {name('fwd', c)[21:]} ({gpu}, gpu_perf)", commit=commit,
-                dirty=dirty, measured_ms=ms, variants=[name("fwd", c)]) for c, ms in fwd.items()]
+                dirty=dirty, triton=ran, measured_ms=ms, variants=[name("fwd", c)])
+           for c, ms in fwd.items()]
     for r in ok:
         cfg, both = tuple(r["fwd_config"]), 1e3 * r["time_s"]["median"]
         if r["mode"] == "fwdbwd" and r.get("bwd_config") and cfg in fwd:
             out.append(dict(what=f"bf16 batch backward, {name('bwd_sym', r['bwd_config'])[25:]} "
                                  f"({gpu}, gpu_perf: fwd+bwd - fwd)", commit=commit,
-                            dirty=dirty, measured_ms=both - fwd[cfg],
+                            dirty=dirty, triton=ran, measured_ms=both - fwd[cfg],
                             variants=[name("bwd_sym", r["bwd_config"])]))
     return out
 
@@ -261,18 +282,20 @@ def block(data):
            f"to `bench/results/sass_latency_sm90.json`. N = M = 65536, D = 128; "
            f"{model.SMS} SMs at {model.CLOCK_HZ / 1e9:.2f} GHz.", "",
            "**Against the GPU's measurements** (H200, `bench/results/gpu_h200_2026-12-04_"
-           "5fa40b9.json`; each point's kernels compiled at the measured commit; the model's "
+           "5fa40b9.json`; each point's kernels compiled at the measured commit, by the "
+           "triton in the second column (the GPU ran 3.6); the model's "
            "pick is its fastest of the configs the autotuner was given). Ratio = measured / "
            "predicted: 1.0 is exact, above 1 the model is optimistic.", "",
            "The last column scales the latency model by its error on the bf16 forward "
            "(one factor, fitted on that one point): what is left is what the model misses "
            "elsewhere.", "",
-           "| measured point | measured | latency model (its pick) | ratio | pipe model raw | "
-           "ratio | ratio, calibrated pipe model | ratio, latency model scaled on the bf16 "
-           "forward |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+           "| measured point | compiled by triton | measured | latency model (its pick) | "
+           "ratio | pipe model raw | ratio | ratio, calibrated pipe model | ratio, latency "
+           "model scaled on the bf16 forward |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     first = data["points"][0]["latency_ratio"]
     for p in data["points"]:
-        out.append(f"| {p['what']} | {p['measured_ms']:.2f} ms | {p['latency_ms']:.2f} ms "
+        out.append(f"| {p['what']} | {p.get('compiled_with', '?')} | {p['measured_ms']:.2f} ms "
+                   f"| {p['latency_ms']:.2f} ms "
                    f"(`{p['latency_pick']}`) | {p['latency_ratio']:.2f} | {p['pipe_raw_ms']:.2f} "
                    f"ms | {p['pipe_raw_ratio']:.2f} | {p['pipe_calibrated_ratio']:.2f} | "
                    f"{p['latency_ratio'] / first:.2f} |")
@@ -280,8 +303,8 @@ def block(data):
     out += ["", f"FA2-style anchor (Triton tutorial forward, `anchor_fa2.py`): latency model "
             f"{a['latency']['tflops']:.0f} TFLOP/s, pipe model {a['pipe_raw']['tflops']:.0f} "
             f"raw; the cited H100 measurement is {anchor_fa2.MEASURED_TFLOPS:.0f} (not measured "
-            "here).", "", "**Current kernels** (this commit; per config; the dr kernels, which mirror dq, are in "
-            "the JSON):", "",
+            "here).", "", "**Current kernels** (this commit; per config; the dr kernels, which "
+            "mirror dq, are in the JSON):", "",
             "The last three forward rows are configs outside the GPU lists "
             "(`SWEEP_FWD`), for the model to rank; `bench/gpu_perf.sh` times the model's "
             "best ones beside the table's.", "",
@@ -308,11 +331,13 @@ def block(data):
 
 def error_block(data):
     """bench/README's summary: each measured point against both models."""
-    out = ["| measured point (H200, 5fa40b9) | measured | latency model | measured / "
-           "predicted | pipe model raw, measured / predicted |", "|---|---:|---:|---:|---:|"]
+    out = ["| measured point (H200, 5fa40b9) | compiled by triton | measured | latency model "
+           "| measured / predicted | pipe model raw, measured / predicted |",
+           "|---|---|---:|---:|---:|---:|"]
     for p in data["points"]:
-        out.append(f"| {p['what']} | {p['measured_ms']:.2f} ms | {p['latency_ms']:.2f} ms | "
-                   f"{p['latency_ratio']:.2f} | {p['pipe_raw_ratio']:.2f} |")
+        out.append(f"| {p['what']} | {p.get('compiled_with', '?')} | {p['measured_ms']:.2f} ms "
+                   f"| {p['latency_ms']:.2f} ms | {p['latency_ratio']:.2f} | "
+                   f"{p['pipe_raw_ratio']:.2f} |")
     ratios = [p["latency_ratio"] for p in data["points"]]
     out += ["", f"The latency model is {min(ratios):.2f}-{max(ratios):.2f}x optimistic "
             "(the goal is within 1.25x on every point): the details and the current "
@@ -333,7 +358,11 @@ def main(argv=None):
     ap.add_argument("--render", action="store_true", help="README block from the JSON only")
     ap.add_argument("--perf", metavar="GPU_PERF_JSON",
                     help="first add the points of a bench/gpu_perf.py result to points.json")
+    ap.add_argument("--triton", action="append", default=[], metavar="MAJOR.MINOR=PATH",
+                    help="a triton installed at PATH (pip install --target), to compile the "
+                         "measured points that version ran")
     args = ap.parse_args(argv)
+    tritons = dict(t.split("=", 1) for t in args.triton)
     if args.perf:
         print(f"added {len(add_points(args.perf))} points to {POINTS.relative_to(ROOT)}")
     if not args.render:
@@ -345,7 +374,8 @@ def main(argv=None):
             "calibration_factor"]
         rows, sweep, anchor, whatifs = current_kernels()
         data = dict(env=report.env(), constants=constants(), calibration_factor=factor,
-                    points=measured_points(factor), anchor=anchor, variants=rows, sweep=sweep,
+                    points=measured_points(factor, tritons), anchor=anchor, variants=rows,
+                    sweep=sweep,
                     what_ifs=whatifs)
         data["seconds"] = round(time.time() - t0, 1)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")

@@ -7,9 +7,16 @@ spills and every 16-bit / TF32 flavour runs its dots on HGMMA (fp64: the widest 
 not spill); where every candidate spills, the least stack.
 
     python bench/sass/table.py [--out bench/results/config_table_sm90.json]
+    python bench/sass/table.py --fix    # under an older triton: TABLE_BY_TRITON's rows
 
 Predicted from compiled SASS, not measured (bench/sass/model.py); prints the table as
 Python literal rows for triton_configs.TABLE. About 5 minutes on 2 CPU cores.
+
+``--fix`` compiles the entries of ``TABLE`` (chosen under triton 3.9) with the triton that
+runs it (another version: put it first on PYTHONPATH), and chooses again, by the same rule,
+only the entries that break the rule there (``violation``); it writes
+bench/results/config_table_sm90_triton<major><minor>.json and prints the rows of
+``configs.TABLE_BY_TRITON`` (and of ``SPILL_ALLOWANCE_BY_TRITON`` where every config spills).
 """
 import argparse
 import json
@@ -35,12 +42,42 @@ def _score(rows, dtype, ieee=False):
     return (ok, -stack, -t)
 
 
-def choose(only=None):
+def entry_key(v):
+    """(kernel, dtype class, bucket) of a ``build.table_variants`` variant: the key of
+    ``configs.SPILL_ALLOWANCE`` and ``configs.NO_HGMMA``."""
+    kind = v.kind + ("_class" if v.cls else "")
+    dclass = v.name.split("_")[2 if v.ref_major is None else 3]
+    bucket = next(b for b, d in (build.TABLE_D if v.kind == "fwd" else build.TABLE_D_BWD).items()
+                  if f"_d{d}_" in v.name)
+    return kind, dclass, bucket
+
+
+def violation(v, row, allowance, no_hgmma):
+    """How a compiled table entry (``build.table_variants`` variant ``v``, its
+    ``analyze.analyze_variant`` row) breaks the table's rule, or None: a spill, beyond the
+    entry's stack in ``allowance`` where it has one, or a 16-bit / TF32 dot off HGMMA
+    (but for the entries in ``no_hgmma``)."""
+    key = entry_key(v)
+    stack = row.get("stack_bytes", 0) + row.get("local_bytes", 0)
+    allowed = allowance.get(key)
+    if allowed is None and row["spills"]:
+        return f"spills ({stack} B of stack)"
+    if allowed is not None and stack > allowed:
+        return f"{stack} B of stack > {allowed} B allowed"
+    if key[1] in ("16", "32") and key not in no_hgmma and \
+            not any("GMMA" in s for s in row.get("shapes", {})):
+        return f"no HGMMA in the main loop ({row.get('shapes')})"
+    return None
+
+
+def choose(only=None, keys=None):
     from nbkernels.backends.triton import configs as tc
     from nbkernels.backends.triton import kernels as tk
     out = []
     for (arch, kernel, dclass, bucket) in sorted(tc.TABLE):
         if arch != "sm90" or (only and dclass not in only):
+            continue
+        if keys is not None and (arch, kernel, dclass, bucket) not in keys:
             continue
         kind, cls = kernel[:3], kernel.endswith("class")
         precision = "ieee" if dclass == "32ieee" else None
@@ -59,7 +96,7 @@ def choose(only=None):
             for rm in rms:
                 vals = build._fill_unknown(jit, build._launch_values(
                     kind, dtype, "sqeuclidean", cls, rm, bm, bn, d, precision))
-                v = build.Variant(name=f"{kernel}_{dtype}_d{d}_{rm}_{bm}x{bn}w{w}s{s}", kind=kind,
+                v = build.Variant(name=f"{kernel}_{dclass}_d{d}_{rm}_{bm}x{bn}w{w}s{s}", kind=kind,
                                   dtype=dtype, metric="sqeuclidean", cls=cls, ref_major=rm,
                                   block_m=bm, block_n=bn, block_d=vals["BLOCK_D"], num_warps=w,
                                   num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
@@ -73,7 +110,12 @@ def choose(only=None):
                    candidates=[dict(config=c, ok=sc[0], stack=-sc[1],
                                     predicted_s=(sum(r["predicted"]["overlap"]["time_s"]
                                                      for r in rows) if dtype != "fp64" else None),
-                                    regs=[r.get("regs") for r in rows])
+                                    regs=[r.get("regs") for r in rows],
+                                    stacks=[r.get("stack_bytes", 0) + r.get("local_bytes", 0)
+                                            for r in rows],
+                                    loop_spill_instrs=[r.get("spill_instrs") for r in rows],
+                                    hgmma=[any("GMMA" in k for k in r.get("shapes", {}))
+                                           for r in rows])
                                for c, sc, rows in cands])
         print(f'    ("sm90", "{kernel}", "{dclass}", "{bucket}"): ({best[0]}, ...),'
               f'  # ok={best[1][0]} stack={-best[1][1]}', flush=True)
@@ -81,18 +123,52 @@ def choose(only=None):
     return out
 
 
+def broken():
+    """{sm90 key of TABLE: [how each flavour breaks the rule]} under the running triton,
+    for the entries of ``TABLE`` itself (not the version's replacements)."""
+    from nbkernels.backends.triton import configs as tc
+    base = {k: e for k, e in tc.TABLE.items() if k[0] == "sm90"}
+    out = {}
+    for v in build.table_variants(entries=base):
+        why = violation(v, analyze.analyze_variant(v), tc.SPILL_ALLOWANCE, tc.NO_HGMMA)
+        if why:
+            out.setdefault(("sm90",) + entry_key(v), []).append(f"{v.name}: {why}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "config_table_sm90.json"))
+    ap.add_argument("--out", help="default: bench/results/config_table_sm90.json, or with "
+                                  "--fix config_table_sm90_triton<major><minor>.json")
     ap.add_argument("--only", nargs="*", help="dtype classes to choose (default: all)")
+    ap.add_argument("--fix", action="store_true",
+                    help="choose again only the entries that break the rule under this triton")
     args = ap.parse_args()
     import triton
+    from nbkernels.backends import variants
+    if args.fix:
+        bad = broken()
+        for key, why in sorted(bad.items()):
+            print(key, *why, sep="\n    ", flush=True)
+        rows = choose(args.only, keys=set(bad))
+        for r in rows:
+            r["broken"] = bad[("sm90", r["kernel"], r["dtype_class"], r["bucket"])]
+        ver = "".join(map(str, variants.triton_version()))
+        out = args.out or ROOT / "bench" / "results" / f"config_table_sm90_triton{ver}.json"
+        what = (f"bench/sass/table.py --fix under triton {triton.__version__}: the sm_90 entries "
+                "of configs.TABLE compiled in every flavour; those that break the table's rule "
+                "(a spill beyond the entry's allowance, a 16-bit / TF32 dot off HGMMA), chosen "
+                "again by the rule; predicted from compiled SASS, not measured")
+        Path(out).write_text(json.dumps(dict(what=what, triton=triton.__version__,
+                                             entries=rows), indent=1))
+        return
     rows = choose(args.only)
     what = ("bench/sass/table.py: every sm_90 entry of nbkernels/backends/triton_configs.TABLE, "
             "each GPU config that fits compiled in each flavour at a D of the bucket; "
             "predicted from compiled SASS (bench/sass/model.py), not measured")
-    Path(args.out).write_text(json.dumps(dict(what=what, triton=triton.__version__,
-                                              entries=rows), indent=1))
+    out = args.out or ROOT / "bench" / "results" / "config_table_sm90.json"
+    Path(out).write_text(json.dumps(dict(what=what, triton=triton.__version__,
+                                         entries=rows), indent=1))
 
 
 if __name__ == "__main__":

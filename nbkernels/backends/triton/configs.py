@@ -25,7 +25,10 @@ Only Hopper (sm_90) has entries, chosen from the SASS model by ``bench/sass/tabl
 them): for each entry, every GPU config whose tiles fit sm_90's shared memory is compiled
 in every flavour the entry serves, at a D of its bucket, and the best predicted of those
 where no flavour spills and every dot runs on HGMMA is kept (each entry names its
-source; ``SPILL_ALLOWANCE`` and ``NO_HGMMA`` list where no config qualifies).
+source; ``SPILL_ALLOWANCE`` and ``NO_HGMMA`` list where no config qualifies). The
+choice is made under triton 3.9; ``TABLE_BY_TRITON`` replaces the entries that spill
+under an older supported triton, whose compiler allocates registers differently
+(``table``).
 Any other architecture takes ``fallback``: the widest of 64 x 64, 32 x 32 and 16 x 16
 (4 warps, 2 stages) whose tiles fit in 96 KB, the shared memory of the smallest current
 parts. The interpreter's small sizes (``NBK_TRITON_SIZES=interpreter``) use 16 x 16.
@@ -118,6 +121,53 @@ SPILL_ALLOWANCE = {
     ("bwd_class", "64", "chunked"): 296,
 }
 NO_HGMMA = {("bwd_class", "32", "chunked")}
+# The same kernels compiled by an older triton allocate registers differently: under each
+# supported version the entries above are compiled again (``bench/sass/table.py --fix``,
+# run under that triton: bench/results/config_table_sm90_triton<version>.json), and where
+# one spills there (beyond its allowance) or leaves HGMMA, the config chosen by the same
+# rule under that version takes its place, with the stack allowed where every config of
+# the entry spills (and HGMMA excused where the one config that does not spill leaves
+# it). Filled from those runs; ``table``, ``spill_allowance`` and ``no_hgmma`` merge them.
+#
+# Under 3.6 to 3.8 the TF32 forward at 128 < D <= 256 spills 8 B at 64 x 64 (2 spill
+# instructions in its main loop); the one config that does not spill, 32 x 32, is too
+# narrow for warpgroup MMA and is predicted 2x slower (triton 3.6: 9.27 against 4.45 ms).
+# The rule keeps it; a GPU run should decide between the two.
+
+
+def _fixed(version):
+    return (f"SASS model under triton {version}: TABLE's entry breaks the rule there; the "
+            "rule's choice under that version (bench/sass/table.py --fix, bench/results/"
+            f"config_table_sm90_triton{version.replace('.', '')}.json)")
+
+
+TABLE_BY_TRITON = {
+    (3, 6): {
+        ("sm90", "bwd", "32ieee", "chunked"): ((64, 32, 4, 2), _fixed("3.6")),
+        ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.6")),
+        ("sm90", "fwd", "64", "128"): ((32, 32, 4, 2), _fixed("3.6")),
+    },
+    (3, 7): {
+        ("sm90", "bwd", "32ieee", "chunked"): ((64, 32, 4, 2), _fixed("3.7")),
+        ("sm90", "bwd_class", "32", "128"): ((32, 32, 4, 2), _fixed("3.7")),
+        ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.7")),
+        ("sm90", "fwd", "64", "128"): ((32, 32, 4, 2), _fixed("3.7")),
+    },
+    (3, 8): {
+        ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.8")),
+    },
+}
+SPILL_ALLOWANCE_BY_TRITON = {
+    (3, 6): {("bwd", "32ieee", "chunked"): 8, ("bwd", "64", "128"): 136,
+             ("bwd_class", "32ieee", "128"): 720, ("fwd_class", "32ieee", "128"): 8},
+    (3, 7): {("bwd", "32ieee", "chunked"): 16, ("bwd", "64", "128"): 136,
+             ("bwd_class", "32ieee", "128"): 16, ("fwd_class", "64", "256"): 16},
+}
+NO_HGMMA_BY_TRITON = {
+    (3, 6): {("fwd", "32", "256")},
+    (3, 7): {("fwd", "32", "256"), ("bwd_class", "32", "128")},
+    (3, 8): {("fwd", "32", "256")},
+}
 KERNELS = ("fwd", "fwd_class", "bwd", "bwd_class")
 FALLBACK = [(64, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
 FALLBACK_SMEM = 96 * 1024
@@ -173,6 +223,26 @@ def _config(own, other, warps, stages, kernel):
                                       num_stages=stages))
 
 
+def _version(triton_version):
+    return tuple(triton_version or variants.triton_version() or ())[:2]
+
+
+def table(triton_version=None):
+    """``TABLE`` as triton ``triton_version`` ((major, minor); default: the installed one)
+    launches it: with that version's entries of ``TABLE_BY_TRITON`` in place."""
+    return {**TABLE, **TABLE_BY_TRITON.get(_version(triton_version), {})}
+
+
+def spill_allowance(triton_version=None):
+    """``SPILL_ALLOWANCE`` under triton ``triton_version`` (``SPILL_ALLOWANCE_BY_TRITON``)."""
+    return {**SPILL_ALLOWANCE, **SPILL_ALLOWANCE_BY_TRITON.get(_version(triton_version), {})}
+
+
+def no_hgmma(triton_version=None):
+    """``NO_HGMMA`` under triton ``triton_version`` (``NO_HGMMA_BY_TRITON``)."""
+    return NO_HGMMA | NO_HGMMA_BY_TRITON.get(_version(triton_version), set())
+
+
 def fallback(kernel, element_size, d, precision=None):
     """The safe config of an architecture without entries (see the module docstring)."""
     block_d = _block_d(kernel, d, element_size, precision)
@@ -193,8 +263,9 @@ def select(kernel, element_size, d, device, precision=None, arch_key=None):
         return _config(16, 16, 4, 2, kernel), "interpreter sizes"
     key = (arch_key or arch(device), kernel, dtype_class(element_size, precision),
            d_bucket(kernel, d, element_size, precision))
-    if key in TABLE:
-        entry, source = TABLE[key]
+    entries = table()
+    if key in entries:
+        entry, source = entries[key]
         return _config(*entry, kernel), source
     return _config(*fallback(kernel, element_size, d, precision), kernel), "fallback"
 

@@ -97,13 +97,23 @@ _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", 
 # the other side (r for dq, q for dr and the batch kernel; D x rows, fp32) per backward,
 # and twice the other side's tile in shared memory (``fits``). The arithmetic is the
 # generic kernel's, element for element.
+#
+# It holds for the triton versions whose build of it the latency model has faster than
+# the generic kernel's (``bench/sass/tf32_backward.py`` run under each,
+# bench/results/tf32_backward_sm90*.json; best configs, N = M = 65536): the lse backward
+# under 3.6 to 3.9 (D = 128: 33.7 against 39.9 ms under 3.6, 34.8 against 39.5 under
+# 3.9); the class backward from 3.7 (3.7: 28.3 against 64.6 ms), not under 3.6, whose
+# build of the variant's class dq loop is predicted at 2.4x the generic one's cycles per
+# tile (57.4 against 34.0 ms). Beyond 3.9 nothing is checked: the generic kernel.
 _TF32_TRANSPOSED = dict(capability=((9, 0), (10, 0)), configs="sm90_tf32t",
                         precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),))
+_TF32_TRANSPOSED_TRITON = {"bwd": ((3, 6), (3, 10)), "bwd_class": ((3, 7), (3, 10))}
 VARIANTS = [
     variants.Variant("fwd", "generic", neighbor_fwd_kernel),
     variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
     *(v for kind in ("bwd", "bwd_class") for v in (
-        variants.Variant(kind, "sm90_tf32_transposed", neighbor_bwd_kernel, **_TF32_TRANSPOSED),
+        variants.Variant(kind, "sm90_tf32_transposed", neighbor_bwd_kernel,
+                         triton=_TF32_TRANSPOSED_TRITON[kind], **_TF32_TRANSPOSED),
         variants.Variant(kind, "generic", neighbor_bwd_kernel))),
 ]
 TRITON_VERSION = variants.triton_version()
