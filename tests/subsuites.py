@@ -1,6 +1,7 @@
 """``python -m pytest`` runs all three suites: the main one and, each in its own process,
 the Triton interpreter suite (twice: with the interpreter's small tiles, and with the
-GPU's block limits and configs) and the CUDA emulator suite.
+GPU's block limits and configs; a third time, GPU-sized, under the oldest supported
+triton where NBK_OLDEST_TRITON names an install of it) and the CUDA emulator suite.
 
 ``tests/triton`` needs ``TRITON_INTERPRET=1`` before triton is imported and ``tests/cuda``
 needs ``NBK_CUDA_EMULATE=1``, so neither can run inside the main pytest process. This
@@ -40,6 +41,26 @@ SUBSUITES = [
     ("test_cuda_emulator_suite", "tests/cuda", {"NBK_CUDA_EMULATE": "1"},
      "CUDA kernels' source through the CPU emulator"),
 ]
+# An install of the oldest supported triton (3.6, with NumPy < 2.4 for its interpreter),
+# made by ``pip install --no-deps --target DIR triton==3.6.0 "numpy<2.4"`` (.ci/run does):
+# with NBK_OLDEST_TRITON=DIR the GPU-sized interpreter suite runs once more under it.
+# Triton versions differ where it matters (3.6 to 3.8 compile tl.fma's Python-float
+# operand as fp32, which an fp64 kernel must not pass them), and the GPU image runs 3.6.
+OLDEST = "NBK_OLDEST_TRITON"
+
+
+def subsuites():
+    """SUBSUITES, and the oldest triton's run where NBK_OLDEST_TRITON names its install."""
+    where = os.environ.get(OLDEST)
+    if not where:
+        return SUBSUITES
+    path = os.pathsep.join(filter(None, (str(Path(where).resolve()),
+                                         os.environ.get("PYTHONPATH"))))
+    return SUBSUITES + [
+        ("test_triton_oldest_triton_suite", "tests/triton",
+         {"TRITON_INTERPRET": "1", "NBK_TRITON_SIZES": "gpu", "NBK_EXPECT_TRITON": "3.6",
+          "PYTHONPATH": path},
+         f"the GPU-sized interpreter suite under triton 3.6, installed in {where}")]
 SELECTORS = ("TRITON_INTERPRET", "NBK_CUDA_EMULATE", "NBK_TEST_DEVICE")
 TIMEOUT_S = 30 * 60  # per sub-suite; today each takes a few minutes on 2 CPU cores
 TAIL_LINES = 60
@@ -66,7 +87,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 class SubsuiteFile(pytest.File):
     def collect(self):
-        for name, directory, env, what in SUBSUITES:
+        for name, directory, env, what in subsuites():
             yield SubsuiteItem.from_parent(self, name=name, directory=directory, env=env, what=what)
 
 
@@ -127,7 +148,7 @@ class SubsuiteItem(pytest.Item):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _results:
         return
-    sub = {name for name, *_ in SUBSUITES}
+    sub = {name for name, *_ in subsuites()}
     counts = {}
     for key in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
         n = sum(1 for r in terminalreporter.stats.get(key, []) if not _is_sub(r, sub))
@@ -136,7 +157,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     main = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no tests ran"
     terminalreporter.section("nbkernels test suites")
     terminalreporter.write_line(f"tests (main suite): {main}")
-    for name, directory, env, _ in SUBSUITES:
+    for name, directory, env, _ in subsuites():
         if name in _results:
             flags = " ".join(f"{k}={v}" for k, v in env.items())
             terminalreporter.write_line(f"{directory} ({flags}): {_results[name]}")

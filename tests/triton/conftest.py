@@ -37,6 +37,9 @@ def pytest_configure(config):
                             "NBK_NIGHTLY=1 (bench/gpu_check.sh sets it on a GPU)")
     # the interpreter evaluates both sides of tl.where: log(0), 0 * inf in masked lanes
     config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+    # triton 3.6's interpreter converts 1-element arrays with int() (NumPy < 2.4 warns)
+    config.addinivalue_line("filterwarnings",
+                            "ignore:Conversion of an array with ndim > 0:DeprecationWarning")
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise pytest.UsageError(
             "tests/triton on CPU need the Triton interpreter, set before triton is imported: "
@@ -54,6 +57,19 @@ def pytest_configure(config):
             device_numerics.install()
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("NBK_TEST_DEVICE=cuda but torch sees no CUDA device")
+    expect = os.environ.get("NBK_EXPECT_TRITON")
+    if expect:
+        import triton
+        if not triton.__version__.startswith(expect + "."):
+            raise pytest.UsageError(f"NBK_EXPECT_TRITON={expect} but triton {triton.__version__} "
+                                    f"is imported (from {os.path.dirname(triton.__file__)})")
+
+
+def pytest_report_header(config):
+    import numpy
+    import triton
+    return (f"triton {triton.__version__} ({os.path.dirname(triton.__file__)}), numpy "
+            f"{numpy.__version__}, NBK_TRITON_SIZES={os.environ.get('NBK_TRITON_SIZES', '-')}")
 
 
 def pytest_collection_modifyitems(config, items):

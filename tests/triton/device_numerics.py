@@ -3,7 +3,8 @@
 Triton's interpreter runs a kernel's operations in NumPy: exp2 / log2 / division
 correctly rounded and without flushing subnormals, ``tl.dot`` as one ``np.matmul``
 (whose rounding depends on where an element sits in the block, and which ignores
-TF32), and, before triton 3.9, ``tl.fma`` as a multiply and an add. Compiled for
+TF32), and, before triton 3.9, ``tl.fma`` as a multiply and an add (here then: fp32
+through fp64, fp64 by error-free transformations). Compiled for
 sm_90, our kernels use (read off their PTX, ``bench/sass``):
 
 * ``tl.math.exp2`` (fp32) -> ``ex2.approx.ftz.f32``: up to 2 ulp of error, subnormal
@@ -89,14 +90,39 @@ def fma32(x, y, z):
         return (x.astype(np.float64) * y + z).astype(np.float32)
 
 
+def _split(a):
+    """Veltkamp's split of fp64 ``a`` into two halves of 26 bits: hi + lo == a."""
+    c = a * 134217729.0   # 2^27 + 1
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _fma64_ef(x, y, z):
+    """x y + z from error-free transformations (Dekker's product, Knuth's sum): the
+    product's rounding error e and the sum's t exactly, then s + (t + e). Rounds once
+    but where t + e itself rounds (rare); exact for z = -fl(x y), which is what the
+    kernels' residues compute. Where an intermediate is not finite: x y + z."""
+    with np.errstate(all="ignore"):
+        p = x * y
+        xh, xl = _split(x)
+        yh, yl = _split(y)
+        e = ((xh * yh - p) + xh * yl + xl * yh) + xl * yl
+        s = p + z
+        zz = s - p
+        t = (p - (s - zz)) + (z - zz)
+        out = s + (t + e)
+        plain = x * y + z
+    return np.where(np.isfinite(out) & np.isfinite(e), out, plain)
+
+
 def fma64(x, y, z):
     x, y, z = (np.ascontiguousarray(v) for v in
                np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (x, y, z))))
     try:
         from triton.runtime.interpreter import _interpreter
         return _interpreter.fma_fp64(x, y, z)
-    except (ImportError, AttributeError):
-        return x * y + z
+    except (ImportError, AttributeError):  # triton < 3.9
+        return _fma64_ef(x, y, z)
 
 
 def _tf32(x):

@@ -114,14 +114,19 @@ def test_transposed_backward_batch_matches_oracle(tb, h):
 
 def test_tf32_backward_takes_the_transposed_variant(tb, h):
     """On sm_90 (the interpreter stands in) fp32 inputs with TF32 dots launch the
-    transposed backward; IEEE dots and 16-bit inputs the generic one."""
+    transposed backward (the class backward's only where this triton has it:
+    tests/test_variants.py checks which versions); IEEE dots and 16-bit inputs the
+    generic one."""
     from nbkernels.backends.triton import configs as tc
-    if h.device != "cpu":
-        cap = variants.capability(torch.device(h.device))
-        if TRANSPOSED not in [v.name for v in variants.applicable(tk.VARIANTS, "bwd", cap)]:
-            pytest.skip(f"no {TRANSPOSED} on compute capability {cap}")
-    for dtype, precision, want in ((torch.float32, "tf32", {"True"}),
-                                   (torch.float32, "tf32x3", {"True"}),
+    cap = variants.capability(torch.device(h.device))
+    if TRANSPOSED not in [v.name for v in variants.applicable(tk.VARIANTS, "bwd", cap)]:
+        pytest.skip(f"no {TRANSPOSED} on compute capability {cap}")
+    # the lse kernels' launches, and the class kernels', with TF32 dots
+    tf32 = {str(variants.choose(tk.VARIANTS, kind, cap, tk.TRITON_VERSION, "tf32").name
+                == TRANSPOSED) for kind in ("bwd", "bwd_class")}
+    assert "True" in tf32
+    for dtype, precision, want in ((torch.float32, "tf32", tf32),
+                                   (torch.float32, "tf32x3", tf32),
                                    (torch.float32, "ieee", {"False"}),
                                    (torch.float16, None, {"False"})):
         tc.LAUNCHED.clear()

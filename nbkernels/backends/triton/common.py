@@ -198,7 +198,22 @@ def _exp(b_s, b_shift):
     fl(m log2 e), a common per-row factor that ``_lse`` (forward) and the launcher's
     weights (backward) take out again, exactly.
     """
-    return tl.math.exp2(tl.fma(b_s, LOG2E, b_shift))
+    return tl.math.exp2(tl.fma(b_s, _log2e(b_s), b_shift))
+
+
+@triton.jit
+def _log2e(like):
+    """log2(e) in the dtype of ``like``, for the fused multiply-adds: tl.fma takes a Python
+    float operand as fp32 under triton 3.6 to 3.8 (an fp64 kernel's PTX then has
+    0d3FF7154760000000 in place of 0d3FF71547652B82FE), which left fp64 results off by
+    ~1e-8 relative; a constant of the operand's dtype keeps every digit in each version."""
+    return tl.full((), LOG2E, like.dtype)
+
+
+@triton.jit
+def _residue(b_ms):
+    """d = b_ms log2 e - fl(b_ms log2 e), exactly (one fma), for finite anchors b_ms."""
+    return tl.fma(b_ms, _log2e(b_ms), -(b_ms * LOG2E))
 
 
 @triton.jit
@@ -218,8 +233,7 @@ def _lse(b_m, b_l):
     bit for bit. b_m = -inf (no term): -inf.
     """
     b_ms = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_d = tl.fma(b_ms, LOG2E, -(b_ms * LOG2E))
-    return b_m + (tl.log2(b_l) - b_d) * LN2
+    return b_m + (tl.log2(b_l) - _residue(b_ms)) * LN2
 
 
 @triton.jit

@@ -3,9 +3,9 @@ import triton
 import triton.language as tl
 
 from .common import (
-    FWD_NO_SPECIALIZE, LN2, LOG2E, MAX_MOVE_F32, MAX_MOVE_F64,
+    FWD_NO_SPECIALIZE, LN2, MAX_MOVE_F32, MAX_MOVE_F64,
     POS_FLOOR_F32, POS_FLOOR_F64, RESCALE_F32, RESCALE_F64, _col_term, _diagonal,
-    _diagonal_tiles, _exp, _load_rows, _lse, _online_lse, _peeled, _rows_dot, _shift)
+    _diagonal_tiles, _exp, _load_rows, _lse, _online_lse, _peeled, _residue, _rows_dot, _shift)
 
 
 @triton.jit
@@ -331,7 +331,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         n_tiles = tl.num_programs(1)
         # the sums were taken under fl(b_m L): relative to exp(b_m), each times 2^-d
         b_ms = tl.where(b_m == float("-inf"), 0.0, b_m)
-        b_sc = tl.math.exp2(-tl.fma(b_ms, LOG2E, -(b_ms * LOG2E)))
+        b_sc = tl.math.exp2(-_residue(b_ms))
         m_out = m_m
         if POS_PASS:
             m_out = m_m & (b_redo != 0)

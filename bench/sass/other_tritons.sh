@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The compiled-SASS checks of the config table and of the kernel variants under each older
+# supported triton (the GPU image runs 3.6; the table and the variants were chosen under
+# 3.9), written to bench/results/*_triton<major><minor>.json:
+#   table.py --fix          the table entries that break the rule there, chosen again
+#   tf32_backward.py        the transposed TF32 backward against the generic one
+#   class_forward.py --at   the class forward against 95cc3a6's (3.6 only)
+# Predicted from compiled SASS, never measured. Installs each triton beside this one:
+#   bench/sass/other_tritons.sh [DIR]    (default /tmp/nbk-tritons; about 15 min on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+dir=${1:-/tmp/nbk-tritons}
+for v in 3.6.0 3.7.1 3.8.0; do
+    tag=$(echo "$v" | cut -d. -f1,2 | tr -d .)
+    site="$dir/$v"
+    [ -d "$site/triton" ] || python -m pip install -q --no-deps --target "$site" "triton==$v"
+    run() { PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" NBK_SASS_CACHE="$dir/sass-$v" "$@"; }
+    run python bench/sass/table.py --fix
+    run python bench/sass/tf32_backward.py --out "bench/results/tf32_backward_sm90_triton$tag.json"
+    if [ "$tag" = 36 ]; then
+        run python bench/sass/class_forward.py --at 95cc3a6 \
+            --out "bench/results/class_forward_sm90_triton$tag.json"
+    fi
+done
