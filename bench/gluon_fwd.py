@@ -34,6 +34,11 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy  # noqa:
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
     fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
 
+# names that triton 3.6 and 3.7 (the GPU image has 3.6) give otherwise, with the same
+# arguments: the 16-byte cp.async into shared memory, and the CTA barrier
+async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
 BLOCK_M, BLOCK_N, D, STAGES, NUM_WARPS = 64, 128, 128, 3, 4
 
 
@@ -76,7 +81,7 @@ def stage(q, r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
     r_s = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], r_sl)
     o_nl = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
     for s in gl.static_range(STAGES - 2):
-        async_copy.async_load(r_s.index(s), r + (s * BLOCK_N + o_nl)[:, None] * D + o_d[None, :])
+        async_load(r_s.index(s), r + (s * BLOCK_N + o_nl)[:, None] * D + o_d[None, :])
         async_copy.commit_group()
     return q_s, r_s, o_nl, o_d
 
@@ -88,11 +93,11 @@ def issue(q_s, r_s, r, o_nl, o_d, t, n, zero, BLOCK_N: gl.constexpr, D: gl.const
     done), wait for tile t, and issue its wgmma asynchronously (``S = q r_t^T``)."""
     nxt = t + STAGES - 2
     if nxt < n:
-        async_copy.async_load(r_s.index(nxt % STAGES),
+        async_load(r_s.index(nxt % STAGES),
                               r + (nxt * BLOCK_N + o_nl)[:, None] * D + o_d[None, :])
     async_copy.commit_group()
     async_copy.wait_group(STAGES - 2)
-    gl.barrier()
+    barrier()
     fence_async_shared()
     return warpgroup_mma(q_s, r_s.index(t % STAGES).permute((1, 0)), zero, use_acc=False,
                          is_async=True)
