@@ -179,10 +179,10 @@ class Run:
         return max(errs) if finite else math.inf
 
     def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
-             need_s=25, unavailable=None, bwd_variant=None, class_tile=None):
+             need_s=25, unavailable=None, bwd_variant=None, class_tile=None, fwd_variant=None):
         """Check and time ``call`` with the triton backend, at the given configs (None: the
-        table's), backward variant (``kernels.VARIANTS``; None: the one chosen) and class
-        tile width of the class forward (None: ``class_block_cap``'s)."""
+        table's), backward and loss-forward variants (``kernels.VARIANTS``; None: the one
+        chosen) and class tile width of the class forward (None: ``class_block_cap``'s)."""
         from nbkernels.backends import triton as tb
         from nbkernels.backends.triton import configs as tc
         from nbkernels.backends.triton import kernels as tk
@@ -211,10 +211,12 @@ class Run:
                 return reason
             tc.LAUNCHED.clear()
             with tk.fixed_configs(fwd, bwd), _pinned_backward(bwd_variant), \
-                    _class_tile(class_tile):
+                    _pinned_forward(fwd_variant), _class_tile(class_tile):
                 err = self.check(call, dtype, backward)
                 info["check_rel_err"] = err
-                if backward:   # what ran, from the launchers' own bookkeeping
+                # what ran, from the launchers' own bookkeeping
+                info["fwd_variant"] = _launched_forward() or None
+                if backward:
                     info["bwd_variant"] = _launched_backward()
                 if not err <= CHECK_TOL[dtype]:
                     return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
@@ -304,6 +306,23 @@ def _pinned_backward(name):
     return variants.pinned(tk.VARIANTS, ("bwd", "bwd_class"), name)
 
 
+def _pinned_forward(name):
+    """The loss forward pinned to kernel variant ``name`` (None: nothing pinned)."""
+    from nbkernels.backends import variants
+    from nbkernels.backends.triton import kernels as tk
+    if not name:
+        return contextlib.nullcontext()
+    return variants.pinned(tk.VARIANTS, "fwd", name)
+
+
+def _launched_forward():
+    """The loss-forward variants the launchers ran since LAUNCHED was cleared, by their flag
+    (its exact pass included; "" where none ran)."""
+    from nbkernels.backends.triton import configs as tc
+    flags = {dict(key[3]).get("AHEAD", "False") for key in tc.LAUNCHED if key[0] == "fwd"}
+    return "+".join(sorted("sm90_fwd_ahead" if f == "True" else "generic" for f in flags))
+
+
 def _peak(gpu_name):
     import bench_gpu
     peaks = {"bfloat16": bench_gpu.peak_tflops(gpu_name, "bfloat16"),
@@ -359,7 +378,8 @@ def table(records):
                           for x in (r.get("predicted_s"), r.get("predicted_latency_s")))
         got = r.get("time_s", {}).get("median") if r["status"] == "ok" else None
         rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            r["name"] + (f" (class tile {r['class_tile']})" if r.get("class_tile") else ""),
+            r["name"] + (f" (class tile {r['class_tile']})" if r.get("class_tile") else "")
+            + (f" (fwd {r['fwd_variant']})" if r.get("fwd_variant") else ""),
             r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
             else "-" if not r["name"].startswith("nbkernels") else "table",
             r.get("bwd_variant") or "-", pred,
@@ -415,6 +435,12 @@ def main(argv=None):
     run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd",
              bwd_variant="sm90_tf32_transposed")
     run.ours("nbkernels-triton", nca, torch.float32, "fwdbwd", bwd_variant="generic")
+    # the 16-bit loss forward both ways at the table's config: the variant the launcher did
+    # not choose (the ahead forward holds under triton 3.6 and 3.7)
+    from nbkernels.backends.triton import kernels as tk
+    chosen = tk.choose("fwd", run.device, "ieee").name
+    run.ours("nbkernels-triton", nca, half, "fwd",
+             fwd_variant="generic" if chosen == "sm90_fwd_ahead" else "sm90_fwd_ahead")
     # the class forward's tile: class_block_cap's 16 (M >= 20 C) against the 32 before it
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd", class_tile=32)
     # last: the Gluon v4 prototype (not nbkernels; checked against backend "torch" first)

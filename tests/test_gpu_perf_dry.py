@@ -34,6 +34,9 @@ def test_gpu_perf_dry_run(tmp_path):
     # the TF32 backward both ways: the sm_90 transposed variant and the generic kernel
     assert {r["bwd_variant"] for r in ours if (r["mode"], r["dtype"]) == ("fwdbwd", "float32")} \
         == {"sm90_tf32_transposed", "generic"}
+    # the 16-bit loss forward both ways: the launcher's choice and the other variant
+    assert {r["fwd_variant"] for r in ours if (r["name"], r["mode"], r["dtype"])
+            == ("nbkernels-triton", "fwd", "float16")} == {"sm90_fwd_ahead", "generic"}
     by_name = {r["name"]: r for r in records}
     for cuda_only in ("sdpa-flash", "flex"):
         assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]

@@ -151,6 +151,20 @@ def test_transposed_tf32_backward_holds_for_the_triton_versions_it_was_predicted
             assert chosen.name == want, (kind, version)
 
 
+def test_ahead_forward_holds_under_triton_3_6_and_3_7_on_sm90():
+    """The forward that issues each tile's dot ahead of the softmax: where its build
+    overlaps the two for a predicted gain (sm_90, triton 3.6 and 3.7); generic elsewhere."""
+    tk = pytest.importorskip("nbkernels.backends.triton.kernels")
+    for cap in ((8, 0), (9, 0), (10, 0)):
+        for version in [(3, 5), (3, 6), (3, 7), (3, 8), (3, 9)]:
+            chosen = variants.choose(tk.VARIANTS, "fwd", cap, version, "ieee")
+            want = "sm90_fwd_ahead" if cap == (9, 0) and version in [(3, 6), (3, 7)] \
+                else "generic"
+            assert chosen.name == want, (cap, version)
+            assert chosen.flag("AHEAD") is (want != "generic")
+    assert variants.choose(tk.VARIANTS, "fwd_class", (9, 0), (3, 6)).name == "generic"
+
+
 def test_pinned_takes_several_kinds():
     table = _table() + [variants.Variant("fwd", "other", "k2"),
                         variants.Variant("bwd", "other", "kb2")]

@@ -328,13 +328,23 @@ TABLE_D_BWD = {"128": 128, "chunked": 192}
 TABLE_DTYPE = {"16": "bf16", "32": "fp32", "32ieee": "fp32", "64": "fp64"}
 
 
-def table_variant(arch):
-    """The kernel variant (``kernels.VARIANTS``) whose config entries carry ``arch``: the
-    generic kernel for "sm90", else the variant that names ``arch`` as its configs."""
+# the dot precision an sm_90 launch of each dtype class passes (16-bit and fp64: "ieee")
+TABLE_PRECISION = {"16": "ieee", "32": "tf32", "32ieee": "ieee", "64": "ieee"}
+
+
+def table_variant(arch, kernel=None, dclass=None):
+    """The kernel variant (``kernels.VARIANTS``) that runs the config entries ``arch``: for
+    "sm90", what an sm_90 launches for ``kernel`` and dtype class ``dclass`` under this
+    triton among the variants without entries of their own (the generic kernel, or e.g.
+    the ahead forward under triton 3.6); else the variant that names ``arch`` as its
+    configs."""
     from nbkernels.backends.triton import kernels as tk
-    if arch == "sm90":
-        return None
-    return next(v for v in tk.VARIANTS if v.configs == arch)
+    if arch != "sm90":
+        return next(v for v in tk.VARIANTS if v.configs == arch)
+    chosen = tk.variant_for(kernel, SM90, TABLE_PRECISION[dclass])
+    if chosen.configs is None:
+        return chosen
+    return next(v for v in tk.VARIANTS if v.kind == kernel and v.name == "generic")
 
 
 def table_variants(metric="sqeuclidean", entries=None):
@@ -342,28 +352,28 @@ def table_variants(metric="sqeuclidean", entries=None):
     (``nbkernels/backends/triton/configs.py``; as the installed triton launches it,
     ``configs.table``, or ``entries``): the lse forward, the class forward, the
     dq / dr / symmetric backward, the class dq / dr backward, at a D in the entry's bucket.
-    Entries of "sm90" compile the generic kernel, those of a variant's own key (e.g.
-    "sm90_tf32t") that variant, with its flags."""
+    Entries of "sm90" compile what an sm_90 launches with them (``table_variant``), those
+    of a variant's own key (e.g. "sm90_tf32t") that variant, with its flags."""
     from nbkernels.backends.triton import configs as tc
-    from nbkernels.backends.triton import kernels as tk
     out = []
     entries = tc.table() if entries is None else entries
     for (arch, kernel, dclass, bucket), ((bm, bn, w, s), _) in sorted(entries.items()):
         if not arch.startswith("sm90"):
             continue
-        variant = table_variant(arch)
+        variant = table_variant(arch, kernel, dclass)
         kind, cls = kernel[:3], kernel.endswith("class")
         d = (TABLE_D if kind == "fwd" else TABLE_D_BWD)[bucket]
         dtype = TABLE_DTYPE[dclass]
-        jit = variant.kernel if variant else next(
-            v.kernel for v in tk.VARIANTS if v.kind == kernel and v.name == "generic")
+        jit = variant.kernel
         rms = (None,) if kind == "fwd" else (False, True) if cls else (False, True, "sym")
         for rm in rms:
             vals = _launch_values(kind, dtype, metric, cls, rm, bm, bn, d,
                                   "ieee" if dclass == "32ieee" else None)
-            vals = _fill_unknown(jit, with_variant(vals, variant) if variant else vals)
+            vals = _fill_unknown(jit, with_variant(vals, variant))
             side = {None: "", False: "_dq", True: "_dr", "sym": "_sym"}[rm]
             tag = "" if arch == "sm90" else f"_{arch[len('sm90_'):]}"
+            if arch == "sm90" and variant.name != "generic":
+                tag = f"_{variant.name}"
             name = (f"table_{kind}{side}_{dclass}_{metric}{'_class' if cls else ''}_d{d}"
                     f"_{bm}x{bn}w{w}s{s}{tag}")
             out.append(Variant(name=name, kind=kind, dtype=dtype, metric=metric, cls=cls,

@@ -177,3 +177,72 @@ if tk.SIZES == "gpu":
             check_probs(Launchers(tb, precision="ieee"), case, "dot", None, atol, rtol)
         for x, y in zip(transposed, generic):
             assert torch.equal(x, y)
+
+
+# --- the sm_90 forward that issues each tile's dot ahead of the softmax (AHEAD)
+
+AHEAD = "sm90_fwd_ahead"
+
+
+def _forwards(tb, cases, cfg):
+    """The lse forward's (lse_all, lse_pos) of each (case, metric, offset), in config cfg
+    (None: the table's), by the generic kernel and by the ahead variant."""
+    out = {}
+    for name in ("generic", AHEAD):
+        with tk.fixed_configs(cfg, None), variants.pinned(tk.VARIANTS, "fwd", name):
+            launch = Launchers(tb, precision="ieee")
+            out[name] = [t for case, metric, offset in cases
+                         for t in launch.lse_forward(case.q, case.r, case.a, case.b, case.t,
+                                                     metric=metric, offset=offset,
+                                                     symmetric=offset == 0)]
+    return out["generic"], out[AHEAD]
+
+
+def _ahead_cases(h, n, m, d):
+    """fp16 (the interpreter has no bf16): the batch (the diagonal tiles peeled off the
+    main loop) and the cross form, whose M leaves the main loop 0, 1, 2 or many tiles."""
+    batch = h.make_case(n=n, m=n, d=d, c=5, dtype=torch.float16, scale=0.5, temperature=0.3)
+    batch = types.SimpleNamespace(**dict(vars(batch), r=batch.q, b=batch.a))
+    out = [(batch, "sqeuclidean", 0)]
+    for mm in m:
+        out.append((h.make_case(n=n, m=mm, d=d, c=5, dtype=torch.float16, scale=0.5,
+                                temperature=0.3), "dot", None))
+    return out
+
+
+def test_ahead_forward_is_the_generic_arithmetic(tb, h):
+    """The ahead forward gives the generic kernel's lse bit for bit (the same operations
+    in another order), for every count of main-loop tiles, and both the fp64 oracle's."""
+    from nbkernels.backends.triton import configs as tc
+    block_n = tc.select("fwd", 2, 24, torch.device(h.device))[0].kwargs["BLOCK_N"]
+    cases = _ahead_cases(h, 37, [block_n - 3, block_n + 5, 2 * block_n + 1, 5 * block_n + 2],
+                         24)
+    generic, ahead = _forwards(tb, cases, None)
+    assert len(generic) == len(ahead) == 2 * len(cases)
+    for x, y in zip(ahead, generic):
+        assert torch.equal(x, y)
+    atol, rtol = TOL[torch.float16]
+    with variants.pinned(tk.VARIANTS, "fwd", AHEAD):
+        for case, metric, offset in cases[1:]:
+            check_lse(Launchers(tb, precision="ieee"), case, metric, offset, atol, rtol)
+
+
+def test_ahead_forward_leaves_other_inputs_alone(tb, h):
+    """fp32 and fp64 inputs, and 16-bit ones with D > 128, keep the plain loop under the
+    flag: the same compiled arithmetic, so the same bits."""
+    for dtype, d in ((torch.float32, 9), (torch.float64, 9), (torch.float16, 200)):
+        case = h.make_case(n=29, m=61, d=d, c=3, dtype=dtype, scale=0.5, temperature=0.4)
+        generic, ahead = _forwards(tb, [(case, "sqeuclidean", None)], None)
+        for x, y in zip(ahead, generic):
+            assert torch.equal(x, y)
+
+
+if tk.SIZES == "gpu":
+    @pytest.mark.parametrize("i", range(len(tk.GPU_FWD_CONFIGS)))
+    def test_ahead_forward_in_every_gpu_config(tb, h, i):
+        """Every GPU forward config, D = 128 (resident): bit for bit the generic kernel."""
+        cfg = tk.GPU_FWD_CONFIGS[i]
+        bn = cfg.kwargs["BLOCK_N"]
+        generic, ahead = _forwards(tb, _ahead_cases(h, 131, [bn + 7, 3 * bn - 1], 128), cfg)
+        for x, y in zip(ahead, generic):
+            assert torch.equal(x, y)

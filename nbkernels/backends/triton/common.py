@@ -126,7 +126,7 @@ PRUNE = {"early_config_prune": _prune}
 # the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
 # BLOCK_D, BLOCK_DX and RESIDENT.
 FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS",
-           "PRECISION", "BLOCK_C"]
+           "PRECISION", "BLOCK_C", "AHEAD"]
 BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "REF_MAJOR",
            "SYMMETRIC", "FIXUP", "NEED_DX", "NEED_DT", "PRECISION", "OTHER_T"]
 # Integers that vary per call and gain nothing from specialization (== 1, % 16): one

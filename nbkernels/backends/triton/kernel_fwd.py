@@ -22,11 +22,31 @@ def _lazy_move(b_m, b_sh, b_t, ACC: tl.constexpr):
 
 
 @triton.jit
+def _main_tile(t, e_lo, e_n, BLOCK_N: tl.constexpr):
+    """The first reference of the main loop's t-th tile: the tiles [e_lo, e_lo + e_n) are
+    peeled off it."""
+    return (t + tl.where(t >= e_lo, e_n, 0)) * BLOCK_N
+
+
+@triton.jit
+def _fwd_lse_dot(b_q, q, r, o_m, m_m, hi, D, s_qn, s_qd, s_rm, s_rd, RESIDENT: tl.constexpr,
+                 ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, i_n):
+    """[BM, BN] q.r of the reference tile [i_n, i_n + BN) (``_fwd_lse_tile``'s dot)."""
+    o_n = tl.arange(0, BLOCK_N)
+    b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r + i_n * s_rm, o_x=o_m, m_x=m_m, o_y=o_n,
+                        m_y=o_n < hi - i_n, D=D, s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd,
+                        RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION, BLOCK_X=BLOCK_M,
+                        BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+    return b_qr
+
+
+@triton.jit
 def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
                   offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED: tl.constexpr, RESIDENT: tl.constexpr,
                   ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, i_n, i_m0, DIAG: tl.constexpr,
-                  FIRST: tl.constexpr, POS_PASS: tl.constexpr):
+                  FIRST: tl.constexpr, POS_PASS: tl.constexpr, b_qr=None):
     """One reference tile [i_n, i_n + BN) of the lse forward: the row state (see below),
     updated. DIAG: the tile may meet the diagonal (masked).
 
@@ -38,14 +58,15 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
     rescale factor is a normal number (ex2.approx.ftz flushes 2^-127 and below to 0); a
     term that overflows before the anchor catches up makes the sum inf, and the row is
     flagged for the exact pass. POS_PASS: the exact pass, each sum with its own running
-    max (``_online_lse``: b_m, b_l and b_mp, b_lp).
+    max (``_online_lse``: b_m, b_l and b_mp, b_lp). ``b_qr``: the tile's dot
+    (``_fwd_lse_dot``), when the caller has issued it already.
     """
     # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < hi - i_n
-    b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r + i_n * s_rm, o_x=o_m, m_x=m_m, o_y=o_n, m_y=m_n, D=D,
-                        s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT, ACC=ACC,
-                        PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+    if b_qr is None:
+        b_qr = _fwd_lse_dot(b_q, q, r, o_m, m_m, hi, D, s_qn, s_qd, s_rm, s_rd, RESIDENT, ACC,
+                            PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, i_n)
     # [BN] column terms and labels (padded: no mask)
     if PACKED:
         # one int64 per reference: the fp32 column term's bits high, the label rank low
@@ -179,7 +200,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
                         RESIDENT: tl.constexpr,
                         ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BLOCK_C: tl.constexpr, AHEAD: tl.constexpr = False):
     """Online log-sum-exps (CLASS=False) or per-class-tile mass (CLASS=True).
 
     Logit tile, natural units: ``s = fma(q.r, c, colterm)`` with the launcher's scale
@@ -320,13 +341,44 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
                     offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
                     BLOCK_N, BLOCK_D, i_n=(t_lo + k) * BLOCK_N, i_m0=i_m * BLOCK_M, DIAG=True,
                     FIRST=False, POS_PASS=POS_PASS)
-        for t in range(0, n_t - e_n):
-            i_n = (t + tl.where(t >= e_lo, e_n, 0)) * BLOCK_N
-            b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
-                b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
-                offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
-                BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=False, FIRST=False,
-                POS_PASS=POS_PASS)
+        # AHEAD (the "sm90_fwd_ahead" variant, ``kernels.VARIANTS``), 16-bit inputs with
+        # D <= 128 resident: each tile's dot issued before the softmax of the tile before
+        # it (the last tile's softmax after the loop), the same arithmetic in another
+        # order, so that the compiler may run the wgmma under the exps. At D = 256 the
+        # second query tile spills (48 B, triton 3.6), as fp32 inputs do (48 B, TF32)
+        AHEAD_ON: tl.constexpr = AHEAD and RESIDENT and BLOCK_D <= 128 and (
+            q.dtype.element_ty == tl.float16 or q.dtype.element_ty == tl.bfloat16)
+        if AHEAD_ON:
+            n_main = n_t - e_n
+            if n_main > 0:
+                i_n = _main_tile(0, e_lo, e_n, BLOCK_N)
+                b_qr = _fwd_lse_dot(b_q, q, r, o_m, m_m, hi, D, s_qn, s_qd, s_rm, s_rd,
+                                    RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, i_n)
+                for t in range(1, n_main):
+                    i_cur = i_n
+                    b_cur = b_qr
+                    i_n = _main_tile(t, e_lo, e_n, BLOCK_N)
+                    b_qr = _fwd_lse_dot(b_q, q, r, o_m, m_m, hi, D, s_qn, s_qd, s_rm, s_rd,
+                                        RESIDENT, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                                        i_n)
+                    b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                        b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m,
+                        hi, D, offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC,
+                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, i_n=i_cur, i_m0=i_m * BLOCK_M,
+                        DIAG=False, FIRST=False, POS_PASS=POS_PASS, b_qr=b_cur)
+                b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                    b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi,
+                    D, offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=False,
+                    FIRST=False, POS_PASS=POS_PASS, b_qr=b_qr)
+        else:
+            for t in range(0, n_t - e_n):
+                i_n = _main_tile(t, e_lo, e_n, BLOCK_N)
+                b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
+                    b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi,
+                    D, offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION,
+                    BLOCK_M, BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=False,
+                    FIRST=False, POS_PASS=POS_PASS)
     if CLASS:
         n_tiles = tl.num_programs(1)
         # the sums were taken under fl(b_m L): relative to exp(b_m), each times 2^-d

@@ -77,7 +77,7 @@ from .kernel_fwd import neighbor_fwd_kernel
 # the compile-time flags of each kernel: with the dtype and D, a kernel variant
 _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", "SYMMETRIC",
           "FIXUP", "NEED_DX", "NEED_DT", "SCALE_DS", "RESIDENT", "PRECISION",
-          "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX", "OTHER_T")
+          "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX", "OTHER_T", "AHEAD")
 
 
 # The kernel variants, in order of preference (``nbkernels.backends.variants``): an
@@ -108,7 +108,21 @@ _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", 
 _TF32_TRANSPOSED = dict(capability=((9, 0), (10, 0)), configs="sm90_tf32t",
                         precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),))
 _TF32_TRANSPOSED_TRITON = {"bwd": ((3, 6), (3, 10)), "bwd_class": ((3, 7), (3, 10))}
+#
+# "sm90_fwd_ahead", the loss forward of 16-bit inputs on sm_90 under triton 3.6 and 3.7:
+# the main loop issues each tile's dot before the softmax of the tile before it (flag
+# AHEAD, ``neighbor_fwd_kernel``). Triton 3.6 and 3.7 then interleave the exps with the
+# wgmma (64 of a tile's 66 MUFU.EX2 between its HGMMAs, compiled SASS); the plain loop
+# waits for each tile's wgmma before its softmax. The latency model has the table's
+# 128 x 128 (8 warps, 2 stages) at 3.49 against 3.72 ms under 3.6 and 3.49 against 3.78
+# under 3.7 (predicted, not measured). Triton 3.8 compiles the same overlap for no gain
+# (4.01 against 3.97 ms), 3.9 without it (4.74 against 4.55): the generic kernel there.
+# fp32 inputs and D > 128 spill with it (48 B, triton 3.6) and keep the plain loop, as
+# the FMA dots do.
+_FWD_AHEAD = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 8)),
+                  flags=(("AHEAD", True),))
 VARIANTS = [
+    variants.Variant("fwd", "sm90_fwd_ahead", neighbor_fwd_kernel, **_FWD_AHEAD),
     variants.Variant("fwd", "generic", neighbor_fwd_kernel),
     variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
     *(v for kind in ("bwd", "bwd_class") for v in (
