@@ -5,8 +5,10 @@
 #   table.py --fix          the table entries that break the rule there, chosen again
 #   tf32_backward.py        the transposed TF32 backward against the generic one
 #   class_forward.py --at   the class forward against 95cc3a6's (3.6 only)
+#   overlap_probe.py        whether the loop's minimal forms overlap the wgmma and the exps
+#   ahead_forward.py        the loss forward with and without AHEAD (sm90_fwd_ahead)
 # Predicted from compiled SASS, never measured. Installs each triton beside this one:
-#   bench/sass/other_tritons.sh [DIR]    (default /tmp/nbk-tritons; about 15 min on 2 cores)
+#   bench/sass/other_tritons.sh [DIR]    (default /tmp/nbk-tritons; about 25 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=${1:-/tmp/nbk-tritons}
@@ -17,6 +19,8 @@ for v in 3.6.0 3.7.1 3.8.0; do
     run() { PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" NBK_SASS_CACHE="$dir/sass-$v" "$@"; }
     run python bench/sass/table.py --fix
     run python bench/sass/tf32_backward.py --out "bench/results/tf32_backward_sm90_triton$tag.json"
+    run python bench/sass/overlap_probe.py --out "bench/results/overlap_probe_sm90_triton$tag.json"
+    run python bench/sass/ahead_forward.py
     if [ "$tag" = 36 ]; then
         run python bench/sass/class_forward.py --at 95cc3a6 \
             --out "bench/results/class_forward_sm90_triton$tag.json"

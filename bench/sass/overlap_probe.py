@@ -231,7 +231,11 @@ def probe(name, block_m=128, block_n=128, num_warps=8, num_stages=3):
                 **({"ptxas_advice": _ADVICE[name]} if name in _ADVICE else {}))
 
 
-def main():
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
     why = build.unavailable_reason()
     if why:
         sys.exit(f"cannot compile for sm_90 here: {why}")
@@ -246,9 +250,9 @@ def main():
         except Exception as e:  # a form this triton cannot compile is a result too
             rows.append(dict(form=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
         print(json.dumps(rows[-1]), flush=True)
-    OUT.write_text(json.dumps(dict(env=report.env(), what=__doc__.split("\n\n")[0],
-                                   rows=rows), indent=1) + "\n")
-    print(f"wrote {OUT.relative_to(ROOT)}")
+    Path(args.out).write_text(json.dumps(dict(env=report.env(), what=__doc__.split("\n\n")[0],
+                                              rows=rows), indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
     takes each tile's max itself and flags no row.
 
     ``row_state`` (3, N) or None: the main pass also writes each row's anchor and its two
-    sums there (for diagnostics; None compiles it out).
+    sums there (for diagnostics; None compiles it out). AHEAD: the lse main loop issues
+    each tile's dot one tile ahead (the "sm90_fwd_ahead" variant; 16-bit, D <= 128).
     """
     i_m = tl.program_id(0).to(tl.int64)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -344,8 +345,8 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         # AHEAD (the "sm90_fwd_ahead" variant, ``kernels.VARIANTS``), 16-bit inputs with
         # D <= 128 resident: each tile's dot issued before the softmax of the tile before
         # it (the last tile's softmax after the loop), the same arithmetic in another
-        # order, so that the compiler may run the wgmma under the exps. At D = 256 the
-        # second query tile spills (48 B, triton 3.6), as fp32 inputs do (48 B, TF32)
+        # order, so that the compiler may run the wgmma under the exps. With the carried
+        # second logit tile, D = 256 spills (48 B, triton 3.6), as fp32 inputs do (TF32)
         AHEAD_ON: tl.constexpr = AHEAD and RESIDENT and BLOCK_D <= 128 and (
             q.dtype.element_ty == tl.float16 or q.dtype.element_ty == tl.bfloat16)
         if AHEAD_ON:
