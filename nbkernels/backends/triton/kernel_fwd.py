@@ -318,7 +318,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
                 b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
                 offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
                 BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=HAS_OFFSET, FIRST=False,
-                POS_PASS=True)
+                POS_PASS=True, b_qr=None)
     else:
         # the first tile (the first one that meets the diagonal, else tile 0) sets the row
         # shift; the other diagonal tiles follow, unrolled (straight-line code), then the
@@ -334,14 +334,14 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
                 b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
                 offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
                 BLOCK_N, BLOCK_D, i_n=e_lo * BLOCK_N, i_m0=i_m * BLOCK_M, DIAG=HAS_OFFSET,
-                FIRST=True, POS_PASS=POS_PASS)
+                FIRST=True, POS_PASS=POS_PASS, b_qr=None)
         for k in tl.static_range(1, _peeled(HAS_OFFSET, BLOCK_M, BLOCK_N)):
             if k < n_diag:
                 b_m, b_l, b_mp, b_lp = _fwd_lse_tile(
                     b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi, D,
                     offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
                     BLOCK_N, BLOCK_D, i_n=(t_lo + k) * BLOCK_N, i_m0=i_m * BLOCK_M, DIAG=True,
-                    FIRST=False, POS_PASS=POS_PASS)
+                    FIRST=False, POS_PASS=POS_PASS, b_qr=None)
         # AHEAD (the "sm90_fwd_ahead" variant, ``kernels.VARIANTS``), 16-bit inputs with
         # D <= 128 resident: each tile's dot issued before the softmax of the tile before
         # it (the last tile's softmax after the loop), the same arithmetic in another
@@ -379,7 +379,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
                     b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack, o_m, m_m, hi,
                     D, offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION,
                     BLOCK_M, BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=False,
-                    FIRST=False, POS_PASS=POS_PASS)
+                    FIRST=False, POS_PASS=POS_PASS, b_qr=None)
     if CLASS:
         n_tiles = tl.num_programs(1)
         # the sums were taken under fl(b_m L): relative to exp(b_m), each times 2^-d
