@@ -27,6 +27,7 @@ commit 5fa40b9.
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 ROUND_ULPS = 256    # per-term rounding (of the kernel and of the oracle), summed over a row
 COND_ULPS = 4       # logit / log-sum-exp error: (1 + sqrt(D)) times this many ulps of
@@ -35,6 +36,14 @@ COND_ULPS = 4       # logit / log-sum-exp error: (1 + sqrt(D)) times this many u
 # by up to 2^64 (fp32; 2^960 fp64), so a positive below 2^-62 (fp32; 2^-114 fp64) of its
 # row's positive mass may underflow away, as may any term that small.
 TINY = {torch.float32: 2.0 ** -60, torch.float64: 2.0 ** -110}
+
+
+CHUNK_ELEMENTS = 1 << 25   # of the [rows, M, D] differences (256 MB in fp64)
+
+
+def _neg_sq_dist(q, r):
+    """-||q_i - r_j||^2 from the exact differences, [len(q), len(r)]."""
+    return -(q[:, None, :] - r[None, :, :]).square().sum(-1)
 
 
 def oracle(q, a, r=None, b=None, temperature=0.1, weight=None):
@@ -51,7 +60,12 @@ def oracle(q, a, r=None, b=None, temperature=0.1, weight=None):
     rd = qd if batch else r.detach().double().requires_grad_()
     b = a if batch else b
     n, m = qd.shape[0], rd.shape[0]
-    s = -(qd[:, None, :] - rd[None, :, :]).square().sum(-1) / T
+    # the differences taken exactly, [rows, M, D] at a time, recomputed in the backward
+    # (checkpoint): the whole [N, M, D] and its square, kept for autograd, took 24 GB at
+    # N = 2000, D = 256
+    rows = max(1, CHUNK_ELEMENTS // max(1, m * qd.shape[1]))
+    s = torch.cat([checkpoint(_neg_sq_dist, qd[i:i + rows], rd, use_reentrant=False)
+                   for i in range(0, n, rows)]) / T
     keep = torch.ones(n, m, dtype=torch.bool)
     if batch:
         keep &= ~torch.eye(n, dtype=torch.bool)
