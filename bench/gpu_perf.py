@@ -210,14 +210,14 @@ class Run:
             if reason:
                 return reason
             tc.LAUNCHED.clear()
-            with tk.fixed_configs(fwd, bwd), _pinned_backward(bwd_variant), \
-                    _pinned_forward(fwd_variant), _class_tile(class_tile):
+            with tk.fixed_configs(fwd, bwd), _pinned(("bwd", "bwd_class"), bwd_variant), \
+                    _pinned(("fwd",), fwd_variant), _class_tile(class_tile):
                 err = self.check(call, dtype, backward)
                 info["check_rel_err"] = err
                 # what ran, from the launchers' own bookkeeping
-                info["fwd_variant"] = _launched_forward() or None
+                info["fwd_variant"] = _launched(("fwd",)) or None
                 if backward:
-                    info["bwd_variant"] = _launched_backward()
+                    info["bwd_variant"] = _launched(("bwd", "bwd_class"))
                 if not err <= CHECK_TOL[dtype]:
                     return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
                 x, y = self.inputs(n, dtype)
@@ -276,12 +276,18 @@ def _variant_unavailable(name, device, precision):
     return f"backward variant {name!r} does not hold for capability {cap}, precision {precision}"
 
 
-def _launched_backward():
-    """The backward variants the launchers ran since LAUNCHED was cleared, by their flag."""
+def _launched(kinds):
+    """The kernel variants (``kernels.VARIANTS``) of ``kinds`` the launchers ran since
+    LAUNCHED was cleared, each known by the flags it sets ("" where none ran)."""
     from nbkernels.backends.triton import configs as tc
-    flags = {dict(key[3]).get("OTHER_T", "False") for key in tc.LAUNCHED
-             if key[0].startswith("bwd")}
-    return "+".join(sorted("sm90_tf32_transposed" if f == "True" else "generic" for f in flags))
+    from nbkernels.backends.triton import kernels as tk
+    names = set()
+    for kind, _, _, flags in tc.LAUNCHED:
+        if kind in kinds:
+            ran = dict(flags)
+            names.add(next(v.name for v in tk.VARIANTS if v.kind == kind
+                           and all(ran.get(f) == str(x) for f, x in v.flags)))
+    return "+".join(sorted(names))
 
 
 @contextlib.contextmanager
@@ -297,30 +303,13 @@ def _class_tile(width):
         tk.class_block_cap = saved
 
 
-def _pinned_backward(name):
-    """Both backward kinds pinned to kernel variant ``name`` (None: nothing pinned)."""
+def _pinned(kinds, name):
+    """The kernel kinds ``kinds`` pinned to variant ``name`` (None: nothing pinned)."""
     from nbkernels.backends import variants
     from nbkernels.backends.triton import kernels as tk
     if not name:
         return contextlib.nullcontext()
-    return variants.pinned(tk.VARIANTS, ("bwd", "bwd_class"), name)
-
-
-def _pinned_forward(name):
-    """The loss forward pinned to kernel variant ``name`` (None: nothing pinned)."""
-    from nbkernels.backends import variants
-    from nbkernels.backends.triton import kernels as tk
-    if not name:
-        return contextlib.nullcontext()
-    return variants.pinned(tk.VARIANTS, "fwd", name)
-
-
-def _launched_forward():
-    """The loss-forward variants the launchers ran since LAUNCHED was cleared, by their flag
-    (its exact pass included; "" where none ran)."""
-    from nbkernels.backends.triton import configs as tc
-    flags = {dict(key[3]).get("AHEAD", "False") for key in tc.LAUNCHED if key[0] == "fwd"}
-    return "+".join(sorted("sm90_fwd_ahead" if f == "True" else "generic" for f in flags))
+    return variants.pinned(tk.VARIANTS, kinds, name)
 
 
 def _peak(gpu_name):

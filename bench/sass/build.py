@@ -328,8 +328,9 @@ TABLE_D_BWD = {"128": 128, "chunked": 192}
 TABLE_DTYPE = {"16": "bf16", "32": "fp32", "32ieee": "fp32", "64": "fp64"}
 
 
-# the dot precision an sm_90 launch of each dtype class passes (16-bit and fp64: "ieee")
-TABLE_PRECISION = {"16": "ieee", "32": "tf32", "32ieee": "ieee", "64": "ieee"}
+def _table_precision(dclass):
+    """The fp32 dot precision a dtype class names ("32ieee"), else None (the default)."""
+    return "ieee" if dclass == "32ieee" else None
 
 
 def table_variant(arch, kernel=None, dclass=None):
@@ -341,7 +342,8 @@ def table_variant(arch, kernel=None, dclass=None):
     from nbkernels.backends.triton import kernels as tk
     if arch != "sm90":
         return next(v for v in tk.VARIANTS if v.configs == arch)
-    chosen = tk.variant_for(kernel, SM90, TABLE_PRECISION[dclass])
+    chosen = tk.variant_for(kernel, SM90, launch_precision(TABLE_DTYPE[dclass],
+                                                          _table_precision(dclass)))
     if chosen.configs is None:
         return chosen
     return next(v for v in tk.VARIANTS if v.kind == kernel and v.name == "generic")
@@ -368,7 +370,7 @@ def table_variants(metric="sqeuclidean", entries=None):
         rms = (None,) if kind == "fwd" else (False, True) if cls else (False, True, "sym")
         for rm in rms:
             vals = _launch_values(kind, dtype, metric, cls, rm, bm, bn, d,
-                                  "ieee" if dclass == "32ieee" else None)
+                                  _table_precision(dclass))
             vals = _fill_unknown(jit, with_variant(vals, variant))
             side = {None: "", False: "_dq", True: "_dr", "sym": "_sym"}[rm]
             tag = "" if arch == "sm90" else f"_{arch[len('sm90_'):]}"

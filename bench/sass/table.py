@@ -30,12 +30,22 @@ if str(ROOT) not in sys.path:
 from bench.sass import analyze, build  # noqa: E402
 
 
+def _stack(row):
+    """Bytes of stack and local memory of a compiled flavour (``analyze`` row)."""
+    return row.get("stack_bytes", 0) + row.get("local_bytes", 0)
+
+
+def _on_hgmma(row):
+    """Whether a compiled flavour's main loop runs its dots on warpgroup MMA."""
+    return any("GMMA" in k for k in row.get("shapes", {}))
+
+
 def _score(rows, dtype, ieee=False):
     """(no spill and HGMMA, -stack, -predicted time) of one config's flavours: higher wins."""
-    stack = sum(r.get("stack_bytes", 0) + r.get("local_bytes", 0) for r in rows)
+    stack = sum(_stack(r) for r in rows)
     ok = not any(r.get("spills") for r in rows)
     if dtype != "fp64" and not ieee:
-        ok = ok and all(any("GMMA" in k for k in r.get("shapes", {})) for r in rows)
+        ok = ok and all(_on_hgmma(r) for r in rows)
         t = sum(r["predicted"]["overlap"]["time_s"] for r in rows)
     else:
         t = -rows[0]["block_m"] * rows[0]["block_n"]   # fp64: the widest tile
@@ -58,14 +68,13 @@ def violation(v, row, allowance, no_hgmma):
     entry's stack in ``allowance`` where it has one, or a 16-bit / TF32 dot off HGMMA
     (but for the entries in ``no_hgmma``)."""
     key = entry_key(v)
-    stack = row.get("stack_bytes", 0) + row.get("local_bytes", 0)
+    stack = _stack(row)
     allowed = allowance.get(key)
     if allowed is None and row["spills"]:
         return f"spills ({stack} B of stack)"
     if allowed is not None and stack > allowed:
         return f"{stack} B of stack > {allowed} B allowed"
-    if key[1] in ("16", "32") and key not in no_hgmma and \
-            not any("GMMA" in s for s in row.get("shapes", {})):
+    if key[1] in ("16", "32") and key not in no_hgmma and not _on_hgmma(row):
         return f"no HGMMA in the main loop ({row.get('shapes')})"
     return None
 
@@ -111,11 +120,9 @@ def choose(only=None, keys=None):
                                     predicted_s=(sum(r["predicted"]["overlap"]["time_s"]
                                                      for r in rows) if dtype != "fp64" else None),
                                     regs=[r.get("regs") for r in rows],
-                                    stacks=[r.get("stack_bytes", 0) + r.get("local_bytes", 0)
-                                            for r in rows],
+                                    stacks=[_stack(r) for r in rows],
                                     loop_spill_instrs=[r.get("spill_instrs") for r in rows],
-                                    hgmma=[any("GMMA" in k for k in r.get("shapes", {}))
-                                           for r in rows])
+                                    hgmma=[_on_hgmma(r) for r in rows])
                                for c, sc, rows in cands])
         print(f'    ("sm90", "{kernel}", "{dclass}", "{bucket}"): ({best[0]}, ...),'
               f'  # ok={best[1][0]} stack={-best[1][1]}', flush=True)
