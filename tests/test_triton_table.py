@@ -132,7 +132,7 @@ def test_select_takes_the_installed_triton_entries(monkeypatch):
     other = next(c for c in [(64, 64, 4, 2), (64, 32, 4, 3)] if c != tc.TABLE[key][0])
     monkeypatch.setattr(tc, "TABLE_BY_TRITON", {(3, 6): {key: (other, "under triton 3.6")}})
     for version, want in [((3, 6), other), ((3, 9), tc.TABLE[key][0])]:
-        monkeypatch.setattr(tc.variants, "triton_version", lambda v=version: v)
+        monkeypatch.setattr(tc, "TRITON_VERSION", version)
         cfg, _ = tc.select("fwd", 2, 128, cpu)
         assert (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
                 cfg.num_stages) == want

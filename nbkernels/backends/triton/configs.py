@@ -223,8 +223,12 @@ def _config(own, other, warps, stages, kernel):
                                       num_stages=stages))
 
 
+# the installed triton's (major, minor), read once (kernels.choose goes by it too)
+TRITON_VERSION = variants.triton_version()
+
+
 def _version(triton_version):
-    return tuple(triton_version or variants.triton_version() or ())[:2]
+    return tuple(triton_version or TRITON_VERSION or ())[:2]
 
 
 def table(triton_version=None):
@@ -263,9 +267,9 @@ def select(kernel, element_size, d, device, precision=None, arch_key=None):
         return _config(16, 16, 4, 2, kernel), "interpreter sizes"
     key = (arch_key or arch(device), kernel, dtype_class(element_size, precision),
            d_bucket(kernel, d, element_size, precision))
-    entries = table()
-    if key in entries:
-        entry, source = entries[key]
+    found = TABLE_BY_TRITON.get(_version(None), {}).get(key) or TABLE.get(key)
+    if found:
+        entry, source = found
         return _config(*entry, kernel), source
     return _config(*fallback(kernel, element_size, d, precision), kernel), "fallback"
 

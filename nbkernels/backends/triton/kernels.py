@@ -130,7 +130,7 @@ VARIANTS = [
                          triton=_TF32_TRANSPOSED_TRITON[kind], **_TF32_TRANSPOSED),
         variants.Variant(kind, "generic", neighbor_bwd_kernel))),
 ]
-TRITON_VERSION = variants.triton_version()
+TRITON_VERSION = configs.TRITON_VERSION
 
 
 def choose(kind, device, precision=None):
