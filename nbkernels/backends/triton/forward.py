@@ -47,10 +47,15 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
                          main_anchor=state[0], main_sum=state[1], main_pos_sum=state[2],
                          redo=redo.clone(), has_pos=has_pos.clone())
         # the exact pass takes the flagged rows first: its programs past them skip
-        order = torch.argsort((redo == 0).to(torch.int8), stable=True).to(torch.int32)
         tk.launch("fwd", grid, tune=False, POS_PASS=True,
-                  **dict(args, perm=order, row_state=None))
+                  **dict(args, perm=_flagged_first(redo), row_state=None))
     return lse_all, lse_pos
+
+
+def _flagged_first(flags):
+    """(N,) int32 row order of an exact pass: the rows with a flag first, in order (no host
+    synchronisation; the pass's programs past them find none and skip)."""
+    return torch.argsort((flags == 0).to(torch.int8), stable=True).to(torch.int32)
 
 
 @torch.library.custom_op("nbkernels::triton_lse_fwd", mutates_args=())
@@ -113,9 +118,8 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
             # the exact pass (each tile's max) for the rows a class tile flagged, taken
             # first: the programs past them skip, with no host synchronisation
             rows = redo.amax(1)
-            order = torch.argsort((rows == 0).to(torch.int8), stable=True).to(torch.int32)
             tk.launch("fwd_class", grid, tune=False, POS_PASS=True,
-                      **dict(args, perm=order, redo=rows))
+                      **dict(args, perm=_flagged_first(rows), redo=rows))
     # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
