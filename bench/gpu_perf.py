@@ -114,12 +114,16 @@ class Run:
     def left(self):
         return self.deadline - time.monotonic()
 
-    def inputs(self, n, dtype, seed=0):
+    def inputs(self, n, dtype, seed=0, unit=False):
+        """N(0, 0.3^2) embeddings (``unit``: scaled to unit norm, as metric-learning
+        embeddings usually are) and uniform labels."""
         d, c = self.shape["d"], self.shape["classes"]
         g = torch.Generator().manual_seed(seed)
-        x = (torch.randn(n, d, generator=g) * 0.3).to(self.device, dtype)
+        x = torch.randn(n, d, generator=g) * 0.3
+        if unit:
+            x = torch.nn.functional.normalize(x, dim=1)
         y = torch.randint(0, c, (n,), generator=g).to(self.device)
-        return x, y
+        return x.to(self.device, dtype), y
 
     def time(self, fn, setup=None):
         """Seconds of ``fn()`` after one untimed call (compiles, autotunes, caches)."""
@@ -163,10 +167,10 @@ class Run:
         return self.file.add(**rec)
 
     # -------------------------------------------------------------------- ours
-    def check(self, call, dtype, backward):
+    def check(self, call, dtype, backward, unit=False):
         """Relative error of ``call(x, y, backend)`` (and of dx of its mean) against backend
         "torch", by norms over every row."""
-        x, y = self.inputs(self.check_n, dtype, seed=1)
+        x, y = self.inputs(self.check_n, dtype, seed=1, unit=unit)
         outs = []
         for backend in ("triton", "torch"):
             xi = x.clone().requires_grad_(backward)
@@ -179,10 +183,13 @@ class Run:
         return max(errs) if finite else math.inf
 
     def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
-             need_s=25, unavailable=None, bwd_variant=None, class_tile=None, fwd_variant=None):
+             need_s=25, unavailable=None, bwd_variant=None, class_tile=None, fwd_variant=None,
+             sym_form=None, unit=False):
         """Check and time ``call`` with the triton backend, at the given configs (None: the
         table's), backward and loss-forward variants (``kernels.VARIANTS``; None: the one
-        chosen) and class tile width of the class forward (None: ``class_block_cap``'s)."""
+        chosen), class tile width of the class forward (None: ``class_block_cap``'s) and
+        form of the symmetric backward ("two": the two-exp kernel; None: as the rows allow,
+        ``rows.one_exp_rows``), on N(0, 0.3^2) embeddings or, ``unit``, unit-norm ones."""
         from nbkernels.backends import triton as tb
         from nbkernels.backends.triton import configs as tc
         from nbkernels.backends.triton import kernels as tk
@@ -191,6 +198,10 @@ class Run:
         backward = mode == "fwdbwd"
         n, d = self.shape["n"], self.shape["d"]
         info = dict(fwd_config=fwd_cfg, bwd_config=bwd_cfg, predicted_s=predicted_s)
+        if unit:
+            info["inputs"] = "unit-norm rows"
+        if sym_form:
+            info["sym_form"] = sym_form
         if class_tile:
             info["class_tile"] = class_tile
         if backward:
@@ -211,8 +222,9 @@ class Run:
                 return reason
             tc.LAUNCHED.clear()
             with tk.fixed_configs(fwd, bwd), _pinned(("bwd", "bwd_class"), bwd_variant), \
-                    _pinned(("fwd",), fwd_variant), _class_tile(class_tile):
-                err = self.check(call, dtype, backward)
+                    _pinned(("fwd",), fwd_variant), _class_tile(class_tile), \
+                    _sym_form(sym_form) as forms:
+                err = self.check(call, dtype, backward, unit)
                 info["check_rel_err"] = err
                 # what ran, from the launchers' own bookkeeping
                 info["fwd_variant"] = _launched(("fwd",)) or None
@@ -220,11 +232,15 @@ class Run:
                     info["bwd_variant"] = _launched(("bwd", "bwd_class"))
                 if not err <= CHECK_TOL[dtype]:
                     return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
-                x, y = self.inputs(n, dtype)
+                x, y = self.inputs(n, dtype, unit=unit)
                 if backward:
                     x.requires_grad_(True)
-                    return self.time(lambda: call(x, y, "triton").float().mean().backward(),
-                                     setup=lambda: setattr(x, "grad", None))
+                    forms.clear()
+                    timing = self.time(lambda: call(x, y, "triton").float().mean().backward(),
+                                       setup=lambda: setattr(x, "grad", None))
+                    # which symmetric kernel worked in the timed calls (1: one exp2 per pair)
+                    info["sym_one_exp"] = sorted({int(ok) for ok in forms}) or None
+                    return timing
                 with torch.no_grad():
                     return self.time(lambda: call(x, y, "triton"))
         flop = (8 if backward else 2) * n * n * d
@@ -303,6 +319,32 @@ def _class_tile(width):
         tk.class_block_cap = saved
 
 
+@contextlib.contextmanager
+def _sym_form(form):
+    """The symmetric backward's form: None as the rows allow, "two" the two-exp kernel
+    (a spread limit no rows meet); yields the list of the launcher's test results
+    (device tensors, read once the timing is done)."""
+    from nbkernels.backends.triton import kernels as tk
+    from nbkernels.backends.triton import rows as tr
+    saved_rows, saved = tr.one_exp_rows, {k: dict(v) for k, v in tk.ONE_EXP_LIMITS.items()}
+    seen = []
+
+    def rows(*args):
+        sym_w, ok = saved_rows(*args)
+        seen.append(ok)
+        return sym_w, ok
+    tr.one_exp_rows = rows
+    if form == "two":
+        for lim in tk.ONE_EXP_LIMITS.values():
+            lim["spread"] = -1.0
+    try:
+        yield seen
+    finally:
+        tr.one_exp_rows = saved_rows
+        for k, v in saved.items():
+            tk.ONE_EXP_LIMITS[k].update(v)
+
+
 def _pinned(kinds, name):
     """The kernel kinds ``kinds`` pinned to variant ``name`` (None: nothing pinned)."""
     from nbkernels.backends import variants
@@ -356,6 +398,12 @@ def knn(classes):
     return call
 
 
+def _form(flags):
+    """The symmetric backward's form that worked in a record's timed calls."""
+    return {(1,): ", one exp2/pair", (0,): ", two exp2/pair"}.get(tuple(flags or ()),
+                                                                   "" if not flags else ", mixed")
+
+
 def table(records):
     rows = ["| variant | mode | dtype | config fwd / bwd | bwd kernel | "
             "predicted ms (pipe / latency) | measured ms | TFLOP/s | % peak | check |",
@@ -368,10 +416,11 @@ def table(records):
         got = r.get("time_s", {}).get("median") if r["status"] == "ok" else None
         rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"] + (f" (class tile {r['class_tile']})" if r.get("class_tile") else "")
-            + (f" (fwd {r['fwd_variant']})" if r.get("fwd_variant") else ""),
+            + (f" (fwd {r['fwd_variant']})" if r.get("fwd_variant") else "")
+            + (f" ({r['inputs']})" if r.get("inputs") else ""),
             r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
             else "-" if not r["name"].startswith("nbkernels") else "table",
-            r.get("bwd_variant") or "-", pred,
+            (r.get("bwd_variant") or "-") + _form(r.get("sym_one_exp")), pred,
             f"{got * 1e3:.3f}" if got else r["status"] + (f": {r['reason'][:60]}"
                                                           if r.get("reason") else ""),
             f"{r['tflops']:.0f}" if r.get("tflops") else "-",
@@ -400,6 +449,12 @@ def main(argv=None):
     # same shape, then the other candidate configs (the model's ranking) and TF32
     run.ours("nbkernels-triton", nca, half, "fwd", table_fwd, table_bwd, fwd_pred)
     run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd)
+    # the symmetric backward's two forms (one or two exp2 per pair) on unit-norm rows, where
+    # the one-exp kernel runs (on these N(0, 0.3^2) rows the normalizers spread over ~137
+    # of the 140 binades it allows; the record says which form worked)
+    run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd, unit=True)
+    run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd, unit=True,
+             sym_form="two")
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd")
     run.provider("sdpa-flash", "fwd", half, 4 * n * n * d, lambda x, y: P.sdpa_anchor(x, t),
                  need_s=10)

@@ -37,6 +37,9 @@ def test_gpu_perf_dry_run(tmp_path):
     # the 16-bit loss forward both ways: the launcher's choice and the other variant
     assert {r["fwd_variant"] for r in ours if (r["name"], r["mode"], r["dtype"])
             == ("nbkernels-triton", "fwd", "float16")} == {"sm90_fwd_ahead", "generic"}
+    # the symmetric backward both ways on unit-norm rows: one exp2 per pair, then two
+    unit = [r for r in ours if r.get("inputs") == "unit-norm rows"]
+    assert [(r["sym_one_exp"], r.get("sym_form")) for r in unit] == [([1], None), ([0], "two")]
     by_name = {r["name"]: r for r in records}
     for cuda_only in ("sdpa-flash", "flex"):
         assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]

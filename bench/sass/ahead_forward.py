@@ -12,7 +12,6 @@ Run it under another triton by putting that one first on PYTHONPATH
 SASS*, never measured.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,9 +44,6 @@ def measure(cfg, ahead):
 
 
 def main(argv=None):
-    import triton
-
-    from nbkernels.backends import variants
     from nbkernels.backends.triton import kernels as tk
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out")
@@ -61,12 +57,7 @@ def main(argv=None):
                   f"{r['stack']} CTAs {r['ctas_per_sm']} exps under MMA "
                   f"{r['exps_under_mma'][0]}/{r['exps_under_mma'][1]} cycles "
                   f"{r['cycles_per_iter']:.0f} -> {r['predicted_ms']:.2f} ms", flush=True)
-    ver = "".join(map(str, variants.triton_version()))
-    out = Path(args.out or ROOT / "bench" / "results" / f"ahead_forward_sm90_triton{ver}.json")
-    out.write_text(json.dumps(dict(
-        label="predicted from compiled SASS (latency model), not measured", env=report.env(),
-        triton=triton.__version__, what=__doc__.split("\n\n")[0], rows=rows), indent=1) + "\n")
-    print("wrote", out)
+    report.write_predicted("ahead_forward", __doc__.split("\n\n")[0], rows, args.out)
 
 
 if __name__ == "__main__":

@@ -257,7 +257,12 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn, d=D, precision=N
                  dx=f32, dt_part=None, s_xn=D, s_xd=1, CLASS=cls, SCALE_DS=dtype == "fp16",
                  BLOCK_DX=block_d if resident else block(D, tk.MAX_BLOCK_DX),
                  REF_MAJOR=ref_major is True, SYMMETRIC=ref_major == "sym", FIXUP=False,
-                 NEED_DX=True, NEED_DT=False, BLOCK_OWN=bm, BLOCK_OTHER=bn)
+                 NEED_DX=True, NEED_DT=False, BLOCK_OWN=bm, BLOCK_OTHER=bn,
+                 # the symmetric main pass as it runs where the rows allow it (the launcher's
+                 # test, rows.one_exp_rows): one exp2 per pair
+                 ONE_EXP=ref_major == "sym",
+                 sym_w=f32 if ref_major == "sym" else None,
+                 one_exp=i32 if ref_major == "sym" else None, s_sw=N if ref_major == "sym" else 0)
     return v
 
 

@@ -63,6 +63,22 @@ def collect(quick=False, jobs=2):
     return rows, anchor, cuda, cuda_errors, factor
 
 
+def write_predicted(stem, what, rows, out=None):
+    """Write the ``rows`` of a comparison by the latency model, labelled as predictions, to
+    ``out`` (default bench/results/<stem>_sm90_triton<major><minor>.json, the running
+    triton's version); returns the path."""
+    import triton
+
+    from nbkernels.backends import variants
+    ver = "".join(map(str, variants.triton_version()))
+    path = Path(out or ROOT / "bench" / "results" / f"{stem}_sm90_triton{ver}.json")
+    path.write_text(json.dumps(dict(
+        label="predicted from compiled SASS (latency model), not measured", env=env(),
+        triton=triton.__version__, what=what, rows=rows), indent=1) + "\n")
+    print("wrote", path)
+    return path
+
+
 def env():
     import torch
     import triton

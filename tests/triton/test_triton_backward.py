@@ -42,6 +42,29 @@ def _run(tb, case, metric, offset, g_all, g_pos):
     return lse, grads
 
 
+@pytest.fixture
+def one_exp(monkeypatch):
+    """The launcher's choice per symmetric backward (``rows.one_exp_rows``): ``.ok``, its
+    flags in call order (1: the one-exp kernel worked, 0: the two-exp one); ``.force_two()``
+    sends every later call to the two-exp kernel (a spread limit no rows meet)."""
+    from nbkernels.backends.triton import kernels as tk
+    from nbkernels.backends.triton import rows as tr
+    spy = types.SimpleNamespace(ok=[])
+    orig = tr.one_exp_rows
+
+    def rows(*args):
+        sym_w, ok = orig(*args)
+        spy.ok.append(int(ok[0]))
+        return sym_w, ok
+
+    def force_two():
+        for lim in tk.ONE_EXP_LIMITS.values():
+            monkeypatch.setitem(lim, "spread", -1.0)
+    monkeypatch.setattr(tr, "one_exp_rows", rows)
+    spy.force_two = force_two
+    return spy
+
+
 def _check_batch(tb, h, case, metric, offset, tol, g=None):
     """Symmetric and two-kernel paths against the oracle; returns the oracle's lse."""
     want, (g_all, g_pos) = oracle_lse(case, metric, offset, *(g or upstream_lse(case)))
@@ -64,9 +87,31 @@ def _check_batch(tb, h, case, metric, offset, tol, g=None):
 @pytest.mark.parametrize("offset", [0, None])
 @pytest.mark.parametrize("metric", ["sqeuclidean", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-def test_symmetric_matches_oracle(tb, h, dtype, metric, offset, d):
+def test_symmetric_matches_oracle(tb, h, one_exp, dtype, metric, offset, d):
     case = _batch(h, 37, d, dtype, scale=min(0.5, 2.5 / math.sqrt(d)))
     _check_batch(tb, h, case, metric, offset, TOL[dtype])
+    assert one_exp.ok == [1], "these rows should take the one-exp kernel"
+
+
+@pytest.mark.parametrize("offset", [0, None])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_symmetric_two_exp_form_matches_oracle(tb, h, one_exp, dtype, metric, offset):
+    # the kernel that runs where the rows' normalizers spread too far for one exp2
+    one_exp.force_two()
+    case = _batch(h, 37, 19, dtype, scale=0.5)
+    _check_batch(tb, h, case, metric, offset, TOL[dtype])
+    assert one_exp.ok == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_wide_spread_takes_two_exps(tb, h, one_exp, dtype):
+    # points far apart at T = 0.05: the rows' log2 normalizers spread over about 600
+    # (fp32's limit is 140, fp64's 1000)
+    case = _batch(h, 29, 6, dtype, scale=2.0, temperature=0.05, seed=5)
+    _check_batch(tb, h, case, "sqeuclidean", 0, (1e-9, 1e-9) if dtype == torch.float64
+                 else (1e-3, 1e-3))
+    assert one_exp.ok == [0 if dtype == torch.float32 else 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -127,9 +127,11 @@ def test_warmup_compiles_once_and_reports(tb, h):
     first = nbkernels.warmup(torch.float32, 24, forms=("batch", "predict"), num_classes=3,
                              device=h.device, backend="triton", verbose=False)
     assert [r["form"] for r in first] == ["batch", "predict"]
-    # the batch loss: the lse forward and its exact pass, the symmetric backward and its
-    # fix-up pass; predict: the class forward and its exact pass
-    assert len(first[0]["kernels"]) == 4 and len(first[1]["kernels"]) == 2
+    # the batch loss: the lse forward and its exact pass, the symmetric backward in both
+    # forms (one and two exp2 per pair) and its fix-up pass; predict: the class forward
+    # and its exact pass
+    assert len(first[0]["kernels"]) == 5 and len(first[1]["kernels"]) == 2
+    assert sum("one_exp" in k for k in first[0]["kernels"]) == 1
     again = nbkernels.warmup(torch.float32, 24, forms=("batch",), device=h.device,
                              backend="triton", verbose=False)
     assert again[0]["kernels"] == []

@@ -66,12 +66,15 @@ def _scaled(rows, scale):
 
 
 def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offset,
-              has_offset, need_q, need_r, need_t, precision, r_far, symmetric):
+              has_offset, need_q, need_r, need_t, precision, r_far, symmetric, lse=None):
     """Launch the dq / dr (or, ``symmetric``, the one batch) kernels; reduce dT in torch.
 
     ``passes``: [(row_shift, w_neg, w_pos, g_cls), flags] per pass (main, then an optional
     fix-up with flags). ``gmax`` (N,) bounds |ds| per query row, given for fp16 inputs
     only (ds scaling). Gradients accumulate in the accumulation dtype and are cast once.
+    ``symmetric``: the main pass is two launches, the kernel with one exp2 per pair
+    (ONE_EXP) and the one with two, of which the device-side test of
+    ``rows.one_exp_rows`` (on ``lse``, the rows' lse_all) lets exactly one work.
     """
     n, d = q.shape
     m = r.shape[0]
@@ -123,18 +126,27 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
             dict(q_t=None, r_t=y_t, s_qt=0, s_rt=s_yt)
         for fixup, ((shift, w_neg, w_pos, g_cls), flags) in enumerate(passes):
             shift, w_neg, w_pos, g_cls = _scaled((shift, w_neg, w_pos, g_cls), scale)
+            # the symmetric main pass: one launch per form, one of which works
+            forms = [dict(sym_w=None, one_exp=None, s_sw=0, ONE_EXP=False)]
+            if mode == "sym" and not fixup:
+                sym_w, ok = tr.one_exp_rows(q_col, lse, shift, w_neg, w_pos)
+                forms = [dict(sym_w=sym_w, one_exp=ok, s_sw=sym_w.stride(0), ONE_EXP=one)
+                         for one in (True, False)]
             shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
-            with _on_device(q):
-                tk.launch(
-                    kind, grid, tune=not fixup, chosen=chosen, **sides,
-                    row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
-                    s_gn=0 if g_cls is None else g_cls.stride(0),
-                    s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
-                    ds_scale=(row_scale if mode == "dq" else top_scale),
-                    dx=dx, dt_part=dt_part, s_xn=d if need_dx else 0, s_xd=1 if need_dx else 0,
-                    REF_MAJOR=mode == "dr", SYMMETRIC=mode == "sym", FIXUP=bool(fixup),
-                    NEED_DX=need_dx, NEED_DT=need_dt, **common)
+            for form in forms:
+                with _on_device(q):
+                    tk.launch(
+                        kind, grid, tune=not fixup and form is forms[0], chosen=chosen, **sides,
+                        **form,
+                        row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
+                        s_gn=0 if g_cls is None else g_cls.stride(0),
+                        s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
+                        ds_scale=(row_scale if mode == "dq" else top_scale),
+                        dx=dx, dt_part=dt_part, s_xn=d if need_dx else 0,
+                        s_xd=1 if need_dx else 0, REF_MAJOR=mode == "dr",
+                        SYMMETRIC=mode == "sym", FIXUP=bool(fixup), NEED_DX=need_dx,
+                        NEED_DT=need_dt, **common)
         if need_dx:
             out["dr" if mode == "dr" else "dq"] = dx.to(q.dtype)
         if need_dt:
@@ -174,7 +186,7 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
     passes = [((*main, None), None), ((*fix, None), flags)]
     return _backward(q, r, tr.label_ranks(q_labels, r_labels), temperature, passes, gmax, 0,
                      metric, offset, has_offset, need_q, need_r, need_t, precision, r_far,
-                     symmetric)
+                     symmetric, lse=lse_all)
 
 
 @_lse_bwd.register_fake

@@ -31,6 +31,14 @@ MAX_MOVE_F32 = tl.constexpr(125.0)
 MAX_MOVE_F64 = tl.constexpr(1021.0)
 # The same limits in log2 units, for the backward's one-exp positives (launcher side)
 POS_LOG2_LIMIT = {"fp32": 64.0, "fp64": 960.0}
+# The symmetric backward's one exp2 per pair (launcher: ``rows.one_exp_rows``), per
+# accumulation dtype, in log2 units: the shared reference R sits ABOVE the smallest row
+# normalizer, so that an exp2 flushed to 0 drops only terms below 2^(ABOVE - 126) of
+# their row (2^(ABOVE - 1022) fp64); the rows' normalizers may spread over at most
+# SPREAD, so that no exp2 passes 2^(SPREAD - ABOVE + 1); and the per-row weights
+# must be 0 or lie within 2^+-WEIGHT (normal numbers). Otherwise the two-exp kernel runs.
+ONE_EXP_LIMITS = {"fp32": dict(above=16.0, spread=140.0, weight=125.0),
+                  "fp64": dict(above=16.0, spread=1000.0, weight=1020.0)}
 
 # Feature-dim chunk of the logit dot when not resident, and widest dq / dr slice.
 MAX_BLOCK_D = 16 if SMALL else 64
@@ -128,7 +136,7 @@ PRUNE = {"early_config_prune": _prune}
 FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS",
            "PRECISION", "BLOCK_C", "AHEAD"]
 BWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "REF_MAJOR",
-           "SYMMETRIC", "FIXUP", "NEED_DX", "NEED_DT", "PRECISION", "OTHER_T"]
+           "SYMMETRIC", "FIXUP", "NEED_DX", "NEED_DT", "PRECISION", "OTHER_T", "ONE_EXP"]
 # Integers that vary per call and gain nothing from specialization (== 1, % 16): one
 # compiled kernel for every size. Strides and D stay specialized.
 FWD_NO_SPECIALIZE = ["N", "M", "offset", "N_KEY", "M_KEY", "D_KEY"]

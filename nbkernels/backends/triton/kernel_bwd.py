@@ -29,11 +29,13 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, 
               FIXUP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
               RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DX: tl.constexpr, OTHER_T: tl.constexpr, i_t, DIAG: tl.constexpr):
+              BLOCK_DX: tl.constexpr, OTHER_T: tl.constexpr, ONE_EXP: tl.constexpr, sym_w, s_sw,
+              b_s1, b_a1, b_ap, b_an, i_t, DIAG: tl.constexpr):
     """One other-side tile [i_t, i_t + BOTHER) of ``neighbor_bwd_kernel``: the dx
     accumulator, the row sums of ds and the dT partial sums, updated. DIAG: the tile meets
-    the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*, b_fl) come
-    from the caller; the other side's are loaded here from the padded vectors."""
+    the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*, b_fl; with
+    ONE_EXP b_s1, b_a1, b_ap, b_an) come from the caller; the other side's are loaded here
+    from the padded vectors."""
     # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
     o_t = tl.arange(0, BLOCK_OTHER)
     m_t = o_t < n_other - i_t
@@ -81,9 +83,21 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, 
                 b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
                               mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
                 b_ds = _exp(b_u, b_sh[:, None]) * (b_g - b_wn[:, None])
+            elif ONE_EXP:
+                # the symmetric kernel's one exp2 for both directions (see
+                # neighbor_bwd_kernel): e = 2^(z_kj L - R - a_k) with the launcher's own-row
+                # shift, ds_kj = e A_k B_k and ds_jk = e A_k B_j (B: a row's weight as the
+                # query, positive or negative, times 2^(R - its lse L)); b_tot is their sum
+                b_bnt = tl.load(sym_w + 2 * s_sw + i_t + o_t).to(ACC)
+                b_bpt = tl.load(sym_w + 3 * s_sw + i_t + o_t).to(ACC)
+                b_e = _exp(b_u, b_s1[:, None])
+                b_wk = tl.where(m_pos, b_ap[:, None], b_an[:, None])
+                b_ds = b_e * b_wk
+                b_tot = b_e * tl.fma(b_a1[:, None],
+                                     tl.where(m_pos, b_bpt[None, :], b_bnt[None, :]), b_wk)
             else:
                 b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], FIXUP)
-            if SYMMETRIC:
+            if SYMMETRIC and not ONE_EXP:
                 # the same pairs with the other rows as queries: ds_jk, k the reference
                 b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
                 b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
@@ -97,7 +111,9 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, 
             else:
                 m_d = _diagonal(i_o0, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
             b_ds = tl.where(m_d, 0.0, b_ds)
-            if SYMMETRIC:
+            if ONE_EXP:
+                b_tot = tl.where(m_d, 0.0, b_tot)
+            elif SYMMETRIC:
                 b_dsj = tl.where(m_d, 0.0, b_dsj)
         if NEED_DT:
             # true logit: u + the query's own norm term
@@ -107,7 +123,9 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, 
                 b_z = b_u + b_xn[:, None]
             # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
             b_dt += tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
-        if SYMMETRIC:
+        if ONE_EXP:
+            b_ds = b_tot
+        elif SYMMETRIC:
             b_ds = b_ds + b_dsj
         if NEED_DX:
             if OTHER_T:
@@ -130,9 +148,9 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, 
 
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
 def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col, row_shift,
-                        w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part,
+                        w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part, sym_w, one_exp,
                         N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_qt, s_rt, s_gn, s_gc, s_xn,
-                        s_xd,
+                        s_xd, s_sw,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
                         REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
@@ -140,7 +158,7 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
                         RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr,
-                        OTHER_T: tl.constexpr = False):
+                        OTHER_T: tl.constexpr = False, ONE_EXP: tl.constexpr = False):
     """dq (REF_MAJOR=False), dr (REF_MAJOR=True) or, SYMMETRIC, the whole batch gradient.
 
     A program owns BLOCK_OWN rows of x (q, or r) and the feature slice BLOCK_DX of dx
@@ -172,9 +190,20 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
     and a dr launch. The logits are symmetric, z_ij = z_ji, so the tile of own rows k
     against other rows j gives both ds_kj (k as the query) and ds_jk (j as the query)
     from one dot, and dx_k = 2/T sum_j (ds_kj + ds_jk)(x_j - x_k): half the dots of
-    the two-kernel backward, two exp2 per pair. Chosen over a shared recompute with an
-    ordered (semaphore) accumulation of the other side because it needs neither a
-    second pass over dq nor any inter-program waiting, and it is the common case.
+    the two-kernel backward. Chosen over a shared recompute with an ordered
+    (semaphore) accumulation of the other side because it needs neither a second pass
+    over dq nor any inter-program waiting, and it is the common case. Its main pass is
+    two launches, of which the launcher's device-side test (``one_exp``, from
+    ``rows.one_exp_rows``) lets one work; the other's programs return without a write.
+    ONE_EXP: one exp2 per pair for both directions. The two exponentials of a pair
+    differ by a factor of rank one, 2^(g_k - g_j) with g a row's log2 normalizer, so
+    with the launcher's own-row shift s_k = fl(n_k L - R) (``sym_w`` row 0), its
+    residue factor A_k (row 1) and per-row weights B_i = 2^(R - g_i) w_i (rows 2 and 3,
+    negative and positive), e = exp2(fma(u, L, s_k)) gives ds_kj = e A_k B_k and
+    ds_jk = e A_k B_j: one exp2, two selects, one FFMA and one multiply per pair for
+    their sum. It runs where the rows' normalizers spread little enough that e neither
+    overflows nor flushes a term that matters (``ONE_EXP_LIMITS``); else the two-exp
+    kernel, two exp2 per pair, each direction under its own row's shift.
 
     "dot": dx = c sum ds y, c = 1/T; "sqeuclidean": dx = c (sum ds y - x sum ds), c = 2/T
     (``scale``, the launcher's, as in the forward).
@@ -187,6 +216,8 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
     REF_MAJOR), written by the slice-0 programs only. SCALE_DS: the weights carry the
     powers of two of ``ds_scale``: per own row (dq), or one (1,) for dr / SYMMETRIC.
     """
+    tl.static_assert(not ONE_EXP or (SYMMETRIC and not FIXUP and not CLASS),
+                     "ONE_EXP is the symmetric kernel's main pass")
     i_o = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_own = i_o * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
@@ -224,6 +255,24 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
     if REF_MAJOR or CLASS:
         b_wp = tl.zeros([BLOCK_OWN], dtype=ACC)
     hi = n_other
+    b_s1 = b_sh
+    b_a1 = b_sh
+    b_ap = b_sh
+    b_an = b_sh
+    if SYMMETRIC and not FIXUP:
+        # of the two main launches (ONE_EXP and not), the one the launcher's test chose
+        # runs; the other's programs do nothing and write nothing
+        b_ok = tl.load(one_exp + tl.zeros([BLOCK_OWN], dtype=tl.int32))
+        if ONE_EXP:
+            m_own = m_own & (b_ok != 0)
+        else:
+            m_own = m_own & (b_ok == 0)
+        hi = tl.where(tl.max(m_own.to(tl.int32), 0) > 0, n_other, 0)
+        if ONE_EXP:
+            b_s1 = tl.load(sym_w + o_own, mask=m_own, other=0).to(ACC)
+            b_a1 = tl.load(sym_w + s_sw + o_own, mask=m_own, other=0).to(ACC)
+            b_an = b_a1 * tl.load(sym_w + 2 * s_sw + o_own, mask=m_own, other=0).to(ACC)
+            b_ap = b_a1 * tl.load(sym_w + 3 * s_sw + o_own, mask=m_own, other=0).to(ACC)
     b_fl = tl.zeros([BLOCK_OWN], dtype=tl.int8)
     if FIXUP:
         if not REF_MAJOR:
@@ -247,7 +296,8 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
                 y_col, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
                 b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR,
                 SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN,
-                BLOCK_OTHER, BLOCK_D, BLOCK_DX, OTHER_T, i_t=(t_lo + k) * BLOCK_OTHER, DIAG=True)
+                BLOCK_OTHER, BLOCK_D, BLOCK_DX, OTHER_T, ONE_EXP, sym_w, s_sw, b_s1, b_a1, b_ap,
+                b_an, i_t=(t_lo + k) * BLOCK_OTHER, DIAG=True)
     n_diag = t_hi - t_lo
     for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
         i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
@@ -257,7 +307,7 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
             w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
             m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC,
             FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D,
-            BLOCK_DX, OTHER_T, i_t=i_t, DIAG=False)
+            BLOCK_DX, OTHER_T, ONE_EXP, sym_w, s_sw, b_s1, b_a1, b_ap, b_an, i_t=i_t, DIAG=False)
     if SCALE_DS:
         if REF_MAJOR or SYMMETRIC:
             b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)

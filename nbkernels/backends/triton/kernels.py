@@ -68,16 +68,16 @@ from nbkernels.backends import variants
 from . import configs
 from .kernel_bwd import neighbor_bwd_kernel
 from .common import (  # noqa: F401 (the launchers' and tests' names)
-    INTERPRET, SIZES, SMALL, AUTOTUNE, PAD, POS_LOG2_LIMIT, MAX_BLOCK_D, MAX_BLOCK_DX,
-    MAX_RESIDENT_D, MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C, NARROWEST_BLOCK_C,
-    class_block_cap,
+    INTERPRET, SIZES, SMALL, AUTOTUNE, PAD, POS_LOG2_LIMIT, ONE_EXP_LIMITS, MAX_BLOCK_D,
+    MAX_BLOCK_DX, MAX_RESIDENT_D, MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C,
+    NARROWEST_BLOCK_C, class_block_cap,
     GPU_FWD_CONFIGS, GPU_BWD_CONFIGS, FWD_KEY, BWD_KEY, PRUNE, fits, resident_limit)
 from .kernel_fwd import neighbor_fwd_kernel
 
 # the compile-time flags of each kernel: with the dtype and D, a kernel variant
 _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", "SYMMETRIC",
           "FIXUP", "NEED_DX", "NEED_DT", "SCALE_DS", "RESIDENT", "PRECISION",
-          "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX", "OTHER_T", "AHEAD")
+          "MASS_PRECISION", "BLOCK_C", "BLOCK_D", "BLOCK_DX", "OTHER_T", "AHEAD", "ONE_EXP")
 
 
 # The kernel variants, in order of preference (``nbkernels.backends.variants``): an

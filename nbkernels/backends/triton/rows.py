@@ -129,3 +129,54 @@ def exp_shift(lse):
     x_l = x * log2e
     shift = torch.where(fin, -x_l, torch.where(torch.isnan(lse), lse, 0.0))
     return shift, torch.exp2(-_product_error(x, log2e, x_l))
+
+
+def one_exp_rows(col, lse, shift, w_neg, w_pos):
+    """The symmetric backward's one exp2 per pair: (sym_w, ok).
+
+    The symmetric kernel's tile of own rows k and other rows j gives, from one logit
+    u_kj = c x_k.x_j + n_j (n: ``column``), ds_kj = exp2(u L + shift_k) w_k and
+    ds_jk = exp2(u' L + shift_j) w_j with u' = u + n_k - n_j (``neighbor_bwd_kernel``;
+    shift, w_neg / w_pos: the main pass's row terms, w the one of the pair's label
+    test). With g_i = n_i L - shift_i, a row's log2 normalizer, both are
+
+        e_kj A_k B_k  and  e_kj A_k B_j,   e_kj = exp2(u L + s_k),
+
+    where s_k = fl(n_k L - R) is the kernel's own-row shift, A_k = 2^(n_k L - R - s_k)
+    its exact rounding residue, and B_i = 2^(R - g_i) w_i (positive and negative weight)
+    are computed here in fp64: one exp2 per pair, and a sum ds_kj + ds_jk that is one
+    FFMA and one multiply. The products are exact up to the rounding of the factors
+    (a few ulps), so the two forms agree wherever they are representable. R, common to
+    all rows, sits ``ONE_EXP_LIMITS["above"]`` above the smallest g of a row with terms:
+    e_kj <= 2^(g_k - R + 1), and a term flushed to 0 (exp2 below 2^-126) is one of
+    size below 2^(above - 126) in its row.
+
+    ``ok`` (int32 (1,), computed on the device: no host sync) is 1 when every row with
+    terms has its g within ``spread`` of the others, every nonzero weight B within
+    2^+-``weight``, and nothing is NaN or +inf; else the launcher's two-exp kernel runs.
+    ``sym_w``: [4, rows padded] in the accumulation dtype: s (-inf at rows without
+    terms, rows at infinity and padding: e = 0 there), A (1), B_neg, B_pos (0).
+    """
+    n = lse.shape[0]
+    acc = shift.dtype
+    lim = tk.ONE_EXP_LIMITS["fp64" if acc == torch.float64 else "fp32"]
+    log2e = torch.tensor(LOG2E, dtype=acc, device=lse.device).double()
+    nl = col[:n].double() * log2e          # exact for fp32 columns
+    g = nl - shift.double()
+    has = torch.isfinite(g) & torch.isfinite(lse)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=lse.device)
+    g_min = torch.where(has, g, inf).amin() if n else inf
+    g_max = torch.where(has, g, -inf).amax() if n else -inf
+    r = g_min + lim["above"]
+    s = torch.where(has, nl - r, -inf)
+    s_acc = s.to(acc)
+    a = torch.where(has, torch.exp2(s - s_acc.double()), 1.0)
+    scale = torch.exp2(torch.where(has, r - g, 0.0))
+    b = [torch.where(has & (w != 0), scale * w.double(), 0.0) for w in (w_neg, w_pos)]
+    bad = torch.isnan(lse) | (lse == float("inf")) | torch.isnan(w_neg) | torch.isnan(w_pos)
+    for x in b:
+        bad |= ~torch.isfinite(x) | ((x != 0) & (x.abs().log2().abs() > lim["weight"]))
+    ok = (g_max - g_min <= lim["spread"]) & torch.isfinite(g_min) & ~bad.any()
+    rows = [padded(s_acc, float("-inf")), padded(a.to(acc), 1.0),
+            *(padded(x.to(acc), 0.0) for x in b)]
+    return torch.stack(rows).contiguous(), ok.to(torch.int32).reshape(1)
