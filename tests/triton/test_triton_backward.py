@@ -126,6 +126,21 @@ def test_positives_fixup_in_some_rows_only(tb, h, dtype):
     assert 0 < flagged < case.q.shape[0], f"{flagged} rows flagged: the case misses the mix"
 
 
+@pytest.mark.parametrize("metric, temperature, scale, d", [("sqeuclidean", 0.02, 0.5, 5),
+                                                          ("dot", 0.01, 0.3, 19)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_exp_form_with_the_fixup_launch(tb, h, one_exp, dtype, metric, temperature, scale,
+                                            d):
+    # rows whose positives sit more than 2^64 below their lse (the fix-up launch) while
+    # the normalizers spread over 89 / 117 binades: the one-exp kernel, then the fix-up
+    case = _batch(h, 37, d, dtype, c=6, temperature=temperature, seed=3, scale=scale)
+    want = _check_batch(tb, h, case, metric, 0, (1e-9, 1e-9) if dtype == torch.float64
+                        else (1e-3, 1e-3))
+    assert one_exp.ok == [1]
+    gap = (want[0] - want[1]) / math.log(2)
+    assert int((gap > 64).sum()) > 0, "the case misses the fix-up rows"
+
+
 @pytest.mark.parametrize("scale", [1e-5, 1e-6])
 def test_fp16_symmetric_tiny_upstream(tb, h, scale):
     # ds ~ g / N sits below fp16's normal range before the gradient dot: the launcher's
