@@ -122,8 +122,8 @@ def _predict():
         # of which one works), then its fix-up pass
         for kind, flags in (("fwd", dict(POS_PASS=False)), ("fwd", dict(POS_PASS=True)),
                             ("bwd", dict(FIXUP=False, ONE_EXP=True)),
-                            ("bwd", dict(FIXUP=False, ONE_EXP=False)),
-                            ("bwd", dict(FIXUP=True, ONE_EXP=False))):
+                            ("bwd", dict(FIXUP=False, ONE_EXP=False, SCALE_DS=False)),
+                            ("bwd", dict(FIXUP=True, ONE_EXP=False, SCALE_DS=False))):
             # torch's default (allow_tf32 off): fp32 dots in IEEE precision
             cfg, source = tc.select(kind, elem, d, torch.device("cpu"), "ieee")
             bm, bn, w, s = build._config_tuple(cfg, kind)

@@ -3,6 +3,8 @@ factors it hands the kernel give, pair by pair, the two-exp kernel's ds in both
 directions (checked here in fp64 against that formula, independently of any kernel), and
 its device-side test sends every case the factors cannot carry to the two-exp kernel.
 The kernels themselves are compared with the fp64 oracle in tests/triton."""
+import math
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def _exp2_fl(x, dtype):
 def test_factors_give_both_directions(dtype, rtol):
     n = 53
     col, lse, (shift, w_neg, w_pos) = _rows(n, dtype)
-    sym_w, ok = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
+    sym_w, ok, scale = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
     assert sym_w.dtype == dtype and sym_w.shape == (4, col.shape[0]) and int(ok) == 1
     s, a, b_neg, b_pos = (x[:n].double() for x in sym_w)
     log2e = torch.tensor(L, dtype=dtype).double()
@@ -77,7 +79,7 @@ def test_rows_without_terms_and_at_infinity_weigh_nothing(dtype):
     col[2] = float("-inf")                  # a row at infinity
     lse = lse.clone()
     lse[5] = float("-inf")                  # a row without terms
-    sym_w, ok = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
+    sym_w, ok, scale = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
     assert int(ok) == 1
     for i in (2, 5):
         assert sym_w[0, i] == float("-inf") and sym_w[1, i] == 1
@@ -97,7 +99,7 @@ def test_spread_limit(dtype):
         lse[3] = lse[3] + spread / L        # one row's normalizer far above the others
         main, _, _ = tb.lse_backward_rows(lse, lse - 1.0, torch.ones_like(lse),
                                           -0.5 * torch.ones_like(lse))
-        _, ok = tr.one_exp_rows(col, lse, *main)
+        _, ok, _ = tr.one_exp_rows(col, lse, *main)
         assert int(ok) == want, f"spread {spread} (limit {lim}): ok {int(ok)}"
 
 
@@ -118,12 +120,40 @@ def test_cases_the_factors_cannot_carry_take_two_exps(what):
         w_neg[4] = 2.0 ** -140          # B = 2^(R - g) w below fp32's normal range
     else:
         lse = torch.full_like(lse, float("-inf"))
-    _, ok = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
+    _, ok, _ = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
     assert int(ok) == 0, what
 
 
 def test_zero_rows():
     col, lse, (shift, w_neg, w_pos) = _rows(0, torch.float32)
-    sym_w, ok = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
+    sym_w, ok, scale = tr.one_exp_rows(col, lse, shift, w_neg, w_pos)
     assert sym_w.shape == (4, 0) and ok.shape == (1,) and ok.dtype == torch.int32
     assert int(ok) == 0
+
+
+def test_one_power_of_two_keeps_the_weights_normal():
+    # a mean over 2^16 rows (weights ~ 2^-16) whose normalizers spread over 132 binades:
+    # unscaled, the weights of the top rows fall below fp32's normal range; scaled by one
+    # power of two (the kernel divides its sums by it) they all stay normal
+    lim = ONE_EXP_LIMITS["fp32"]
+    n = 40
+    col, lse, _ = _rows(n, torch.float32, spread=0.5)
+    lse = lse.clone()
+    lse[7] = lse[7] + 131.0 / L
+    g_all = torch.full((n,), 2.0 ** -16)
+    main, _, _ = tb.lse_backward_rows(lse, lse - 1.0, g_all, -0.5 * g_all)
+    _, ok, scale = tr.one_exp_rows(col, lse, *main)
+    assert int(ok) == 0 and float(scale) == 1.0
+    plain, _, _ = tr.one_exp_rows(col, lse, *main, scale_to=0.0)
+    sym_w, ok, scale = tr.one_exp_rows(col, lse, *main, scale_to=lim["scale_to"])
+    assert int(ok) == 1
+    s = float(scale)
+    assert s == 2.0 ** round(math.log2(s)) and s > 1
+    top = float(sym_w[2:].abs().max())
+    assert 2.0 ** (lim["scale_to"] - 1) < top <= 2.0 ** lim["scale_to"]
+    nz = sym_w[2:] != 0
+    assert (sym_w[2:][nz].abs() >= 2.0 ** -lim["weight"]).all()
+    # the same weights up to one power of two (where both are normal, exactly)
+    both = nz & (plain[2:].abs() >= 2.0 ** -126)
+    ratio = sym_w[2:][both].double() / plain[2:][both].double()
+    assert both.sum() > n and torch.unique(ratio).numel() == 1

@@ -141,9 +141,9 @@ def test_points_from_a_gpu_perf_run(tmp_path):
 
     from bench.sass import latency_report as L
 
-    def rec(mode, fwd, bwd, ms, dtype="bfloat16", status="ok"):
+    def rec(mode, fwd, bwd, ms, dtype="bfloat16", status="ok", **kw):
         return dict(name="nbkernels-triton", mode=mode, dtype=dtype, status=status,
-                    fwd_config=fwd, bwd_config=bwd, time_s={"median": ms / 1e3})
+                    fwd_config=fwd, bwd_config=bwd, time_s={"median": ms / 1e3}, **kw)
     perf = dict(env=dict(git_commit="0123456789abcdef", git_dirty=False, gpu_name="NVIDIA H200",
                          triton="3.6.0"),
                 records=[rec("fwd", [128, 128, 8, 2], [128, 64, 8, 2], 5.0),
@@ -151,12 +151,21 @@ def test_points_from_a_gpu_perf_run(tmp_path):
                          rec("fwdbwd", [128, 128, 8, 2], [64, 64, 4, 3], 20.0),
                          rec("fwdbwd", [64, 64, 4, 2], [64, 64, 4, 2], 30.0),   # no fwd of it
                          rec("fwd", [64, 64, 4, 2], [128, 64, 8, 2], 9.0, dtype="float32"),
-                         rec("fwd", [32, 32, 4, 2], [128, 64, 8, 2], 9.0, status="skipped")])
+                         rec("fwd", [32, 32, 4, 2], [128, 64, 8, 2], 9.0, status="skipped"),
+                         # the symmetric backward's forms: one exp2 per pair, two, both
+                         rec("fwdbwd", [128, 64, 4, 3], [128, 64, 8, 2], 12.0, sym_one_exp=[1],
+                             inputs="unit-norm rows"),
+                         rec("fwdbwd", [128, 64, 4, 3], [64, 64, 4, 2], 14.0, sym_one_exp=[0]),
+                         rec("fwdbwd", [128, 64, 4, 3], [32, 32, 4, 2], 19.0,
+                             sym_one_exp=[0, 1])])
     points = L.points_from_perf(perf)
     got = {p["variants"][0]: round(p["measured_ms"], 9) for p in points}
     assert got == {"fwd_bf16_sqeuclidean_128x128w8s2": 5.0,
                    "fwd_bf16_sqeuclidean_128x64w4s3": 4.0,
-                   "bwd_sym_bf16_sqeuclidean_64x64w4s3": 15.0}
+                   "bwd_sym_bf16_sqeuclidean_64x64w4s3": 15.0,
+                   "bwd_sym_bf16_sqeuclidean_128x64w8s2": 8.0,
+                   "bwd_sym_bf16_sqeuclidean_64x64w4s2_twoexp": 10.0}
+    assert any("unit-norm rows" in p["what"] for p in points)
     assert {p["commit"] for p in points} == {"0123456"}
     # the triton the GPU ran, which --triton 3.6=PATH compiles the point with
     assert {p["triton"] for p in points} == {"3.6.0"} and L._minor("3.6.0") == "3.6"
@@ -164,9 +173,9 @@ def test_points_from_a_gpu_perf_run(tmp_path):
     path, perf_path = tmp_path / "points.json", tmp_path / "gpu_perf.json"
     path.write_text(json.dumps({"points": []}))
     perf_path.write_text(json.dumps(perf))
-    assert len(L.add_points(perf_path, path)) == 3
+    assert len(L.add_points(perf_path, path)) == 5
     assert L.add_points(perf_path, path) == []
-    assert len(json.loads(path.read_text())["points"]) == 3
+    assert len(json.loads(path.read_text())["points"]) == 5
 
 
 def test_shared_memory_widths():

@@ -253,8 +253,11 @@ def _launch_values(kind, dtype, metric, cls, ref_major, bm, bn, d=D, precision=N
                  q_col=f32, row_shift=f32, w_neg=f32,
                  w_pos=None if cls else f32, flags=None, g_cls=f32 if cls else None,
                  C=NUM_CLASSES if cls else 0, s_gn=NUM_CLASSES if cls else 0,
-                 s_gc=1 if cls else 0, ds_scale=f32 if dtype == "fp16" else None,
-                 dx=f32, dt_part=None, s_xn=D, s_xd=1, CLASS=cls, SCALE_DS=dtype == "fp16",
+                 s_gc=1 if cls else 0,
+                 # fp16's ds scale; the one-exp symmetric kernel's weights carry one too
+                 ds_scale=f32 if dtype == "fp16" or ref_major == "sym" else None,
+                 dx=f32, dt_part=None, s_xn=D, s_xd=1, CLASS=cls,
+                 SCALE_DS=dtype == "fp16" or ref_major == "sym",
                  BLOCK_DX=block_d if resident else block(D, tk.MAX_BLOCK_DX),
                  REF_MAJOR=ref_major is True, SYMMETRIC=ref_major == "sym", FIXUP=False,
                  NEED_DX=True, NEED_DT=False, BLOCK_OWN=bm, BLOCK_OTHER=bn,

@@ -42,6 +42,9 @@ if str(ROOT) not in sys.path:
 from bench.sass import analyze, anchor_fa2, build, latency, model, report, sass  # noqa: E402
 
 POINTS = Path(__file__).with_name("points.json")
+# a symmetric backward variant's name suffix for its two-exp kernel (ONE_EXP off), where
+# the launcher's test sent the rows there
+TWO_EXP = "_twoexp"
 RESULTS = ROOT / "bench" / "results" / "sass_latency_sm90.json"
 README = report.README
 BEGIN, END = "<!-- latency:begin -->", "<!-- latency:end -->"
@@ -60,14 +63,17 @@ out = []
 vs = build.variants(dtypes=("bf16", "fp32"), metrics=("sqeuclidean",), classes=(False,))
 # a config outside that commit's GPU lists (timed through an override): built as they are
 for name in sorted(want - {v.name for v in vs}):
-    kind, side, dtype, bm, bn, w, s = re.match(
-        r"(fwd|bwd)_?(sym|dq|dr)?_(bf16|fp32)_sqeuclidean_(\d+)x(\d+)w(\d+)s(\d+)$", name).groups()
+    kind, side, dtype, bm, bn, w, s, two = re.match(
+        r"(fwd|bwd)_?(sym|dq|dr)?_(bf16|fp32)_sqeuclidean_(\d+)x(\d+)w(\d+)s(\d+)(_twoexp)?$",
+        name).groups()
     bm, bn, w, s = int(bm), int(bn), int(w), int(s)
     rm = {None: None, "dq": False, "dr": True, "sym": "sym"}[side]
     from nbkernels.backends.triton import kernels as tk  # this layout: commits after 7fef025
     fn = tk.kernel_for(kind, build.SM90)
     vals = build._fill_unknown(fn, build._launch_values(kind, dtype, "sqeuclidean", False, rm,
                                                         bm, bn))
+    if two:
+        vals.update(ONE_EXP=False, SCALE_DS=dtype == "fp16")
     vs.append(build.Variant(name=name, kind=kind, dtype=dtype, metric="sqeuclidean", cls=False,
                             ref_major=rm, block_m=bm, block_n=bn, block_d=vals["BLOCK_D"],
                             num_warps=w, num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
@@ -181,11 +187,16 @@ def points_from_perf(perf):
            for c, ms in fwd.items()]
     for r in ok:
         cfg, both = tuple(r["fwd_config"]), 1e3 * r["time_s"]["median"]
-        if r["mode"] == "fwdbwd" and r.get("bwd_config") and cfg in fwd:
-            out.append(dict(what=f"bf16 batch backward, {name('bwd_sym', r['bwd_config'])[25:]} "
-                                 f"({gpu}, gpu_perf: fwd+bwd - fwd)", commit=commit,
-                            dirty=dirty, triton=ran, measured_ms=both - fwd[cfg],
-                            variants=[name("bwd_sym", r["bwd_config"])]))
+        # the symmetric kernel's form that worked (records before it had one form: that
+        # commit's kernel); a record where both worked is no point
+        form = {None: "", (1,): "", (0,): TWO_EXP}.get(
+            tuple(r["sym_one_exp"]) if r.get("sym_one_exp") else None)
+        if r["mode"] == "fwdbwd" and r.get("bwd_config") and cfg in fwd and form is not None:
+            what = f"{name('bwd_sym', r['bwd_config'])[25:]}{form}" + (
+                f", {r['inputs']}" if r.get("inputs") else "")
+            out.append(dict(what=f"bf16 batch backward, {what} ({gpu}, gpu_perf: fwd+bwd - fwd)",
+                            commit=commit, dirty=dirty, triton=ran, measured_ms=both - fwd[cfg],
+                            variants=[name("bwd_sym", r["bwd_config"]) + form]))
     return out
 
 

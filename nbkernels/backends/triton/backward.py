@@ -87,7 +87,7 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
     # fp16 only: bf16 has fp32's exponent range, fp32 / fp64 do not round ds
     row_scale, top_scale = _ds_scales(gmax) if gmax is not None else (None, None)
     common = dict(q_labels=labels[0], r_labels=labels[1], r_col=r_col, q_col=q_col,
-                  C=num_classes, SCALE_DS=gmax is not None, BLOCK_DX=block_dx,
+                  C=num_classes, BLOCK_DX=block_dx,
                   **_common(q, r, temperature, metric, offset, has_offset, precision, kind))
     chosen = tk.choose(kind, q.device, common["PRECISION"])
     # OTHER_T (kernels.VARIANTS): the other side's transposed copy, made once per side and
@@ -126,12 +126,19 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
             dict(q_t=None, r_t=y_t, s_qt=0, s_rt=s_yt)
         for fixup, ((shift, w_neg, w_pos, g_cls), flags) in enumerate(passes):
             shift, w_neg, w_pos, g_cls = _scaled((shift, w_neg, w_pos, g_cls), scale)
-            # the symmetric main pass: one launch per form, one of which works
-            forms = [dict(sym_w=None, one_exp=None, s_sw=0, ONE_EXP=False)]
+            two = dict(sym_w=None, one_exp=None, s_sw=0, ONE_EXP=False, SCALE_DS=gmax is not None,
+                       ds_scale=row_scale if mode == "dq" else top_scale)
+            forms = [two]
             if mode == "sym" and not fixup:
-                sym_w, ok = tr.one_exp_rows(q_col, lse, shift, w_neg, w_pos)
-                forms = [dict(sym_w=sym_w, one_exp=ok, s_sw=sym_w.stride(0), ONE_EXP=one)
-                         for one in (True, False)]
+                # the symmetric main pass: one launch per form, of which one works. The
+                # one-exp kernel's weights carry a power of two of their own (fp16: the ds
+                # scale's, which bounds ds for its rounding)
+                lim = tk.ONE_EXP_LIMITS["fp64" if acc == torch.float64 else "fp32"]
+                sym_w, ok, s_w = tr.one_exp_rows(q_col, lse, shift, w_neg, w_pos,
+                                                 None if gmax is not None else lim["scale_to"])
+                two.update(sym_w=sym_w, one_exp=ok, s_sw=sym_w.stride(0))
+                forms = [dict(two, ONE_EXP=True, SCALE_DS=True,
+                              ds_scale=s_w if top_scale is None else s_w * top_scale), two]
             shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
             for form in forms:
@@ -142,7 +149,6 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
                         row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
                         s_gn=0 if g_cls is None else g_cls.stride(0),
                         s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,
-                        ds_scale=(row_scale if mode == "dq" else top_scale),
                         dx=dx, dt_part=dt_part, s_xn=d if need_dx else 0,
                         s_xd=1 if need_dx else 0, REF_MAJOR=mode == "dr",
                         SYMMETRIC=mode == "sym", FIXUP=bool(fixup), NEED_DX=need_dx,

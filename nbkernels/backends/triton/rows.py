@@ -131,8 +131,8 @@ def exp_shift(lse):
     return shift, torch.exp2(-_product_error(x, log2e, x_l))
 
 
-def one_exp_rows(col, lse, shift, w_neg, w_pos):
-    """The symmetric backward's one exp2 per pair: (sym_w, ok).
+def one_exp_rows(col, lse, shift, w_neg, w_pos, scale_to=None):
+    """The symmetric backward's one exp2 per pair: (sym_w, ok, scale).
 
     The symmetric kernel's tile of own rows k and other rows j gives, from one logit
     u_kj = c x_k.x_j + n_j (n: ``column``), ds_kj = exp2(u L + shift_k) w_k and
@@ -156,6 +156,9 @@ def one_exp_rows(col, lse, shift, w_neg, w_pos):
     2^+-``weight``, and nothing is NaN or +inf; else the launcher's two-exp kernel runs.
     ``sym_w``: [4, rows padded] in the accumulation dtype: s (-inf at rows without
     terms, rows at infinity and padding: e = 0 there), A (1), B_neg, B_pos (0).
+    ``scale`` ((1,), a power of two): every B carries it, so that the largest sits at
+    2^``scale_to`` (None: 1); the kernel divides its sums by it (SCALE_DS). Tiny
+    upstream gradients, or a mean over many rows, then keep their weights normal.
     """
     n = lse.shape[0]
     acc = shift.dtype
@@ -171,12 +174,20 @@ def one_exp_rows(col, lse, shift, w_neg, w_pos):
     s = torch.where(has, nl - r, -inf)
     s_acc = s.to(acc)
     a = torch.where(has, torch.exp2(s - s_acc.double()), 1.0)
-    scale = torch.exp2(torch.where(has, r - g, 0.0))
-    b = [torch.where(has & (w != 0), scale * w.double(), 0.0) for w in (w_neg, w_pos)]
+    factor = torch.exp2(torch.where(has, r - g, 0.0))
+    b = [torch.where(has & (w != 0), factor * w.double(), 0.0) for w in (w_neg, w_pos)]
+    # one power of two for every weight, the largest at 2^scale_to
+    top = torch.maximum(*(torch.where(torch.isfinite(x), x.abs(), 0.0) for x in b)).amax() \
+        if n else inf.new_zeros(())
+    scale = torch.ones((), dtype=torch.float64, device=lse.device)
+    if scale_to is not None:
+        scale = torch.where(top > 0, torch.exp2(scale_to - torch.ceil(torch.log2(top))), 1.0)
+    b = [x * scale for x in b]
     bad = torch.isnan(lse) | (lse == float("inf")) | torch.isnan(w_neg) | torch.isnan(w_pos)
     for x in b:
         bad |= ~torch.isfinite(x) | ((x != 0) & (x.abs().log2().abs() > lim["weight"]))
     ok = (g_max - g_min <= lim["spread"]) & torch.isfinite(g_min) & ~bad.any()
     rows = [padded(s_acc, float("-inf")), padded(a.to(acc), 1.0),
             *(padded(x.to(acc), 0.0) for x in b)]
-    return torch.stack(rows).contiguous(), ok.to(torch.int32).reshape(1)
+    return (torch.stack(rows).contiguous(), ok.to(torch.int32).reshape(1),
+            scale.to(acc).reshape(1))
