@@ -133,7 +133,7 @@ def _prune(configs, named_args, **kwargs):
 AUTOTUNE = os.environ.get("NBK_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
 PRUNE = {"early_config_prune": _prune}
 # Autotuning keys: power-of-two buckets of (N, M, D) and every flag that changes the kernel;
-# the tensor dtypes join the key (and fix ACC, MASS_PRECISION, SCALE_DS), D_KEY fixes
+# the tensor dtypes join the key (and fix ACC, MASS_PRECISION; SCALE_DS with ONE_EXP), D_KEY fixes
 # BLOCK_D, BLOCK_DX and RESIDENT.
 FWD_KEY = ["N_KEY", "M_KEY", "D_KEY", "SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS",
            "PRECISION", "BLOCK_C", "AHEAD"]

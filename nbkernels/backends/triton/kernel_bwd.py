@@ -85,9 +85,9 @@ def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, 
                 b_ds = _exp(b_u, b_sh[:, None]) * (b_g - b_wn[:, None])
             elif ONE_EXP:
                 # the symmetric kernel's one exp2 for both directions (see
-                # neighbor_bwd_kernel): e = 2^(z_kj L - R - a_k) with the launcher's own-row
-                # shift, ds_kj = e A_k B_k and ds_jk = e A_k B_j (B: a row's weight as the
-                # query, positive or negative, times 2^(R - its lse L)); b_tot is their sum
+                # neighbor_bwd_kernel): e under the launcher's own-row shift s_k, then
+                # ds_kj = e A_k B_k and ds_jk = e A_k B_j (B: a row's weight as the query,
+                # positive or negative, times 2^(R - its log2 normalizer)); b_tot their sum
                 b_bnt = tl.load(sym_w + 2 * s_sw + i_t + o_t).to(ACC)
                 b_bpt = tl.load(sym_w + 3 * s_sw + i_t + o_t).to(ACC)
                 b_e = _exp(b_u, b_s1[:, None])
