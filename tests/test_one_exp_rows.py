@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbkernels.backends.triton import backward as tb
 from nbkernels.backends.triton import rows as tr
@@ -157,3 +159,67 @@ def test_one_power_of_two_keeps_the_weights_normal():
     both = nz & (plain[2:].abs() >= 2.0 ** -126)
     ratio = sym_w[2:][both].double() / plain[2:][both].double()
     assert both.sum() > n and torch.unique(ratio).numel() == 1
+
+
+def _f32(x):
+    """Round fp64 values to fp32 (and back to fp64 for the next exact step)."""
+    return x.float().double()
+
+
+def _ex2_ftz(x):
+    """The kernels' exp2 of an fp32 argument: fp32 result, 0 below 2^-126 (ex2.approx.ftz)."""
+    e = _f32(torch.exp2(x))
+    return torch.where(e < 2.0 ** -126, 0.0, e)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(n=st.integers(2, 40), spread=st.floats(0.0, 150.0),
+       norm=st.sampled_from([0.0, 3.0, 300.0, 1e4]), w_log2=st.floats(-100.0, 30.0),
+       gap=st.floats(0.0, 63.0), seed=st.integers(0, 2**31 - 1))
+def test_where_the_test_holds_one_exp_gives_every_term(n, spread, norm, w_log2, gap, seed):
+    """Property: on rows the launcher's test accepts, e A_k (B_k + B_j) / scale, evaluated
+    as the kernel does (fp32 arguments and factors, exp2 flushed below 2^-126), is
+    ds_kj + ds_jk of the exact formula for every pair, up to fp32 rounding and terms
+    below 2^-100 of the largest weight."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    # column terms (-||x||^2 / T: up to -1e4 here) and the rows' true log-normalizers
+    # gam = n + lse (natural units) spread over `spread` binades
+    col = _f32(-torch.rand(n, generator=g, dtype=f64) * norm)
+    gam = torch.rand(n, generator=g, dtype=f64) * spread / L
+    gam[0], gam[-1] = 0.0, spread / L
+    lse = _f32(gam - col)
+    # symmetric logits below both rows' normalizers, u_kj = z_kj - n_k (fp32, as computed)
+    z = torch.minimum(gam[:, None], gam[None, :]) - torch.rand(n, n, generator=g, dtype=f64) * 30.0
+    z = torch.minimum(z, z.t())
+    u = _f32(z - col[:, None])
+    pos = torch.rand(n, n, generator=g) < 0.3
+    pos = pos | pos.t()
+    g_all = (torch.randn(n, generator=g, dtype=f64) * 2.0 ** w_log2).float()
+    g_pos = (-g_all.double() * torch.rand(n, generator=g, dtype=f64)).float()
+    lse_pos = (lse.double() - torch.rand(n, generator=g, dtype=f64) * gap / L).float()
+    lse32 = lse.float()
+    main, _, _ = tb.lse_backward_rows(lse32, lse_pos, g_all, g_pos)
+    shift, w_neg, w_pos = main
+    sym_w, ok, scale = tr.one_exp_rows(tr.padded(col.float(), float("-inf")), lse32, shift, w_neg,
+                                       w_pos, scale_to=ONE_EXP_LIMITS["fp32"]["scale_to"])
+    if int(ok) == 0:
+        return
+    s, a, b_neg, b_pos = (x[:n].double() for x in sym_w)
+    log2e = torch.tensor(L, dtype=torch.float32).double()
+    e = _ex2_ftz(_f32(u * log2e + s[:, None]))
+    b_j = torch.where(pos, b_pos[None, :], b_neg[None, :])
+    b_k = torch.where(pos, b_pos[:, None], b_neg[:, None])
+    got = _f32(e * _f32(a[:, None] * b_j + _f32(a[:, None] * b_k))) / scale.double()
+    # exact: exp((u - lse_k)) w_k + exp((u + n_k - n_j - lse_j)) w_j, w without residue
+    corr = tr.exp_shift(lse32)[1].double()
+    wk = torch.where(pos, w_pos.double()[:, None], w_neg.double()[:, None]) / corr[:, None]
+    wj = torch.where(pos, w_pos.double()[None, :], w_neg.double()[None, :]) / corr[None, :]
+    l32 = lse32.double()
+    ds_kj = torch.exp((u - l32[:, None])) * wk
+    ds_jk = torch.exp((u + col[:, None] - col[None, :] - l32[None, :])) * wj
+    want = ds_kj + ds_jk
+    wmax = torch.maximum(w_neg.double().abs().max(), w_pos.double().abs().max())
+    err = (got - want).abs()
+    bound = 2e-5 * (ds_kj.abs() + ds_jk.abs()) + 2.0 ** -100 * wmax
+    assert (err <= bound).all(), f"worst {float((err / bound).max()):.3g} of the bound"

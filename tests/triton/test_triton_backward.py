@@ -141,16 +141,23 @@ def test_one_exp_form_with_the_fixup_launch(tb, h, one_exp, dtype, metric, tempe
     assert int((gap > 64).sum()) > 0, "the case misses the fix-up rows"
 
 
+@pytest.mark.parametrize("wide, scale", [(True, 2.0 ** -24), (False, 2.0 ** -110)],
+                         ids=["spread117-2^-24", "narrow-2^-110"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_one_exp_form_under_a_tiny_upstream_gradient(tb, h, one_exp, dtype):
-    # normalizers spread over 117 binades and an upstream gradient of 2^-24: the weights
-    # 2^(R - g) w of the top rows sit below fp32's normal range until the launcher's
-    # power of two lifts them (the kernel divides its sums by it)
-    scale = 2.0 ** -24
-    case = _batch(h, 37, 19, dtype, c=6, temperature=0.01, seed=3, scale=0.3)
+def test_one_exp_form_under_a_tiny_upstream_gradient(tb, h, one_exp, dtype, wide, scale):
+    # the one-exp kernel's weights 2^(R - g) w carry one power of two (the kernel divides
+    # its sums by it): with normalizers spread over 117 binades and a 2^-24 upstream
+    # gradient the top rows' weights need it to stay normal; at 2^-110 on close rows it
+    # would pass fp32's range and is held within it
+    if wide:
+        case = _batch(h, 37, 19, dtype, c=6, temperature=0.01, seed=3, scale=0.3)
+        metric = "dot"
+    else:
+        case = _batch(h, 37, 19, dtype, scale=0.4)
+        metric = "sqeuclidean"
     g = [x * scale for x in upstream_lse(case)]
-    want, (g_all, g_pos) = oracle_lse(case, "dot", 0, *g)
-    _, (dx, _, dt) = _run(tb, case, "dot", 0, g_all, g_pos)
+    want, (g_all, g_pos) = oracle_lse(case, metric, 0, *g)
+    _, (dx, _, dt) = _run(tb, case, metric, 0, g_all, g_pos)
     tol = 1e-9 if dtype == torch.float64 else 1e-3
     h.close(dx.double() / scale, (want[2] + want[3]) / scale, tol, tol,
             msg=lambda m: f"dx: {m}")

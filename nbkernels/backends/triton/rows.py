@@ -181,7 +181,9 @@ def one_exp_rows(col, lse, shift, w_neg, w_pos, scale_to=None):
         if n else inf.new_zeros(())
     scale = torch.ones((), dtype=torch.float64, device=lse.device)
     if scale_to is not None:
-        scale = torch.where(top > 0, torch.exp2(scale_to - torch.ceil(torch.log2(top))), 1.0)
+        # a power of two the accumulation dtype holds as a normal number
+        k = (scale_to - torch.ceil(torch.log2(top))).clamp(-lim["weight"], lim["weight"])
+        scale = torch.where(top > 0, torch.exp2(k), 1.0)
     b = [x * scale for x in b]
     bad = torch.isnan(lse) | (lse == float("inf")) | torch.isnan(w_neg) | torch.isnan(w_pos)
     for x in b:
