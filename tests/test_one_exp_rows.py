@@ -136,7 +136,8 @@ def test_zero_rows():
 def test_one_power_of_two_keeps_the_weights_normal():
     # a mean over 2^16 rows (weights ~ 2^-16) whose normalizers spread over 132 binades:
     # unscaled, the weights of the top rows fall below fp32's normal range; scaled by one
-    # power of two (the kernel divides its sums by it) they all stay normal
+    # power of two (the kernel divides its sums by it) they all stay normal, and the
+    # power is centred between that and the sums' overflow
     lim = ONE_EXP_LIMITS["fp32"]
     n = 40
     col, lse, _ = _rows(n, torch.float32, spread=0.5)
@@ -144,21 +145,26 @@ def test_one_power_of_two_keeps_the_weights_normal():
     lse[7] = lse[7] + 131.0 / L
     g_all = torch.full((n,), 2.0 ** -16)
     main, _, _ = tb.lse_backward_rows(lse, lse - 1.0, g_all, -0.5 * g_all)
-    _, ok, scale = tr.one_exp_rows(col, lse, *main)
+    plain, ok, scale = tr.one_exp_rows(col, lse, *main)
     assert int(ok) == 0 and float(scale) == 1.0
-    plain, _, _ = tr.one_exp_rows(col, lse, *main, scale_to=0.0)
-    sym_w, ok, scale = tr.one_exp_rows(col, lse, *main, scale_to=lim["scale_to"])
+    grow = torch.tensor(2.0 ** 20)
+    sym_w, ok, scale = tr.one_exp_rows(col, lse, *main, grow=grow)
     assert int(ok) == 1
-    s = float(scale)
-    assert s == 2.0 ** round(math.log2(s)) and s > 1
-    top = float(sym_w[2:].abs().max())
-    assert 2.0 ** (lim["scale_to"] - 1) < top <= 2.0 ** lim["scale_to"]
+    k = math.log2(float(scale))
+    assert k == round(k) and k > 0
     nz = sym_w[2:] != 0
-    assert (sym_w[2:][nz].abs() >= 2.0 ** -lim["weight"]).all()
+    lo = math.log2(float(sym_w[2:][nz].abs().min()))
+    w_top = math.log2(max(float(x.abs().max()) for x in main[1:])) + k
+    assert lo >= -lim["weight"] and w_top + 20 <= lim["sums"]
+    # centred: the margins below and above differ by less than two binades (k is whole)
+    assert abs((lo + lim["weight"]) - (lim["sums"] - 20 - w_top)) < 2.0
     # the same weights up to one power of two (where both are normal, exactly)
     both = nz & (plain[2:].abs() >= 2.0 ** -126)
     ratio = sym_w[2:][both].double() / plain[2:][both].double()
-    assert both.sum() > n and torch.unique(ratio).numel() == 1
+    assert both.sum() > n and torch.unique(ratio).numel() == 1 and float(ratio[0]) == 2.0 ** k
+    # sums that would grow past fp32's range: no power of two fits, two exps
+    _, ok, _ = tr.one_exp_rows(col, lse, *main, grow=torch.tensor(2.0 ** 140))
+    assert int(ok) == 0
 
 
 def _f32(x):
@@ -202,7 +208,7 @@ def test_where_the_test_holds_one_exp_gives_every_term(n, spread, norm, w_log2, 
     main, _, _ = tb.lse_backward_rows(lse32, lse_pos, g_all, g_pos)
     shift, w_neg, w_pos = main
     sym_w, ok, scale = tr.one_exp_rows(tr.padded(col.float(), float("-inf")), lse32, shift, w_neg,
-                                       w_pos, scale_to=ONE_EXP_LIMITS["fp32"]["scale_to"])
+                                       w_pos, grow=torch.tensor(2.0 ** 20))
     if int(ok) == 0:
         return
     s, a, b_neg, b_pos = (x[:n].double() for x in sym_w)

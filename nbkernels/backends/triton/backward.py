@@ -65,6 +65,17 @@ def _scaled(rows, scale):
                      for w in weights))
 
 
+def _sums_growth(x, col, c):
+    """A bound on how far the symmetric kernel's sums grow past its largest weight
+    (``rows.one_exp_rows``): the dx sum by 2 max|x| (N + 1) (a row's own terms and every
+    other row's toward it), dT by the largest |logit|, c max|x|^2 + 2 max|column term|."""
+    n = x.shape[0]
+    x2 = x.to(c.dtype).pow(2).sum(1).amax() if n else c.new_zeros(())
+    fin = torch.isfinite(col)
+    top = torch.where(fin, col.abs(), 0.0).amax() if col.numel() else c.new_zeros(())
+    return torch.maximum(2 * x2.sqrt() * (n + 1), c * x2 + 2 * top)
+
+
 def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offset,
               has_offset, need_q, need_r, need_t, precision, r_far, symmetric, lse=None):
     """Launch the dq / dr (or, ``symmetric``, the one batch) kernels; reduce dT in torch.
@@ -133,9 +144,9 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
                 # the symmetric main pass: one launch per form, of which one works. The
                 # one-exp kernel's weights carry a power of two of their own (fp16: the ds
                 # scale's, which bounds ds for its rounding)
-                lim = tk.ONE_EXP_LIMITS["fp64" if acc == torch.float64 else "fp32"]
-                sym_w, ok, s_w = tr.one_exp_rows(q_col, lse, shift, w_neg, w_pos,
-                                                 None if gmax is not None else lim["scale_to"])
+                sym_w, ok, s_w = tr.one_exp_rows(
+                    q_col, lse, shift, w_neg, w_pos,
+                    None if gmax is not None else _sums_growth(q, q_col, common["scale"]))
                 two.update(sym_w=sym_w, one_exp=ok, s_sw=sym_w.stride(0))
                 forms = [dict(two, ONE_EXP=True, SCALE_DS=True,
                               ds_scale=s_w if top_scale is None else s_w * top_scale), two]

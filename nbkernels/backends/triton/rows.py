@@ -131,7 +131,7 @@ def exp_shift(lse):
     return shift, torch.exp2(-_product_error(x, log2e, x_l))
 
 
-def one_exp_rows(col, lse, shift, w_neg, w_pos, scale_to=None):
+def one_exp_rows(col, lse, shift, w_neg, w_pos, grow=None):
     """The symmetric backward's one exp2 per pair: (sym_w, ok, scale).
 
     The symmetric kernel's tile of own rows k and other rows j gives, from one logit
@@ -151,45 +151,64 @@ def one_exp_rows(col, lse, shift, w_neg, w_pos, scale_to=None):
     e_kj <= 2^(g_k - R + 1), and a term flushed to 0 (exp2 below 2^-126) is one of
     size below 2^(above - 126) in its row.
 
+    ``scale`` ((1,), a power of two 2^k): every B carries it and the kernel divides its
+    sums by it (SCALE_DS), so that tiny upstream gradients, or a mean over many rows,
+    keep their weights normal. ``grow`` (a 0-dim tensor): a bound on the factor by which
+    the kernel's sums grow past the largest weight (the dx sum: 2 max|x| (N + 1); dT:
+    the largest |logit|); k is then centred between every nonzero B staying a normal
+    number and every sum staying below 2^``sums``. None: k = 0 (fp16, whose ds scale
+    already bounds its weights for the 16-bit rounding).
+
     ``ok`` (int32 (1,), computed on the device: no host sync) is 1 when every row with
-    terms has its g within ``spread`` of the others, every nonzero weight B within
-    2^+-``weight``, and nothing is NaN or +inf; else the launcher's two-exp kernel runs.
-    ``sym_w``: [4, rows padded] in the accumulation dtype: s (-inf at rows without
-    terms, rows at infinity and padding: e = 0 there), A (1), B_neg, B_pos (0).
-    ``scale`` ((1,), a power of two): every B carries it, so that the largest sits at
-    2^``scale_to`` (None: 1); the kernel divides its sums by it (SCALE_DS). Tiny
-    upstream gradients, or a mean over many rows, then keep their weights normal.
+    terms has its g within ``spread`` of the others, such a k exists, and nothing is NaN
+    or +inf; else the launcher's two-exp kernel runs. ``sym_w``: [4, rows padded] in the
+    accumulation dtype: s (-inf at rows without terms, rows at infinity and padding:
+    e = 0 there), A (1), B_neg, B_pos (0).
     """
     n = lse.shape[0]
     acc = shift.dtype
+    dev = lse.device
     lim = tk.ONE_EXP_LIMITS["fp64" if acc == torch.float64 else "fp32"]
-    log2e = torch.tensor(LOG2E, dtype=acc, device=lse.device).double()
+    log2e = torch.tensor(LOG2E, dtype=acc, device=dev).double()
     nl = col[:n].double() * log2e          # exact for fp32 columns
     g = nl - shift.double()
     has = torch.isfinite(g) & torch.isfinite(lse)
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=lse.device)
-    g_min = torch.where(has, g, inf).amin() if n else inf
-    g_max = torch.where(has, g, -inf).amax() if n else -inf
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+
+    def extreme(x, fn, empty):
+        return fn(x) if x.numel() else empty
+
+    g_min = extreme(torch.where(has, g, inf), torch.amin, inf)
+    g_max = extreme(torch.where(has, g, -inf), torch.amax, -inf)
     r = g_min + lim["above"]
     s = torch.where(has, nl - r, -inf)
     s_acc = s.to(acc)
     a = torch.where(has, torch.exp2(s - s_acc.double()), 1.0)
     factor = torch.exp2(torch.where(has, r - g, 0.0))
-    b = [torch.where(has & (w != 0), factor * w.double(), 0.0) for w in (w_neg, w_pos)]
-    # one power of two for every weight, the largest at 2^scale_to
-    top = torch.maximum(*(torch.where(torch.isfinite(x), x.abs(), 0.0) for x in b)).amax() \
-        if n else inf.new_zeros(())
-    scale = torch.ones((), dtype=torch.float64, device=lse.device)
-    if scale_to is not None:
-        # a power of two the accumulation dtype holds as a normal number
-        k = (scale_to - torch.ceil(torch.log2(top))).clamp(-lim["weight"], lim["weight"])
-        scale = torch.where(top > 0, torch.exp2(k), 1.0)
-    b = [x * scale for x in b]
+    b = torch.stack([torch.where(has & (w != 0), factor * w.double(), 0.0)
+                     for w in (w_neg, w_pos)])
     bad = torch.isnan(lse) | (lse == float("inf")) | torch.isnan(w_neg) | torch.isnan(w_pos)
-    for x in b:
-        bad |= ~torch.isfinite(x) | ((x != 0) & (x.abs().log2().abs() > lim["weight"]))
-    ok = (g_max - g_min <= lim["spread"]) & torch.isfinite(g_min) & ~bad.any()
+    bad = bad.any() | ~torch.isfinite(b).all()
+    # log2 of the smallest and largest nonzero |B|, and of the largest |w| (the sums' scale)
+    big = b.abs().nan_to_num(0.0)
+    log_b_lo = torch.log2(extreme(torch.where(big > 0, big, inf), torch.amin, inf))
+    log_b_hi = torch.log2(extreme(big, torch.amax, inf.new_zeros(())))
+    w_all = torch.stack([w_neg, w_pos]).double().abs().nan_to_num(0.0)
+    log_w = torch.log2(extreme(torch.where(has, w_all, 0.0), torch.amax, inf.new_zeros(())))
+    k_lo = -lim["weight"] - log_b_lo
+    k_hi = lim["weight"] - log_b_hi
+    if grow is None:
+        k = torch.zeros((), dtype=torch.float64, device=dev)
+    else:
+        k_hi = torch.minimum(k_hi, lim["sums"] - torch.log2(grow.double().clamp_min(1.0)) - log_w)
+        # centred: as far from the weights' underflow as from the sums' overflow, and a
+        # power of two the accumulation dtype holds as a normal number
+        k = torch.floor((k_lo.clamp_min(-lim["weight"]) + k_hi.clamp_max(lim["weight"])) / 2)
+        k = torch.where(torch.isfinite(k), k, 0.0).clamp(-lim["weight"], lim["weight"])
+    fits = (k_lo <= k) & (k <= k_hi) | (log_b_hi == -inf)   # no nonzero weight: any k
+    scale = torch.exp2(k)
+    ok = (g_max - g_min <= lim["spread"]) & torch.isfinite(g_min) & ~bad & fits
     rows = [padded(s_acc, float("-inf")), padded(a.to(acc), 1.0),
-            *(padded(x.to(acc), 0.0) for x in b)]
+            *(padded((x * scale).to(acc), 0.0) for x in b)]
     return (torch.stack(rows).contiguous(), ok.to(torch.int32).reshape(1),
             scale.to(acc).reshape(1))
