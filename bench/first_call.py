@@ -118,12 +118,13 @@ def _predict():
     rows = []
     for dtype in ("fp32", "bf16"):
         elem = 4 if dtype == "fp32" else 2
-        # the symmetric backward's main pass is two launches (one and two exp2 per pair,
-        # of which one works), then its fix-up pass
+        # the symmetric backward's two-exp kernel and its fix-up pass (a batch this small
+        # skips the one-exp form: kernels.ONE_EXP_MIN_ROWS), then that form, which batches
+        # from that size on compile too
         for kind, flags in (("fwd", dict(POS_PASS=False)), ("fwd", dict(POS_PASS=True)),
-                            ("bwd", dict(FIXUP=False, ONE_EXP=True)),
                             ("bwd", dict(FIXUP=False, ONE_EXP=False, SCALE_DS=False)),
-                            ("bwd", dict(FIXUP=True, ONE_EXP=False, SCALE_DS=False))):
+                            ("bwd", dict(FIXUP=True, ONE_EXP=False, SCALE_DS=False)),
+                            ("bwd", dict(FIXUP=False, ONE_EXP=True))):
             # torch's default (allow_tf32 off): fp32 dots in IEEE precision
             cfg, source = tc.select(kind, elem, d, torch.device("cpu"), "ieee")
             bm, bn, w, s = build._config_tuple(cfg, kind)
@@ -140,8 +141,9 @@ def _predict():
             build.compile_triton(jit, vals, w, s, f"first_{dtype}_{kind}_{flags}")
             rows.append(dict(dtype=dtype, kernel=kind, flags=flags, config=str(cfg),
                              compile_s=round(time.perf_counter() - t0, 2)))
+    first = [r for r in rows if not r["flags"].get("ONE_EXP")]
     per = {}
-    for r in rows:
+    for r in first:
         key = (r["dtype"], r["kernel"])
         per[key] = per.get(key, 0) + r["compile_s"]
     print(json.dumps(dict(
@@ -149,11 +151,14 @@ def _predict():
              "cache, timed on this CPU (predicted: the GPU machine's CPU compiles them)",
         cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
         triton=triton.__version__, torch=torch.__version__, d=d, compiles=rows,
-        compiles_per_direction={f"{k[0]} {k[1]}": sum(1 for r in rows
+        compiles_per_direction={f"{k[0]} {k[1]}": sum(1 for r in first
                                                       if (r["dtype"], r["kernel"]) == k)
                                 for k in per},
-        seconds_per_dtype={dt: round(sum(r["compile_s"] for r in rows if r["dtype"] == dt), 1)
-                           for dt in ("fp32", "bf16")})))
+        seconds_per_dtype={dt: round(sum(r["compile_s"] for r in first if r["dtype"] == dt), 1)
+                           for dt in ("fp32", "bf16")},
+        # the symmetric backward's one-exp form: batches of kernels.ONE_EXP_MIN_ROWS rows
+        # and more compile it too (nbkernels.warmup does, at any size)
+        one_exp_form_s={r["dtype"]: r["compile_s"] for r in rows if r["flags"].get("ONE_EXP")})))
 
 
 def main():

@@ -61,6 +61,8 @@ def one_exp(monkeypatch):
         for lim in tk.ONE_EXP_LIMITS.values():
             monkeypatch.setitem(lim, "spread", -1.0)
     monkeypatch.setattr(tr, "one_exp_rows", rows)
+    # these small batches take both forms, as the GPU's batches above the threshold do
+    monkeypatch.setattr(tk, "ONE_EXP_MIN_ROWS", 0)
     spy.force_two = force_two
     return spy
 
@@ -102,6 +104,21 @@ def test_symmetric_two_exp_form_matches_oracle(tb, h, one_exp, dtype, metric, of
     case = _batch(h, 37, 19, dtype, scale=0.5)
     _check_batch(tb, h, case, metric, offset, TOL[dtype])
     assert one_exp.ok == [0]
+
+
+def test_small_batches_take_the_two_exp_kernel_alone(tb, h, one_exp, monkeypatch):
+    # below kernels.ONE_EXP_MIN_ROWS the launcher skips the one-exp form and its test
+    from nbkernels.backends.triton import configs as tc
+    from nbkernels.backends.triton import kernels as tk
+    monkeypatch.setattr(tk, "ONE_EXP_MIN_ROWS", 38)
+    tc.LAUNCHED.clear()
+    case = _batch(h, 37, 19, torch.float32, scale=0.5)
+    _check_batch(tb, h, case, "sqeuclidean", 0, TOL[torch.float32])
+    assert one_exp.ok == []
+    assert not any(dict(flags).get("ONE_EXP") == "True" for *_, flags in tc.LAUNCHED)
+    monkeypatch.setattr(tk, "ONE_EXP_MIN_ROWS", 37)
+    _check_batch(tb, h, case, "sqeuclidean", 0, TOL[torch.float32])
+    assert one_exp.ok == [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

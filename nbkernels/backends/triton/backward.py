@@ -139,8 +139,12 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
             shift, w_neg, w_pos, g_cls = _scaled((shift, w_neg, w_pos, g_cls), scale)
             two = dict(sym_w=None, one_exp=None, s_sw=0, ONE_EXP=False, SCALE_DS=gmax is not None,
                        ds_scale=row_scale if mode == "dq" else top_scale)
-            forms = [two]
             if mode == "sym" and not fixup:
+                # the two-exp kernel alone (below ONE_EXP_MIN_ROWS): its test's flag is 0,
+                # the same compiled kernel as beside the one-exp form
+                two["one_exp"] = torch.zeros(1, dtype=torch.int32, device=q.device)
+            forms = [two]
+            if mode == "sym" and not fixup and n >= tk.ONE_EXP_MIN_ROWS:
                 # the symmetric main pass: one launch per form, of which one works. The
                 # one-exp kernel's weights carry a power of two of their own (fp16: the ds
                 # scale's, which bounds ds for its rounding)

@@ -40,6 +40,11 @@ POS_LOG2_LIMIT = {"fp32": 64.0, "fp64": 960.0}
 # kernel's sums of them stay below 2^SUMS. Otherwise the two-exp kernel runs.
 ONE_EXP_LIMITS = {"fp32": dict(above=16.0, spread=140.0, weight=125.0, sums=120.0),
                   "fp64": dict(above=16.0, spread=1000.0, weight=1020.0, sums=1016.0)}
+# Below this many rows the symmetric backward runs the two-exp kernel alone: the one-exp
+# form's launcher test (some 40 small device ops, tens of microseconds of launches) costs
+# more than the exps it saves, which at N rows take ~N^2 / 2^31 ms on an H200 (predicted).
+# Under the interpreter's sizes every batch takes both forms, as GPU batches above it do.
+ONE_EXP_MIN_ROWS = 0 if SMALL else 16384
 
 # Feature-dim chunk of the logit dot when not resident, and widest dq / dr slice.
 MAX_BLOCK_D = 16 if SMALL else 64

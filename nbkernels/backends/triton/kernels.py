@@ -59,6 +59,7 @@ launcher has multiplied the per-row weights of ds by powers of two that bring th
 largest |ds| near 2^12 (per query row for dq, one for all rows otherwise), and passes
 them in ``ds_scale``; the kernel divides after the dot, exactly.
 """
+import contextlib
 import functools
 
 import triton
@@ -68,7 +69,8 @@ from nbkernels.backends import variants
 from . import configs
 from .kernel_bwd import neighbor_bwd_kernel
 from .common import (  # noqa: F401 (the launchers' and tests' names)
-    INTERPRET, SIZES, SMALL, AUTOTUNE, PAD, POS_LOG2_LIMIT, ONE_EXP_LIMITS, MAX_BLOCK_D,
+    INTERPRET, SIZES, SMALL, AUTOTUNE, PAD, POS_LOG2_LIMIT, ONE_EXP_LIMITS, ONE_EXP_MIN_ROWS,
+    MAX_BLOCK_D,
     MAX_BLOCK_DX, MAX_RESIDENT_D, MAX_RESIDENT_D_BWD, MAX_BLOCK_C, NARROW_BLOCK_C,
     NARROWEST_BLOCK_C, class_block_cap,
     GPU_FWD_CONFIGS, GPU_BWD_CONFIGS, FWD_KEY, BWD_KEY, PRUNE, fits, resident_limit)
@@ -181,6 +183,19 @@ def launch(kind, grid, *, tune=True, chosen=None, **args):
     configs.LAUNCHED.setdefault(variant(kind, args), set()).add(str(cfg))
     return chosen.kernel[grid(dict(args, **cfg.kwargs))](
         **args, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@contextlib.contextmanager
+def every_form():
+    """Within: the symmetric backward launches its one-exp form at any batch size
+    (``ONE_EXP_MIN_ROWS``), so that ``nbkernels.warmup``'s small batches compile every
+    kernel a large one runs."""
+    global ONE_EXP_MIN_ROWS
+    saved, ONE_EXP_MIN_ROWS = ONE_EXP_MIN_ROWS, 0
+    try:
+        yield
+    finally:
+        ONE_EXP_MIN_ROWS = saved
 
 
 def fixed_configs(fwd, bwd):
