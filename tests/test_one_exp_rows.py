@@ -93,6 +93,8 @@ def test_rows_without_terms_and_at_infinity_weigh_nothing(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_spread_limit(dtype):
+    # with the weights' power of two free to move (grow given, as for fp32 and bf16), the
+    # spread alone decides: one exp2 of the top row's pairs would pass 2^(spread - 16)
     lim = ONE_EXP_LIMITS["fp64" if dtype == torch.float64 else "fp32"]["spread"]
     n = 20
     for spread, want in ((lim - 2.0, 1), (lim + 2.0, 0)):
@@ -101,7 +103,7 @@ def test_spread_limit(dtype):
         lse[3] = lse[3] + spread / L        # one row's normalizer far above the others
         main, _, _ = tb.lse_backward_rows(lse, lse - 1.0, torch.ones_like(lse),
                                           -0.5 * torch.ones_like(lse))
-        _, ok, _ = tr.one_exp_rows(col, lse, *main)
+        _, ok, _ = tr.one_exp_rows(col, lse, *main, grow=torch.tensor(2.0 ** 20))
         assert int(ok) == want, f"spread {spread} (limit {lim}): ok {int(ok)}"
 
 

@@ -106,6 +106,26 @@ def test_symmetric_two_exp_form_matches_oracle(tb, h, one_exp, dtype, metric, of
     assert one_exp.ok == [0]
 
 
+def test_the_one_exp_kernel_is_what_the_tests_see(tb, h, one_exp, monkeypatch):
+    # the one-exp form's output is the run's (it launches last): weights the launcher
+    # got wrong, with its test passed, must show in dx, not be covered by the other form
+    from nbkernels.backends.triton import rows as tr
+    case = _batch(h, 37, 19, torch.float32, scale=0.5)
+    _, (g_all, g_pos) = oracle_lse(case, "sqeuclidean", 0, *upstream_lse(case))
+    _, (dx, _, _) = _run(tb, case, "sqeuclidean", 0, g_all, g_pos)
+    right = tr.one_exp_rows
+
+    def wrong(*args):
+        sym_w, ok, scale = right(*args)
+        sym_w = sym_w.clone()
+        sym_w[2:] *= 2.0
+        return sym_w, ok, scale
+    monkeypatch.setattr(tr, "one_exp_rows", wrong)
+    _, (dx_wrong, _, _) = _run(tb, case, "sqeuclidean", 0, g_all, g_pos)
+    assert one_exp.ok == [1, 1]
+    assert (dx_wrong - dx).norm() > 0.5 * dx.norm()
+
+
 def test_small_batches_take_the_two_exp_kernel_alone(tb, h, one_exp, monkeypatch):
     # below kernels.ONE_EXP_MIN_ROWS the launcher skips the one-exp form and its test
     from nbkernels.backends.triton import configs as tc

@@ -67,13 +67,14 @@ def _scaled(rows, scale):
 
 def _sums_growth(x, col, c):
     """A bound on how far the symmetric kernel's sums grow past its largest weight
-    (``rows.one_exp_rows``): the dx sum by 2 max|x| (N + 1) (a row's own terms and every
-    other row's toward it), dT by the largest |logit|, c max|x|^2 + 2 max|column term|."""
+    (``rows.one_exp_rows``): a row's ds sum (its own terms and every other row's toward
+    it) by N + 1, its dx sum by 2 max|x| (N + 1), dT by the largest |logit|,
+    c max|x|^2 + 2 max|column term|."""
     n = x.shape[0]
     x2 = x.to(c.dtype).pow(2).sum(1).amax() if n else c.new_zeros(())
     fin = torch.isfinite(col)
     top = torch.where(fin, col.abs(), 0.0).amax() if col.numel() else c.new_zeros(())
-    return torch.maximum(2 * x2.sqrt() * (n + 1), c * x2 + 2 * top)
+    return torch.maximum((n + 1) * torch.clamp_min(2 * x2.sqrt(), 1.0), c * x2 + 2 * top)
 
 
 def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offset,
@@ -140,26 +141,29 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
             two = dict(sym_w=None, one_exp=None, s_sw=0, ONE_EXP=False, SCALE_DS=gmax is not None,
                        ds_scale=row_scale if mode == "dq" else top_scale)
             if mode == "sym" and not fixup:
-                # the two-exp kernel alone (below ONE_EXP_MIN_ROWS): its test's flag is 0,
-                # the same compiled kernel as beside the one-exp form
-                two["one_exp"] = torch.zeros(1, dtype=torch.int32, device=q.device)
+                # the two-exp kernel alone (below ONE_EXP_MIN_ROWS): a zero flag and a
+                # placeholder for the rows it does not read, so that it is the same
+                # compiled kernel as beside the one-exp form (a None would specialise it)
+                two.update(one_exp=torch.zeros(1, dtype=torch.int32, device=q.device),
+                           sym_w=torch.zeros(1, dtype=acc, device=q.device))
             forms = [two]
             if mode == "sym" and not fixup and n >= tk.ONE_EXP_MIN_ROWS:
-                # the symmetric main pass: one launch per form, of which one works. The
-                # one-exp kernel's weights carry a power of two of their own (fp16: the ds
-                # scale's, which bounds ds for its rounding)
+                # the symmetric main pass: one launch per form, of which one works, the
+                # one-exp form last (what the tests see of a run is its output). Its
+                # weights carry a power of two of their own (fp16: the ds scale's, which
+                # bounds ds for its rounding)
                 sym_w, ok, s_w = tr.one_exp_rows(
                     q_col, lse, shift, w_neg, w_pos,
                     None if gmax is not None else _sums_growth(q, q_col, common["scale"]))
                 two.update(sym_w=sym_w, one_exp=ok, s_sw=sym_w.stride(0))
-                forms = [dict(two, ONE_EXP=True, SCALE_DS=True,
-                              ds_scale=s_w if top_scale is None else s_w * top_scale), two]
+                forms = [two, dict(two, ONE_EXP=True, SCALE_DS=True,
+                                   ds_scale=s_w if top_scale is None else s_w * top_scale)]
             shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
             for form in forms:
                 with _on_device(q):
                     tk.launch(
-                        kind, grid, tune=not fixup and form is forms[0], chosen=chosen, **sides,
+                        kind, grid, tune=not fixup and form is forms[-1], chosen=chosen, **sides,
                         **form,
                         row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
                         s_gn=0 if g_cls is None else g_cls.stride(0),

@@ -145,8 +145,11 @@ def one_exp_rows(col, lse, shift, w_neg, w_pos, grow=None):
     where s_k = fl(n_k L - R) is the kernel's own-row shift, A_k = 2^(n_k L - R - s_k)
     its exact rounding residue, and B_i = 2^(R - g_i) w_i (positive and negative weight)
     are computed here in fp64: one exp2 per pair, and a sum ds_kj + ds_jk that is one
-    FFMA and one multiply. The products are exact up to the rounding of the factors
-    (a few ulps), so the two forms agree wherever they are representable. R, common to
+    FFMA and one multiply. The factors are exact up to a few ulps, and ds_jk then takes
+    the exponent u + n_k - n_j exactly where the two-exp kernel rounds its own logit
+    c x_k.x_j + n_k: the two forms differ by that rounding (ulp(|u|) in the exponent,
+    1e-3 relative at |u| ~ 1e4 in fp32), each as close to the exact term as the logit's
+    own rounding lets it be. R, common to
     all rows, sits ``ONE_EXP_LIMITS["above"]`` above the smallest g of a row with terms:
     e_kj <= 2^(g_k - R + 1), and a term flushed to 0 (exp2 below 2^-126) is one of
     size below 2^(above - 126) in its row.
