@@ -24,22 +24,25 @@ from nbkernels import functional
 FORMS = ("batch", "cross", "prototype", "predict")
 
 
-def _launched():
+def _triton_kernels():
+    """The Triton backend's kernel module, or None without triton."""
     try:  # triton is optional: loaded here only, where it is needed
-        from nbkernels.backends.triton import configs as triton_configs
+        from nbkernels.backends.triton import kernels
     except ImportError:  # no triton: nothing to compile
-        return {}
-    return dict(triton_configs.LAUNCHED)
+        return None
+    return kernels
+
+
+def _launched():
+    kernels = _triton_kernels()
+    return {} if kernels is None else dict(kernels.configs.LAUNCHED)
 
 
 def _every_form():
     """The batch loss's backward in both its forms at warm-up's few rows (a large batch
     runs one with one exp2 per pair, which small ones skip: kernels.ONE_EXP_MIN_ROWS)."""
-    try:
-        from nbkernels.backends.triton import kernels as triton_kernels
-    except ImportError:
-        return contextlib.nullcontext()
-    return triton_kernels.every_form()
+    kernels = _triton_kernels()
+    return contextlib.nullcontext() if kernels is None else kernels.every_form()
 
 
 def _run_form(form, dtype, dim, metric, device, num_classes, backend):

@@ -18,7 +18,7 @@ LATE = {
     ("nbkernels.backends", "nbkernels.backends.triton"): "the gateway (imports triton)",
     ("nbkernels.backends", "nbkernels.backends.cuda"): "the gateway (loads nbkernels._C)",
     ("nbkernels.backends", "nbkernels.backends.reference"): "the gateway",
-    ("nbkernels.warmup", "nbkernels.backends.triton.configs"): "triton is optional",
+    ("nbkernels.warmup", "nbkernels.backends.triton.kernels"): "triton is optional",
     ("nbkernels.demo.cli", "nbkernels.demo.data"): "--help without torch / sklearn",
     ("nbkernels.demo.cli", "nbkernels.demo.run"): "--help without torch / sklearn",
     ("nbkernels.demo.cli", "nbkernels.demo.report"): "--help without matplotlib",
