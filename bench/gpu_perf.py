@@ -103,11 +103,7 @@ class Run:
         env["dry"] = self.dry
         self.file = H.ResultFile(self.out / "gpu_perf.json", env)
         self.peak = None if args.dry else _peak(env.get("gpu_name"))
-        if self.dry:
-            # the dry run's few rows stand in for the target's 65536, above the size
-            # from which the symmetric backward takes its one-exp form
-            from nbkernels.backends.triton import kernels as tk
-            tk.ONE_EXP_MIN_ROWS = 0
+
 
     # -------------------------------------------------------------------- helpers
     def release(self):
@@ -331,10 +327,12 @@ def _class_tile(width):
 def _sym_form(form):
     """The symmetric backward's form: None as the rows allow, "two" the two-exp kernel
     (a spread limit no rows meet); yields the list of the launcher's test results
-    (device tensors, read once the timing is done)."""
+    (device tensors, read once the timing is done). At every size, so that the check at
+    CHECK_N runs the form the timing at the target's 65536 rows runs."""
     from nbkernels.backends.triton import kernels as tk
     from nbkernels.backends.triton import rows as tr
     saved_rows, saved = tr.one_exp_rows, {k: dict(v) for k, v in tk.ONE_EXP_LIMITS.items()}
+    saved_min, tk.ONE_EXP_MIN_ROWS = tk.ONE_EXP_MIN_ROWS, 0
     seen = []
 
     def rows(*args):
@@ -349,6 +347,7 @@ def _sym_form(form):
         yield seen
     finally:
         tr.one_exp_rows = saved_rows
+        tk.ONE_EXP_MIN_ROWS = saved_min
         for k, v in saved.items():
             tk.ONE_EXP_LIMITS[k].update(v)
 
