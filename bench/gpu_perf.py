@@ -21,7 +21,6 @@ at tiny sizes with fp16 for bf16, so that CI runs every path of this script
 (tests/triton/test_gpu_perf_dry.py). Its times are meaningless and labelled dry.
 """
 import argparse
-import contextlib
 import functools
 import gc
 import json
@@ -36,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 
 import _harness as H  # noqa: E402
+import _pins as V  # noqa: E402
 import _providers as P  # noqa: E402
 
 TARGET = dict(n=65536, d=128, classes=1000, t=0.1)
@@ -218,19 +218,19 @@ class Run:
         def run():
             reason = unavailable and unavailable(self.device)
             if not reason and bwd_variant and backward:
-                reason = _variant_unavailable(bwd_variant, self.device, info["bwd_precision"])
+                reason = V.variant_unavailable(bwd_variant, self.device, info["bwd_precision"])
             if reason:
                 return reason
             tc.LAUNCHED.clear()
-            with tk.fixed_configs(fwd, bwd), _pinned(("bwd", "bwd_class"), bwd_variant), \
-                    _pinned(("fwd",), fwd_variant), _class_tile(class_tile), \
-                    _sym_form(sym_form) as forms:
+            with tk.fixed_configs(fwd, bwd), V.pinned(("bwd", "bwd_class"), bwd_variant), \
+                    V.pinned(("fwd",), fwd_variant), V.class_tile(class_tile), \
+                    V.sym_form(sym_form) as forms:
                 err = self.check(call, dtype, backward, unit)
                 info["check_rel_err"] = err
                 # what ran, from the launchers' own bookkeeping
-                info["fwd_variant"] = _launched(("fwd",)) or None
+                info["fwd_variant"] = V.launched(("fwd",)) or None
                 if backward:
-                    info["bwd_variant"] = _launched(("bwd", "bwd_class"))
+                    info["bwd_variant"] = V.launched(("bwd", "bwd_class"))
                 if not err <= CHECK_TOL[dtype]:
                     return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
                 x, y = self.inputs(n, dtype, unit=unit)
@@ -283,82 +283,6 @@ class Run:
             go()
             return self.time(go)
         return self.record("anchor-fa2", "fwd", self.half, 4 * n * n * d, need_s=15, run=run)
-
-
-def _variant_unavailable(name, device, precision):
-    """Why backward variant ``name`` does not hold on ``device`` (None if it does)."""
-    from nbkernels.backends import variants
-    from nbkernels.backends.triton import kernels as tk
-    cap = variants.capability(device)
-    if name in [v.name for v in variants.applicable(tk.VARIANTS, "bwd", cap, tk.TRITON_VERSION,
-                                                    precision)]:
-        return None
-    return f"backward variant {name!r} does not hold for capability {cap}, precision {precision}"
-
-
-def _launched(kinds):
-    """The kernel variants (``kernels.VARIANTS``) of ``kinds`` the launchers ran since
-    LAUNCHED was cleared, each known by the flags it sets ("" where none ran)."""
-    from nbkernels.backends.triton import configs as tc
-    from nbkernels.backends.triton import kernels as tk
-    names = set()
-    for kind, _, _, flags in tc.LAUNCHED:
-        if kind in kinds:
-            ran = dict(flags)
-            names.add(next(v.name for v in tk.VARIANTS if v.kind == kind
-                           and all(ran.get(f) == str(x) for f, x in v.flags)))
-    return "+".join(sorted(names))
-
-
-@contextlib.contextmanager
-def _class_tile(width):
-    """The class forward's class tiles ``width`` wide (None: ``class_block_cap``'s choice)."""
-    from nbkernels.backends.triton import kernels as tk
-    saved = tk.class_block_cap
-    if width:
-        tk.class_block_cap = lambda c, m: width
-    try:
-        yield
-    finally:
-        tk.class_block_cap = saved
-
-
-@contextlib.contextmanager
-def _sym_form(form):
-    """The symmetric backward's form: None as the rows allow, "two" the two-exp kernel
-    (a spread limit no rows meet); yields the list of the launcher's test results
-    (device tensors, read once the timing is done). At every size, so that the check at
-    CHECK_N runs the form the timing at the target's 65536 rows runs."""
-    from nbkernels.backends.triton import kernels as tk
-    from nbkernels.backends.triton import rows as tr
-    saved_rows, saved = tr.one_exp_rows, {k: dict(v) for k, v in tk.ONE_EXP_LIMITS.items()}
-    saved_min, tk.ONE_EXP_MIN_ROWS = tk.ONE_EXP_MIN_ROWS, 0
-    seen = []
-
-    def rows(*args):
-        out = saved_rows(*args)
-        seen.append(out[1])
-        return out
-    tr.one_exp_rows = rows
-    if form == "two":
-        for lim in tk.ONE_EXP_LIMITS.values():
-            lim["spread"] = -1.0
-    try:
-        yield seen
-    finally:
-        tr.one_exp_rows = saved_rows
-        tk.ONE_EXP_MIN_ROWS = saved_min
-        for k, v in saved.items():
-            tk.ONE_EXP_LIMITS[k].update(v)
-
-
-def _pinned(kinds, name):
-    """The kernel kinds ``kinds`` pinned to variant ``name`` (None: nothing pinned)."""
-    from nbkernels.backends import variants
-    from nbkernels.backends.triton import kernels as tk
-    if not name:
-        return contextlib.nullcontext()
-    return variants.pinned(tk.VARIANTS, kinds, name)
 
 
 def _peak(gpu_name):
