@@ -77,6 +77,24 @@ def _sums_growth(x, col, c):
     return torch.maximum((n + 1) * torch.clamp_min(2 * x2.sqrt(), 1.0), c * x2 + 2 * top)
 
 
+def _symmetric_forms(two, x, col, lse, rows, gmax, top_scale, c):
+    """The symmetric main pass's launches, from the two-exp kernel's arguments ``two``:
+    that kernel alone below ONE_EXP_MIN_ROWS (a zero flag and a placeholder for the rows
+    it does not read, so that it is the same compiled kernel as beside the one-exp form:
+    a None would specialise it); else both forms, of which the device-side test of
+    ``rows.one_exp_rows`` lets one work, the one-exp form last (what the tests see of a
+    run is its output). Its weights carry a power of two of their own (fp16: the ds
+    scale's, which bounds ds for its rounding)."""
+    if x.shape[0] < tk.ONE_EXP_MIN_ROWS:
+        return [dict(two, one_exp=torch.zeros(1, dtype=torch.int32, device=x.device),
+                     sym_w=torch.zeros(1, dtype=col.dtype, device=x.device))]
+    sym_w, ok, s_w = tr.one_exp_rows(col, lse, *rows,
+                                     None if gmax is not None else _sums_growth(x, col, c))
+    two = dict(two, sym_w=sym_w, one_exp=ok, s_sw=sym_w.stride(0))
+    return [two, dict(two, ONE_EXP=True, SCALE_DS=True,
+                      ds_scale=s_w if top_scale is None else s_w * top_scale)]
+
+
 def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offset,
               has_offset, need_q, need_r, need_t, precision, r_far, symmetric, lse=None):
     """Launch the dq / dr (or, ``symmetric``, the one batch) kernels; reduce dT in torch.
@@ -138,26 +156,12 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
             dict(q_t=None, r_t=y_t, s_qt=0, s_rt=s_yt)
         for fixup, ((shift, w_neg, w_pos, g_cls), flags) in enumerate(passes):
             shift, w_neg, w_pos, g_cls = _scaled((shift, w_neg, w_pos, g_cls), scale)
-            two = dict(sym_w=None, one_exp=None, s_sw=0, ONE_EXP=False, SCALE_DS=gmax is not None,
-                       ds_scale=row_scale if mode == "dq" else top_scale)
+            forms = [dict(sym_w=None, one_exp=None, s_sw=0, ONE_EXP=False,
+                          SCALE_DS=gmax is not None,
+                          ds_scale=row_scale if mode == "dq" else top_scale)]
             if mode == "sym" and not fixup:
-                # the two-exp kernel alone (below ONE_EXP_MIN_ROWS): a zero flag and a
-                # placeholder for the rows it does not read, so that it is the same
-                # compiled kernel as beside the one-exp form (a None would specialise it)
-                two.update(one_exp=torch.zeros(1, dtype=torch.int32, device=q.device),
-                           sym_w=torch.zeros(1, dtype=acc, device=q.device))
-            forms = [two]
-            if mode == "sym" and not fixup and n >= tk.ONE_EXP_MIN_ROWS:
-                # the symmetric main pass: one launch per form, of which one works, the
-                # one-exp form last (what the tests see of a run is its output). Its
-                # weights carry a power of two of their own (fp16: the ds scale's, which
-                # bounds ds for its rounding)
-                sym_w, ok, s_w = tr.one_exp_rows(
-                    q_col, lse, shift, w_neg, w_pos,
-                    None if gmax is not None else _sums_growth(q, q_col, common["scale"]))
-                two.update(sym_w=sym_w, one_exp=ok, s_sw=sym_w.stride(0))
-                forms = [two, dict(two, ONE_EXP=True, SCALE_DS=True,
-                                   ds_scale=s_w if top_scale is None else s_w * top_scale)]
+                forms = _symmetric_forms(forms[0], q, q_col, lse, (shift, w_neg, w_pos), gmax,
+                                         top_scale, common["scale"])
             shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
             for form in forms:
