@@ -432,6 +432,7 @@ def compile_triton(fn, values, num_warps, num_stages, tag):
     digest = hashlib.sha1(k.asm["cubin"]).hexdigest()[:12]
     path = cache_dir() / f"{tag}-{digest}.cubin"
     path.write_bytes(k.asm["cubin"])
+    path.with_suffix(".ptx").write_text(k.asm["ptx"])   # lane addresses: banks.py
     md = k.metadata
     out = Compiled(cubin=path, name=md.name, shared=int(md.shared), num_warps=int(md.num_warps),
                    signature=signature)

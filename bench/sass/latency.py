@@ -19,8 +19,9 @@ the oldest ready warp. Shared units: per sub-partition the MUFU (4 lanes: 8 cycl
 warp instruction) and the integer pipe (16 lanes: 2 cycles); per SM the tensor cores
 (``model.TENSOR_RATE`` FLOP per cycle, an HGMMA / HMMA queued behind the previous one) and
 shared-memory bandwidth (128 B per cycle), which LDS / STS / LDSM and wgmma's operand reads
-(B, and A unless it comes from registers) share. Synchronisation: ``BAR.SYNC`` waits for every
-warp of its CTA; ``WARPGROUP.DEPBAR.LE gsb0, k`` for all but the last ``k`` HGMMA groups
+(B, and A unless it comes from registers) share; an LDS / STS / LDSM takes the wavefronts
+its lanes' addresses need (``banks.py``: bank conflicts, from the PTX). Synchronisation:
+``BAR.SYNC`` waits for every warp of its CTA; ``WARPGROUP.DEPBAR.LE gsb0, k`` for all but the last ``k`` HGMMA groups
 of the warp; ``DEPBAR.LE SBx, k`` for all but the last ``k`` committed ``LDGDEPBAR``
 groups of cp.async loads.
 
@@ -40,7 +41,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from . import build, model, sass
+from . import banks, build, model, sass
 
 # cycles from issue to the release of the scoreboard an instruction sets (wbar)
 LATENCY = {"MUFU": 20, "LDS": 30, "LDSM": 30, "LDG": 500, "LDGSTS": 500, "S2R": 20,
@@ -53,6 +54,8 @@ HGMMA_LATENCY = 24        # beyond the tensor-pipe time of the last HGMMA of a g
 SMEM_BYTES_PER_CYCLE = 128
 # wgmma's shared-memory operand reads count against SMEM_BYTES_PER_CYCLE
 WGMMA_SMEM = True
+# LDS / STS / LDSM cost the wavefronts their lanes' addresses take (banks.py, from the PTX)
+BANK_CONFLICTS = True
 WGMMA_BYTES = {"BF16": 2, "F16": 2, "TF32": 4, "E4M3": 1, "E5M2": 1, "S8": 1}
 MUFU_CYCLES, INT_CYCLES = 8, 2
 INT_PIPE = ("IADD3", "LOP3", "ISETP", "SHF", "LEA", "SEL", "IABS", "PRMT", "SGXT", "IMNMX",
@@ -138,19 +141,32 @@ def _smem_bytes(ins):
     return 0
 
 
-def body(func, hi, num_warps, inner_trips):
+def loop_banks(cubin, func, num_warps):
+    """({SASS address: wavefronts}, summary) of the main loop's shared-memory accesses
+    (``banks.for_loop``, from the PTX beside ``cubin``); nothing with BANK_CONFLICTS off."""
+    main = sass.main_loop(func, num_warps)
+    if main is None or not BANK_CONFLICTS:
+        return {}, dict(ptx=False, sass_accesses=0, matched=0, conflicted=0)
+    return banks.for_loop(cubin, [i for i in func.instrs if main.start <= i.addr <= main.end],
+                          num_warps)
+
+
+def body(func, hi, num_warps, inner_trips, waves=None):
     """The main loop of ``func`` as a list of Op, inner loops repeated ``inner_trips`` times
-    (an int, or a callable as in ``sass._weights``)."""
+    (an int, or a callable as in ``sass._weights``). ``waves`` ({address: wavefronts},
+    ``loop_banks``): what each shared-memory access costs; one not in it is conflict-free."""
     main = sass.main_loop(func, num_warps)
     if main is None:
         return None
     trip = inner_trips if callable(inner_trips) else (lambda lp, i, parent: inner_trips)
+    waves = waves or {}
 
     def ops_of(ins):
         stall, _, wbar, rbar, wait, _ = control(hi.get(ins.addr, 0))
         flop, ty, _ = sass.mma_flop(ins, num_warps)
         cycles = flop / num_warps / model.TENSOR_RATE[ty] if flop else 0.0
-        return Op(ins.base, ins.op, ins.args, stall, wbar, rbar, wait, cycles, _smem_bytes(ins))
+        smem = 128 * waves[ins.addr] if ins.addr in waves else _smem_bytes(ins)
+        return Op(ins.base, ins.op, ins.args, stall, wbar, rbar, wait, cycles, smem)
 
     def walk(lp):
         out, addr_children = [], {c.start: (i, c) for i, c in enumerate(lp.children)}
@@ -294,6 +310,7 @@ class Simulated:
     regs: int
     ctas_per_sm: int
     cycles_per_iter: float
+    banks: dict = None         # loop_banks' summary
 
 
 def simulate_cubin(cubin, name, shared, num_warps, inner_trips=1):
@@ -302,9 +319,11 @@ def simulate_cubin(cubin, name, shared, num_warps, inner_trips=1):
     func, hi = disassemble(cubin)[name]
     usage = sass.resource_usage(cubin)[name]
     occ = model.occupancy(usage["regs"], shared + usage["shared_static"], num_warps)
-    ops = body(func, hi, num_warps, inner_trips)
+    waves, summary = loop_banks(cubin, func, num_warps)
+    ops = body(func, hi, num_warps, inner_trips, waves)
     ctas = max(1, occ["ctas_per_sm"])
-    return Simulated(func, ops, usage["regs"], ctas, simulate(ops, num_warps, ctas=ctas))
+    return Simulated(func, ops, usage["regs"], ctas, simulate(ops, num_warps, ctas=ctas),
+                     summary)
 
 
 def predict(cycles_per_iter, iters_per_cta, tiles, ctas_per_sm, flop):

@@ -56,8 +56,20 @@ ERR_BEGIN, ERR_END = "<!-- latency-error:begin -->", "<!-- latency-error:end -->
 _AT_COMMIT = r"""
 import json, re, sys
 sys.path.insert(0, ".")
+import hashlib
 import triton
 from bench.sass import build
+_compile = triton.compile
+
+
+def _keep_ptx(*args, **kwargs):   # the PTX beside the cubin, for bench/sass/banks.py
+    k = _compile(*args, **kwargs)
+    name = hashlib.sha1(k.asm["cubin"]).hexdigest()[:12] + ".ptx"
+    (build.cache_dir() / name).write_text(k.asm["ptx"])
+    return k
+
+
+triton.compile = _keep_ptx
 want = set(json.loads(sys.argv[1]))
 out = []
 vs = build.variants(dtypes=("bf16", "fp32"), metrics=("sqeuclidean",), classes=(False,))
@@ -103,9 +115,14 @@ def simulate(c, kind, dtype, flop_per_pair, block_m, block_n, num_warps, inner_t
     mix = sass.loop_mix(func, num_warps, pairs, inner_trips)
     hbm = analyze.hbm_bytes_per_pair("anchor" if kind == "anchor" else kind, dtype)
     pipe = model.predict(model.pipes(mix.per_pair, mix.tensor_flop_per_pair, hbm), flop_per_pair)
+    shared = [o for o in ops if o.base in ("LDS", "STS", "LDSM", "STSM")]
     return dict(regs=sim.regs, ctas_per_sm=ctas, warp_instrs_per_iter=len(ops),
                 issue_only_cycles=len(ops) * num_warps * ctas / 4, cycles_per_iter=cycles,
-                latency=pred, pipe_raw=pipe["overlap"])
+                # LDS / STS / LDSM wavefronts of one warp's iteration, and what they would
+                # be with no bank conflict
+                smem_wavefronts=sum(o.smem_bytes for o in shared) / 128,
+                smem_wavefronts_ideal=sum(latency._smem_bytes(o) for o in shared) / 128,
+                banks=sim.banks, latency=pred, pipe_raw=pipe["overlap"])
 
 
 def _compile_at(commit, names, triton_path=None):
@@ -246,7 +263,8 @@ def what_ifs(v):
     """Where the forward's time goes: the simulation again with one cost removed."""
     c = build.compile_variant(v)
     func, hi = latency.disassemble(c.cubin)[c.name]
-    ops = latency.body(func, hi, v.num_warps, v.inner_trips)
+    ops = latency.body(func, hi, v.num_warps, v.inner_trips,
+                       latency.loop_banks(c.cubin, func, v.num_warps)[0])
     base = latency.simulate(ops, v.num_warps)
     out = {"simulated": base, "issue_only": len(ops) * v.num_warps / 4}
     out["no tensor-core time (MMA fully overlapped)"] = latency.simulate(
