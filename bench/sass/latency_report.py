@@ -118,10 +118,10 @@ def simulate(c, kind, dtype, flop_per_pair, block_m, block_n, num_warps, inner_t
     shared = [o for o in ops if o.base in ("LDS", "STS", "LDSM", "STSM")]
     return dict(regs=sim.regs, ctas_per_sm=ctas, warp_instrs_per_iter=len(ops),
                 issue_only_cycles=len(ops) * num_warps * ctas / 4, cycles_per_iter=cycles,
-                # LDS / STS / LDSM wavefronts of one warp's iteration, and what they would
-                # be with no bank conflict
+                # LDS / STS / LDSM wavefronts of one warp's iteration (banks.py), and what
+                # their widths alone give (every lane its own bytes, no conflict)
                 smem_wavefronts=sum(o.smem_bytes for o in shared) / 128,
-                smem_wavefronts_ideal=sum(latency._smem_bytes(o) for o in shared) / 128,
+                smem_wavefronts_by_width=sum(latency._smem_bytes(o) for o in shared) / 128,
                 banks=sim.banks, latency=pred, pipe_raw=pipe["overlap"])
 
 

@@ -7,7 +7,8 @@ The main loops of the two differ in how the other side's tile reaches the dx dot
 warpgroup MMA reads 32-bit operands from shared memory only K-major, and the dx dot's K is
 the other side's rows. The generic kernel then loads each fp32 tile through registers
 (LDG, not cp.async, so not pipelined), stores it once as loaded and once transposed,
-element by element, behind an extra barrier. The "sm90_tf32_transposed" variant
+element by element, behind an extra barrier; the transposed stores put 16 lanes on each
+of two banks (``banks.py``: 16 wavefronts each, 32 stores per warp and tile). The "sm90_tf32_transposed" variant
 (``kernels.VARIANTS``, flag OTHER_T) takes the dx dot's tile from a transposed copy that
 the launcher makes once per backward.
 
@@ -22,8 +23,8 @@ each (variant, kernel, bucket), summed over its flavours with no spill, is what
     python bench/sass/tf32_backward.py [--out bench/results/tf32_backward_sm90.json]
 
 *Predicted from compiled SASS* (triton's sm_90 compiler on a CPU), never measured; the
-latency model was 4.2x optimistic on the TF32 backward the H200 timed, so these rank
-configs and variants and are not times. About 5 minutes on 2 CPU cores.
+latency model was 2.3x optimistic on the TF32 backward the H200 timed (its bank conflicts
+counted, ``banks.py``; 4.2x before), so these rank configs and variants and are not times. About 5 minutes on 2 CPU cores.
 """
 import argparse
 import json
@@ -78,7 +79,10 @@ def sweep():
     from nbkernels.backends.triton import kernels as tk
     generic = {k: next(v for v in tk.VARIANTS if v.kind == k and v.name == "generic")
                for k in FLAVOURS}
-    chosen = {k: tk.variant_for(k, build.SM90, "tf32") for k in FLAVOURS}
+    # the variant itself, whatever triton versions it is enabled for (those are decided
+    # from these results)
+    chosen = {k: next(v for v in tk.VARIANTS if v.kind == k and v.name == "sm90_tf32_transposed")
+              for k in FLAVOURS}
     out = []
     for kernel, rms in FLAVOURS.items():
         for bucket, d in BUCKETS.items():
