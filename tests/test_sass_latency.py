@@ -189,6 +189,11 @@ def test_shared_memory_widths():
     assert latency._smem_bytes(ins("LDS.U8")) == 32
     assert latency._smem_bytes(ins("STS.64")) == 256
     assert latency._smem_bytes(ins("LDS.128")) == 512
+    # a cp.async writes what it loads into shared memory: 32 lanes x its width
+    assert latency._smem_bytes(ins("LDGSTS.E.BYPASS.128")) == 512
+    assert latency._smem_bytes(ins("LDGSTS.E.64")) == 256
+    assert latency._smem_bytes(ins("LDGSTS.E")) == 128
+    assert latency._smem_bytes(ins("LDG.E.128")) == 0
 
 
 def test_a_scoreboard_waits_for_its_slowest_producer():

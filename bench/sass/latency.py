@@ -18,11 +18,12 @@ by their trip count). Each sub-partition issues at most one instruction per cycl
 the oldest ready warp. Shared units: per sub-partition the MUFU (4 lanes: 8 cycles per
 warp instruction) and the integer pipe (16 lanes: 2 cycles); per SM the tensor cores
 (``model.TENSOR_RATE`` FLOP per cycle, an HGMMA / HMMA queued behind the previous one) and
-shared-memory bandwidth (128 B per cycle), which LDS / STS / LDSM and wgmma's operand reads
-(B, and A unless it comes from registers) share; an LDS / STS / LDSM takes the wavefronts
-its lanes' addresses need (``banks.py``: bank conflicts, from the PTX). Synchronisation:
-``BAR.SYNC`` waits for every warp of its CTA; ``WARPGROUP.DEPBAR.LE gsb0, k`` for all but the last ``k`` HGMMA groups
-of the warp; ``DEPBAR.LE SBx, k`` for all but the last ``k`` committed ``LDGDEPBAR``
+shared-memory bandwidth (128 B per cycle), which LDS / STS / LDSM, the writes of cp.async
+(LDGSTS) and wgmma's operand reads (B, and A unless it comes from registers) share; an
+LDS / STS / LDSM takes the wavefronts its lanes' addresses need (``banks.py``: bank
+conflicts, from the PTX). Synchronisation: ``BAR.SYNC`` waits for every warp of its CTA;
+``WARPGROUP.DEPBAR.LE gsb0, k`` for all but the last ``k`` HGMMA groups of the warp;
+``DEPBAR.LE SBx, k`` for all but the last ``k`` committed ``LDGDEPBAR``
 groups of cp.async loads.
 
 Latencies (``LATENCY``) are the one set of free constants: published microbenchmarks of
@@ -118,14 +119,16 @@ def disassemble(cubin):
 
 
 def _smem_bytes(ins):
-    """Bytes one warp moves through shared memory (LDS / STS / LDSM; 0 otherwise)."""
+    """Bytes one warp moves through shared memory: LDS / STS / LDSM, the writes of a
+    cp.async (LDGSTS) when its data lands, wgmma's operand reads; 0 otherwise."""
     parts = ins.op.split(".")
     if ins.base == "LDSM":
         # LDSM.16.M88.4: four 8x8 matrices of 16-bit elements (128 B each) per warp
         n = next((int(p) for p in parts[2:] if p in ("1", "2", "4")), 4)
         return 128 * n
-    if ins.base in ("LDS", "STS"):
-        # LDS.64 / .128, LDS.U8 / .S16 ...; 32 bits when no width is written
+    if ins.base in ("LDS", "STS", "LDGSTS"):
+        # LDS.64 / .128, LDS.U8 / .S16, LDGSTS.E.BYPASS.128 ...; 32 bits when no width
+        # is written
         width = next((int(p.lstrip("US")) for p in parts[1:]
                       if p.lstrip("US").isdigit() and p.lstrip("US") in ("8", "16", "32", "64",
                                                                          "128")), 32)
