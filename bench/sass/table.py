@@ -2,15 +2,16 @@
 model: for each sm_90 entry, every GPU config whose tiles fit is compiled in each flavour
 the entry serves (the lse forward; the class forward; dq, dr and the symmetric backward;
 the class dq and dr), at a feature dim in the entry's bucket, and the config kept is the
-one with the lowest predicted time summed over the flavours among those where no flavour
-spills and every 16-bit / TF32 flavour runs its dots on HGMMA (fp64: the widest that does
-not spill); where every candidate spills, the least stack.
+one with the lowest time summed over the flavours, as the latency model predicts it
+(``latency.py``; the pipe model's is recorded beside it), among those where no flavour
+spills and every 16-bit / TF32 flavour runs its dots on HGMMA (fp64 and fp32 with IEEE
+dots: the widest that does not spill); where every candidate spills, the least stack.
 
     python bench/sass/table.py [--out bench/results/config_table_sm90.json]
     python bench/sass/table.py --fix    # under an older triton: TABLE_BY_TRITON's rows
 
-Predicted from compiled SASS, not measured (bench/sass/model.py); prints the table as
-Python literal rows for triton_configs.TABLE. About 5 minutes on 2 CPU cores.
+Predicted from compiled SASS, not measured (bench/sass/latency.py, bench/sass/model.py);
+prints the table as Python literal rows for configs.TABLE. About 10 minutes on 2 CPU cores.
 
 ``--fix`` compiles the entries of ``TABLE`` (chosen under triton 3.9) with the triton that
 runs it (another version: put it first on PYTHONPATH), and chooses again, by the same rule,
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.sass import analyze, build  # noqa: E402
+from bench.sass import analyze, build, latency  # noqa: E402
 
 
 def _stack(row):
@@ -40,13 +41,31 @@ def _on_hgmma(row):
     return any("GMMA" in k for k in row.get("shapes", {}))
 
 
+def latency_s(v, d):
+    """The latency model's time (``latency.py``) of one compiled flavour at N = M =
+    ``build.N``, feature dim ``d``: its main loop simulated on one SM with every CTA that
+    fits, times the loop trips of the grid (a backward beyond its resident D runs one
+    program per dx slice, each recomputing the logits)."""
+    c = build.compile_variant(v)
+    vals = v.values
+    trips = 1 if vals["RESIDENT"] else -(-d // vals["BLOCK_D"])
+    slices = 1 if vals["RESIDENT"] or v.kind == "fwd" else -(-d // vals["BLOCK_DX"])
+    sim = latency.simulate_cubin(c.cubin, c.name, c.shared, v.num_warps, trips)
+    pred = latency.predict(sim.cycles_per_iter, -(-build.M // v.block_n),
+                           -(-build.N // v.block_m) * slices, sim.ctas_per_sm, 1)
+    return pred["time_s"]
+
+
 def _score(rows, dtype, ieee=False):
-    """(no spill and HGMMA, -stack, -predicted time) of one config's flavours: higher wins."""
+    """(no spill and HGMMA, -stack, -predicted time) of one config's flavours: higher wins.
+    The time is the latency model's (``latency_s``, in each row): on the kernels the GPU
+    timed it is 1.7-2.4x optimistic where the pipe model is 3.7-10.5x, its ratios 1.4x
+    apart against 2.8x, so it is the one that ranks."""
     stack = sum(_stack(r) for r in rows)
     ok = not any(r.get("spills") for r in rows)
     if dtype != "fp64" and not ieee:
         ok = ok and all(_on_hgmma(r) for r in rows)
-        t = sum(r["predicted"]["overlap"]["time_s"] for r in rows)
+        t = sum(r["latency_s"] for r in rows)
     else:
         t = -rows[0]["block_m"] * rows[0]["block_n"]   # fp64: the widest tile
     return (ok, -stack, -t)
@@ -111,7 +130,10 @@ def choose(only=None, keys=None):
                                   num_stages=s, config=f"{bm}x{bn} w{w} s{s}",
                                   flop_per_pair=2 * d if kind == "fwd" else 4 * d, values=vals,
                                   fn=jit)
-                rows.append(analyze.analyze_variant(v))
+                row = analyze.analyze_variant(v)
+                if dtype != "fp64" and precision != "ieee" and "error" not in row:
+                    row["latency_s"] = latency_s(v, d)
+                rows.append(row)
             cands.append(((bm, bn, w, s), _score(rows, dtype, precision == "ieee"), rows))
         best = max(cands, key=lambda c: c[1])
         rec = dict(kernel=kernel, dtype_class=dclass, bucket=bucket, d=d, chosen=best[0],
@@ -119,6 +141,8 @@ def choose(only=None, keys=None):
                    candidates=[dict(config=c, ok=sc[0], stack=-sc[1],
                                     predicted_s=(sum(r["predicted"]["overlap"]["time_s"]
                                                      for r in rows) if dtype != "fp64" else None),
+                                    latency_s=(sum(r["latency_s"] for r in rows)
+                                               if all("latency_s" in r for r in rows) else None),
                                     regs=[r.get("regs") for r in rows],
                                     stacks=[_stack(r) for r in rows],
                                     loop_spill_instrs=[r.get("spill_instrs") for r in rows],
