@@ -20,11 +20,12 @@ A kernel variant with configs of its own (``kernels.VARIANTS``: its ``configs``)
 entries under that key in place of the architecture: "sm90_tf32t", the sm_90 TF32
 backward, chosen by the latency model (``bench/sass/tf32_backward.py``).
 
-Only Hopper (sm_90) has entries, chosen from the SASS model by ``bench/sass/table.py``
+Only Hopper (sm_90) has entries, chosen from the compiled SASS by ``bench/sass/table.py``
 (``bench/results/config_table_sm90.json``; predicted, not measured, until a GPU run times
 them): for each entry, every GPU config whose tiles fit sm_90's shared memory is compiled
-in every flavour the entry serves, at a D of its bucket, and the best predicted of those
-where no flavour spills and every dot runs on HGMMA is kept (each entry names its
+in every flavour the entry serves, at a D of its bucket, and the best predicted by the
+latency model (``bench/sass/latency.py``, the simulated main loop) of those where no
+flavour spills and every dot runs on HGMMA is kept (each entry names its
 source; ``SPILL_ALLOWANCE`` and ``NO_HGMMA`` list where no config qualifies). The
 choice is made under triton 3.9; ``TABLE_BY_TRITON`` replaces the entries that spill
 under an older supported triton, whose compiler allocates registers differently
@@ -45,8 +46,9 @@ from nbkernels.backends import variants
 
 from . import common as tc
 
-SASS = ("SASS model: best predicted of the GPU configs that fit, with no flavour spilling "
-        "and every dot on HGMMA (bench/sass/table.py, bench/results/config_table_sm90.json)")
+SASS = ("SASS latency model: best predicted of the GPU configs that fit, with no flavour "
+        "spilling and every dot on HGMMA (bench/sass/table.py, "
+        "bench/results/config_table_sm90.json)")
 SASS64 = ("SASS model: the widest GPU config that fits and does not spill (fp64 dots have no "
           "tensor-core prediction; bench/sass/table.py)")
 LEAST = ("SASS model: every GPU config that fits spills here; the least stack "
@@ -59,9 +61,9 @@ TF32T = ("latency model: the fastest predicted GPU config of the transposed TF32
 
 TABLE = {
     # --- lse forward
-    ("sm90", "fwd", "16", "128"): ((128, 128, 8, 2), SASS),
+    ("sm90", "fwd", "16", "128"): ((128, 128, 8, 3), SASS),
     ("sm90", "fwd", "16", "256"): ((128, 128, 8, 2), SASS),
-    ("sm90", "fwd", "16", "chunked"): ((128, 128, 8, 2), SASS),
+    ("sm90", "fwd", "16", "chunked"): ((128, 128, 8, 3), SASS),
     ("sm90", "fwd", "32", "128"): ((128, 128, 8, 2), SASS),
     ("sm90", "fwd", "32", "256"): ((64, 64, 4, 2), SASS),
     ("sm90", "fwd", "32", "chunked"): ((128, 128, 8, 2), SASS),
@@ -70,28 +72,28 @@ TABLE = {
     ("sm90", "fwd", "64", "256"): ((32, 32, 4, 2), SASS64),
     ("sm90", "fwd", "64", "chunked"): ((32, 32, 4, 2), SASS64),
     # --- class forward (a [BM, BN] tile beside the class mass)
-    ("sm90", "fwd_class", "16", "128"): ((128, 64, 8, 2), SASS),
-    ("sm90", "fwd_class", "16", "256"): ((128, 64, 8, 2), SASS),
-    ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 2), SASS),
-    ("sm90", "fwd_class", "32", "128"): ((128, 64, 8, 2), SASS),
-    ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), SASS),
-    ("sm90", "fwd_class", "32", "chunked"): ((128, 64, 8, 2), SASS),
+    ("sm90", "fwd_class", "16", "128"): ((128, 64, 8, 3), SASS),
+    ("sm90", "fwd_class", "16", "256"): ((128, 64, 8, 3), SASS),
+    ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 3), SASS),
+    ("sm90", "fwd_class", "32", "128"): ((128, 64, 8, 3), SASS),
+    ("sm90", "fwd_class", "32", "256"): ((64, 64, 4, 2), SASS),
+    ("sm90", "fwd_class", "32", "chunked"): ((128, 64, 8, 3), SASS),
     ("sm90", "fwd_class", "32ieee", "128"): ((32, 32, 4, 2), IEEE),
     ("sm90", "fwd_class", "32ieee", "256"): ((32, 32, 4, 2), IEEE),
     ("sm90", "fwd_class", "32ieee", "chunked"): ((128, 64, 8, 3), IEEE),
     ("sm90", "fwd_class", "64", "128"): ((64, 32, 4, 3), SASS64),
     ("sm90", "fwd_class", "64", "256"): ((32, 32, 4, 2), LEAST),
-    ("sm90", "fwd_class", "64", "chunked"): ((32, 32, 4, 2), LEAST),
+    ("sm90", "fwd_class", "64", "chunked"): ((32, 32, 4, 2), SASS64),
     # --- lse backward (dq, dr, symmetric)
-    ("sm90", "bwd", "16", "128"): ((128, 64, 8, 2), SASS),
+    ("sm90", "bwd", "16", "128"): ((64, 64, 4, 3), SASS),
     ("sm90", "bwd", "16", "chunked"): ((128, 64, 8, 2), SASS),
-    ("sm90", "bwd", "32", "128"): ((128, 32, 8, 2), SASS),
+    ("sm90", "bwd", "32", "128"): ((128, 64, 8, 2), SASS),
     ("sm90", "bwd", "32", "chunked"): ((128, 32, 8, 2), SASS),
     ("sm90", "bwd", "32ieee", "chunked"): ((32, 32, 4, 2), IEEE),
     ("sm90", "bwd", "64", "128"): ((32, 32, 4, 2), LEAST),
     ("sm90", "bwd", "64", "chunked"): ((32, 32, 4, 2), LEAST),
     # --- class backward (the gathered G tile beside ds)
-    ("sm90", "bwd_class", "16", "128"): ((64, 32, 4, 2), SASS),
+    ("sm90", "bwd_class", "16", "128"): ((64, 32, 4, 3), SASS),
     ("sm90", "bwd_class", "16", "chunked"): ((128, 64, 8, 2), SASS),
     ("sm90", "bwd_class", "32", "128"): ((128, 32, 8, 2), SASS),
     ("sm90", "bwd_class", "32", "chunked"): ((32, 32, 4, 2), LEAST),
@@ -113,7 +115,6 @@ TABLE = {
 # rows: mma.sync instead of HGMMA, no spill).
 SPILL_ALLOWANCE = {
     ("fwd_class", "64", "256"): 8,   # its one config that fits, with the 16-wide class tile
-    ("fwd_class", "64", "chunked"): 8,
     ("bwd", "64", "128"): 104,
     ("bwd", "64", "chunked"): 208,
     ("bwd_class", "32ieee", "chunked"): 56,

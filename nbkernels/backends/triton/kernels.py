@@ -91,22 +91,25 @@ _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", 
 # loads each other-side tile through registers (a synchronous load, not cp.async) and
 # stores it a second time, transposed, element by element, behind an extra barrier
 # (compiled SASS, triton 3.9: 8 LDG.128, 8 STS.128, 32 STS and 4 BAR.SYNC per tile,
-# where the 16-bit kernels pipeline their tiles with cp.async). With OTHER_T the launcher
-# passes a transposed copy of the other side, [D, rows padded to PAD], and the dx dot
-# takes its tile from there: both tiles are pipelined by 16-byte cp.async, with no
-# shared-memory store and one barrier less (the latency model, bench/sass/latency.py:
-# 12-18% fewer cycles per tile; predicted, not measured). The cost: a transposed copy of
-# the other side (r for dq, q for dr and the batch kernel; D x rows, fp32) per backward,
-# and twice the other side's tile in shared memory (``fits``). The arithmetic is the
-# generic kernel's, element for element.
+# where the 16-bit kernels pipeline their tiles with cp.async); the 32 transposed stores
+# put 16 lanes on each of two banks, 16 wavefronts each (bench/sass/banks.py). With
+# OTHER_T the launcher passes a transposed copy of the other side, [D, rows padded to
+# PAD], and the dx dot takes its tile from there: both tiles are pipelined by 16-byte
+# cp.async, with no shared-memory store and one barrier less (the latency model,
+# bench/sass/latency.py: about half the generic kernel's time; predicted, not measured;
+# the H200 timed the generic TF32 backward at 2.8x the bf16 one). The cost: a transposed
+# copy of the other side (r for dq, q for dr and the batch kernel; D x rows, fp32) per
+# backward, and twice the other side's tile in shared memory (``fits``). The arithmetic
+# is the generic kernel's, element for element.
 #
 # It holds for the triton versions whose build of it the latency model has faster than
 # the generic kernel's (``bench/sass/tf32_backward.py`` run under each,
 # bench/results/tf32_backward_sm90*.json; best configs, N = M = 65536): the lse backward
-# under 3.6 to 3.9 (D = 128: 33.7 against 39.9 ms under 3.6, 34.8 against 39.5 under
-# 3.9); the class backward from 3.7 (3.7: 28.3 against 64.6 ms), not under 3.6, whose
-# build of the variant's class dq loop is predicted at 2.4x the generic one's cycles per
-# tile (57.4 against 34.0 ms). Beyond 3.9 nothing is checked: the generic kernel.
+# under 3.6 to 3.9 (D = 128, dq + dr + the batch kernel: 32.5 against 64.0 ms under 3.6,
+# 32.8 against 55.8 under 3.9); the class backward from 3.7 (3.7: 28.2 against 64.5 ms,
+# 3.9: 28.5 against 47.9), not under 3.6, whose build of the variant's class dq loop is
+# the slower there (57.4 against 51.0 ms). Beyond 3.9 nothing is checked: the generic
+# kernel.
 _TF32_TRANSPOSED = dict(capability=((9, 0), (10, 0)), configs="sm90_tf32t",
                         precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),))
 _TF32_TRANSPOSED_TRITON = {"bwd": ((3, 6), (3, 10)), "bwd_class": ((3, 7), (3, 10))}
