@@ -2,7 +2,7 @@
 # The compiled-SASS checks of the config table and of the kernel variants under each older
 # supported triton (the GPU image runs 3.6; the table and the variants were chosen under
 # 3.9), written to bench/results/*_triton<major><minor>.json:
-#   table.py --fix          the table entries that break the rule there, chosen again
+#   table.py --fix          every table entry chosen again there (TABLE_BY_TRITON)
 #   tf32_backward.py        the transposed TF32 backward against the generic one
 #   class_forward.py --at   the class forward against 95cc3a6's (3.6 only)
 #   overlap_probe.py        whether the loop's minimal forms overlap the wgmma and the exps

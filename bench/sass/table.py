@@ -13,11 +13,13 @@ dots: the widest that does not spill); where every candidate spills, the least s
 Predicted from compiled SASS, not measured (bench/sass/latency.py, bench/sass/model.py);
 prints the table as Python literal rows for configs.TABLE. About 10 minutes on 2 CPU cores.
 
-``--fix`` compiles the entries of ``TABLE`` (chosen under triton 3.9) with the triton that
-runs it (another version: put it first on PYTHONPATH), and chooses again, by the same rule,
-only the entries that break the rule there (``violation``); it writes
+``--fix`` chooses every entry again, by the same rule, with the triton that runs it
+(another version: put it first on PYTHONPATH), whose compiler schedules and allocates
+registers differently, and names the entries of ``TABLE`` (chosen under triton 3.9) that
+break the rule there (``violation``); it writes
 bench/results/config_table_sm90_triton<major><minor>.json and prints the rows of
-``configs.TABLE_BY_TRITON`` (and of ``SPILL_ALLOWANCE_BY_TRITON`` where every config spills).
+``configs.TABLE_BY_TRITON``: every entry whose choice there is not TABLE's (and of
+``SPILL_ALLOWANCE_BY_TRITON`` where every config spills).
 """
 import argparse
 import json
@@ -113,7 +115,13 @@ def choose(only=None, keys=None):
         dtype = build.TABLE_DTYPE[dclass]
         elem = {"bf16": 2, "fp32": 4, "fp64": 8}[dtype]
         block_d = tc._block_d(kernel, d)
-        jit = tk.kernel_for(kernel, build.SM90)
+        # what sm_90 launches under this triton: a variant with configs of its own (the
+        # TF32 transposed backward, "sm90_tf32t") is chosen by its own script; one that
+        # takes this entry's config (the AHEAD forward) is ranked with its flags
+        variant = tk.variant_for(kernel, build.SM90, build.launch_precision(dtype, precision))
+        if variant.configs is not None:
+            variant = next(v for v in tk.VARIANTS if v.kind == kernel and v.name == "generic")
+        jit = variant.kernel
         rms = (None,) if kind == "fwd" else (False, True) if cls else (False, True, "sym")
         cands = []
         for cfg in (tk.GPU_FWD_CONFIGS if kind == "fwd" else tk.GPU_BWD_CONFIGS):
@@ -122,8 +130,8 @@ def choose(only=None, keys=None):
             bm, bn, w, s = build._config_tuple(cfg, kind)
             rows = []
             for rm in rms:
-                vals = build._fill_unknown(jit, build._launch_values(
-                    kind, dtype, "sqeuclidean", cls, rm, bm, bn, d, precision))
+                vals = build._fill_unknown(jit, build.with_variant(build._launch_values(
+                    kind, dtype, "sqeuclidean", cls, rm, bm, bn, d, precision), variant))
                 v = build.Variant(name=f"{kernel}_{dclass}_d{d}_{rm}_{bm}x{bn}w{w}s{s}", kind=kind,
                                   dtype=dtype, metric="sqeuclidean", cls=cls, ref_major=rm,
                                   block_m=bm, block_n=bn, block_d=vals["BLOCK_D"], num_warps=w,
@@ -137,6 +145,7 @@ def choose(only=None, keys=None):
             cands.append(((bm, bn, w, s), _score(rows, dtype, precision == "ieee"), rows))
         best = max(cands, key=lambda c: c[1])
         rec = dict(kernel=kernel, dtype_class=dclass, bucket=bucket, d=d, chosen=best[0],
+                   variant=variant.name,
                    no_spill_hgmma=best[1][0],
                    candidates=[dict(config=c, ok=sc[0], stack=-sc[1],
                                     predicted_s=(sum(r["predicted"]["overlap"]["time_s"]
@@ -178,18 +187,27 @@ def main():
     import triton
     from nbkernels.backends import variants
     if args.fix:
+        from nbkernels.backends.triton import configs as tc
         bad = broken()
         for key, why in sorted(bad.items()):
             print(key, *why, sep="\n    ", flush=True)
-        rows = choose(args.only, keys=set(bad))
+        rows = choose(args.only)
+        print("# TABLE_BY_TRITON: the entries whose choice under this triton is not TABLE's")
         for r in rows:
-            r["broken"] = bad[("sm90", r["kernel"], r["dtype_class"], r["bucket"])]
+            key = ("sm90", r["kernel"], r["dtype_class"], r["bucket"])
+            r["broken"] = bad.get(key, [])
+            r["table"] = list(tc.TABLE[key][0])
+            r["replaces"] = tuple(r["chosen"]) != tuple(tc.TABLE[key][0])
+            if r["replaces"]:
+                print(f'    {key}: ({tuple(r["chosen"])}, ...),  # TABLE {tuple(r["table"])}'
+                      f'{", breaks the rule" if r["broken"] else ""}', flush=True)
         ver = "".join(map(str, variants.triton_version()))
         out = args.out or ROOT / "bench" / "results" / f"config_table_sm90_triton{ver}.json"
-        what = (f"bench/sass/table.py --fix under triton {triton.__version__}: the sm_90 entries "
-                "of configs.TABLE compiled in every flavour; those that break the table's rule "
-                "(a spill beyond the entry's allowance, a 16-bit / TF32 dot off HGMMA), chosen "
-                "again by the rule; predicted from compiled SASS, not measured")
+        what = (f"bench/sass/table.py --fix under triton {triton.__version__}: every sm_90 entry "
+                "of configs.TABLE chosen again by the table's rule under this triton (each "
+                "GPU config that fits, compiled in every flavour); 'replaces': the choice "
+                "differs from TABLE's (chosen under 3.9), 'broken': how TABLE's own entry "
+                "breaks the rule here; predicted from compiled SASS, not measured")
         Path(out).write_text(json.dumps(dict(what=what, triton=triton.__version__,
                                              entries=rows), indent=1))
         return
