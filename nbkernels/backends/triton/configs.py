@@ -27,9 +27,10 @@ in every flavour the entry serves, at a D of its bucket, and the best predicted 
 latency model (``bench/sass/latency.py``, the simulated main loop) of those where no
 flavour spills and every dot runs on HGMMA is kept (each entry names its
 source; ``SPILL_ALLOWANCE`` and ``NO_HGMMA`` list where no config qualifies). The
-choice is made under triton 3.9; ``TABLE_BY_TRITON`` replaces the entries that spill
-under an older supported triton, whose compiler allocates registers differently
-(``table``).
+choice is made under triton 3.9; ``TABLE_BY_TRITON`` holds the choices of the same rule
+under each older supported triton where they differ (a config that spills there, or
+another predicted faster: those compilers schedule and allocate registers differently;
+``table``).
 Any other architecture takes ``fallback``: the widest of 64 x 64, 32 x 32 and 16 x 16
 (4 warps, 2 stages) whose tiles fit in 96 KB, the shared memory of the smallest current
 parts. The interpreter's small sizes (``NBK_TRITON_SIZES=interpreter``) use 16 x 16.
@@ -122,18 +123,20 @@ SPILL_ALLOWANCE = {
     ("bwd_class", "64", "chunked"): 296,
 }
 NO_HGMMA = {("bwd_class", "32", "chunked")}
-# The same kernels compiled by an older triton allocate registers differently: under each
-# supported version the entries above are compiled again (``bench/sass/table.py --fix``,
-# run under that triton: bench/results/config_table_sm90_triton<version>.json), and where
-# one spills there (beyond its allowance) or leaves HGMMA, the config chosen by the same
-# rule under that version takes its place, with the stack allowed where every config of
-# the entry spills (and HGMMA excused where the one config that does not spill leaves
-# it). Filled from those runs; ``table``, ``spill_allowance`` and ``no_hgmma`` merge them.
+# The same kernels compiled by an older triton are scheduled and allocate registers
+# differently: under each supported version every entry above is chosen again by the same
+# rule (``bench/sass/table.py --fix``, run under that triton:
+# bench/results/config_table_sm90_triton<version>.json), and where that choice is not
+# TABLE's (TABLE's spills there, beyond its allowance, or leaves HGMMA: ``_fixed``; or
+# another config is predicted faster there: ``_ranked``) it takes TABLE's place, with the
+# stack allowed where every config of the entry spills (and HGMMA excused where the one
+# config that does not spill leaves it). Filled from those runs; ``table``,
+# ``spill_allowance`` and ``no_hgmma`` merge them.
 #
 # Under 3.6 to 3.8 the TF32 forward at 128 < D <= 256 spills 8 B at 64 x 64 (2 spill
 # instructions in its main loop); the one config that does not spill, 32 x 32, is too
-# narrow for warpgroup MMA and is predicted 2x slower (triton 3.6: 9.27 against 4.45 ms).
-# The rule keeps it; a GPU run should decide between the two.
+# narrow for warpgroup MMA and is predicted 2.9x slower (latency model, triton 3.6: 36.8
+# against 12.5 ms). The rule keeps it; a GPU run should decide between the two.
 
 
 def _fixed(version):
@@ -142,31 +145,67 @@ def _fixed(version):
             f"config_table_sm90_triton{version.replace('.', '')}.json)")
 
 
+def _ranked(version):
+    return (f"SASS model under triton {version}: the rule's choice under that version, not "
+            "TABLE's (another config predicted faster or wider there; bench/sass/table.py "
+            f"--fix, bench/results/config_table_sm90_triton{version.replace('.', '')}.json)")
+
+
 TABLE_BY_TRITON = {
     (3, 6): {
+        ("sm90", "bwd", "16", "128"): ((128, 64, 8, 2), _ranked("3.6")),
+        ("sm90", "bwd", "32", "128"): ((128, 32, 8, 2), _fixed("3.6")),
         ("sm90", "bwd", "32ieee", "chunked"): ((64, 32, 4, 2), _fixed("3.6")),
+        ("sm90", "bwd_class", "16", "128"): ((128, 64, 8, 2), _ranked("3.6")),
+        ("sm90", "bwd_class", "32", "chunked"): ((64, 32, 4, 3), _ranked("3.6")),
+        ("sm90", "bwd_class", "32ieee", "chunked"): ((64, 32, 4, 2), _ranked("3.6")),
+        ("sm90", "fwd", "16", "256"): ((128, 64, 8, 3), _ranked("3.6")),
         ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.6")),
+        ("sm90", "fwd", "32ieee", "chunked"): ((128, 64, 8, 3), _ranked("3.6")),
         ("sm90", "fwd", "64", "128"): ((32, 32, 4, 2), _fixed("3.6")),
+        ("sm90", "fwd_class", "16", "128"): ((128, 64, 8, 2), _ranked("3.6")),
+        ("sm90", "fwd_class", "16", "256"): ((128, 64, 8, 2), _ranked("3.6")),
+        ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 2), _ranked("3.6")),
+        ("sm90", "fwd_class", "32", "128"): ((128, 64, 8, 2), _ranked("3.6")),
+        ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), _fixed("3.6")),
+        ("sm90", "fwd_class", "64", "128"): ((64, 64, 4, 2), _ranked("3.6")),
+        ("sm90", "fwd_class", "64", "chunked"): ((64, 32, 4, 3), _ranked("3.6")),
     },
     (3, 7): {
-        ("sm90", "bwd", "32ieee", "chunked"): ((64, 32, 4, 2), _fixed("3.7")),
+        ("sm90", "bwd", "16", "chunked"): ((64, 64, 4, 2), _ranked("3.7")),
+        ("sm90", "bwd", "32", "128"): ((128, 32, 8, 2), _fixed("3.7")),
+        ("sm90", "bwd_class", "16", "128"): ((128, 64, 8, 2), _ranked("3.7")),
         ("sm90", "bwd_class", "32", "128"): ((32, 32, 4, 2), _fixed("3.7")),
         ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.7")),
+        ("sm90", "fwd", "32ieee", "chunked"): ((64, 64, 4, 2), _ranked("3.7")),
         ("sm90", "fwd", "64", "128"): ((32, 32, 4, 2), _fixed("3.7")),
+        ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 2), _ranked("3.7")),
+        ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), _fixed("3.7")),
+        ("sm90", "fwd_class", "32ieee", "128"): ((64, 32, 4, 3), _ranked("3.7")),
+        ("sm90", "fwd_class", "64", "128"): ((64, 64, 4, 2), _ranked("3.7")),
+        ("sm90", "fwd_class", "64", "chunked"): ((64, 32, 4, 3), _ranked("3.7")),
     },
     (3, 8): {
+        ("sm90", "bwd", "32", "128"): ((128, 32, 8, 2), _fixed("3.8")),
+        ("sm90", "bwd_class", "16", "128"): ((64, 64, 4, 3), _ranked("3.8")),
+        ("sm90", "fwd", "16", "256"): ((128, 64, 8, 3), _ranked("3.8")),
         ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.8")),
+        ("sm90", "fwd", "64", "chunked"): ((64, 64, 4, 2), _ranked("3.8")),
+        ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), _fixed("3.8")),
+        ("sm90", "fwd_class", "64", "128"): ((64, 64, 4, 2), _ranked("3.8")),
+        ("sm90", "fwd_class", "64", "chunked"): ((128, 64, 8, 3), _ranked("3.8")),
     },
 }
 SPILL_ALLOWANCE_BY_TRITON = {
-    (3, 6): {("bwd", "32ieee", "chunked"): 8, ("bwd", "64", "128"): 136,
+    (3, 6): {("bwd", "32ieee", "chunked"): 24, ("bwd", "64", "128"): 112,
              ("bwd_class", "32ieee", "128"): 720, ("fwd_class", "32ieee", "128"): 8},
-    (3, 7): {("bwd", "32ieee", "chunked"): 16, ("bwd", "64", "128"): 136,
-             ("bwd_class", "32ieee", "128"): 16, ("fwd_class", "64", "256"): 16},
+    (3, 7): {("bwd", "32ieee", "chunked"): 16, ("bwd_class", "32ieee", "128"): 16,
+             ("fwd_class", "64", "256"): 16},
+    (3, 8): {("bwd", "32ieee", "chunked"): 8},
 }
 NO_HGMMA_BY_TRITON = {
     (3, 6): {("fwd", "32", "256")},
-    (3, 7): {("fwd", "32", "256"), ("bwd_class", "32", "128")},
+    (3, 7): {("bwd_class", "32", "128"), ("fwd", "32", "256")},
     (3, 8): {("fwd", "32", "256")},
 }
 KERNELS = ("fwd", "fwd_class", "bwd", "bwd_class")

@@ -118,10 +118,14 @@ _TF32_TRANSPOSED_TRITON = {"bwd": ((3, 6), (3, 10)), "bwd_class": ((3, 7), (3, 1
 # the main loop issues each tile's dot before the softmax of the tile before it (flag
 # AHEAD, ``neighbor_fwd_kernel``). Triton 3.6 and 3.7 then interleave the exps with the
 # wgmma (64 of a tile's 66 MUFU.EX2 between its HGMMAs, compiled SASS); the plain loop
-# waits for each tile's wgmma before its softmax. The latency model has the table's
-# 128 x 128 (8 warps, 2 stages) at 3.49 against 3.72 ms under 3.6 and 3.49 against 3.78
-# under 3.7 (predicted, not measured). Triton 3.8 compiles the same overlap for no gain
-# (4.01 against 3.97 ms), 3.9 without it (4.74 against 4.55): the generic kernel there.
+# waits for each tile's wgmma before its softmax. The latency model has 128 x 128 (8
+# warps, 2 stages) at 3.49 against 3.72 ms under 3.6 and 3.49 against 3.78 under 3.7
+# (predicted, not measured); at 3 stages, the table's config since the latency model
+# chooses it, the loads hide without it and the gain shrinks to 3.09 against 3.11 ms
+# (3.7: 3.10 against 3.12), within the model's error. It stays: the one Triton form whose
+# exps run under the wgmma, and ``bench/gpu_perf.py`` times the forward both ways.
+# Triton 3.8 compiles the same overlap for a loss (2 stages: 4.01 against 3.97 ms; 3:
+# 3.60 against 3.26), 3.9 without it (4.74 against 4.55): the generic kernel there.
 # fp32 inputs and D > 128 spill with it (48 B, triton 3.6) and keep the plain loop, as
 # the FMA dots do.
 _FWD_AHEAD = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 8)),
