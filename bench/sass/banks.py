@@ -146,9 +146,8 @@ class Lanes:
                 return np.zeros_like(self.tid)
             raise _Unknown(reg)
         v = [self.value(o) for o in ops[1:]] if base != "selp" else None
-        return _apply(base, op, v, ops, self) & (_MASK32 if ".b64" not in op and
-                                                  ".u64" not in op and ".s64" not in op
-                                                  and ".wide" not in op else -1)
+        wide = any(t in op.split(".") for t in ("b64", "u64", "s64", "wide"))
+        return _apply(base, op, v, ops, self) & (-1 if wide else _MASK32)
 
 
 def _apply(base, op, v, ops, lanes):
@@ -160,7 +159,11 @@ def _apply(base, op, v, ops, lanes):
     if base == "sub":
         return v[0] - v[1]
     if base == "mul":
-        return v[0] * v[1]
+        return (v[0] * v[1]) >> 32 if ".hi" in op else v[0] * v[1]
+    if base in ("div", "rem"):
+        if (v[1] == 0).any():
+            raise _Unknown(op)
+        return v[0] // v[1] if base == "div" else v[0] % v[1]
     if base == "mad":
         return v[0] * v[1] + v[2]
     if base == "shl":
@@ -241,7 +244,7 @@ def accesses(ptx, lo, hi, num_warps):
             base = lanes.value(reg) if reg else np.zeros_like(lanes.tid)
             addr = (base + off).reshape(num_warps, 32)
             waves = float(np.mean([wavefronts(a, width, nlanes) for a in addr]))
-        except (_Unknown, KeyError, ValueError, IndexError):
+        except (_Unknown, KeyError, ValueError, IndexError, RecursionError):
             waves = None
         out.append((kind, width, off, waves))
     return out
