@@ -210,3 +210,23 @@ def test_violation_names_what_breaks_the_table_rule():
     mma_sync = dict(clean, shapes={"HMMA.16816.F32.BF16": 8})
     assert table.violation(v, mma_sync, {}, set()).startswith("no HGMMA in the main loop")
     assert table.violation(v, mma_sync, {}, {key}) is None
+
+
+def test_table_ranks_by_the_latency_model():
+    """``table.py`` keeps the config the latency model predicts fastest (summed over the
+    entry's flavours), not the pipe model's, among those that neither spill nor leave
+    HGMMA; fp64 keeps the widest tile; a compiled flavour's latency time is positive."""
+    from bench.sass import table
+    hg = {"HGMMA.64x128x16.F32.BF16": 8}
+
+    def row(pipe_s, latency_s, bm=128, bn=64, spills=False):
+        return dict(spills=spills, stack_bytes=8 * spills, local_bytes=0, shapes=hg,
+                    block_m=bm, block_n=bn, latency_s=latency_s,
+                    predicted=dict(overlap=dict(time_s=pipe_s)))
+    pipe_pick = [row(1.0, 5.0), row(1.0, 5.0)]
+    latency_pick = [row(2.0, 4.0), row(2.0, 4.0)]
+    assert table._score(latency_pick, "bf16") > table._score(pipe_pick, "bf16")
+    assert table._score([row(2.0, 1.0, spills=True)], "bf16") < table._score(pipe_pick, "bf16")
+    assert table._score([row(0, 0, 64, 64)], "fp64") > table._score([row(0, 0, 32, 32)], "fp64")
+    v = next(v for v in build.table_variants() if v.name.startswith("table_fwd_16_"))
+    assert 0 < table.latency_s(v, 128) < 1
