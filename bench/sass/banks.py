@@ -7,19 +7,23 @@ once, outside loops). For each ``ld.shared`` / ``st.shared`` / ``ldmatrix`` /
 ``stmatrix`` of the loop, this evaluates the address of every thread of the CTA and
 counts the wavefronts one warp instruction needs: shared memory has 32 banks of 4 bytes
 and serves one wavefront per cycle (128 bytes without conflicts); lanes that touch
-distinct words of one bank are served one per wavefront, lanes that read one word share
-it (an ``ldmatrix`` lane gives one 16-byte matrix row).
+distinct words of one bank are served one per wavefront within a phase of the access
+(``wavefronts``), lanes that read one word share it (an ``ldmatrix`` lane gives one
+16-byte matrix row), and the data returned takes a wavefront per 128 bytes.
 
 What the evaluation assumes: a value the warp shares but the PTX does not fix (the
 block index, a kernel parameter, a loop-carried stage offset) is taken as 0, which moves
 every lane of an access alike; a register defined more than once (a loop's phi, lowered
-to ``mov``) takes its first definition, the loop's entry value; a value loaded from
-memory makes the access unknown, and an unknown access counts as conflict-free.
+to ``mov``) takes its first definition, the loop's entry value, unless one of its
+definitions loads from memory (or is a vector's part): that makes the access unknown, and
+an unknown access costs what its width gives, no conflict. Predicated accesses count
+every lane.
 
 Matching to the SASS (``for_loop``): ptxas keeps a shared-memory access's width and
 immediate offset (``[%r390+98304]`` in the PTX is ``[R160+UR4+0x18000]`` in the SASS),
-so the loop's SASS accesses take the PTX accesses of the same kind, width and offset in
-order; the rest take those of the same kind and width.
+so the loop's SASS accesses take the PTX accesses of the same kind, width, lanes and
+offset in order, where both hold as many of them; an access left over takes the count its
+group of leftovers agrees on, or none (its width's cost).
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ _LABEL = re.compile(r"^\s*(\$L__\w+):\s*(//.*)?$")
 _BRA = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+)\s*;")
 _ADDR = re.compile(r"\[\s*([%\w$]+)?\s*(?:\+\s*(-?(?:0x[0-9a-fA-F]+|\d+)))?\s*\]")
 _SHARED = ("ld.shared", "st.shared", "ldmatrix", "stmatrix")
+# definitions whose value comes from memory or another lane: an address from them is unknown
+_LOADED = ("ld", "ldu", "atom", "shfl", "tex", "vote", "redux", "activemask", "cp")
 _MASK32 = (1 << 32) - 1
 
 
@@ -72,7 +78,8 @@ def _operands(text):
 
 
 class Ptx:
-    """One kernel's PTX: its instructions, each register's first definition, its loops."""
+    """One kernel's PTX: its instructions, each register's definitions (in order), its
+    loops."""
 
     def __init__(self, text):
         self.instrs, self.labels, self.defs = [], {}, {}
@@ -86,9 +93,11 @@ class Ptx:
                 continue
             op, ops = m.group(2), _operands(m.group(3))
             self.instrs.append((op, ops, line))
-            if ops and ops[0].startswith("%") and not op.startswith(("st.", "stmatrix")):
-                for reg in ops[0].split("|"):
-                    self.defs.setdefault(reg.strip(), len(self.instrs) - 1)
+            if ops and ops[0][:1] in "%{" and not op.startswith(("st.", "stmatrix")):
+                # "%p1|%p2" (setp's two outputs), "{%r1, %r2}" (a vector load's)
+                for reg in re.split(r"[|,{}\s]+", ops[0]):
+                    if reg:
+                        self.defs.setdefault(reg, []).append(len(self.instrs) - 1)
 
     def loops(self):
         """[(first, last) instruction index] of every backward branch's span."""
@@ -109,6 +118,17 @@ def _imm(tok):
     return None
 
 
+def _s32(x):
+    """``x`` as the signed 32-bit value its low 32 bits hold (registers are kept so:
+    negative immediates and .s32 comparisons agree; addresses are small and positive)."""
+    return ((x + (1 << 31)) & _MASK32) - (1 << 31)
+
+
+def _u32(x, op):
+    """``x`` as an unsigned 32-bit operand where ``op`` reads its operands unsigned."""
+    return x & _MASK32 if any(t in op.split(".") for t in ("u32", "b32")) else x
+
+
 class Lanes:
     """Values of the PTX registers for every thread ``tid`` of a CTA (numpy int64)."""
 
@@ -125,6 +145,8 @@ class Lanes:
             return self.tid.copy()
         if tok == "%laneid":
             return self.tid % 32
+        if tok.startswith("{"):
+            raise _Unknown(tok)                # a packed vector
         if tok.startswith(("%tid.", "%ntid", "%ctaid", "%nctaid", "%clusterid",
                            "%cluster_ctaid")) or not tok.startswith("%"):
             self.assumed.add(tok)              # a symbol (global_smem) or a block index
@@ -133,25 +155,32 @@ class Lanes:
             self.memo[tok] = self._define(tok)
         return self.memo[tok]
 
+
     def _define(self, reg):
-        i = self.ptx.defs.get(reg)
-        if i is None:
+        found = self.ptx.defs.get(reg)
+        if not found:
             self.assumed.add(reg)
             return np.zeros_like(self.tid)
-        op, ops, _ = self.ptx.instrs[i]
+        for i in found:        # a value loaded from memory (one definition of several)
+            op, ops, _ = self.ptx.instrs[i]
+            if op.split(".")[0] in _LOADED and not op.startswith("ld.param"):
+                raise _Unknown(reg)
+            if ops[0].startswith("{") or "|" in ops[0] and ops[0].split("|")[1].strip() == reg:
+                raise _Unknown(reg)    # a vector's part, setp's second (negated) output
+        op, ops, _ = self.ptx.instrs[found[0]]   # the first: a loop's entry value
+        if op.startswith("ld.param"):
+            self.assumed.add(reg)
+            return np.zeros_like(self.tid)
         base = op.split(".")[0]
-        if base in ("ld", "ldu", "atom", "shfl", "tex", "vote", "redux", "activemask"):
-            if op.startswith("ld.param"):
-                self.assumed.add(reg)
-                return np.zeros_like(self.tid)
-            raise _Unknown(reg)
         v = [self.value(o) for o in ops[1:]] if base != "selp" else None
+        out = _apply(base, op, v, ops, self)
         wide = any(t in op.split(".") for t in ("b64", "u64", "s64", "wide"))
-        return _apply(base, op, v, ops, self) & (-1 if wide else _MASK32)
+        if base == "cvt":       # cvt.<to>.<from>: the destination type decides
+            wide = op.split(".")[1] in ("b64", "u64", "s64")
+        return out if wide else _s32(out)
 
 
 def _apply(base, op, v, ops, lanes):
-    signed = ".s" in op
     if base in ("mov", "cvt", "cvta"):
         return v[0]
     if base == "add":
@@ -159,18 +188,22 @@ def _apply(base, op, v, ops, lanes):
     if base == "sub":
         return v[0] - v[1]
     if base == "mul":
-        return (v[0] * v[1]) >> 32 if ".hi" in op else v[0] * v[1]
+        if ".hi" in op:
+            return (_u32(v[0], op) * _u32(v[1], op)) >> 32
+        return v[0] * v[1]
     if base in ("div", "rem"):
-        if (v[1] == 0).any():
+        a, b = _u32(v[0], op), _u32(v[1], op)
+        if (b == 0).any():
             raise _Unknown(op)
-        return v[0] // v[1] if base == "div" else v[0] % v[1]
+        q = np.trunc(a / b).astype(np.int64)     # PTX divides toward zero
+        return q if base == "div" else a - q * b
     if base == "mad":
         return v[0] * v[1] + v[2]
     if base == "shl":
         return v[0] << v[1]
-    if base == "shr":
-        a = v[0] if not signed else np.where(v[0] & (1 << 31), v[0] - (1 << 32), v[0])
-        return a >> v[1]
+    if base == "shr":      # .s: arithmetic (registers hold signed values), else logical
+        return (v[0] if ".s" in op else _u32(v[0], op) if ".b64" not in op and
+                ".u64" not in op else v[0] & ((1 << 64) - 1)) >> v[1]
     if base == "and":
         return v[0] & v[1]
     if base == "or":
@@ -182,7 +215,8 @@ def _apply(base, op, v, ops, lanes):
     if base == "neg":
         return -v[0]
     if base in ("min", "max"):
-        return (np.minimum if base == "min" else np.maximum)(v[0], v[1])
+        a, b = _u32(v[0], op), _u32(v[1], op)
+        return (np.minimum if base == "min" else np.maximum)(a, b)
     if base == "bfe":
         return (v[0] >> v[1]) & ((1 << v[2]) - 1)
     if base == "bfi":          # bfi d, a, b, pos, len: a's low bits into b at pos
@@ -199,8 +233,13 @@ def _apply(base, op, v, ops, lanes):
         p = lanes.value(ops[3]).astype(bool)
         return np.where(p, lanes.value(ops[1]), lanes.value(ops[2]))
     if base == "setp":
+        if len(v) > 2:       # setp.<cmp>.<and|or>.<type> p, a, b, c: not evaluated
+            raise _Unknown(op)
         cmp = op.split(".")[1]
-        a, b = v[0], v[1]
+        unsigned = cmp in ("lo", "ls", "hi", "hs") or any(
+            t in op.split(".") for t in ("u32", "b32"))
+        a, b = (_u32(v[0], ".u32"), _u32(v[1], ".u32")) if unsigned and ".u64" not in op \
+            else (v[0], v[1])
         return {"eq": a == b, "ne": a != b, "lt": a < b, "le": a <= b, "gt": a > b,
                 "ge": a >= b, "lo": a < b, "ls": a <= b, "hi": a > b,
                 "hs": a >= b}[cmp].astype(np.int64)
@@ -218,17 +257,26 @@ def _width(op, ops):
 
 
 def wavefronts(addr, width, lanes=32):
-    """Wavefronts one warp's access takes: ``addr`` the byte address of each lane. The
-    bytes it moves, 128 per wavefront at best, or the most distinct words it touches in
-    one bank, whichever is more."""
+    """Wavefronts one warp's access takes: ``addr`` the byte address of each of its
+    ``lanes`` lanes, ``width`` bytes each. Shared memory serves a 4-byte access in one
+    phase of 32 lanes, an 8-byte one in two of 16, a 16-byte one (and ``ldmatrix``, a
+    16-byte matrix row per lane) in four of 8; within a phase, distinct words of one bank
+    take a wavefront each. And it returns 128 bytes a cycle: never fewer than
+    lanes x width / 128, however many lanes share a word."""
+    per_phase = 32 if width <= 4 else 16 if width == 8 else 8
     words = max(1, width // 4)
-    touched = {int(a) // 4 + k for a in addr[:lanes] for k in range(words)}
-    return max(-(-4 * len(touched) // 128), max(Counter(w % 32 for w in touched).values()))
+    total = 0
+    for start in range(0, lanes, per_phase):
+        touched = {int(a) // 4 + k for a in addr[start:min(lanes, start + per_phase)]
+                   for k in range(words)}
+        total += max(Counter(w % 32 for w in touched).values())
+    return max(total, -(-lanes * width // 128))
 
 
 def accesses(ptx, lo, hi, num_warps):
-    """[(kind, width, offset, wavefronts per warp instruction or None)] of the shared-memory
-    accesses between instructions ``lo`` and ``hi``; kind "LDS", "STS", "LDSM" or "STSM"."""
+    """[(kind, width, lanes, offset, wavefronts per warp instruction or None)] of the
+    shared-memory accesses between instructions ``lo`` and ``hi``; kind "LDS", "STS",
+    "LDSM" or "STSM", ``lanes`` the lanes that give an address."""
     lanes = Lanes(ptx, 32 * num_warps)
     out = []
     for op, ops, _ in ptx.instrs[lo:hi + 1]:
@@ -236,27 +284,32 @@ def accesses(ptx, lo, hi, num_warps):
             continue
         kind = {"ld": "LDS", "st": "STS", "ldmatrix": "LDSM", "stmatrix": "STSM"}[
             op.split(".")[0]]
-        addr_tok = next(o for o in ops if o.startswith("["))
-        m = _ADDR.fullmatch(addr_tok)
-        reg, off = (m.group(1), int(m.group(2) or "0", 0)) if m else (None, 0)
-        width, nlanes = _width(op, ops)
+        try:
+            addr_tok = next(o for o in ops if o.startswith("["))
+            m = _ADDR.fullmatch(addr_tok)
+            reg, off = (m.group(1), int(m.group(2) or "0", 0)) if m else (None, 0)
+            width, nlanes = _width(op, ops)
+        except (StopIteration, AttributeError, ValueError):
+            continue
         try:
             base = lanes.value(reg) if reg else np.zeros_like(lanes.tid)
             addr = (base + off).reshape(num_warps, 32)
             waves = float(np.mean([wavefronts(a, width, nlanes) for a in addr]))
-        except (_Unknown, KeyError, ValueError, IndexError, RecursionError):
+        except (_Unknown, KeyError, ValueError, IndexError, RecursionError, OverflowError):
             waves = None
-        out.append((kind, width, off, waves))
+        out.append((kind, width, nlanes, off, waves))
     return out
 
 
 def _sass_key(ins):
-    """(kind, width, immediate offset) of a SASS LDS / STS / LDSM / STSM, or None."""
+    """(kind, width, lanes, immediate offset) of a SASS LDS / STS / LDSM / STSM, or None."""
     if ins.base not in ("LDS", "STS", "LDSM", "STSM"):
         return None
     parts = ins.op.split(".")
+    lanes = 32
     if ins.base in ("LDSM", "STSM"):
-        width = 16
+        width = 16      # LDSM.16.M88.4: a 16-byte row per lane, 8 lanes per matrix
+        lanes = 8 * next((int(p) for p in parts[2:] if p in ("1", "2", "4")), 4)
     else:
         width = next((int(p.lstrip("US")) // 8 for p in parts[1:]
                       if p.lstrip("US") in ("8", "16", "32", "64", "128")), 4)
@@ -265,12 +318,18 @@ def _sass_key(ins):
     if m:
         imm = re.search(r"(?:^|\+)\s*(-?0x[0-9a-f]+|-?\d+)\s*$", m.group(1))
         off = int(imm.group(1), 0) if imm else 0
-    return ins.base, width, off
+    return ins.base, width, lanes, off
 
 
 def for_loop(cubin, instrs, num_warps):
     """{SASS address: wavefronts per warp instruction} for the shared-memory accesses among
-    ``instrs`` (one main loop's SASS) whose PTX twin was found, and a summary dict."""
+    ``instrs`` (one main loop's SASS) whose PTX twin was found, and a summary dict.
+
+    A SASS access takes the PTX access of its kind, width, lanes and immediate offset in
+    order where the SASS and the PTX loop hold as many of that key (ptxas may fold an
+    address's constant into the offset, which makes the counts differ); the others take
+    the wavefronts their group (kind, width, lanes) of unmatched PTX accesses agrees on,
+    if it agrees, and otherwise none (counted as their width gives)."""
     path = ptx_path(cubin)
     keys = [(ins.addr, _sass_key(ins)) for ins in instrs]
     keys = [(a, k) for a, k in keys if k is not None]
@@ -282,28 +341,25 @@ def for_loop(cubin, instrs, num_warps):
     best, best_score = [], -1
     for lo, hi in ptx.loops():   # the PTX loop whose accesses look most like the SASS loop's
         acc = accesses(ptx, lo, hi, num_warps)
-        score = sum((Counter(a[:3] for a in acc) & want).values())
+        score = sum((Counter(a[:4] for a in acc) & want).values())
         if score > best_score:
             best, best_score = acc, score
+    have = Counter(a[:4] for a in best)
     exact, loose = defaultdict(list), defaultdict(list)
     for a in best:
-        exact[a[:3]].append(a)
+        (exact[a[:4]] if have[a[:4]] == want[a[:4]] else loose[a[:3]]).append(a[4])
     out = {}
     for addr, k in keys:
         if exact[k]:
-            out[addr] = exact[k].pop(0)[3]
-    rest = [a for lst in exact.values() for a in lst]
-    for a in rest:
-        loose[a[:2]].append(a)
-    for addr, k in keys:
-        if addr not in out and loose[k[:2]]:
-            out[addr] = loose[k[:2]].pop(0)[3]
+            out[addr] = exact[k].pop(0)
+        elif len(set(loose[k[:3]])) == 1:
+            out[addr] = loose[k[:3]][0]
     out = {a: w for a, w in out.items() if w is not None}
     summary.update(matched=len(out), conflicted=sum(
-        1 for a, k in keys if a in out and out[a] > _ideal(k[1])))
+        1 for a, k in keys if a in out and out[a] > _ideal(k[1], k[2])))
     return out, summary
 
 
-def _ideal(width):
-    """Wavefronts of a conflict-free warp access of ``width`` bytes per lane."""
-    return max(1, 32 * width // 128)
+def _ideal(width, lanes=32):
+    """Wavefronts of a conflict-free warp access: ``lanes`` lanes of ``width`` bytes."""
+    return max(1, lanes * width // 128)

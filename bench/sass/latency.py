@@ -120,7 +120,8 @@ def disassemble(cubin):
 
 def _smem_bytes(ins):
     """Bytes one warp moves through shared memory: LDS / STS / LDSM, the writes of a
-    cp.async (LDGSTS) when its data lands, wgmma's operand reads; 0 otherwise."""
+    cp.async (LDGSTS; charged when it issues: when its data lands is not modelled),
+    wgmma's operand reads; 0 otherwise."""
     parts = ins.op.split(".")
     if ins.base == "LDSM":
         # LDSM.16.M88.4: four 8x8 matrices of 16-bit elements (128 B each) per warp
