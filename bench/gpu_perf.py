@@ -120,7 +120,6 @@ class Run:
         self.file = H.ResultFile(self.out / "gpu_perf.json", env)
         self.peak = None if args.dry else _peak(env.get("gpu_name"))
 
-
     # -------------------------------------------------------------------- helpers
     def release(self):
         """Drop what a provider left cached (the next one may need the memory)."""

@@ -330,6 +330,19 @@ def simulate_cubin(cubin, name, shared, num_warps, inner_trips=1):
                      summary)
 
 
+def simulate_grid(c, values, d, kind, block_m, block_n, num_warps, flop=1):
+    """(Simulated, ``predict``'s dict) of compiled kernel ``c`` (``build.Compiled``)
+    launched with ``values`` at feature dim ``d`` over N = M = ``build.N``: its inner D-loop
+    run ceil(d / BLOCK_D) times per tile unless RESIDENT, and a backward beyond its
+    resident D one program per dx slice, each streaming every other-side tile."""
+    resident = values["RESIDENT"]
+    trips = 1 if resident else -(-d // values["BLOCK_D"])
+    slices = 1 if resident or kind == "fwd" else -(-d // values["BLOCK_DX"])
+    sim = simulate_cubin(c.cubin, c.name, c.shared, num_warps, trips)
+    return sim, predict(sim.cycles_per_iter, -(-build.M // block_n),
+                        -(-build.N // block_m) * slices, sim.ctas_per_sm, flop)
+
+
 def predict(cycles_per_iter, iters_per_cta, tiles, ctas_per_sm, flop):
     """Time and TFLOP/s of a grid of ``tiles`` CTAs, each ``iters_per_cta`` main-loop
     iterations, ``model.SMS * ctas_per_sm`` of them at once (the last wave partial):

@@ -44,18 +44,11 @@ def _on_hgmma(row):
 
 
 def latency_s(v, d):
-    """The latency model's time (``latency.py``) of one compiled flavour at N = M =
-    ``build.N``, feature dim ``d``: its main loop simulated on one SM with every CTA that
-    fits, times the loop trips of the grid (a backward beyond its resident D runs one
-    program per dx slice, each recomputing the logits)."""
+    """The latency model's time (``latency.simulate_grid``) of one compiled flavour at
+    N = M = ``build.N``, feature dim ``d``."""
     c = build.compile_variant(v)
-    vals = v.values
-    trips = 1 if vals["RESIDENT"] else -(-d // vals["BLOCK_D"])
-    slices = 1 if vals["RESIDENT"] or v.kind == "fwd" else -(-d // vals["BLOCK_DX"])
-    sim = latency.simulate_cubin(c.cubin, c.name, c.shared, v.num_warps, trips)
-    pred = latency.predict(sim.cycles_per_iter, -(-build.M // v.block_n),
-                           -(-build.N // v.block_m) * slices, sim.ctas_per_sm, 1)
-    return pred["time_s"]
+    return latency.simulate_grid(c, v.values, d, v.kind, v.block_m, v.block_n,
+                                 v.num_warps)[1]["time_s"]
 
 
 def _score(rows, dtype, ieee=False):

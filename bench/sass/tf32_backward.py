@@ -8,9 +8,9 @@ warpgroup MMA reads 32-bit operands from shared memory only K-major, and the dx 
 the other side's rows. The generic kernel then loads each fp32 tile through registers
 (LDG, not cp.async, so not pipelined), stores it once as loaded and once transposed,
 element by element, behind an extra barrier; the transposed stores put 16 lanes on each
-of two banks (``banks.py``: 16 wavefronts each, 32 stores per warp and tile). The "sm90_tf32_transposed" variant
-(``kernels.VARIANTS``, flag OTHER_T) takes the dx dot's tile from a transposed copy that
-the launcher makes once per backward.
+of two banks (``banks.py``: 16 wavefronts each, 32 stores per warp and tile). The
+"sm90_tf32_transposed" variant (``kernels.VARIANTS``, flag OTHER_T) takes the dx dot's
+tile from a transposed copy that the launcher makes once per backward.
 
 For every GPU backward config whose tiles fit (``kernels.fits``, the transposed tiles
 counted), at D = 128 (resident) and 192 (D in chunks), this compiles each flavour (dq, dr,
@@ -24,7 +24,8 @@ each (variant, kernel, bucket), summed over its flavours with no spill, is what
 
 *Predicted from compiled SASS* (triton's sm_90 compiler on a CPU), never measured; the
 latency model was 2.3x optimistic on the TF32 backward the H200 timed (its bank conflicts
-counted, ``banks.py``; 4.2x before), so these rank configs and variants and are not times. About 5 minutes on 2 CPU cores.
+counted, ``banks.py``; 4.2x before), so these rank configs and variants and are not
+times. About 5 minutes on 2 CPU cores.
 """
 import argparse
 import json
@@ -62,12 +63,7 @@ def _one(variant, kernel, rm, cfg, d):
     side = {False: "dq", True: "dr", "sym": "sym"}[rm]
     tag = f"tf32bwd_{variant.name}_{kernel}_{side}_d{d}_{bm}x{bn}w{w}s{s}"
     c = build.compile_triton(variant.kernel, vals, w, s, tag)
-    trips = -(-d // vals["BLOCK_D"]) if not vals["RESIDENT"] else 1
-    sim = latency.simulate_cubin(c.cubin, c.name, c.shared, w, trips)
-    slices = 1 if vals["RESIDENT"] else -(-d // vals["BLOCK_DX"])
-    # programs: own-row tiles x dx slices, each streaming every other-side tile
-    pred = latency.predict(sim.cycles_per_iter, -(-build.M // bn), -(-build.N // bm) * slices,
-                           sim.ctas_per_sm, build.N * build.M * 4 * d)
+    sim, pred = latency.simulate_grid(c, vals, d, "bwd", bm, bn, w, build.N * build.M * 4 * d)
     usage = sass.resource_usage(c.cubin)[c.name]
     return dict(flavour=side, regs=sim.regs, spill=bool(usage.get("stack", 0)),
                 shared=c.shared, ctas_per_sm=sim.ctas_per_sm,

@@ -139,16 +139,23 @@ NO_HGMMA = {("bwd_class", "32", "chunked")}
 # against 12.5 ms). The rule keeps it; a GPU run should decide between the two.
 
 
+def _by_triton(version, broken):
+    """The source of a TABLE_BY_TRITON entry: the rule's choice under triton ``version``,
+    where TABLE's own entry breaks the rule (``broken``) or another config is predicted
+    faster (or, fp64 / IEEE dots, wider) there."""
+    why = ("TABLE's entry breaks the rule there" if broken else
+           "another config predicted faster or wider there than TABLE's")
+    return (f"SASS model under triton {version}: {why}; the rule's choice under that version "
+            f"(bench/sass/table.py --fix, bench/results/config_table_sm90_triton"
+            f"{version.replace('.', '')}.json)")
+
+
 def _fixed(version):
-    return (f"SASS model under triton {version}: TABLE's entry breaks the rule there; the "
-            "rule's choice under that version (bench/sass/table.py --fix, bench/results/"
-            f"config_table_sm90_triton{version.replace('.', '')}.json)")
+    return _by_triton(version, True)
 
 
 def _ranked(version):
-    return (f"SASS model under triton {version}: the rule's choice under that version, not "
-            "TABLE's (another config predicted faster or wider there; bench/sass/table.py "
-            f"--fix, bench/results/config_table_sm90_triton{version.replace('.', '')}.json)")
+    return _by_triton(version, False)
 
 
 TABLE_BY_TRITON = {
