@@ -9,6 +9,7 @@ dots: the widest that does not spill); where every candidate spills, the least s
 
     python bench/sass/table.py [--out bench/results/config_table_sm90.json]
     python bench/sass/table.py --fix    # under an older triton: TABLE_BY_TRITON's rows
+    python bench/sass/table.py [--fix] --kernels fwd_class   # those entries only, merged
 
 Predicted from compiled SASS, not measured (bench/sass/latency.py, bench/sass/model.py);
 prints the table as Python literal rows for configs.TABLE. About 10 minutes on 2 CPU cores.
@@ -93,12 +94,12 @@ def violation(v, row, allowance, no_hgmma):
     return None
 
 
-def choose(only=None, keys=None):
+def choose(only=None, keys=None, kernels=None):
     from nbkernels.backends.triton import configs as tc
     from nbkernels.backends.triton import kernels as tk
     out = []
     for (arch, kernel, dclass, bucket) in sorted(tc.TABLE):
-        if arch != "sm90" or (only and dclass not in only):
+        if arch != "sm90" or (only and dclass not in only) or (kernels and kernel not in kernels):
             continue
         if keys is not None and (arch, kernel, dclass, bucket) not in keys:
             continue
@@ -156,17 +157,30 @@ def choose(only=None, keys=None):
     return out
 
 
-def broken():
+def broken(kernels=None):
     """{sm90 key of TABLE: [how each flavour breaks the rule]} under the running triton,
-    for the entries of ``TABLE`` itself (not the version's replacements)."""
+    for the entries of ``TABLE`` itself (not the version's replacements), of ``kernels``
+    only where given."""
     from nbkernels.backends.triton import configs as tc
-    base = {k: e for k, e in tc.TABLE.items() if k[0] == "sm90"}
+    base = {k: e for k, e in tc.TABLE.items()
+            if k[0] == "sm90" and (not kernels or k[1] in kernels)}
     out = {}
     for v in build.table_variants(entries=base):
         why = violation(v, analyze.analyze_variant(v), tc.SPILL_ALLOWANCE, tc.NO_HGMMA)
         if why:
             out.setdefault(("sm90",) + entry_key(v), []).append(f"{v.name}: {why}")
     return out
+
+
+def _merged(path, rows, kernels):
+    """The entries of the JSON at ``path``, in its order, those chosen again (``rows``, of
+    ``kernels``) in their place; ``rows`` alone without ``kernels``."""
+    if not kernels:
+        return rows
+    key = lambda r: (r["kernel"], r["dtype_class"], r["bucket"])  # noqa: E731
+    new = {key(r): r for r in rows}
+    old = json.loads(Path(path).read_text())["entries"]
+    return [new.pop(key(r), r) for r in old] + list(new.values())
 
 
 def main():
@@ -176,15 +190,18 @@ def main():
     ap.add_argument("--only", nargs="*", help="dtype classes to choose (default: all)")
     ap.add_argument("--fix", action="store_true",
                     help="choose again only the entries that break the rule under this triton")
+    ap.add_argument("--kernels", nargs="*",
+                    help="choose only these kernels' entries (e.g. fwd_class), replacing "
+                         "them in the JSON already at --out (the other entries kept)")
     args = ap.parse_args()
     import triton
     from nbkernels.backends import variants
     if args.fix:
         from nbkernels.backends.triton import configs as tc
-        bad = broken()
+        bad = broken(args.kernels)
         for key, why in sorted(bad.items()):
             print(key, *why, sep="\n    ", flush=True)
-        rows = choose(args.only)
+        rows = choose(args.only, kernels=args.kernels)
         print("# TABLE_BY_TRITON: the entries whose choice under this triton is not TABLE's")
         for r in rows:
             key = ("sm90", r["kernel"], r["dtype_class"], r["bucket"])
@@ -196,6 +213,7 @@ def main():
                       f'{", breaks the rule" if r["broken"] else ""}', flush=True)
         ver = "".join(map(str, variants.triton_version()))
         out = args.out or ROOT / "bench" / "results" / f"config_table_sm90_triton{ver}.json"
+        rows = _merged(out, rows, args.kernels)
         what = (f"bench/sass/table.py --fix under triton {triton.__version__}: every sm_90 entry "
                 "of configs.TABLE chosen again by the table's rule under this triton (each "
                 "GPU config that fits, compiled in every flavour); 'replaces': the choice "
@@ -204,11 +222,11 @@ def main():
         Path(out).write_text(json.dumps(dict(what=what, triton=triton.__version__,
                                              entries=rows), indent=1))
         return
-    rows = choose(args.only)
+    out = args.out or ROOT / "bench" / "results" / "config_table_sm90.json"
+    rows = _merged(out, choose(args.only, kernels=args.kernels), args.kernels)
     what = ("bench/sass/table.py: every sm_90 entry of nbkernels/backends/triton_configs.TABLE, "
             "each GPU config that fits compiled in each flavour at a D of the bucket; "
             "predicted from compiled SASS (bench/sass/model.py), not measured")
-    out = args.out or ROOT / "bench" / "results" / "config_table_sm90.json"
     Path(out).write_text(json.dumps(dict(what=what, triton=triton.__version__,
                                          entries=rows), indent=1))
 

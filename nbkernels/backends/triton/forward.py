@@ -98,14 +98,15 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
         with _on_device(q):
             # the references themselves in label order: every tile is a contiguous block
             r_sorted = r[perm]
+            # class tiles start anywhere: their vectors padded a tile past M (``padded``)
             r_col = tr.column(r_sorted, None if r_far is None else r_far[perm], metric,
-                              temperature)
+                              temperature, tail=True)
             # per row and class tile: the main pass's flags for the exact pass
             redo = torch.empty(n, n_tiles, dtype=torch.int8, device=q.device)
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), n_tiles)  # noqa: E731
             args = dict(
-                q_labels=None, r_labels=tr.class_labels(labels, c), r_col=r_col, r_pack=None,
-                PACKED=False, perm=None, self_pos=_self_positions(perm, n, offset)
+                q_labels=None, r_labels=tr.class_labels(labels, c, tail=True), r_col=r_col,
+                r_pack=None, PACKED=False, perm=None, self_pos=_self_positions(perm, n, offset)
                 if has_offset else None, tile_ptr=tile_ptr,
                 lse_all=None, lse_pos=None, has_pos=None, redo=redo, row_state=None, mass=mass,
                 tile_max=tile_max, tile_sum=tile_sum, CLASS=True,

@@ -40,10 +40,11 @@ def has_positive(a, b, offset):
     return (has > 0).to(torch.int8)
 
 
-def padded(x, value):
+def padded(x, value, tail=False):
     """x (L,) padded with ``value`` to a multiple of ``PAD``: the kernels stream per-row
-    vectors in unmasked tiles (padding weighs nothing: column term -inf, label -2, weight 0)."""
-    extra = -x.shape[0] % tk.PAD
+    vectors in unmasked tiles (padding weighs nothing: column term -inf, label -2, weight 0).
+    ``tail``: PAD more, for tiles that start at any row (the class forward's)."""
+    extra = -x.shape[0] % tk.PAD + (tk.PAD if tail else 0)
     return torch.cat([x, x.new_full((extra,), value)]) if extra else x
 
 
@@ -63,10 +64,11 @@ def packed(labels, col):
     return (col.view(torch.int32).to(torch.int64) << 32) | (labels.to(torch.int64) & 0xFFFFFFFF)
 
 
-def class_labels(labels, num_classes):
-    """int32 class labels for the kernels, -1 for labels outside [0, num_classes)."""
+def class_labels(labels, num_classes, tail=False):
+    """int32 class labels for the kernels, -1 for labels outside [0, num_classes)
+    (``padded``, with ``tail``)."""
     inside = (labels >= 0) & (labels < num_classes)
-    return padded(torch.where(inside, labels, -1).to(torch.int32), -1)
+    return padded(torch.where(inside, labels, -1).to(torch.int32), -1, tail)
 
 
 def logit_scale(temperature, metric):
@@ -75,10 +77,10 @@ def logit_scale(temperature, metric):
     return (2.0 if metric == "sqeuclidean" else 1.0) / temperature.reshape(())
 
 
-def column(x, far, metric, temperature):
+def column(x, far, metric, temperature, tail=False):
     """The kernels' per-row logit term -||x||^2/T of rows ``x`` in the accumulation dtype,
-    padded (``padded``) with -inf: zeros for "dot"; -inf at the rows flagged in ``far``
-    (references at infinity under "sqeuclidean": weight 0, their rows zeroed)."""
+    padded (``padded``, with ``tail``) with -inf: zeros for "dot"; -inf at the rows flagged
+    in ``far`` (references at infinity under "sqeuclidean": weight 0, their rows zeroed)."""
     acc = acc_dtype(x.dtype)
     if metric != "sqeuclidean":
         col = torch.zeros(x.shape[0], dtype=acc, device=x.device)
@@ -86,7 +88,7 @@ def column(x, far, metric, temperature):
         col = -x.to(acc).pow(2).sum(1) / temperature
     if far is not None:
         col = col.masked_fill(far, float("-inf"))
-    return padded(col, float("-inf"))
+    return padded(col, float("-inf"), tail)
 
 
 def columns(q, r, r_far, metric, temperature):
