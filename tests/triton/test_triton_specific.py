@@ -92,3 +92,30 @@ def test_class_forward_redoes_rows_whose_anchor_lagged(tb, h, monkeypatch):
         torch.testing.assert_close((lse_all + shift).double().cpu(), want[1].cpu(), atol=atol,
                                    rtol=atol)
     assert flagged == [n, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_class_forward_vectors_cover_its_unmasked_tiles(tb, h, monkeypatch, dtype):
+    """The class forward's reference tiles start wherever a class tile does and load the
+    column terms and labels unmasked: both vectors must run a whole tile (PAD, the widest)
+    past M, with -inf and -1 there. M = PAD here, the case without the ordinary padding;
+    class boundaries at 45 and 86 (no tile boundary); self pairs excluded."""
+    from nbkernels.backends.triton import kernels as tk
+    m = tk.PAD
+    seen = []
+    launch = tk.launch
+
+    def spy(kind, grid, **args):
+        if kind == "fwd_class":
+            seen.append((args["r_col"].cpu(), args["r_labels"].cpu()))
+        return launch(kind, grid, **args)
+    monkeypatch.setattr(tk, "launch", spy)
+    labels = torch.cat([torch.full((45,), 2), torch.full((41,), 0), torch.full((m - 86,), 1)])
+    case = h.make_case(n=m, m=m, d=5, c=3, dtype=dtype, r_labels=labels,
+                       q_labels=labels.roll(7))
+    check_probs(Launchers(tb, precision="ieee"), case, "sqeuclidean", 0, *TOL[dtype])
+    assert seen
+    for col, lab in seen:
+        assert col.shape[0] >= m + tk.PAD and lab.shape[0] >= m + tk.PAD
+        assert (col[m:] == float("-inf")).all() and (lab[m:] == -1).all()
+        assert torch.isfinite(col[:m]).all() and (lab[:m] >= 0).all()
