@@ -203,3 +203,27 @@ def test_tiles_beyond_pad_are_refused():
         with configs.override(ok, bad):
             pass
     assert {k: configs.overridden(k) for k in configs.KERNELS} == before
+
+
+def test_entries_are_the_recorded_choices():
+    """TABLE holds what bench/sass/table.py chose under triton 3.9 and TABLE_BY_TRITON
+    what its --fix runs chose under each older version where that differs
+    (bench/results/config_table_sm90*.json): an entry edited by hand, or a run left
+    uncommitted, fails here."""
+    import json
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    run = json.loads((results / "config_table_sm90.json").read_text())
+    chosen = {("sm90", e["kernel"], e["dtype_class"], e["bucket"]): tuple(e["chosen"])
+              for e in run["entries"]}
+    assert chosen == {k: tuple(e[0]) for k, e in tc.TABLE.items() if k[0] == "sm90"}
+    for version, entries in tc.TABLE_BY_TRITON.items():
+        run = json.loads((results / f"config_table_sm90_triton{version[0]}{version[1]}.json")
+                         .read_text())
+        assert run["triton"].startswith(f"{version[0]}.{version[1]}.")
+        replaced = {("sm90", e["kernel"], e["dtype_class"], e["bucket"]): tuple(e["chosen"])
+                    for e in run["entries"] if tuple(e["chosen"]) != tuple(e["table"])}
+        assert replaced == {k: tuple(e[0]) for k, e in entries.items()}, version
+        assert all(tuple(e["table"]) == tuple(tc.TABLE[("sm90", e["kernel"], e["dtype_class"],
+                                                          e["bucket"])][0])
+                   for e in run["entries"]), version

@@ -2,11 +2,12 @@
 
 The H200 measured soft_knn_predict at 13.31 ms against 5.81 ms for the loss forward
 (bench/results/gpu_h200_2026-12-04_5fa40b9.md): 2.29x, where the goal is 1.3x. This
-compiles the class forward's main loop at the launchers' table config (128 x 64, 8 warps,
-2 stages; bf16 and fp32 with TF32 dots) with the self pair excluded or not and class
-tiles 16 and 32 wide, simulates it (``latency.simulate_cubin``) and sets its cycles per
-pair, the pairs wasted in part-filled reference tiles counted (1000 classes over 65536
-references), against the bf16 loss forward's at its table config (128 x 128).
+compiles the class forward's main loop at the config the launcher runs under the running
+triton (``configs.table``: the bf16 and TF32 entries at D = 128) with the self pair
+excluded or not and class tiles 16 and 32 wide, simulates it (``latency.simulate_cubin``)
+and sets its cycles per pair, the pairs wasted in part-filled reference tiles counted (1000
+classes over 65536 references), and its grid's time (``latency.predict``) against the bf16
+loss forward's, at its table config and in the sm_90 variant this triton launches.
 
     python bench/sass/class_forward.py [--at COMMIT] [--out bench/results/class_forward_sm90.json]
 
@@ -32,8 +33,7 @@ if str(ROOT) not in sys.path:
 from bench.sass import build, latency  # noqa: E402
 
 CLASSES = 1000
-CLASS_CONFIG = (128, 64, 8, 2)
-LOSS_CONFIG = (128, 128, 8, 2)
+D = 128
 
 
 def _tiles_per_class_tile(block_c, block_n, m=build.M, c=CLASSES):
@@ -41,48 +41,79 @@ def _tiles_per_class_tile(block_c, block_n, m=build.M, c=CLASSES):
     return math.ceil(block_c * m / c / block_n)
 
 
-def _cycles(fn, vals, cfg, tag):
+def _config(kernel, dclass):
+    """The config the launcher runs for ``kernel`` at D = 128 under the running triton
+    (``configs.table``)."""
+    from nbkernels.backends.triton import configs as tc
+    return tuple(tc.table()[("sm90", kernel, dclass, "128")][0])
+
+
+def _simulate(fn, vals, cfg, tag):
     bm, bn, w, s = cfg
     c = build.compile_triton(fn, vals, w, s, tag)
-    sim = latency.simulate_cubin(c.cubin, c.name, c.shared, w)
-    return sim.cycles_per_iter, sim.regs
+    return latency.simulate_cubin(c.cubin, c.name, c.shared, w)
+
+
+def _loss_forward():
+    """(config, variant name, Simulated, predicted seconds) of the bf16 lse forward as the
+    launcher runs it at D = 128: its table config and sm_90 variant (the AHEAD forward
+    where this triton takes it)."""
+    from nbkernels.backends.triton import kernels as tk
+    cfg = _config("fwd", "16")
+    bm, bn, w, s = cfg
+    variant = tk.variant_for("fwd", build.SM90, build.launch_precision("bf16"))
+    vals = build._fill_unknown(variant.kernel, build.with_variant(build._launch_values(
+        "fwd", "bf16", "sqeuclidean", False, None, bm, bn, D), variant))
+    sim = _simulate(variant.kernel, vals, cfg, f"classfwd_loss_{variant.name}")
+    t = latency.predict(sim.cycles_per_iter, -(-build.M // bn), -(-build.N // bm),
+                        sim.ctas_per_sm, 1)["time_s"]
+    return cfg, variant.name, sim, t
 
 
 def measure():
+    """The class forward's rows (bf16 and fp32 with TF32 dots; the self pair excluded or
+    not; class tiles 16 and 32 wide) at the launcher's configs, against the loss forward:
+    cycles per tile and per pair (the pairs of part-filled tiles counted), and the grid's
+    predicted time, N = M = 65536, D = 128, 1000 classes."""
     import torch
     from nbkernels.backends.triton import kernels as tk
     params = {p.name for p in tk.neighbor_fwd_kernel.params}
-    bm, bn, w, s = LOSS_CONFIG
-    jit = tk.kernel_for("fwd", build.SM90)
-    vals = build._fill_unknown(jit, build._launch_values("fwd", "bf16", "sqeuclidean", False,
-                                                         None, bm, bn))
-    loss, _ = _cycles(jit, vals, LOSS_CONFIG, "classfwd_loss")
-    loss_pair = loss / (bm * bn)
+    loss_cfg, loss_variant, loss, loss_s = _loss_forward()
+    loss_pair = loss.cycles_per_iter / (loss_cfg[0] * loss_cfg[1])
     rows = []
-    bm, bn, w, s = CLASS_CONFIG
     jit = tk.kernel_for("fwd_class", build.SM90)
-    for dtype in ("bf16", "fp32"):
+    for dtype, dclass in (("bf16", "16"), ("fp32", "32")):
+        cfg = _config("fwd_class", dclass)
+        bm, bn, w, s = cfg
         for exclude_self in (False, True):
             for block_c in (32, 16):
-                vals = build._launch_values("fwd", dtype, "sqeuclidean", True, None, bm, bn)
+                vals = build._launch_values("fwd", dtype, "sqeuclidean", True, None, bm, bn, D)
                 vals.update(BLOCK_C=block_c, HAS_OFFSET=exclude_self)
                 if exclude_self:   # the self-pair mask's input, by the name the kernel has
                     key = "self_pos" if "self_pos" in params else "perm"
                     vals[key] = build._meta(torch.int32 if key == "self_pos" else torch.int64)
                 vals = build._fill_unknown(jit, vals)
-                cyc, regs = _cycles(jit, vals, CLASS_CONFIG,
-                                    f"classfwd_{dtype}_{int(exclude_self)}_{block_c}")
+                sim = _simulate(jit, vals, cfg, f"classfwd_{dtype}_{int(exclude_self)}_{block_c}"
+                                f"_{bm}x{bn}w{w}s{s}")
+                cyc = sim.cycles_per_iter
+                trips = _tiles_per_class_tile(block_c, bn)
                 # the pairs the tiles hold, over the pairs there are
-                waste = (_tiles_per_class_tile(block_c, bn) * bn * CLASSES / block_c) / build.M
+                waste = (trips * bn * CLASSES / block_c) / build.M
                 pair = cyc / (bm * bn) * waste
-                rows.append(dict(dtype=dtype, exclude_self=exclude_self, block_c=block_c,
-                                 cycles_per_tile=cyc, regs=regs, tile_fill=1 / waste,
-                                 cycles_per_pair=pair, vs_loss_forward=pair / loss_pair))
-                print(f"{dtype} exclude_self={exclude_self!s:5} BC={block_c}: {cyc:.0f} "
-                      f"cycles per tile, {pair / loss_pair:.2f}x the bf16 loss forward",
+                t = latency.predict(cyc, trips, -(-build.N // bm) * -(-CLASSES // block_c),
+                                    sim.ctas_per_sm, 1)["time_s"]
+                rows.append(dict(dtype=dtype, config=cfg, exclude_self=exclude_self,
+                                 block_c=block_c, cycles_per_tile=cyc, regs=sim.regs,
+                                 tile_fill=1 / waste, cycles_per_pair=pair,
+                                 vs_loss_forward=pair / loss_pair, predicted_ms=t * 1e3,
+                                 vs_loss_forward_time=t / loss_s))
+                print(f"{dtype} {bm}x{bn}w{w}s{s} exclude_self={exclude_self!s:5} "
+                      f"BC={block_c}: {cyc:.0f} cycles per tile, {t * 1e3:.2f} ms, "
+                      f"{t / loss_s:.2f}x the bf16 loss forward ({loss_s * 1e3:.2f} ms)",
                       flush=True)
-    return dict(loss_forward_cycles_per_tile=loss, loss_forward_cycles_per_pair=loss_pair,
-                rows=rows)
+    return dict(loss_config=loss_cfg, loss_variant=loss_variant,
+                loss_forward_cycles_per_tile=loss.cycles_per_iter,
+                loss_forward_cycles_per_pair=loss_pair, loss_forward_ms=loss_s * 1e3, rows=rows)
 
 
 def _at(commit):
@@ -117,8 +148,7 @@ def main(argv=None):
     env = _harness.env_info(torch.device("cpu"))
     data = dict(label="predicted from compiled SASS (latency model), not measured",
                 triton=env["triton"], git_commit=env["git_commit"], git_dirty=env["git_dirty"],
-                target="sm_90", m=build.M, classes=CLASSES, class_config=CLASS_CONFIG,
-                loss_config=LOSS_CONFIG, current=measure())
+                target="sm_90", m=build.M, d=D, classes=CLASSES, current=measure())
     if args.at:
         data["before"] = dict(commit=args.at, **_at(args.at))
     Path(args.out).write_text(json.dumps(data, indent=1) + "\n")

@@ -75,15 +75,15 @@ TABLE = {
     # --- class forward (a [BM, BN] tile beside the class mass)
     ("sm90", "fwd_class", "16", "128"): ((128, 64, 8, 3), SASS),
     ("sm90", "fwd_class", "16", "256"): ((128, 64, 8, 3), SASS),
-    ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 3), SASS),
+    ("sm90", "fwd_class", "16", "chunked"): ((64, 64, 4, 2), SASS),
     ("sm90", "fwd_class", "32", "128"): ((128, 64, 8, 3), SASS),
     ("sm90", "fwd_class", "32", "256"): ((64, 64, 4, 2), SASS),
     ("sm90", "fwd_class", "32", "chunked"): ((128, 64, 8, 3), SASS),
     ("sm90", "fwd_class", "32ieee", "128"): ((32, 32, 4, 2), IEEE),
     ("sm90", "fwd_class", "32ieee", "256"): ((32, 32, 4, 2), IEEE),
     ("sm90", "fwd_class", "32ieee", "chunked"): ((128, 64, 8, 3), IEEE),
-    ("sm90", "fwd_class", "64", "128"): ((64, 32, 4, 3), SASS64),
-    ("sm90", "fwd_class", "64", "256"): ((32, 32, 4, 2), LEAST),
+    ("sm90", "fwd_class", "64", "128"): ((64, 64, 4, 2), SASS64),
+    ("sm90", "fwd_class", "64", "256"): ((32, 32, 4, 2), SASS64),
     ("sm90", "fwd_class", "64", "chunked"): ((32, 32, 4, 2), SASS64),
     # --- lse backward (dq, dr, symmetric)
     ("sm90", "bwd", "16", "128"): ((64, 64, 4, 3), SASS),
@@ -115,7 +115,6 @@ TABLE = {
 # the one TF32 entry whose least-spilling config is too narrow for warpgroup MMA (32
 # rows: mma.sync instead of HGMMA, no spill).
 SPILL_ALLOWANCE = {
-    ("fwd_class", "64", "256"): 8,   # its one config that fits, with the 16-wide class tile
     ("bwd", "64", "128"): 104,
     ("bwd", "64", "chunked"): 208,
     ("bwd_class", "32ieee", "chunked"): 56,
@@ -170,13 +169,10 @@ TABLE_BY_TRITON = {
         ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.6")),
         ("sm90", "fwd", "32ieee", "chunked"): ((128, 64, 8, 3), _ranked("3.6")),
         ("sm90", "fwd", "64", "128"): ((32, 32, 4, 2), _fixed("3.6")),
-        ("sm90", "fwd_class", "16", "128"): ((128, 64, 8, 2), _ranked("3.6")),
-        ("sm90", "fwd_class", "16", "256"): ((128, 64, 8, 2), _ranked("3.6")),
         ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 2), _ranked("3.6")),
-        ("sm90", "fwd_class", "32", "128"): ((128, 64, 8, 2), _ranked("3.6")),
         ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), _fixed("3.6")),
-        ("sm90", "fwd_class", "64", "128"): ((64, 64, 4, 2), _ranked("3.6")),
-        ("sm90", "fwd_class", "64", "chunked"): ((64, 32, 4, 3), _ranked("3.6")),
+        ("sm90", "fwd_class", "32ieee", "128"): ((64, 32, 4, 3), _ranked("3.6")),
+        ("sm90", "fwd_class", "64", "chunked"): ((128, 64, 8, 2), _ranked("3.6")),
     },
     (3, 7): {
         ("sm90", "bwd", "16", "chunked"): ((64, 64, 4, 2), _ranked("3.7")),
@@ -187,10 +183,7 @@ TABLE_BY_TRITON = {
         ("sm90", "fwd", "32ieee", "chunked"): ((64, 64, 4, 2), _ranked("3.7")),
         ("sm90", "fwd", "64", "128"): ((32, 32, 4, 2), _fixed("3.7")),
         ("sm90", "fwd_class", "16", "chunked"): ((128, 64, 8, 2), _ranked("3.7")),
-        ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), _fixed("3.7")),
         ("sm90", "fwd_class", "32ieee", "128"): ((64, 32, 4, 3), _ranked("3.7")),
-        ("sm90", "fwd_class", "64", "128"): ((64, 64, 4, 2), _ranked("3.7")),
-        ("sm90", "fwd_class", "64", "chunked"): ((64, 32, 4, 3), _ranked("3.7")),
     },
     (3, 8): {
         ("sm90", "bwd", "32", "128"): ((128, 32, 8, 2), _fixed("3.8")),
@@ -198,16 +191,13 @@ TABLE_BY_TRITON = {
         ("sm90", "fwd", "16", "256"): ((128, 64, 8, 3), _ranked("3.8")),
         ("sm90", "fwd", "32", "256"): ((32, 32, 4, 2), _fixed("3.8")),
         ("sm90", "fwd", "64", "chunked"): ((64, 64, 4, 2), _ranked("3.8")),
-        ("sm90", "fwd_class", "32", "256"): ((64, 32, 4, 3), _fixed("3.8")),
-        ("sm90", "fwd_class", "64", "128"): ((64, 64, 4, 2), _ranked("3.8")),
         ("sm90", "fwd_class", "64", "chunked"): ((128, 64, 8, 3), _ranked("3.8")),
     },
 }
 SPILL_ALLOWANCE_BY_TRITON = {
     (3, 6): {("bwd", "32ieee", "chunked"): 24, ("bwd", "64", "128"): 112,
-             ("bwd_class", "32ieee", "128"): 720, ("fwd_class", "32ieee", "128"): 8},
-    (3, 7): {("bwd", "32ieee", "chunked"): 16, ("bwd_class", "32ieee", "128"): 16,
-             ("fwd_class", "64", "256"): 16},
+             ("bwd_class", "32ieee", "128"): 720},
+    (3, 7): {("bwd", "32ieee", "chunked"): 16, ("bwd_class", "32ieee", "128"): 16},
     (3, 8): {("bwd", "32ieee", "chunked"): 8},
 }
 NO_HGMMA_BY_TRITON = {
