@@ -125,9 +125,22 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
     lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
     scale = torch.exp(tile_max - lse_all[:, None])
-    mass.view(n, n_tiles, block_c).mul_(scale[:, :, None])
-    # contiguous: the fake returns a plain (N, C) tensor
-    return undefined_rows(mass[:, :c].contiguous(), q_far), undefined_rows(lse_all, q_far)
+    return undefined_rows(_scaled_mass(mass, scale, c, block_c), q_far), \
+        undefined_rows(lse_all, q_far)
+
+
+def _scaled_mass(mass, scale, c, block_c):
+    """(N, C) yhat: each class tile's columns of ``mass`` (N, tiles * BLOCK_C) times its
+    ``scale`` (N, tiles), the padding columns of the last tile dropped: one read of the
+    mass and one write, into a plain (N, C) tensor (the fake's)."""
+    n, full = mass.shape[0], c // block_c
+    out = mass.new_empty(n, c)
+    w = full * block_c
+    torch.mul(mass[:, :w].view(n, full, block_c), scale[:, :full, None],
+              out=out[:, :w].view(n, full, block_c))
+    if w < c:
+        torch.mul(mass[:, w:c], scale[:, full:full + 1], out=out[:, w:])
+    return out
 
 
 def _self_positions(perm, n, offset):
