@@ -5,7 +5,8 @@ target shape N = M = 65536, D = 128, 1000 classes, T = 0.1.
 
 Variants: the sm_90 config table's entry and the next best predicted candidates
 (``bench/results/config_table_sm90.json``, ``TOP`` of each) of the bf16 lse forward and
-backward, the TF32 forward+backward and soft_knn_predict with the table's configs, each
+backward, and the two best of the class forward (soft_knn_predict); the TF32
+forward+backward with the table's configs; each
 through ``nbkernels.backends.triton.kernels.fixed_configs``, so that every timing
 compiles only what it times. Each variant is first checked against backend "torch" on
 the same inputs at N = CHECK_N (the sizes are not specialised: the same compiled kernel)
@@ -223,7 +224,7 @@ class Run:
         if backward:
             precision = tb._default_precision() if dtype == torch.float32 else "ieee"
             info["bwd_precision"] = precision
-        if dtype != torch.float32 and (fwd_cfg or bwd_cfg):
+        if dtype != torch.float32 and (fwd_cfg or bwd_cfg) and name == "nbkernels-triton":
             # the latency model's prediction of what this row times: the forward, or the
             # forward and the batch backward
             parts = [latency_prediction("fwd", fwd_cfg)] + (
@@ -401,7 +402,8 @@ def main(argv=None):
     run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd, unit=True)
     run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd, unit=True,
              sym_form="two")
-    run.ours("nbkernels-triton-knn", knn(c), half, "fwd")
+    knn_cands = _candidates("fwd_class")
+    run.ours("nbkernels-triton-knn", knn(c), half, "fwd", predicted_s=knn_cands[0][1])
     run.provider("sdpa-flash", "fwd", half, 4 * n * n * d, lambda x, y: P.sdpa_anchor(x, t),
                  need_s=10)
     run.fa2_anchor()
@@ -431,6 +433,10 @@ def main(argv=None):
     chosen = tk.choose("fwd", run.device, "ieee").name
     run.ours("nbkernels-triton", nca, half, "fwd",
              fwd_variant="generic" if chosen == "sm90_fwd_ahead" else "sm90_fwd_ahead")
+    # the class forward at the model's next best config (the 2 stages it took under 3.6
+    # before its loads were unmasked)
+    for cfg, pred, chosen in knn_cands[1:2]:
+        run.ours("nbkernels-triton-knn", knn(c), half, "fwd", cfg, predicted_s=pred)
     # the class forward's tile: class_block_cap's 16 (M >= 20 C) against the 32 before it
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd", class_tile=32)
     # last: the Gluon v4 prototype (not nbkernels; checked against backend "torch" first)

@@ -37,6 +37,16 @@ def test_gpu_perf_dry_run(tmp_path):
     # the 16-bit loss forward both ways: the launcher's choice and the other variant
     assert {r["fwd_variant"] for r in ours if (r["name"], r["mode"], r["dtype"])
             == ("nbkernels-triton", "fwd", "float16")} == {"sm90_fwd_ahead", "generic"}
+    # soft_knn_predict at the class forward's table config and the next best predicted
+    entry = next(e for e in json.loads((ROOT / "bench" / "results" / "config_table_sm90.json")
+                                       .read_text())["entries"]
+                 if (e["kernel"], e["dtype_class"], e["bucket"]) == ("fwd_class", "16", "128"))
+    ranked = sorted((c for c in entry["candidates"] if c["ok"]), key=lambda c: c["latency_s"])
+    assert tuple(ranked[0]["config"]) == tuple(entry["chosen"])
+    knn = [r for r in ours if r["name"] == "nbkernels-triton-knn" and not r.get("class_tile")]
+    assert [r["fwd_config"] and tuple(r["fwd_config"]) for r in knn] == [
+        None, tuple(ranked[1]["config"])]
+    assert all(r["predicted_s"] > 0 and "predicted_latency_s" not in r for r in knn)
     # the symmetric backward both ways on unit-norm rows: one exp2 per pair, then two
     unit = [r for r in ours if r.get("inputs") == "unit-norm rows"]
     assert [(r["sym_one_exp"], r.get("sym_form")) for r in unit] == [([1], None), ([0], "two")]
