@@ -214,6 +214,7 @@ def test_entries_are_the_recorded_choices():
     from pathlib import Path
     results = Path(__file__).resolve().parents[1] / "bench" / "results"
     run = json.loads((results / "config_table_sm90.json").read_text())
+    assert run["triton"].startswith("3.9.")
     chosen = {("sm90", e["kernel"], e["dtype_class"], e["bucket"]): tuple(e["chosen"])
               for e in run["entries"]}
     assert chosen == {k: tuple(e[0]) for k, e in tc.TABLE.items() if k[0] == "sm90"}

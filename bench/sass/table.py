@@ -173,14 +173,19 @@ def broken(kernels=None):
 
 
 def _merged(path, rows, kernels):
-    """The entries of the JSON at ``path``, in its order, those chosen again (``rows``, of
-    ``kernels``) in their place; ``rows`` alone without ``kernels``."""
-    if not kernels:
+    """The entries of the JSON at ``path`` (chosen under this triton), in its order, those
+    chosen again (``rows``, of ``kernels``) in their place; ``rows`` alone without
+    ``kernels`` or without that JSON."""
+    if not kernels or not Path(path).exists():
         return rows
+    import triton
     key = lambda r: (r["kernel"], r["dtype_class"], r["bucket"])  # noqa: E731
     new = {key(r): r for r in rows}
-    old = json.loads(Path(path).read_text())["entries"]
-    return [new.pop(key(r), r) for r in old] + list(new.values())
+    run = json.loads(Path(path).read_text())
+    if run["triton"] != triton.__version__:
+        raise ValueError(f"{path} was chosen under triton {run['triton']}, not "
+                         f"{triton.__version__}: choose every entry again (no --kernels)")
+    return [new.pop(key(r), r) for r in run["entries"]] + list(new.values())
 
 
 def main():

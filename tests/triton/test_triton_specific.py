@@ -98,8 +98,12 @@ def test_class_forward_redoes_rows_whose_anchor_lagged(tb, h, monkeypatch):
 def test_class_forward_vectors_cover_its_unmasked_tiles(tb, h, monkeypatch, dtype):
     """The class forward's reference tiles start wherever a class tile does and load the
     column terms and labels unmasked: both vectors must run a whole tile (PAD, the widest)
-    past M, with -inf and -1 there. M = PAD here, the case without the ordinary padding;
-    class boundaries at 45 and 86 (no tile boundary); self pairs excluded."""
+    past M, with -inf and -1 there, and the columns past a class tile (the next class
+    tile's references, or that padding) must weigh nothing. M = PAD here, the case
+    without the ordinary padding; 100 classes, the references of class 2 (sorted 0 to
+    44) in one class tile and those of 70 and 99 in later ones, so that the first tile's
+    last reference tile reaches into the next class tile's references and the last
+    one's runs past M whatever BLOCK_N; self pairs excluded."""
     from nbkernels.backends.triton import kernels as tk
     m = tk.PAD
     seen = []
@@ -107,15 +111,20 @@ def test_class_forward_vectors_cover_its_unmasked_tiles(tb, h, monkeypatch, dtyp
 
     def spy(kind, grid, **args):
         if kind == "fwd_class":
-            seen.append((args["r_col"].cpu(), args["r_labels"].cpu()))
+            seen.append((args["r_col"].cpu(), args["r_labels"].cpu(), args["tile_ptr"].cpu()))
         return launch(kind, grid, **args)
     monkeypatch.setattr(tk, "launch", spy)
-    labels = torch.cat([torch.full((45,), 2), torch.full((41,), 0), torch.full((m - 86,), 1)])
-    case = h.make_case(n=m, m=m, d=5, c=3, dtype=dtype, r_labels=labels,
+    labels = torch.cat([torch.full((45,), 2), torch.full((41,), 99), torch.full((m - 86,), 70)])
+    case = h.make_case(n=m, m=m, d=5, c=100, dtype=dtype, r_labels=labels,
                        q_labels=labels.roll(7))
     check_probs(Launchers(tb, precision="ieee"), case, "sqeuclidean", 0, *TOL[dtype])
     assert seen
-    for col, lab in seen:
+    for col, lab, ptr in seen:
+        # the premise (class tiles 16 or 64 wide): references [0, 45) in one class tile,
+        # the rest in later ones, the last starting at an odd reference and ending at M
+        spans = [(a, b) for a, b in zip(ptr[:-1].tolist(), ptr[1:].tolist()) if b > a]
+        assert spans[0] == (0, 45) and len(spans) >= 2
+        assert spans[-1][1] == m and (m - spans[-1][0]) % 2 == 1
         assert col.shape[0] >= m + tk.PAD and lab.shape[0] >= m + tk.PAD
         assert (col[m:] == float("-inf")).all() and (lab[m:] == -1).all()
         assert torch.isfinite(col[:m]).all() and (lab[:m] >= 0).all()

@@ -42,7 +42,8 @@ def has_positive(a, b, offset):
 
 def padded(x, value, tail=False):
     """x (L,) padded with ``value`` to a multiple of ``PAD``: the kernels stream per-row
-    vectors in unmasked tiles (padding weighs nothing: column term -inf, label -2, weight 0).
+    vectors in unmasked tiles (padding weighs nothing: column term -inf, label rank -2 or
+    class label -1, weight 0).
     ``tail``: PAD more, for tiles that start at any row (the class forward's)."""
     extra = -x.shape[0] % tk.PAD + (tk.PAD if tail else 0)
     return torch.cat([x, x.new_full((extra,), value)]) if extra else x
