@@ -55,7 +55,10 @@ def env_info(device):
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # the tracked files changed from the commit, bench/results/ aside: results written by
+    # an earlier step of the same session do not make the code that measures dirty
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":(exclude)bench/results")
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD") or "none (no commit yet)",
