@@ -105,10 +105,10 @@ _FLAGS = ("SQEUCLID", "HAS_OFFSET", "CLASS", "POS_PASS", "PACKED", "REF_MAJOR", 
 # It holds for the triton versions whose build of it the latency model has faster than
 # the generic kernel's (``bench/sass/tf32_backward.py`` run under each,
 # bench/results/tf32_backward_sm90*.json; best configs, N = M = 65536): the lse backward
-# under 3.6 to 3.9 (D = 128, dq + dr + the batch kernel: 32.5 against 64.0 ms under 3.6,
-# 32.8 against 55.8 under 3.9); the class backward from 3.7 (3.7: 28.2 against 64.5 ms,
-# 3.9: 28.5 against 47.9), not under 3.6, whose build of the variant's class dq loop is
-# the slower there (57.4 against 51.0 ms). Beyond 3.9 nothing is checked: the generic
+# under 3.6 to 3.9 (D = 128, dq + dr + the batch kernel: 32.6 against 64.4 ms under 3.6,
+# 33.4 against 56.0 under 3.9); the class backward from 3.7 (3.7: 28.3 against 65.0 ms,
+# 3.9: 28.8 against 48.2), not under 3.6, whose build of the variant's class dq loop is
+# the slower there (57.4 against 51.2 ms). Beyond 3.9 nothing is checked: the generic
 # kernel.
 _TF32_TRANSPOSED = dict(capability=((9, 0), (10, 0)), configs="sm90_tf32t",
                         precisions=("tf32", "tf32x3"), flags=(("OTHER_T", True),))
