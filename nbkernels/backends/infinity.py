@@ -22,16 +22,26 @@ def finite_rows(q, r, metric):
     (``r is q`` is kept) and flagged: a launcher gives flagged references weight 0 and
     flagged queries NaN rows with no gradient (:func:`undefined_rows`,
     :func:`silent_rows`). "dot" needs no special case (the direct formula), and
-    cosine rows arrive normalized; both return ``None`` flags. One O((N + M) D) pass.
+    cosine rows arrive normalized; both return ``None`` flags. One O((N + M) D) pass. On
+    the CPU, where asking costs no device synchronisation, a side with no row at infinity
+    comes back as it is, with flag ``None``: no copy of it.
     """
     if metric != "sqeuclidean":
         return q, r, None, None
-    q_far = at_infinity(q)
-    q_clean = torch.where(q_far.unsqueeze(1), 0.0, q)
+    q_clean, q_far = _zeroed(q)
     if r is q:
         return q_clean, q_clean, q_far, q_far
-    r_far = at_infinity(r)
-    return q_clean, torch.where(r_far.unsqueeze(1), 0.0, r), q_far, r_far
+    r_clean, r_far = _zeroed(r)
+    return q_clean, r_clean, q_far, r_far
+
+
+def _zeroed(x):
+    """(x with its rows at infinity zeroed, their flags); on the CPU (x, None) where it
+    has none."""
+    far = at_infinity(x)
+    if x.device.type == "cpu" and not bool(far.any()):
+        return x, None
+    return torch.where(far.unsqueeze(1), 0.0, x), far
 
 
 def undefined_rows(x, q_far):

@@ -48,11 +48,15 @@ class _Problem:
         self.metric = metric
         self.inv_t = 1.0 / temperature
         self.q_order = torch.argsort(q_labels, stable=True)
-        self.r_order = torch.argsort(r_labels, stable=True)
         self.ql = q_labels[self.q_order]
-        self.rl = r_labels[self.r_order]
         self.q = q.to(acc)[self.q_order]
-        self.r = r.to(acc)[self.r_order]
+        if r is q and r_labels is q_labels:
+            # the batch against itself: one sorted copy serves both sides
+            self.r_order, self.rl, self.r = self.q_order, self.ql, self.q
+        else:
+            self.r_order = torch.argsort(r_labels, stable=True)
+            self.rl = r_labels[self.r_order]
+            self.r = r.to(acc)[self.r_order]
         if metric == "sqeuclidean":
             # shifted logit (2 q.r - ||r||^2) / T; the row constant -||q||^2/T cancels
             self.q_scaled = self.q * (2.0 * self.inv_t)
@@ -226,27 +230,30 @@ def _backward(pb, make_ds, q_dtype, r_dtype, need_q, need_r, need_t):
             colsum[j0:j1] += ds.sum(0)
     inv_t = pb.inv_t
     dq = dr = dt = None
+    # dT first (it reads ds_r), then dq and dr in place of ds_r and ds_q: no [N, D]
+    # temporaries beside them
+    q_ds_r = torch.vdot(pb.q.reshape(-1), ds_r.reshape(-1)) if need_t else None
     if sq:
         # s_ij = -(||q_i||^2 - 2 q_i.r_j + ||r_j||^2) / T
         # dq_i = 2/T (sum_j ds_ij r_j - q_i sum_j ds_ij), and symmetrically for dr_j
-        if need_q:
-            dq = (2.0 * inv_t) * (ds_r - rowsum[:, None] * pb.q)
-        if need_r:
-            dr = (2.0 * inv_t) * (ds_q - colsum[:, None] * pb.r)
         if need_t:
             # sum_ij ds_ij s_ij, expanded so that no tile needs a second pass
             q_sqnorm = pb.q.pow(2).sum(1)
-            ds_s = inv_t * (2.0 * (pb.q * ds_r).sum() - (rowsum * q_sqnorm).sum()
+            ds_s = inv_t * (2.0 * q_ds_r - (rowsum * q_sqnorm).sum()
                             - (colsum * pb.r_sqnorm).sum())
             dt = -inv_t * ds_s  # dT = -1/T sum_ij ds_ij s_ij
+        if need_q:
+            dq = ds_r.addcmul_(rowsum[:, None], pb.q, value=-1.0).mul_(2.0 * inv_t)
+        if need_r:
+            dr = ds_q.addcmul_(colsum[:, None], pb.r, value=-1.0).mul_(2.0 * inv_t)
     else:
         # s_ij = q_i.r_j / T: dq_i = sum_j ds_ij r_j / T, dr_j = sum_i ds_ij q_i / T
-        if need_q:
-            dq = inv_t * ds_r
-        if need_r:
-            dr = inv_t * ds_q
         if need_t:
-            dt = -inv_t * inv_t * (pb.q * ds_r).sum()
+            dt = -inv_t * inv_t * q_ds_r
+        if need_q:
+            dq = ds_r.mul_(inv_t)
+        if need_r:
+            dr = ds_q.mul_(inv_t)
     if dq is not None:
         dq = pb.unsort_rows(dq).to(q_dtype)
     if dr is not None:
@@ -313,11 +320,12 @@ def _symmetric_backward(pb, rows, dtype):
             w_rowsum[j0:j1] += w.sum(0)
         wx[i0:i1].addmm_(w, pb.r[j0:j1])
         w_rowsum[i0:i1] += w.sum(1)
+    # in place: wx becomes dx (no [N, D] temporaries beside it)
     if pb.metric == "sqeuclidean":
-        dx = (2.0 * pb.inv_t) * (wx - w_rowsum[:, None] * pb.q)
+        dx = wx.addcmul_(w_rowsum[:, None], pb.q, value=-1.0).mul_(2.0 * pb.inv_t)
     else:
-        dx = pb.inv_t * wx
-    dt = -0.5 * pb.inv_t * (pb.q * dx).sum()
+        dx = wx.mul_(pb.inv_t)
+    dt = -0.5 * pb.inv_t * torch.vdot(pb.q.reshape(-1), dx.reshape(-1))
     return pb.unsort_rows(dx).to(dtype), None, dt
 
 
