@@ -45,7 +45,8 @@ def test_thousand_training_steps_keep_memory_flat():
 def test_cpu_launch_copies_no_input_without_rows_at_infinity():
     """The fused torch backend's working set on the CPU (bench/results/cpu_compare.json
     measures it): without a point at infinity ``finite_rows`` hands the rows back as they
-    are, unflagged, and the batch against itself keeps one sorted copy for both sides."""
+    are, unflagged, and the batch against itself keeps one sorted copy for both sides,
+    unscaled."""
     from nbkernels.backends.infinity import finite_rows
     from nbkernels.backends.torch_blocked import _Problem
     q, r = torch.randn(7, 3), torch.randn(5, 3)
@@ -61,5 +62,7 @@ def test_cpu_launch_copies_no_input_without_rows_at_infinity():
     labels, t = torch.tensor([2, 0, 1, 0, 2, 1, 0]), torch.tensor(0.5)
     pb = _Problem(q, q, labels, labels, t, "sqeuclidean", 0)
     assert pb.r is pb.q and pb.rl is pb.ql and pb.r_order is pb.q_order
+    # the logit scale rides on the products (alpha), not on a scaled copy of the queries
+    assert pb.q_scaled is pb.q and pb.alpha == float(2 / t)
     other = _Problem(q, q.clone(), labels, labels, t, "sqeuclidean", 0)
     assert other.r is not other.q and torch.equal(other.r, pb.r)

@@ -57,15 +57,20 @@ class _Problem:
             self.r_order = torch.argsort(r_labels, stable=True)
             self.rl = r_labels[self.r_order]
             self.r = r.to(acc)[self.r_order]
+        scale = (2.0 if metric == "sqeuclidean" else 1.0) * self.inv_t
+        if q.device.type == "cpu":
+            # the products take the logit scale as their alpha (reading it costs no device
+            # synchronisation here): no scaled [N, D] copy of the queries
+            self.q_scaled, self.alpha = self.q, float(scale)
+        else:
+            self.q_scaled, self.alpha = self.q * scale, 1.0
         if metric == "sqeuclidean":
             # shifted logit (2 q.r - ||r||^2) / T; the row constant -||q||^2/T cancels
-            self.q_scaled = self.q * (2.0 * self.inv_t)
             self.r_sqnorm = self.r.pow(2).sum(1)
             self.bias = -self.r_sqnorm * self.inv_t
             if r_far is not None:  # references at infinity (zeroed rows): weight 0
                 self.bias = self.bias.masked_fill(r_far[self.r_order], _NEG_INF)
         else:
-            self.q_scaled = self.q * self.inv_t
             self.bias = torch.zeros(self.m, dtype=acc, device=q.device)
         # sorted position of each sorted query's excluded reference, -1 if none
         self.ex = None
@@ -101,11 +106,14 @@ class _Problem:
         """Symmetric problems: the [BI, BJ] tiles of shifted logits for rows I (against
         J) and, transposed, for rows J (against I), from one matrix product."""
         g = torch.mm(self.q_scaled[i0:i1], self.r[j0:j1].T)
+        if self.alpha != 1.0:
+            g.mul_(self.alpha)
         return g + self.bias[j0:j1], g.add_(self.bias[i0:i1, None])
 
     def logits(self, i0, i1, j0, j1):
         # [BM, BN] shifted logits, excluded pair at -inf
-        s = torch.addmm(self.bias[j0:j1], self.q_scaled[i0:i1], self.r[j0:j1].T)
+        s = torch.addmm(self.bias[j0:j1], self.q_scaled[i0:i1], self.r[j0:j1].T,
+                        alpha=self.alpha)
         if self.ex is not None:
             col = self.ex[i0:i1] - j0
             hit = (col >= 0) & (col < j1 - j0)
