@@ -435,7 +435,7 @@ def main(argv=None):
              fwd_variant="generic" if chosen == "sm90_fwd_ahead" else "sm90_fwd_ahead")
     # the class forward at the model's next best config (the 2 stages it took under 3.6
     # before its loads were unmasked)
-    for cfg, pred, chosen in knn_cands[1:2]:
+    for cfg, pred, _ in knn_cands[1:2]:
         run.ours("nbkernels-triton-knn", knn(c), half, "fwd", cfg, predicted_s=pred)
     # the class forward's tile: class_block_cap's 16 (M >= 20 C) against the 32 before it
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd", class_tile=32)

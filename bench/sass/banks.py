@@ -155,7 +155,6 @@ class Lanes:
             self.memo[tok] = self._define(tok)
         return self.memo[tok]
 
-
     def _define(self, reg):
         found = self.ptx.defs.get(reg)
         if not found:

@@ -64,10 +64,9 @@ def _loss_forward():
     variant = tk.variant_for("fwd", build.SM90, build.launch_precision("bf16"))
     vals = build._fill_unknown(variant.kernel, build.with_variant(build._launch_values(
         "fwd", "bf16", "sqeuclidean", False, None, bm, bn, D), variant))
-    sim = _simulate(variant.kernel, vals, cfg, f"classfwd_loss_{variant.name}")
-    t = latency.predict(sim.cycles_per_iter, -(-build.M // bn), -(-build.N // bm),
-                        sim.ctas_per_sm, 1)["time_s"]
-    return cfg, variant.name, sim, t
+    c = build.compile_triton(variant.kernel, vals, w, s, f"classfwd_loss_{variant.name}")
+    sim, pred = latency.simulate_grid(c, vals, D, "fwd", bm, bn, w)
+    return cfg, variant.name, sim, pred["time_s"]
 
 
 def measure():

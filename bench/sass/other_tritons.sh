@@ -4,7 +4,7 @@
 # 3.9), written to bench/results/*_triton<major><minor>.json:
 #   table.py --fix          every table entry chosen again there (TABLE_BY_TRITON)
 #   tf32_backward.py        the transposed TF32 backward against the generic one
-#   class_forward.py --at   the class forward against 95cc3a6's (3.6 only)
+#   class_forward.py --at   the class forward against fa2d95a's (masked loads; 3.6 only)
 #   overlap_probe.py        whether the loop's minimal forms overlap the wgmma and the exps
 #   ahead_forward.py        the loss forward with and without AHEAD (sm90_fwd_ahead)
 #   one_exp_backward.py     the symmetric backward with one and two exp2 per pair
@@ -24,7 +24,7 @@ for v in 3.6.0 3.7.1 3.8.0; do
     run python bench/sass/ahead_forward.py
     run python bench/sass/one_exp_backward.py
     if [ "$tag" = 36 ]; then
-        run python bench/sass/class_forward.py --at 95cc3a6 \
+        run python bench/sass/class_forward.py --at fa2d95a \
             --out "bench/results/class_forward_sm90_triton$tag.json"
     fi
 done

@@ -94,14 +94,12 @@ def violation(v, row, allowance, no_hgmma):
     return None
 
 
-def choose(only=None, keys=None, kernels=None):
+def choose(only=None, kernels=None):
     from nbkernels.backends.triton import configs as tc
     from nbkernels.backends.triton import kernels as tk
     out = []
     for (arch, kernel, dclass, bucket) in sorted(tc.TABLE):
         if arch != "sm90" or (only and dclass not in only) or (kernels and kernel not in kernels):
-            continue
-        if keys is not None and (arch, kernel, dclass, bucket) not in keys:
             continue
         kind, cls = kernel[:3], kernel.endswith("class")
         precision = "ieee" if dclass == "32ieee" else None
@@ -194,7 +192,8 @@ def main():
                                   "--fix config_table_sm90_triton<major><minor>.json")
     ap.add_argument("--only", nargs="*", help="dtype classes to choose (default: all)")
     ap.add_argument("--fix", action="store_true",
-                    help="choose again only the entries that break the rule under this triton")
+                    help="under an older triton: choose every entry again, name those of TABLE "
+                         "that break the rule there (TABLE_BY_TRITON's rows)")
     ap.add_argument("--kernels", nargs="*",
                     help="choose only these kernels' entries (e.g. fwd_class), replacing "
                          "them in the JSON already at --out (the other entries kept)")
