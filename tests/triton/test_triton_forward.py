@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conformance import oracle_lse, upstream_lse
+from conformance.oracle import oracle_rows
 
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
 
@@ -123,3 +124,38 @@ def test_rows_without_a_positive_skip_the_exact_pass(tb, h, flagged, dtype, batc
     rows = torch.arange(case.q.shape[0], device=dev)
     redo = flagged[-1][:case.q.shape[0]] != 0
     assert flagged.order.tolist() == rows[redo].tolist() + rows[~redo].tolist()
+
+
+# what bench/gluon_fwd.py's main pass reads from the launch arguments, and writes
+MAIN_PASS_ARGS = {"q", "r", "q_labels", "r_pack", "scale", "has_pos", "N", "M", "D", "offset",
+                  "HAS_OFFSET", "lse_all", "lse_pos", "redo"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("flag", [True, False])
+def test_main_pass_seam(tb, h, dtype, flag):
+    """``lse_forward_passes``' ``main``: a main pass in place of the Triton kernel's (the
+    Gluon one of bench/gluon_fwd.py) writes lse_all, lse_pos and redo, and the exact pass
+    recomputes the rows it flags from the inputs alone. One that writes garbage and flags
+    every row must still give the fp64 oracle's lse on every row; one that flags none
+    keeps its values (the exact pass touches no other row)."""
+    case = _layout(h, [70.0], dtype, n=11)
+    seen = {}
+
+    def garbage(args, grid):
+        seen.update(args)
+        args["lse_all"].fill_(123.0)
+        args["lse_pos"].fill_(-7.0)
+        args["redo"].fill_(int(flag))
+    got = tb.lse_forward_passes(case.q, case.r, case.a, case.b, case.t, "dot", 0, False,
+                                "ieee", main=garbage)
+    assert MAIN_PASS_ARGS <= seen.keys()
+    # 16-bit inputs get the packed column terms and labels the Gluon kernel loads
+    assert (seen["r_pack"] is not None) == (dtype != torch.float64)
+    if not flag:
+        assert (got[0] == 123.0).all() and (got[1] == -7.0).all()
+        return
+    want = oracle_rows(case.q, case.r, case.a, case.b, case.t, 0, "dot", None)
+    tol = TOL[h.acc_dtype(dtype)]
+    for name, x, y in (("lse_all", got[0], want[0]), ("lse_pos", got[1], want[1])):
+        h.close(x, y, tol, tol, msg=lambda m, name=name: f"{name}: {m}")

@@ -11,9 +11,14 @@ from .args import _block, _common, _on_device
 
 
 def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, has_offset,
-                       precision, r_far=None, trace=None):
+                       precision, r_far=None, trace=None, main=None):
     """The lse forward's two launches on kernel inputs (rows at infinity zeroed and, for
     the references, flagged in ``r_far``: ``infinity.finite_rows``): ``(lse_all, lse_pos)``.
+
+    ``main``: a callable ``main(args, grid)`` run in place of the Triton main pass, on its
+    launch arguments (``args``: inputs, flags, and the outputs lse_all, lse_pos and redo
+    it must write, as ``neighbor_fwd_kernel``'s main pass does); the exact pass then
+    recomputes the rows it flags (bench/gluon_fwd.py's Gluon main pass).
 
     ``trace``: a dict to fill with the intermediates, for diagnostics
     (bench/gpu_diagnose.py): the main pass's lse values, anchor and sums (``main_*``),
@@ -41,7 +46,10 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
                 **_common(q, r, temperature, metric, offset, has_offset, precision, "fwd"))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
     with _on_device(q):
-        tk.launch("fwd", grid, POS_PASS=False, **args)
+        if main is None:
+            tk.launch("fwd", grid, POS_PASS=False, **args)
+        else:
+            main(args, grid)
         if trace is not None:
             trace.update(main_lse_all=lse_all.clone(), main_lse_pos=lse_pos.clone(),
                          main_anchor=state[0], main_sum=state[1], main_pos_sum=state[2],
