@@ -6,7 +6,8 @@ target shape N = M = 65536, D = 128, 1000 classes, T = 0.1.
 Variants: the sm_90 config table's entry and the next best predicted candidates
 (``bench/results/config_table_sm90.json``, ``TOP`` of each) of the bf16 lse forward and
 backward, and the two best of the class forward (soft_knn_predict); the TF32
-forward+backward with the table's configs; each
+forward+backward with the table's configs; the forward with bench/gluon_fwd.py's Gluon
+main pass (sm_90 only); each
 through ``nbkernels.backends.triton.kernels.fixed_configs``, so that every timing
 compiles only what it times. Each variant is first checked against backend "torch" on
 the same inputs at N = CHECK_N (the sizes are not specialised: the same compiled kernel)
@@ -318,12 +319,28 @@ def nca(x, y, backend, t=0.1):
     return nbkernels.nca_loss(x, y, temperature=t, reduction="none", backend=backend)
 
 
-def gluon_v4(x, y, backend, t=0.1):
-    """bench/gluon_fwd.py's prototype forward as "triton"; the other backends as ``nca``."""
-    if backend != "triton":
-        return nca(x, y, backend, t)
-    import gluon_fwd
-    return gluon_fwd.nca_rows(x, y, t)
+def gluon_v4(form):
+    """bench/gluon_fwd.py's forward in ``form`` (its Gluon main pass, nbkernels' exact pass)
+    as "triton"; the other backends as ``nca``."""
+    def call(x, y, backend, t=0.1):
+        if backend != "triton":
+            return nca(x, y, backend, t)
+        import gluon_fwd
+        return gluon_fwd.nca_rows(x, y, t, gluon_fwd.Form(**form))
+    return call
+
+
+def gluon_candidates(top=2):
+    """The ``top`` forms of the Gluon main pass that the latency model has fastest under
+    the running triton (bench/results/gluon_fwd_sm90*.json; the first is the one
+    ``gluon_fwd.FORMS`` gives it, tests/test_gluon_fwd.py): [(fields, name, seconds)]."""
+    from nbkernels.backends import variants
+    ver = variants.triton_version()
+    tag = "" if ver >= (3, 9) else f"_triton{ver[0]}{ver[1]}"
+    path = ROOT / "bench" / "results" / f"gluon_fwd_sm90{tag}.json"
+    forms = json.loads(path.read_text())["forms"] if path.exists() else []
+    forms = sorted(forms, key=lambda r: r["predicted_latency_model"]["time_s"])[:top]
+    return [(r["form"], r["name"], r["predicted_latency_model"]["time_s"]) for r in forms]
 
 
 def gluon_unavailable(device):
@@ -396,6 +413,12 @@ def main(argv=None):
     # same shape, then the other candidate configs (the model's ranking) and TF32
     run.ours("nbkernels-triton", nca, half, "fwd", table_fwd, table_bwd, fwd_pred)
     run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd)
+    # the Gluon v4 main pass (bench/gluon_fwd.py, not nbkernels; checked against backend
+    # "torch" first), the forward the latency model has fastest under triton 3.6 to 3.9:
+    # its two best forms under the running triton
+    for form, name, pred in gluon_candidates():
+        run.ours(f"v4-gluon-prototype {name}", gluon_v4(form), half, "fwd", predicted_s=pred,
+                 unavailable=gluon_unavailable)
     # the symmetric backward's two forms (one or two exp2 per pair) on unit-norm rows (the
     # N(0, 0.3^2) rows' normalizers spread over 137.5 binades, within the one-exp kernel's
     # 140 but near it: the records say which form worked)
@@ -439,8 +462,6 @@ def main(argv=None):
         run.ours("nbkernels-triton-knn", knn(c), half, "fwd", cfg, predicted_s=pred)
     # the class forward's tile: class_block_cap's 16 (M >= 20 C) against the 32 before it
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd", class_tile=32)
-    # last: the Gluon v4 prototype (not nbkernels; checked against backend "torch" first)
-    run.ours("v4-gluon-prototype", gluon_v4, half, "fwd", unavailable=gluon_unavailable)
     text = table(run.file.records)
     (run.out / "gpu_perf.md").write_text(text + "\n")
     print(text)

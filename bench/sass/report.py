@@ -85,7 +85,7 @@ def env():
     commit = os.popen(f"git -C {ROOT} rev-parse HEAD 2>/dev/null").read().strip()
     # uncommitted changes to what is compiled: the commit alone does not name the code
     dirty = os.popen(f"git -C {ROOT} status --porcelain -- nbkernels csrc bench/sass "
-                     "2>/dev/null").read().strip()
+                     "bench/gluon_fwd.py 2>/dev/null").read().strip()
     commit = commit + "+dirty" if commit and dirty else commit
     return {"triton": triton.__version__, "torch": torch.__version__,
             "target": f"cuda sm_{build.SM} (GPUTarget('cuda', {build.SM}, 32)), deviceless",

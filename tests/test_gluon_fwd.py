@@ -1,0 +1,92 @@
+"""bench/gluon_fwd.py, the Gluon sm_90 main pass of the loss forward (a measurement
+candidate outside nbkernels; Gluon has no interpreter, so only a GPU runs it): what the
+CPU can check. The arguments it refuses, with the reason; the form ``FORMS`` gives this
+triton is the one its results JSON records as the latency model's fastest; and that form
+compiles for sm_90 without a spill, its dots on HGMMA, one exp2 per pair, and its
+simulated cycles per tile within 10 % of the committed figure (regenerate the JSON with
+``python bench/gluon_fwd.py`` when a change is meant to move it). The launcher seam it
+plugs into (``lse_forward_passes``' ``main``) is checked under the interpreter
+(tests/triton/test_triton_forward.py)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench.sass import build  # noqa: E402
+
+REASON = build.unavailable_reason()
+if REASON:
+    pytest.skip(f"static SASS model unavailable: {REASON}", allow_module_level=True)
+try:
+    import gluon_fwd as G  # noqa: E402
+except ImportError as e:  # a triton before Gluon
+    pytest.skip(f"no Gluon in this triton: {e}", allow_module_level=True)
+
+
+def _results():
+    path = G.results_path()
+    if not path.exists():
+        pytest.skip(f"no {path.name} for triton {G.VERSION} (python bench/gluon_fwd.py)")
+    return json.loads(path.read_text())
+
+
+def _args(dtype=torch.bfloat16, n=4096, m=4096, d=128, offset=0, has_offset=True,
+          transposed=False):
+    q = torch.empty(d, n, dtype=dtype, device="meta").t() if transposed else \
+        torch.empty(n, d, dtype=dtype, device="meta")
+    return dict(q=q, r=q if m == n else torch.empty(m, d, dtype=dtype, device="meta"),
+                N=n, M=m, D=d, offset=offset, HAS_OFFSET=has_offset)
+
+
+@pytest.mark.parametrize("kw, why", [
+    (dict(dtype=torch.float32), "bf16 / fp16 rows of D = 128"),
+    (dict(d=64), "D = 128, got torch.bfloat16 D = 64"),
+    (dict(transposed=True), "unit feature stride"),
+    (dict(offset=3), "offset 0"),
+    (dict(n=4096, m=2048), "N <= M"),
+    (dict(n=100, m=200, has_offset=False), "two reference tiles"),
+])
+def test_refuses_what_it_cannot_take(kw, why):
+    assert G.why_not(_args()) is None
+    assert G.why_not(_args(has_offset=False, n=4096, m=2048)) is None
+    assert why in G.why_not(_args(**kw))
+    with pytest.raises(ValueError, match="the Gluon main pass"):
+        G.main_pass(_args(**kw), None)
+
+
+def test_narrow_form_refuses_offsets_past_int32():
+    big = _args(n=256, m=2 ** 24, has_offset=False)
+    narrow, wide = G.Form(128, 8, False, False), G.Form(128, 8, False, True)
+    assert "int32" in G.why_not(big, narrow) and G.why_not(big, wide) is None
+
+
+def test_runs_on_an_sm90_gpu_only():
+    x = torch.zeros(256, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="sm_90"):
+        G.nca_rows(x, torch.zeros(256, dtype=torch.int64), 0.1)
+
+
+def test_form_is_the_recorded_best():
+    res = _results()
+    assert G.form().name == res["best"] == res["chosen"]
+    assert G.ranked()[0][0] == G.form()
+
+
+def test_form_compiles_clean():
+    from bench.sass import sass
+    f = G.form()
+    cubin, name, _, _ = G.compile_sm90(f)
+    assert sass.resource_usage(cubin)[name]["local"] == 0
+    got = G.modelled(f)
+    assert "HGMMA" in got["loop"]
+    # one exp2 per pair (64 per thread and tile) and the per-row rescale's
+    assert got["exps_under_mma"][1] <= f.block_m * G.BLOCK_N / (32 * f.num_warps) + 2
+    want = next(r for r in _results()["forms"] if r["name"] == f.name)
+    assert got["cycles_per_tile"] <= 1.1 * want["cycles_per_tile"], (got, want)
