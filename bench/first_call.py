@@ -133,7 +133,10 @@ def _predict():
                                         None if kind == "fwd" else "sym", bm, bn, d, "ieee")
             vals.update(flags)
             if flags.get("POS_PASS"):
-                vals["perm"] = build._meta(torch.int32)
+                # the exact pass's row order, and the references in label order with
+                # each label's range (its positives-only blocks)
+                vals.update(perm=build._meta(torch.int32), r_order=build._meta(torch.int32),
+                            tile_ptr=build._meta(torch.int64))
             if flags.get("FIXUP"):
                 vals["flags"] = build._meta(torch.int8)
             vals = build._fill_unknown(jit, vals)

@@ -25,8 +25,8 @@ class Flags(list):
 
 @pytest.fixture
 def flagged(monkeypatch):
-    """The rows flagged for the exact pass (int8 (N,) padded) by each main-pass launch
-    of the lse forward."""
+    """The rows flagged for the exact pass (int8 (N,) padded: 1 both sums, 2 the
+    positives' only) by each main-pass launch of the lse forward."""
     from nbkernels.backends.triton import kernels as tk
     seen, run = Flags(), tk.neighbor_fwd_kernel.run
 
@@ -58,12 +58,12 @@ def _layout(h, gaps_sq, dtype, n=9, d=3, seed=0):
                                  t=torch.tensor(1.0, dtype=dtype, device=h.device), c=3)
 
 
-def _check(tb, h, case, offset=None):
+def _check(tb, h, case, offset=None, tol=None):
     want, _ = oracle_lse(case, "sqeuclidean", offset, *upstream_lse(case))
     got = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric="sqeuclidean",
                          offset=offset, precision="ieee")
     shift = h.row_shift(case, "sqeuclidean")
-    tol = TOL[case.q.dtype]
+    tol = tol or TOL[case.q.dtype]
     for name, x, y in (("lse_all", got[0] + shift, want[0]),
                        ("lse_pos", got[1] + shift, want[1])):
         h.close(x, y, tol, tol, msg=lambda m, name=name: f"{name}: {m}")
@@ -119,11 +119,68 @@ def test_rows_without_a_positive_skip_the_exact_pass(tb, h, flagged, dtype, batc
     if batch:
         case.q = far
     _check(tb, h, case, offset)
-    assert flagged[-1][under] == 1 and not flagged[-1][none].any(), flagged
+    # the positives' sum only (2): the exact pass redoes it over row 4's label alone
+    assert flagged[-1][under] == 2 and not flagged[-1][none].any(), flagged
     # the exact pass takes the flagged rows first, then the others, each in row order
     rows = torch.arange(case.q.shape[0], device=dev)
     redo = flagged[-1][:case.q.shape[0]] != 0
     assert flagged.order.tolist() == rows[redo].tolist() + rows[~redo].tolist()
+
+
+
+@pytest.mark.parametrize("dtype, gap_sq", [(torch.float32, 150.0), (torch.float64, 900.0)])
+@pytest.mark.parametrize("batch", [False, True])
+def test_positives_only_blocks(tb, h, flagged, dtype, gap_sq, batch):
+    """Rows whose positives all sit far below their nearest reference (more than 2^64 in
+    fp32, 2^960 in fp64, at T = 1) are flagged 2, and the exact pass redoes only their
+    lse_pos, in blocks of their own over their labels' references (in label order,
+    gathered). 40 labels, each with one row near the origin and a cluster of 4 rows at
+    squared distance gap_sq in its own direction; 30 more near rows with labels of their
+    own. The near rows of the 40 labels are flagged 2 (several blocks of rows under the
+    interpreter's tiles), and every lse matches the fp64 oracle. Across batches the
+    queries are those near rows and the references the rest (each of the 30 then has
+    one near positive)."""
+    g = torch.Generator().manual_seed(4)
+    k, per, extra, d = 40, 4, 30, 3
+    near = torch.randn(k + extra, d, generator=g, dtype=torch.float64) * 0.3
+    centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g,
+                                                        dtype=torch.float64), dim=1)
+    far = (centres * math.sqrt(gap_sq)).repeat_interleave(per, 0) + \
+        torch.randn(k * per, d, generator=g, dtype=torch.float64) * 0.3
+    labels_near = torch.arange(k + extra)
+    labels_far = torch.arange(k).repeat_interleave(per)
+    # references interleaved, so that label order is not row order
+    x = torch.cat([near, far])
+    y = torch.cat([labels_near, labels_far])
+    mix = torch.randperm(x.shape[0], generator=g)
+    x, y = x[mix], y[mix]
+    dev = h.device
+    if batch:
+        q, a, r, b, offset = x, y, x, y, 0
+        # the near rows of the 40 labels, where the mix put them
+        want = (mix < k).to(torch.int8) * 2
+    else:
+        keep = (mix >= k)
+        q, a, r, b, offset = near, labels_near, x[keep], y[keep], None
+        want = (labels_near < k).to(torch.int8) * 2
+    case = types.SimpleNamespace(q=q.to(dev, dtype), r=r.to(dev, dtype), a=a.to(dev),
+                                 b=b.to(dev), t=torch.tensor(1.0, dtype=dtype, device=dev),
+                                 c=k + extra)
+    if batch:
+        case.r, case.b = case.q, case.a
+    # the far rows' logits and row shifts reach gap_sq / T in magnitude: a few of their
+    # ulps on top of the usual tolerance
+    _check(tb, h, case, offset, TOL[dtype] + 8 * torch.finfo(dtype).eps * gap_sq)
+    # exactly those rows are flagged 2 (in the batch, rows of a far cluster whose first
+    # tile holds none of their cluster overflow past the lagging shift: 1, both sums)
+    redo = flagged[-1][:q.shape[0]].cpu()
+    assert torch.equal(redo == 2, want == 2), redo
+    # the exact pass's order: the rows flagged 1, then those flagged 2 by label, then the
+    # others, each in row order
+    rows = torch.arange(q.shape[0])
+    by_label = rows[redo == 2][torch.argsort(a[redo == 2], stable=True)]
+    assert flagged.order.cpu().tolist() == (rows[redo == 1].tolist() + by_label.tolist()
+                                            + rows[redo == 0].tolist())
 
 
 # what bench/gluon_fwd.py's main pass reads from the launch arguments, and writes
@@ -132,21 +189,23 @@ MAIN_PASS_ARGS = {"q", "r", "q_labels", "r_pack", "scale", "has_pos", "N", "M", 
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-@pytest.mark.parametrize("flag", [True, False])
+@pytest.mark.parametrize("flag", [1, 2, 0])
 def test_main_pass_seam(tb, h, dtype, flag):
     """``lse_forward_passes``' ``main``: a main pass in place of the Triton kernel's (the
     Gluon one of bench/gluon_fwd.py) writes lse_all, lse_pos and redo, and the exact pass
-    recomputes the rows it flags from the inputs alone. One that writes garbage and flags
-    every row must still give the fp64 oracle's lse on every row; one that flags none
-    keeps its values (the exact pass touches no other row)."""
+    recomputes what it flags from the inputs alone. One that writes garbage and flags
+    every row 1 must still give the fp64 oracle's lse on every row; flagged 2, lse_pos
+    is recomputed and lse_all kept (written right here); flagged 0, both are kept (the
+    exact pass touches no other row)."""
     case = _layout(h, [70.0], dtype, n=11)
+    want = oracle_rows(case.q, case.r, case.a, case.b, case.t, 0, "dot", None)
     seen = {}
 
     def garbage(args, grid):
         seen.update(args)
-        args["lse_all"].fill_(123.0)
+        args["lse_all"].copy_(want[0]) if flag == 2 else args["lse_all"].fill_(123.0)
         args["lse_pos"].fill_(-7.0)
-        args["redo"].fill_(int(flag))
+        args["redo"].fill_(flag)
     got = tb.lse_forward_passes(case.q, case.r, case.a, case.b, case.t, "dot", 0, False,
                                 "ieee", main=garbage)
     assert MAIN_PASS_ARGS <= seen.keys()
@@ -155,7 +214,6 @@ def test_main_pass_seam(tb, h, dtype, flag):
     if not flag:
         assert (got[0] == 123.0).all() and (got[1] == -7.0).all()
         return
-    want = oracle_rows(case.q, case.r, case.a, case.b, case.t, 0, "dot", None)
     tol = TOL[h.acc_dtype(dtype)]
     for name, x, y in (("lse_all", got[0], want[0]), ("lse_pos", got[1], want[1])):
         h.close(x, y, tol, tol, msg=lambda m, name=name: f"{name}: {m}")

@@ -39,7 +39,7 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
     state = None if trace is None else torch.empty(3, n, dtype=acc, device=q.device)
     args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
                 r_pack=tr.packed(b, r_col) if packed else None, perm=None, self_pos=None,
-                tile_ptr=None,
+                tile_ptr=None, r_order=None,
                 lse_all=lse_all, lse_pos=lse_pos, has_pos=has_pos, redo=redo, mass=None,
                 tile_max=None, tile_sum=None, row_state=state, CLASS=False,
                 MASS_PRECISION="ieee", BLOCK_C=16,
@@ -54,10 +54,30 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
             trace.update(main_lse_all=lse_all.clone(), main_lse_pos=lse_pos.clone(),
                          main_anchor=state[0], main_sum=state[1], main_pos_sum=state[2],
                          redo=redo.clone(), has_pos=has_pos.clone())
-        # the exact pass takes the flagged rows first: its programs past them skip
+        # the exact pass (``neighbor_fwd_kernel``): the rows flagged 1 first (both sums,
+        # over every reference), then those flagged 2 grouped by label (lse_pos, over
+        # their labels' references in label order); its programs past them skip
+        order, ptr = _label_order(b[:r.shape[0]], n + r.shape[0])
         tk.launch("fwd", grid, tune=False, POS_PASS=True,
-                  **dict(args, perm=_flagged_first(redo), row_state=None))
+                  **dict(args, perm=_exact_order(redo, a[:n], n + r.shape[0]), r_order=order,
+                         tile_ptr=ptr, row_state=None))
     return lse_all, lse_pos
+
+
+def _label_order(b, ranks):
+    """(the references in label order (M,) int32, the range of each label rank in it:
+    [ptr[v], ptr[v + 1]) (ranks + 2,) for ranks 0..``ranks``); no host sync."""
+    order = torch.argsort(b, stable=True)
+    ptr = torch.searchsorted(b[order], torch.arange(ranks + 2, device=b.device, dtype=b.dtype))
+    return order.to(torch.int32), ptr
+
+
+def _exact_order(redo, a, ranks):
+    """(N,) int32 row order of the exact pass: the rows flagged 1 first, then those flagged
+    2 grouped by label rank ``a`` (a block of them then spans few references), then the
+    others, each in row order; no host sync."""
+    key = torch.where(redo == 1, 0, torch.where(redo == 2, a, ranks + 1))
+    return torch.argsort(key, stable=True).to(torch.int32)
 
 
 def _flagged_first(flags):
@@ -115,7 +135,7 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
             args = dict(
                 q_labels=None, r_labels=tr.class_labels(labels, c, tail=True), r_col=r_col,
                 r_pack=None, PACKED=False, perm=None, self_pos=_self_positions(perm, n, offset)
-                if has_offset else None, tile_ptr=tile_ptr,
+                if has_offset else None, tile_ptr=tile_ptr, r_order=None,
                 lse_all=None, lse_pos=None, has_pos=None, redo=redo, row_state=None, mass=mass,
                 tile_max=tile_max, tile_sum=tile_sum, CLASS=True,
                 # p in [0, 1]: tf32 would cost 1e-3 of yhat; a hi + lo split of p in two TF32 dots

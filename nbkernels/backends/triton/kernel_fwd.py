@@ -109,6 +109,28 @@ def _fwd_lse_tile(b_m, b_l, b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_pack,
 
 
 @triton.jit
+def _fwd_pos_tile(b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_order, o_m, m_m, hi_p, D, offset,
+                  s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET: tl.constexpr, RESIDENT: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, i_n):
+    """A tile of the exact pass's positives-only blocks: the references at label-order
+    positions [i_n, i_n + BN) below hi_p (``r_order``: their indices), gathered, into the
+    positives' own online log-sum-exp (b_mp, b_lp)."""
+    o_s = i_n + tl.arange(0, BLOCK_N)
+    m_s = o_s < hi_p
+    b_j = tl.load(r_order + o_s, mask=m_s, other=0).to(tl.int64)
+    b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r, o_x=o_m, m_x=m_m, o_y=b_j, m_y=m_s, D=D,
+                        s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT, ACC=ACC,
+                        PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+    b_s = tl.fma(b_qr, b_c, _col_term(r_col, b_j, m_s, True, ACC)[None, :])
+    m_pos = b_a[:, None] == tl.load(r_labels + b_j, mask=m_s, other=-2)[None, :]
+    if HAS_OFFSET:
+        m_pos = m_pos & (b_j[None, :] != o_m[:, None] + offset)
+    b_mp, b_lp, _, _ = _online_lse(b_mp, b_lp, tl.where(m_pos, b_s, float("-inf")))
+    return b_mp, b_lp
+
+
+@triton.jit
 def _fwd_class_tile(b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m, hi, i_c, D,
                     s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET: tl.constexpr, RESIDENT: tl.constexpr,
                     ACC: tl.constexpr, PRECISION: tl.constexpr, MASS_PRECISION: tl.constexpr,
@@ -197,8 +219,8 @@ def _fwd_class_tile(b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m,
 
 @triton.jit(do_not_specialize=FWD_NO_SPECIALIZE)
 def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, self_pos, tile_ptr,
-                        lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum, row_state,
-                        N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
+                        r_order, lse_all, lse_pos, has_pos, redo, mass, tile_max, tile_sum,
+                        row_state, N, M, D, offset, s_qn, s_qd, s_rm, s_rd,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr,
                         CLASS: tl.constexpr, POS_PASS: tl.constexpr, PACKED: tl.constexpr,
@@ -217,13 +239,17 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
     first tile, moved only by powers of two). That sum is exact unless positives
     underflow against the shift (extreme T: they sit far below the nearest negative).
     ``has_pos`` (N,) int8 is the launcher's has-a-positive mask; ``redo`` (N,) int8 comes
-    out as the rows for the exact pass (every input is read-only, so a launch can be
-    repeated, as the autotuner does): those with a positive whose sum ends below POS_FLOOR, and
-    those whose total is not a normal number (no term, an overflow past a lagging shift,
-    NaN). A second launch with POS_PASS=True recomputes both sums of the flagged rows
-    only, each with its own running max; it takes the rows in the order of ``perm``
-    (the launcher puts the flagged ones first), and programs without a flagged row skip
-    the loop, so its cost is that of ceil(flagged / BLOCK_M) blocks.
+    out as the rows for the exact passes (every input is read-only, so a launch can be
+    repeated, as the autotuner does): 1 for those whose total is not a normal number (no
+    term, an overflow past a lagging shift, NaN), 2 for those with a positive whose sum
+    ends below POS_FLOOR. A launch with POS_PASS=True, the exact pass, takes the rows in
+    the order of ``perm`` (the launcher's: those flagged 1 first, then those flagged 2
+    grouped by label, then the others) and recomputes, each sum with its own running max,
+    both sums of every flagged row of a block that holds a row flagged 1, over every
+    reference, and lse_pos alone of the rows of the other blocks, over the references of
+    their labels only (``r_order`` (M,): the references in label order; ``tile_ptr``: the
+    label-order range [tile_ptr[a], tile_ptr[a + 1]) of each label rank; the block's
+    labels span one range). Programs without a flagged row skip both loops.
     Terms lost to underflow are each below 2^-126 of the shift (fp32), so a sum >=
     POS_FLOOR = 2^-64 is exact to 2^-31 relative for M < 2^31; fp64: 2^-1022 and 2^-960.
 
@@ -284,7 +310,17 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         b_lp = tl.zeros([BLOCK_M], dtype=ACC)
         b_mp = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
         if POS_PASS:
-            hi = tl.where(tl.max(b_redo, 0) > 0, M, 0)
+            # a block with a row flagged 1 redoes both sums of its flagged rows over every
+            # reference; one whose rows are flagged 2 (grouped by label by the launcher)
+            # their positives' sums only, over their labels' references: a range of label
+            # order (``tile_ptr`` by label rank; ``r_order``: the references in it)
+            n_full = tl.max((b_redo == 1).to(tl.int32), 0)
+            # [BM] (the interpreter takes no scalar in a mask)
+            m_full = (tl.zeros([BLOCK_M], dtype=tl.int32) + n_full) > 0
+            hi = tl.where(n_full > 0, M, 0)
+            m_f = m_m & (b_redo == 2) & ~m_full
+            lo_p = tl.min(tl.load(tile_ptr + b_a, mask=m_f, other=M), 0)
+            hi_p = tl.max(tl.load(tile_ptr + b_a + 1, mask=m_f, other=0), 0)
     if CLASS:
         # the logit dot is an MMA (16-bit inputs, or fp32 with TF32 dots): p comes in a
         # tensor-core accumulator's layout. There the masks and the one-hot compare in
@@ -324,6 +360,11 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
                 offset, s_qn, s_qd, s_rm, s_rd, b_c, PACKED, RESIDENT, ACC, PRECISION, BLOCK_M,
                 BLOCK_N, BLOCK_D, i_n=i_n, i_m0=i_m * BLOCK_M, DIAG=HAS_OFFSET, FIRST=False,
                 POS_PASS=True, b_qr=None)
+        for i_n in range(lo_p, hi_p, BLOCK_N):
+            b_mp, b_lp = _fwd_pos_tile(
+                b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_order, o_m, m_m, hi_p, D, offset,
+                s_qn, s_qd, s_rm, s_rd, b_c, HAS_OFFSET, RESIDENT, ACC, PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_D, i_n=i_n)
     else:
         # the first tile (the first one that meets the diagonal, else tile 0) sets the row
         # shift; the other diagonal tiles follow, unrolled (straight-line code), then the
@@ -408,16 +449,17 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
     elif POS_PASS:
         # no term: max -inf and sum 0 give -inf
         m_out = m_m & (b_redo != 0)
-        tl.store(lse_all + o_m, _lse(b_m, b_l), mask=m_out)
+        tl.store(lse_all + o_m, _lse(b_m, b_l), mask=m_out & m_full)
         tl.store(lse_pos + o_m, _lse(b_mp, b_lp), mask=m_out)
     else:
         tl.store(lse_all + o_m, _lse(b_m, b_l), mask=m_m)
         tl.store(lse_pos + o_m, _lse(b_m, b_lp), mask=m_m)
-        # exact second pass for: positives underflowed against the shift (in a row that
-        # has a positive, ``has_pos``; a row without one has b_lp = 0 exactly, and
-        # lse_pos = -inf is already exact); a sum that is not a normal number (0: no
-        # term; inf: the shift lagged; NaN: +inf logits or NaN inputs, which stay NaN
-        # there); an anchor that is not finite (-inf: a first tile all masked)
+        # the exact passes' rows: 1, both sums again (a sum that is not a normal number:
+        # 0, no term; inf, the shift lagged; NaN, +inf logits or NaN inputs, which stay
+        # NaN there; an anchor that is not finite: -inf, a first tile all masked); 2,
+        # the positives' sum only (they underflowed against the shift, in a row that has
+        # a positive, ``has_pos``; a row without one has b_lp = 0 exactly, and lse_pos =
+        # -inf is already exact), by the positives pass over its label's references
         if row_state is not None:
             # diagnostics only (bench/gpu_diagnose.py): the main pass's anchor and sums
             tl.store(row_state + o_m, b_m, mask=m_m)
@@ -425,6 +467,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
             tl.store(row_state + 2 * N + o_m, b_lp, mask=m_m)
         b_has = tl.load(has_pos + o_m, mask=m_m, other=0) != 0
         FLOOR: tl.constexpr = POS_FLOOR_F64 if ACC == tl.float64 else POS_FLOOR_F32
-        b_redo = ((b_lp < FLOOR) & b_has) | ~(b_l >= FLOOR)
-        b_redo = b_redo | (b_l == float("inf")) | (b_m == float("inf")) | (b_m == float("-inf"))
+        b_all = ~(b_l >= FLOOR) | (b_l == float("inf")) | (b_m == float("inf")) | \
+            (b_m == float("-inf"))
+        b_redo = tl.where(b_all, 1, tl.where((b_lp < FLOOR) & b_has, 2, 0))
         tl.store(redo + o_m, b_redo.to(tl.int8), mask=m_m)

@@ -34,7 +34,8 @@ in BLOCK_D chunks and both sides are reloaded per tile.
 * ``neighbor_fwd_kernel``: a program owns BLOCK_M queries and streams BLOCK_N
   reference tiles with an online log-sum-exp. Without CLASS: one exp2 per pair; the
   positives' sum is taken from the same exponentials under the shared running max,
-  and rows where it underflows get an exact second launch (POS_PASS). With CLASS the
+  and rows where it underflows get an exact second launch (POS_PASS), over their own
+  labels' references only (the references in label order, gathered). With CLASS the
   grid has a second axis over BLOCK_C class tiles; references are pre-sorted by label,
   so the program for class tile ``c`` streams only the references whose labels fall in
   it (``tile_ptr``) and accumulates their mass with a one-hot ``tl.dot``; a lazy row
