@@ -9,8 +9,8 @@ the installed triton and writes the latency model's estimate of each form
 
 It is the main pass of ``nbkernels.backends.triton.forward.lse_forward_passes`` (handed
 in as its ``main``), with the same contract: it writes lse_all, lse_pos and the rows for
-the exact pass (``redo``), and that function's exact pass, the Triton kernel's, then
-recomputes the flagged rows. The arithmetic is the Triton main pass's
+the exact passes (``redo``: 1 both sums, 2 the positives' only), and that function's
+exact passes, the Triton kernel's, then recompute the flagged rows. The arithmetic is the Triton main pass's
 (``kernel_fwd._fwd_lse_tile``): logits in natural units ``s = fma(q.r, c, col)`` with the
 launcher's packed column terms and label ranks, the diagonal tile first (self pair
 masked; it sets each row's anchor), then the other tiles under a lazy shift
@@ -228,10 +228,12 @@ def lse_main_sm90(q, r, q_labels, pack, scale, has_pos, lse_all, lse_pos, redo, 
     m_m = o_m < N
     gl.store(lse_all + o_m, _lse(b_m, b_l), mask=m_m)
     gl.store(lse_pos + o_m, _lse(b_m, b_lp), mask=m_m)
-    # the exact pass's rows, as the Triton main pass flags them (``neighbor_fwd_kernel``)
+    # the exact passes' rows, as the Triton main pass flags them (``neighbor_fwd_kernel``):
+    # 1 both sums again, 2 the positives' only
     b_has = gl.load(has_pos + o_m) != 0
-    b_redo = ((b_lp < POS_FLOOR) & b_has) | ~(b_l >= POS_FLOOR) | (b_l == float("inf"))
-    b_redo = b_redo | (b_m == float("inf")) | (b_m == float("-inf"))
+    b_all = ~(b_l >= POS_FLOOR) | (b_l == float("inf")) | (b_m == float("inf")) | \
+        (b_m == float("-inf"))
+    b_redo = gl.where(b_all, 1, gl.where((b_lp < POS_FLOOR) & b_has, 2, 0))
     gl.store(redo + o_m, b_redo.to(gl.int8), mask=m_m)
 
 
