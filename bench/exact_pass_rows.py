@@ -66,7 +66,7 @@ def _tiles(under, y):
     counts = torch.bincount(y, minlength=int(y.max()) + 1)
     cum = torch.cat([torch.zeros(1, dtype=counts.dtype), counts.cumsum(0)])
     pos_tiles = sum(math.ceil(int(cum[b[-1] + 1] - cum[b[0]]) / BLOCK)
-                    for b in flagged.split(BLOCK))
+                    for b in flagged.split(BLOCK) if len(b))
     return math.ceil(int(under.sum()) / BLOCK) * math.ceil(n / BLOCK) / total, pos_tiles / total
 
 
