@@ -262,6 +262,9 @@ class Run:
                         # the latency model's symmetric rows are the one-exp kernel's
                         info["predicted_latency_s"] = None
                     return timing
+                if call is nca or isinstance(call, GluonForward):
+                    # the rows the exact pass redoes on these inputs (its share of the time)
+                    info["exact_rows"] = exact_rows(x, y, self.shape["t"])
                 with torch.no_grad():
                     return self.time(lambda: call(x, y, "triton"))
         flop = (8 if backward else 2) * n * n * d
@@ -319,15 +322,31 @@ def nca(x, y, backend, t=0.1):
     return nbkernels.nca_loss(x, y, temperature=t, reduction="none", backend=backend)
 
 
-def gluon_v4(form):
+def exact_rows(x, y, t):
+    """How many rows of the batch ``x`` (labels ``y``, temperature ``t``) the lse main pass
+    flags for the exact pass: {"both": both sums again, "positives": lse_pos only}."""
+    from nbkernels import kernel_inputs
+    from nbkernels.backends import triton as tb
+    q, _, kmetric = kernel_inputs.prepare(x.detach(), x.detach(), "sqeuclidean")
+    trace = {}
+    with torch.no_grad():
+        tb.lse_forward_passes(q, q, y, y, torch.tensor(t, device=x.device), kmetric, 0, True,
+                              tb._default_precision(), None, trace)
+    return {"both": int((trace["redo"] == 1).sum()),
+            "positives": int((trace["redo"] == 2).sum())}
+
+
+class GluonForward:
     """bench/gluon_fwd.py's forward in ``form`` (its Gluon main pass, nbkernels' exact pass)
     as "triton"; the other backends as ``nca``."""
-    def call(x, y, backend, t=0.1):
+    def __init__(self, form):
+        self.form = form
+
+    def __call__(self, x, y, backend, t=0.1):
         if backend != "triton":
             return nca(x, y, backend, t)
         import gluon_fwd
-        return gluon_fwd.nca_rows(x, y, t, gluon_fwd.Form(**form))
-    return call
+        return gluon_fwd.nca_rows(x, y, t, gluon_fwd.Form(**self.form))
 
 
 def gluon_candidates(top=2):
@@ -381,7 +400,9 @@ def table(records):
         rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"] + (f" (class tile {r['class_tile']})" if r.get("class_tile") else "")
             + (f" (fwd {r['fwd_variant']})" if r.get("fwd_variant") else "")
-            + (f" ({r['inputs']})" if r.get("inputs") else ""),
+            + (f" ({r['inputs']})" if r.get("inputs") else "")
+            + (" (exact pass: {both} + {positives} rows)".format(**r["exact_rows"])
+               if r.get("exact_rows") else ""),
             r["mode"], r["dtype"], cfg if r.get("fwd_config") or r.get("bwd_config")
             else "-" if not r["name"].startswith("nbkernels") else "table",
             (r.get("bwd_variant") or "-") + _form(r.get("sym_one_exp")), pred,
@@ -412,13 +433,16 @@ def main(argv=None):
     # most wanted first: ours with the table's configs, the alternatives and anchors at the
     # same shape, then the other candidate configs (the model's ranking) and TF32
     run.ours("nbkernels-triton", nca, half, "fwd", table_fwd, table_bwd, fwd_pred)
+    # on unit-norm rows too, which flag no row for the exact pass (N(0, 0.3^2) rows at T =
+    # 0.1 flag 29% of them: bench/results/exact_pass_rows.json; the records count them)
+    run.ours("nbkernels-triton", nca, half, "fwd", table_fwd, table_bwd, fwd_pred, unit=True)
     run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd)
     # the Gluon v4 main pass (bench/gluon_fwd.py, not nbkernels; checked against backend
     # "torch" first), the forward the latency model has fastest under triton 3.6 to 3.9:
     # its two best forms under the running triton
     for form, name, pred in gluon_candidates():
-        run.ours(f"v4-gluon-prototype {name}", gluon_v4(form), half, "fwd", predicted_s=pred,
-                 unavailable=gluon_unavailable)
+        run.ours(f"v4-gluon-prototype {name}", GluonForward(form), half, "fwd",
+                 predicted_s=pred, unavailable=gluon_unavailable)
     # the symmetric backward's two forms (one or two exp2 per pair) on unit-norm rows (the
     # N(0, 0.3^2) rows' normalizers spread over 137.5 binades, within the one-exp kernel's
     # 140 but near it: the records say which form worked)

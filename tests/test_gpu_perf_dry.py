@@ -49,7 +49,13 @@ def test_gpu_perf_dry_run(tmp_path):
     assert all(r["predicted_s"] > 0 and "predicted_latency_s" not in r for r in knn)
     # the symmetric backward both ways on unit-norm rows: one exp2 per pair, then two
     unit = [r for r in ours if r.get("inputs") == "unit-norm rows"]
-    assert [(r["sym_one_exp"], r.get("sym_form")) for r in unit] == [([1], None), ([0], "two")]
+    assert [(r["sym_one_exp"], r.get("sym_form")) for r in unit if r["mode"] == "fwdbwd"] \
+        == [([1], None), ([0], "two")]
+    # the forward on both kinds of rows, with the rows the exact pass redid
+    fwd = [r for r in ours if (r["mode"], r["dtype"], r["fwd_config"]) == (
+        "fwd", "float16", ours[0]["fwd_config"]) and "exact_rows" in r]
+    assert [r.get("inputs") for r in fwd[:2]] == [None, "unit-norm rows"]
+    assert all(set(r["exact_rows"]) == {"both", "positives"} for r in fwd)
     by_name = {r["name"]: r for r in records}
     for cuda_only in ("sdpa-flash", "flex"):
         assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]
