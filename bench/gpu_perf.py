@@ -251,6 +251,10 @@ class Run:
                 if not err <= CHECK_TOL[dtype]:
                     return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
                 x, y = self.inputs(n, dtype, unit=unit)
+                if call is nca or isinstance(call, GluonForward):
+                    # the rows the forward's exact pass redoes on these inputs (the
+                    # backward's fix-up launch takes the rows flagged 2 alike)
+                    info["exact_rows"] = exact_rows(x, y, self.shape["t"])
                 if backward:
                     x.requires_grad_(True)
                     forms.clear()
@@ -262,9 +266,6 @@ class Run:
                         # the latency model's symmetric rows are the one-exp kernel's
                         info["predicted_latency_s"] = None
                     return timing
-                if call is nca or isinstance(call, GluonForward):
-                    # the rows the exact pass redoes on these inputs (its share of the time)
-                    info["exact_rows"] = exact_rows(x, y, self.shape["t"])
                 with torch.no_grad():
                     return self.time(lambda: call(x, y, "triton"))
         flop = (8 if backward else 2) * n * n * d
