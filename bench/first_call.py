@@ -138,7 +138,10 @@ def _predict():
                 vals.update(perm=build._meta(torch.int32), r_order=build._meta(torch.int32),
                             tile_ptr=build._meta(torch.int64))
             if flags.get("FIXUP"):
-                vals["flags"] = build._meta(torch.int8)
+                # the flags, and its rows grouped by label with each label's range
+                vals.update(flags=build._meta(torch.int8), own_perm=build._meta(torch.int32),
+                            other_order=build._meta(torch.int32),
+                            label_ptr=build._meta(torch.int64))
             vals = build._fill_unknown(jit, vals)
             t0 = time.perf_counter()
             build.compile_triton(jit, vals, w, s, f"first_{dtype}_{kind}_{flags}")

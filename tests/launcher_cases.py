@@ -3,6 +3,7 @@
 The oracle is ``nbkernels.backends.reference`` on the same (rounded) inputs upcast to
 fp64, differentiated by autograd.
 """
+import math
 import types
 
 import torch
@@ -61,3 +62,34 @@ def close(actual, expected, atol, rtol, **kw):
     """assert_close in the expected (reference) dtype; NaN must match NaN."""
     torch.testing.assert_close(actual.to(expected.dtype), expected, atol=atol, rtol=rtol,
                                equal_nan=True, **kw)
+
+
+def far_positives(device, dtype, gap_sq, batch, k=40, per=4, extra=30, d=3, seed=4):
+    """``k`` labels, each with one row near the origin and a cluster of ``per`` rows at
+    squared distance ``gap_sq`` in its own direction, and ``extra`` near rows with labels
+    of their own, interleaved (label order is not row order); T = 1. The near rows of the
+    k labels have their positives only far away (``gap_sq`` below their nearest reference
+    in logit). ``batch``: the batch against itself (r is q); else the queries are the
+    near rows and the references the rest. Returns (case, offset, the rows whose
+    positives are all far)."""
+    g = torch.Generator().manual_seed(seed)
+    near = torch.randn(k + extra, d, generator=g, dtype=torch.float64) * 0.3
+    centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g,
+                                                        dtype=torch.float64), dim=1)
+    far = (centres * math.sqrt(gap_sq)).repeat_interleave(per, 0) + \
+        torch.randn(k * per, d, generator=g, dtype=torch.float64) * 0.3
+    x = torch.cat([near, far])
+    y = torch.cat([torch.arange(k + extra), torch.arange(k).repeat_interleave(per)])
+    mix = torch.randperm(x.shape[0], generator=g)
+    x, y = x[mix], y[mix]
+    t = torch.tensor(1.0, dtype=dtype, device=device)
+    if batch:
+        q = x.to(device, dtype)
+        a = y.to(device)
+        case = types.SimpleNamespace(q=q, r=q, a=a, b=a, t=t, c=k + extra)
+        return case, 0, mix < k
+    keep = mix >= k
+    case = types.SimpleNamespace(q=near.to(device, dtype), r=x[keep].to(device, dtype),
+                                 a=torch.arange(k + extra, device=device),
+                                 b=y[keep].to(device), t=t, c=k + extra)
+    return case, None, torch.arange(k + extra) < k

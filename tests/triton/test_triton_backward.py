@@ -4,7 +4,8 @@ oracle of tests/conformance/, under the interpreter (or on a GPU):
 * the batch loss's one SYMMETRIC kernel (``r is q``, one label vector): its summed
   gradient equals the oracle's dq + dr, and the dq + dr of the two-kernel path on a copy;
 * the one-exp positives, with the fix-up launch in some rows only (rows whose
-  lse_all - lse_pos exceeds 2^64 in exp2 units), on both paths;
+  lse_all - lse_pos exceeds 2^64 in exp2 units), on both paths; the fix-up's rows grouped
+  by label (it visits only the other rows of its own rows' labels);
 * a resident (D <= 32 here) and a chunked feature dim;
 * fp16 ds scaling of the symmetric kernel under a tiny upstream gradient;
 * int64 labels that agree in their low 32 bits (ranked, never truncated);
@@ -16,6 +17,7 @@ import types
 import pytest
 import torch
 
+import launcher_cases as cases
 from conformance import oracle_lse, upstream_lse
 
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2)}
@@ -235,3 +237,47 @@ def test_symmetric_is_deterministic(tb, h):
     first = _run(tb, case, "sqeuclidean", 0, g_all, g_pos)[1]
     second = _run(tb, case, "sqeuclidean", 0, g_all, g_pos)[1]
     assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+
+
+@pytest.mark.parametrize("mode", ["dq", "dr", "sym"])
+def test_fixup_rows_are_grouped_by_label(mode):
+    """The fix-up launch visits, per block of its own rows, only the other side's rows of
+    the block's labels: own rows grouped by label (dq: the flagged queries first), the
+    other side in label order, and each label rank's range there (``_fixup_rows``)."""
+    from nbkernels.backends.triton import backward as tbw
+    a = torch.tensor([3, 1, 2, 3, 1, 5, 2], dtype=torch.int32)
+    b = a if mode == "sym" else torch.tensor([2, 3, 3, 1, 4, 2, 2, 1, 3], dtype=torch.int32)
+    flags = torch.tensor([1, 0, 1, 0, 1, 0, 0], dtype=torch.int8)
+    n, m = a.shape[0], b.shape[0]
+    got = tbw._fixup_rows(mode, (a, b), flags, n, m)
+    own, other = (b, a) if mode == "dr" else (a, b)
+    perm, order, ptr = (got[k].long() for k in ("own_perm", "other_order", "label_ptr"))
+    assert sorted(perm.tolist()) == list(range(own.shape[0]))
+    if mode == "dq":
+        flagged = int((flags != 0).sum())
+        assert (flags[perm[:flagged]] != 0).all() and (flags[perm[flagged:]] == 0).all()
+        assert own[perm[:flagged]].tolist() == sorted(own[flags != 0].tolist())
+    else:
+        assert own[perm].tolist() == sorted(own.tolist())
+    assert other[order].tolist() == sorted(other.tolist())
+    for v in range(n + m + 1):
+        assert (other[order[ptr[v]:ptr[v + 1]]] == v).all()
+        assert int(ptr[v + 1] - ptr[v]) == int((other == v).sum())
+
+
+@pytest.mark.parametrize("dtype, gap_sq", [(torch.float32, 150.0), (torch.float64, 900.0)])
+def test_fixup_over_far_positives(tb, h, dtype, gap_sq):
+    """The fix-up launch where 40 rows, of 40 labels interleaved over the batch, have all
+    their positives far below their nearest reference (``launcher_cases.far_positives``):
+    the symmetric kernel and, on a copy, the dq and dr kernels against the oracle (the
+    fix-up's terms are most of these rows' gradient)."""
+    case, offset, far = cases.far_positives(h.device, dtype, gap_sq, True)
+    eps = torch.finfo(dtype).eps
+    tol = (1e-9, 1e-9) if dtype == torch.float64 else (1e-3, 1e-3)
+    want = _check_batch(tb, h, case, "sqeuclidean", offset,
+                        tuple(x + 8 * eps * gap_sq for x in tol))
+    gap = (want[0] - want[1]) / math.log(2)
+    limit = 960 if dtype == torch.float64 else 64
+    # the fix-up's rows: exactly the far-positive ones (rows without a positive have
+    # lse_pos = -inf and no positive term)
+    assert (gap[far] > limit).all() and not (gap[~far & (want[1] > -math.inf)] > limit).any()

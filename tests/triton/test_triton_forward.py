@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 
+import launcher_cases as cases
 from conformance import oracle_lse, upstream_lse
 from conformance.oracle import oracle_rows
 
@@ -127,7 +128,6 @@ def test_rows_without_a_positive_skip_the_exact_pass(tb, h, flagged, dtype, batc
     assert flagged.order.tolist() == rows[redo].tolist() + rows[~redo].tolist()
 
 
-
 @pytest.mark.parametrize("dtype, gap_sq", [(torch.float32, 150.0), (torch.float64, 900.0)])
 @pytest.mark.parametrize("batch", [False, True])
 def test_positives_only_blocks(tb, h, flagged, dtype, gap_sq, batch):
@@ -140,45 +140,19 @@ def test_positives_only_blocks(tb, h, flagged, dtype, gap_sq, batch):
     interpreter's tiles), and every lse matches the fp64 oracle. Across batches the
     queries are those near rows and the references the rest (each of the 30 then has
     one near positive)."""
-    g = torch.Generator().manual_seed(4)
-    k, per, extra, d = 40, 4, 30, 3
-    near = torch.randn(k + extra, d, generator=g, dtype=torch.float64) * 0.3
-    centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g,
-                                                        dtype=torch.float64), dim=1)
-    far = (centres * math.sqrt(gap_sq)).repeat_interleave(per, 0) + \
-        torch.randn(k * per, d, generator=g, dtype=torch.float64) * 0.3
-    labels_near = torch.arange(k + extra)
-    labels_far = torch.arange(k).repeat_interleave(per)
-    # references interleaved, so that label order is not row order
-    x = torch.cat([near, far])
-    y = torch.cat([labels_near, labels_far])
-    mix = torch.randperm(x.shape[0], generator=g)
-    x, y = x[mix], y[mix]
-    dev = h.device
-    if batch:
-        q, a, r, b, offset = x, y, x, y, 0
-        # the near rows of the 40 labels, where the mix put them
-        want = (mix < k).to(torch.int8) * 2
-    else:
-        keep = (mix >= k)
-        q, a, r, b, offset = near, labels_near, x[keep], y[keep], None
-        want = (labels_near < k).to(torch.int8) * 2
-    case = types.SimpleNamespace(q=q.to(dev, dtype), r=r.to(dev, dtype), a=a.to(dev),
-                                 b=b.to(dev), t=torch.tensor(1.0, dtype=dtype, device=dev),
-                                 c=k + extra)
-    if batch:
-        case.r, case.b = case.q, case.a
+    case, offset, far = cases.far_positives(h.device, dtype, gap_sq, batch)
     # the far rows' logits and row shifts reach gap_sq / T in magnitude: a few of their
     # ulps on top of the usual tolerance
     _check(tb, h, case, offset, TOL[dtype] + 8 * torch.finfo(dtype).eps * gap_sq)
     # exactly those rows are flagged 2 (in the batch, rows of a far cluster whose first
     # tile holds none of their cluster overflow past the lagging shift: 1, both sums)
-    redo = flagged[-1][:q.shape[0]].cpu()
-    assert torch.equal(redo == 2, want == 2), redo
+    n = case.q.shape[0]
+    redo = flagged[-1][:n].cpu()
+    assert torch.equal(redo == 2, far), redo
     # the exact pass's order: the rows flagged 1, then those flagged 2 by label, then the
     # others, each in row order
-    rows = torch.arange(q.shape[0])
-    by_label = rows[redo == 2][torch.argsort(a[redo == 2], stable=True)]
+    rows = torch.arange(n)
+    by_label = rows[redo == 2][torch.argsort(case.a.cpu()[redo == 2], stable=True)]
     assert flagged.order.cpu().tolist() == (rows[redo == 1].tolist() + by_label.tolist()
                                             + rows[redo == 0].tolist())
 

@@ -95,6 +95,20 @@ def _symmetric_forms(two, x, col, lse, rows, gmax, top_scale, c):
                       ds_scale=s_w if top_scale is None else s_w * top_scale)]
 
 
+def _fixup_rows(mode, labels, flags, n, m):
+    """The fix-up launch's rows (``neighbor_bwd_kernel``, FIXUP: the positives' terms of
+    the flagged queries): its own rows grouped by label (dq: the flagged ones first, the
+    others' programs skip), the other side in label order and each label's range there;
+    no host sync."""
+    a, b = labels[0][:n], labels[1][:m]
+    own, other = (b, a) if mode == "dr" else (a, a if mode == "sym" else b)
+    if mode == "dq":
+        own = torch.where(flags[:n] != 0, a, n + m + 1)
+    order, ptr = tr.label_order(other, n + m)
+    own_perm = order if mode == "sym" else torch.argsort(own, stable=True).to(torch.int32)
+    return dict(own_perm=own_perm, other_order=order, label_ptr=ptr)
+
+
 def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offset,
               has_offset, need_q, need_r, need_t, precision, r_far, symmetric, lse=None):
     """Launch the dq / dr (or, ``symmetric``, the one batch) kernels; reduce dT in torch.
@@ -162,13 +176,16 @@ def _backward(q, r, labels, temperature, passes, gmax, num_classes, metric, offs
             if mode == "sym" and not fixup:
                 forms = _symmetric_forms(forms[0], q, q_col, lse, (shift, w_neg, w_pos), gmax,
                                          top_scale, common["scale"])
+            gather = dict(own_perm=None, other_order=None, label_ptr=None)
+            if fixup:
+                gather = _fixup_rows(mode, labels, flags, n, m)
             shift, w_neg, w_pos, flags = (None if x is None else tr.padded(x, 0)
                                           for x in (shift, w_neg, w_pos, flags))
             for form in forms:
                 with _on_device(q):
                     tk.launch(
                         kind, grid, tune=not fixup and form is forms[-1], chosen=chosen, **sides,
-                        **form,
+                        **form, **gather,
                         row_shift=shift, w_neg=w_neg, w_pos=w_pos, g_cls=g_cls, flags=flags,
                         s_gn=0 if g_cls is None else g_cls.stride(0),
                         s_gc=0 if g_cls is None else g_cls.stride(1), CLASS=g_cls is not None,

@@ -57,19 +57,11 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
         # the exact pass (``neighbor_fwd_kernel``): the rows flagged 1 first (both sums,
         # over every reference), then those flagged 2 grouped by label (lse_pos, over
         # their labels' references in label order); its programs past them skip
-        order, ptr = _label_order(b[:r.shape[0]], n + r.shape[0])
+        order, ptr = tr.label_order(b[:r.shape[0]], n + r.shape[0])
         tk.launch("fwd", grid, tune=False, POS_PASS=True,
                   **dict(args, perm=_exact_order(redo, a[:n], n + r.shape[0]), r_order=order,
                          tile_ptr=ptr, row_state=None))
     return lse_all, lse_pos
-
-
-def _label_order(b, ranks):
-    """(the references in label order (M,) int32, the range of each label rank in it:
-    [ptr[v], ptr[v + 1]) (ranks + 2,) for ranks 0..``ranks``); no host sync."""
-    order = torch.argsort(b, stable=True)
-    ptr = torch.searchsorted(b[order], torch.arange(ranks + 2, device=b.device, dtype=b.dtype))
-    return order.to(torch.int32), ptr
 
 
 def _exact_order(redo, a, ranks):

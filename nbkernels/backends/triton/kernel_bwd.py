@@ -21,136 +21,197 @@ def _ds_dir(b_u, b_pos, b_shift, b_wneg, b_wpos, FIXUP: tl.constexpr):
 
 
 @triton.jit
+def _dt_add(b_dt, b_ds, b_u, b_xn, b_yn, REF_MAJOR: tl.constexpr):
+    """dt_part's row sums of ds * logit, the true logit being u + the query's own norm
+    term; ds = 0 wherever the logit is -inf (masked, or underflow): 0 * -inf kept out."""
+    if REF_MAJOR:
+        b_z = b_u + b_yn[None, :]
+    else:
+        b_z = b_u + b_xn[:, None]
+    return b_dt + tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
+
+
+@triton.jit
+def _dx_dot(b_acc, b_sum, b_ds, b_yt, SQEUCLID: tl.constexpr, ACC: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """The tile's share of dx: ds (rounded to the inputs' dtype for the tensor-core dot,
+    16-bit inputs) times the other rows, and its row sums (sqeuclidean)."""
+    b_dsr = b_ds.to(b_yt.dtype)
+    if SQEUCLID:
+        b_sum += tl.sum(b_dsr.to(ACC), 1)
+    return tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION, out_dtype=ACC), b_sum
+
+
+@triton.jit
 def _bwd_tile(b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, s_yk, y_labels, y_col,
               row_shift,
-              w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
+              w_neg, w_pos, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, o_own,
               m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID: tl.constexpr,
               CLASS: tl.constexpr, REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr,
-              FIXUP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
+              NEED_DX: tl.constexpr, NEED_DT: tl.constexpr,
               RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DX: tl.constexpr, OTHER_T: tl.constexpr, ONE_EXP: tl.constexpr, sym_w, s_sw,
               b_s1, b_a1, b_ap, b_an, i_t, DIAG: tl.constexpr):
     """One other-side tile [i_t, i_t + BOTHER) of ``neighbor_bwd_kernel``: the dx
     accumulator, the row sums of ds and the dT partial sums, updated. DIAG: the tile meets
-    the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*, b_fl; with
+    the diagonal, whose pairs get ds = 0. Own-side terms (b_x*, b_sh, b_w*; with
     ONE_EXP b_s1, b_a1, b_ap, b_an) come from the caller; the other side's are loaded here
     from the padded vectors."""
     # tile-local int32 row offsets from tile base pointers: 32-bit address math per element
     o_t = tl.arange(0, BLOCK_OTHER)
     m_t = o_t < n_other - i_t
-    run = True
-    if FIXUP:
-        if REF_MAJOR or SYMMETRIC:
-            b_tf = tl.load(flags + i_t + o_t)
-            if SYMMETRIC:
-                run = (tl.max(b_tf, 0) > 0) | (tl.max(b_fl, 0) > 0)
-            else:
-                run = tl.max(b_tf, 0) > 0
-    if run:
-        y_t = y + i_t * s_y
-        b_xy, b_yt = _rows_dot(b_x, x, y=y_t, o_x=o_own, m_x=m_own, o_y=o_t, m_y=m_t, D=D, s_xn=s_x,
-                               s_xd=s_xk, s_yn=s_y, s_yd=s_yk, RESIDENT=RESIDENT, ACC=ACC,
-                               PRECISION=PRECISION, BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER,
-                               BLOCK_D=BLOCK_D)
-        # [BOTHER] the other rows' terms (padded vectors: no mask)
-        b_yn = _col_term(y_col + i_t, o_t, m_t, False, ACC)
-        if not CLASS:
-            b_yl = tl.load(y_labels + i_t + o_t)
-            m_pos = b_xl[:, None] == b_yl[None, :]
-        elif not REF_MAJOR:
-            b_yl = tl.load(y_labels + i_t + o_t)
-        if REF_MAJOR:
-            # [BOTHER] query rows' terms; u = own reference's logit, as the forward's FFMA
-            b_u = tl.fma(b_xy, b_c, b_xn[:, None])
+    y_t = y + i_t * s_y
+    b_xy, b_yt = _rows_dot(b_x, x, y=y_t, o_x=o_own, m_x=m_own, o_y=o_t, m_y=m_t, D=D, s_xn=s_x,
+                           s_xd=s_xk, s_yn=s_y, s_yd=s_yk, RESIDENT=RESIDENT, ACC=ACC,
+                           PRECISION=PRECISION, BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER,
+                           BLOCK_D=BLOCK_D)
+    # [BOTHER] the other rows' terms (padded vectors: no mask)
+    b_yn = _col_term(y_col + i_t, o_t, m_t, False, ACC)
+    if not CLASS:
+        b_yl = tl.load(y_labels + i_t + o_t)
+        m_pos = b_xl[:, None] == b_yl[None, :]
+    elif not REF_MAJOR:
+        b_yl = tl.load(y_labels + i_t + o_t)
+    if REF_MAJOR:
+        # [BOTHER] query rows' terms; u = own reference's logit, as the forward's FFMA
+        b_u = tl.fma(b_xy, b_c, b_xn[:, None])
+        b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
+        b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
+        if CLASS:
+            m_g = m_own & (b_xl >= 0)
+            # [BOWN, BOTHER] G_{i, b_j} of query i (other) and reference j (own)
+            b_g = tl.load(g_cls + (i_t + o_t)[None, :] * s_gn
+                          + b_xl.to(tl.int64)[:, None] * s_gc,
+                          mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
+            b_ds = _exp(b_u, b_sht[None, :]) * (b_g - b_wnt[None, :])
+        else:
+            b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
+            b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], b_wnt[None, :], b_wpt[None, :], False)
+    else:
+        b_u = tl.fma(b_xy, b_c, b_yn[None, :])
+        if CLASS:
+            m_g = m_t & (b_yl >= 0)
+            # [BOWN, BOTHER] G_{i, b_j}, gathered (labels in no class: 0)
+            b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
+                          mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
+            b_ds = _exp(b_u, b_sh[:, None]) * (b_g - b_wn[:, None])
+        elif ONE_EXP:
+            # the symmetric kernel's one exp2 for both directions (see
+            # neighbor_bwd_kernel): e under the launcher's own-row shift s_k, then
+            # ds_kj = e A_k B_k and ds_jk = e A_k B_j (B: a row's weight as the query,
+            # positive or negative, times 2^(R - its log2 normalizer)); b_tot their sum
+            b_bnt = tl.load(sym_w + 2 * s_sw + i_t + o_t).to(ACC)
+            b_bpt = tl.load(sym_w + 3 * s_sw + i_t + o_t).to(ACC)
+            b_e = _exp(b_u, b_s1[:, None])
+            b_wk = tl.where(m_pos, b_ap[:, None], b_an[:, None])
+            b_ds = b_e * b_wk
+            b_tot = b_e * tl.fma(b_a1[:, None],
+                                 tl.where(m_pos, b_bpt[None, :], b_bnt[None, :]), b_wk)
+        else:
+            b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], False)
+        if SYMMETRIC and not ONE_EXP:
+            # the same pairs with the other rows as queries: ds_jk, k the reference
             b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
             b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
-            if CLASS:
-                m_g = m_own & (b_xl >= 0)
-                # [BOWN, BOTHER] G_{i, b_j} of query i (other) and reference j (own)
-                b_g = tl.load(g_cls + (i_t + o_t)[None, :] * s_gn
-                              + b_xl.to(tl.int64)[:, None] * s_gc,
-                              mask=m_g[:, None] & m_t[None, :], other=0).to(ACC)
-                b_ds = _exp(b_u, b_sht[None, :]) * (b_g - b_wnt[None, :])
+            b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
+            b_dsj = _ds_dir(tl.fma(b_xy, b_c, b_xn[:, None]), m_pos, b_sht[None, :],
+                            b_wnt[None, :], b_wpt[None, :], False)
+    if DIAG:
+        if REF_MAJOR:
+            # own rows are the references: j = i + offset, i in the other tile
+            m_d = tl.trans(_diagonal(i_t, i_o0, offset, BLOCK_OTHER, BLOCK_OWN))
+        else:
+            m_d = _diagonal(i_o0, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
+        b_ds = tl.where(m_d, 0.0, b_ds)
+        if ONE_EXP:
+            b_tot = tl.where(m_d, 0.0, b_tot)
+        elif SYMMETRIC:
+            b_dsj = tl.where(m_d, 0.0, b_dsj)
+    if NEED_DT:
+        b_dt = _dt_add(b_dt, b_ds, b_u, b_xn, b_yn, REF_MAJOR)
+    if ONE_EXP:
+        b_ds = b_tot
+    elif SYMMETRIC:
+        b_ds = b_ds + b_dsj
+    if NEED_DX:
+        if OTHER_T:
+            # [BOTHER, BDX] from the launcher's transposed copy [D, n_other padded with
+            # zeros to PAD]: the other rows contiguous (K-major for the TF32 dot), and
+            # no mask along them, so that the load vectorises
+            b_yt = tl.trans(tl.load(y_tt + i_t + o_t[None, :] + o_dx[:, None] * s_ytt,
+                                    mask=m_dx[:, None], other=0))
+        elif not RESIDENT:
+            # [BOTHER, BDX]
+            b_yt = tl.load(y_t + o_t[:, None] * s_y + o_dx[None, :] * s_yk,
+                           mask=m_t[:, None] & m_dx[None, :], other=0)
+        b_acc, b_sum = _dx_dot(b_acc, b_sum, b_ds, b_yt, SQEUCLID, ACC, PRECISION)
+    return b_acc, b_sum, b_dt
+
+
+@triton.jit
+def _bwd_fix_tile(b_acc, b_sum, b_dt, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col, row_shift,
+                  w_neg, w_pos, flags, other_order, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
+                  m_own, o_dx, m_dx, hi_t, D, offset, b_c, HAS_OFFSET: tl.constexpr,
+                  SQEUCLID: tl.constexpr, REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  NEED_DX: tl.constexpr, NEED_DT: tl.constexpr, RESIDENT: tl.constexpr,
+                  ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_OWN: tl.constexpr,
+                  BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DX: tl.constexpr, i_t):
+    """One tile of the FIXUP launch: the other rows at label-order positions [i_t, i_t +
+    BOTHER) below hi_t (``other_order``: their indices), gathered, and their pairs with the
+    own rows that share a label (the positives' terms are the only ones a fix-up adds),
+    the excluded pair masked by index. Skipped when neither side holds a flagged query."""
+    o_s = i_t + tl.arange(0, BLOCK_OTHER)
+    m_t = o_s < hi_t
+    b_j = tl.load(other_order + o_s, mask=m_t, other=0).to(tl.int64)
+    if REF_MAJOR:
+        run = tl.max(tl.load(flags + b_j, mask=m_t, other=0), 0) > 0
+    elif SYMMETRIC:
+        run = (tl.max(tl.load(flags + b_j, mask=m_t, other=0), 0) > 0) | (tl.max(b_fl, 0) > 0)
+    else:
+        run = tl.max(b_fl, 0) > 0
+    if run:
+        b_xy, b_yt = _rows_dot(b_x, x, y=y, o_x=o_own, m_x=m_own, o_y=b_j, m_y=m_t, D=D,
+                               s_xn=s_x, s_xd=s_xk, s_yn=s_y, s_yd=s_yk, RESIDENT=RESIDENT,
+                               ACC=ACC, PRECISION=PRECISION, BLOCK_X=BLOCK_OWN,
+                               BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
+        b_yn = _col_term(y_col, b_j, m_t, True, ACC)
+        m_pos = (b_xl[:, None] == tl.load(y_labels + b_j, mask=m_t, other=-2)[None, :]) & \
+            m_own[:, None]
+        if HAS_OFFSET:
+            if REF_MAJOR:
+                m_pos = m_pos & (o_own[:, None] != b_j[None, :] + offset)
             else:
-                b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
-                b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], b_wnt[None, :], b_wpt[None, :], FIXUP)
+                m_pos = m_pos & (b_j[None, :] != o_own[:, None] + offset)
+        if REF_MAJOR:
+            b_u = tl.fma(b_xy, b_c, b_xn[:, None])
+            b_sht = tl.load(row_shift + b_j, mask=m_t, other=0).to(ACC)
+            b_ds = _ds_dir(b_u, m_pos, b_sht[None, :], 0.0,
+                           tl.load(w_pos + b_j, mask=m_t, other=0).to(ACC)[None, :], True)
         else:
             b_u = tl.fma(b_xy, b_c, b_yn[None, :])
-            if CLASS:
-                m_g = m_t & (b_yl >= 0)
-                # [BOWN, BOTHER] G_{i, b_j}, gathered (labels in no class: 0)
-                b_g = tl.load(g_cls + o_own[:, None] * s_gn + b_yl.to(tl.int64)[None, :] * s_gc,
-                              mask=m_own[:, None] & m_g[None, :], other=0).to(ACC)
-                b_ds = _exp(b_u, b_sh[:, None]) * (b_g - b_wn[:, None])
-            elif ONE_EXP:
-                # the symmetric kernel's one exp2 for both directions (see
-                # neighbor_bwd_kernel): e under the launcher's own-row shift s_k, then
-                # ds_kj = e A_k B_k and ds_jk = e A_k B_j (B: a row's weight as the query,
-                # positive or negative, times 2^(R - its log2 normalizer)); b_tot their sum
-                b_bnt = tl.load(sym_w + 2 * s_sw + i_t + o_t).to(ACC)
-                b_bpt = tl.load(sym_w + 3 * s_sw + i_t + o_t).to(ACC)
-                b_e = _exp(b_u, b_s1[:, None])
-                b_wk = tl.where(m_pos, b_ap[:, None], b_an[:, None])
-                b_ds = b_e * b_wk
-                b_tot = b_e * tl.fma(b_a1[:, None],
-                                     tl.where(m_pos, b_bpt[None, :], b_bnt[None, :]), b_wk)
-            else:
-                b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], FIXUP)
-            if SYMMETRIC and not ONE_EXP:
-                # the same pairs with the other rows as queries: ds_jk, k the reference
-                b_sht = tl.load(row_shift + i_t + o_t).to(ACC)
-                b_wnt = tl.load(w_neg + i_t + o_t).to(ACC)
-                b_wpt = tl.load(w_pos + i_t + o_t).to(ACC)
-                b_dsj = _ds_dir(tl.fma(b_xy, b_c, b_xn[:, None]), m_pos, b_sht[None, :],
-                                b_wnt[None, :], b_wpt[None, :], FIXUP)
-        if DIAG:
-            if REF_MAJOR:
-                # own rows are the references: j = i + offset, i in the other tile
-                m_d = tl.trans(_diagonal(i_t, i_o0, offset, BLOCK_OTHER, BLOCK_OWN))
-            else:
-                m_d = _diagonal(i_o0, i_t, offset, BLOCK_OWN, BLOCK_OTHER)
-            b_ds = tl.where(m_d, 0.0, b_ds)
-            if ONE_EXP:
-                b_tot = tl.where(m_d, 0.0, b_tot)
-            elif SYMMETRIC:
-                b_dsj = tl.where(m_d, 0.0, b_dsj)
+            b_ds = _ds_dir(b_u, m_pos, b_sh[:, None], b_wn[:, None], b_wp[:, None], True)
         if NEED_DT:
-            # true logit: u + the query's own norm term
-            if REF_MAJOR:
-                b_z = b_u + b_yn[None, :]
-            else:
-                b_z = b_u + b_xn[:, None]
-            # ds = 0 wherever the logit is -inf (masked, or underflow): keep 0 * -inf out
-            b_dt += tl.sum(tl.where(b_ds != 0, b_ds * b_z, 0), 1)
-        if ONE_EXP:
-            b_ds = b_tot
-        elif SYMMETRIC:
-            b_ds = b_ds + b_dsj
+            b_dt = _dt_add(b_dt, b_ds, b_u, b_xn, b_yn, REF_MAJOR)
+        if SYMMETRIC:
+            # the same pairs with the other rows as queries
+            b_ds += _ds_dir(tl.fma(b_xy, b_c, b_xn[:, None]), m_pos,
+                            tl.load(row_shift + b_j, mask=m_t, other=0).to(ACC)[None, :], 0.0,
+                            tl.load(w_pos + b_j, mask=m_t, other=0).to(ACC)[None, :], True)
         if NEED_DX:
-            if OTHER_T:
-                # [BOTHER, BDX] from the launcher's transposed copy [D, n_other padded with
-                # zeros to PAD]: the other rows contiguous (K-major for the TF32 dot), and
-                # no mask along them, so that the load vectorises
-                b_yt = tl.trans(tl.load(y_tt + i_t + o_t[None, :] + o_dx[:, None] * s_ytt,
-                                        mask=m_dx[:, None], other=0))
-            elif not RESIDENT:
+            if not RESIDENT:
                 # [BOTHER, BDX]
-                b_yt = tl.load(y_t + o_t[:, None] * s_y + o_dx[None, :] * s_yk,
+                b_yt = tl.load(y + b_j[:, None] * s_y + o_dx[None, :] * s_yk,
                                mask=m_t[:, None] & m_dx[None, :], other=0)
-            # 16-bit inputs: ds rounded to their dtype for the tensor-core dot
-            b_dsr = b_ds.to(b_yt.dtype)
-            if SQEUCLID:
-                b_sum += tl.sum(b_dsr.to(ACC), 1)
-            b_acc = tl.dot(b_dsr, b_yt, b_acc, input_precision=PRECISION, out_dtype=ACC)
+            b_acc, b_sum = _dx_dot(b_acc, b_sum, b_ds, b_yt, SQEUCLID, ACC, PRECISION)
     return b_acc, b_sum, b_dt
 
 
 @triton.jit(do_not_specialize=BWD_NO_SPECIALIZE)
 def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col, row_shift,
                         w_neg, w_pos, flags, g_cls, ds_scale, dx, dt_part, sym_w, one_exp,
-                        N, M, D, C, offset, s_qn, s_qd, s_rm, s_rd, s_qt, s_rt, s_gn, s_gc, s_xn,
-                        s_xd, s_sw,
+                        own_perm, other_order, label_ptr, N, M, D, C, offset, s_qn, s_qd, s_rm,
+                        s_rd, s_qt, s_rt, s_gn, s_gc, s_xn, s_xd, s_sw,
                         N_KEY, M_KEY, D_KEY,
                         SQEUCLID: tl.constexpr, HAS_OFFSET: tl.constexpr, CLASS: tl.constexpr,
                         REF_MAJOR: tl.constexpr, SYMMETRIC: tl.constexpr, FIXUP: tl.constexpr,
@@ -180,8 +241,12 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
     that matter then sit above 2^-126 of the shared shift. Rows beyond (extreme T) are
     ``flags``; their main-pass w_pos is w_neg, and a FIXUP launch adds their positives'
     term with its own shift (that of lse_pos; w_neg = 0, w_pos = g_pos; -inf / 0
-    elsewhere), skipping every tile without a flagged row, and accumulating into dx and
-    dt_part. dx is written in ACC and cast by the launcher, so the two passes round once.
+    elsewhere), accumulating into dx and dt_part. Positives share a label, so it takes
+    its own rows in the launcher's order (``own_perm``: grouped by label; dq: the flagged
+    queries first) and visits only the other rows of the block's labels, a range of label
+    order (``label_ptr`` by label rank, ``other_order`` the rows there), gathered, skipping
+    a tile where neither side holds a flagged query. dx is written in ACC and cast by the
+    launcher, so the two passes round once.
 
     CLASS: ds_ij = p_ij (G_{i,b_j} - delta_i), with G gathered from g_cls and delta in
     w_neg (p from row_shift as above); one pass.
@@ -221,6 +286,10 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
     i_o = tl.program_id(0).to(tl.int64)
     i_d = tl.program_id(1).to(tl.int64)
     o_own = i_o * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    if FIXUP:
+        # the fix-up takes its own rows in the launcher's order (grouped by label)
+        m_perm = o_own < (M if REF_MAJOR else N)
+        o_own = tl.load(own_perm + o_own, mask=m_perm, other=0).to(tl.int64)
     o_dx = i_d * BLOCK_DX + tl.arange(0, BLOCK_DX)
     m_dx = o_dx < D
     b_c = tl.load(scale).to(ACC)
@@ -235,6 +304,8 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
         y, s_y, s_yk, y_labels, y_col = r, s_rm, s_rd, r_labels, r_col
         y_tt, s_ytt = r_t, s_rt
     m_own = o_own < n_own
+    if FIXUP:
+        m_own = m_perm
     b_x = tl.zeros([BLOCK_OWN, BLOCK_D], dtype=x.dtype.element_ty)
     if RESIDENT:
         b_x = _load_rows(x, o_own, m_own, D, s_x, s_xk, BLOCK_D)
@@ -276,38 +347,52 @@ def neighbor_bwd_kernel(q, r, q_t, r_t, q_labels, r_labels, scale, r_col, q_col,
     b_fl = tl.zeros([BLOCK_OWN], dtype=tl.int8)
     if FIXUP:
         if not REF_MAJOR:
-            # the own rows are queries: none flagged, nothing to add
+            # the own rows are queries (dr: references, none flagged)
             b_fl = tl.load(flags + o_own, mask=m_own, other=0)
-            if not SYMMETRIC:
-                hi = tl.where(tl.max(b_fl, 0) > 0, n_other, 0)
     b_acc = tl.zeros([BLOCK_OWN, BLOCK_DX], dtype=ACC)
     b_sum = tl.zeros([BLOCK_OWN], dtype=ACC)
     b_dt = tl.zeros([BLOCK_OWN], dtype=ACC)
-    # the other side's tiles that meet the diagonal first, unrolled (straight-line code),
-    # then the main loop over the others, which has no mask at all. Own rows o, other
-    # rows t: the excluded pairs are t = o + offset (own queries) or t = o - offset.
-    i_o0 = i_o * BLOCK_OWN
-    t_lo, t_hi = _diagonal_tiles(i_o0, -offset if REF_MAJOR else offset, hi, HAS_OFFSET,
-                                 BLOCK_OWN, BLOCK_OTHER)
-    for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
-        if t_lo + k < t_hi:
+    if FIXUP:
+        # only the positives' terms: the other rows of the own rows' labels, a range of
+        # label order (``label_ptr`` by label rank, ``other_order`` the rows in it)
+        lo_t = tl.min(tl.load(label_ptr + b_xl, mask=m_own, other=n_other), 0)
+        hi_t = tl.max(tl.load(label_ptr + b_xl + 1, mask=m_own, other=0), 0)
+        if not (REF_MAJOR or SYMMETRIC):
+            hi_t = tl.where(tl.max(b_fl, 0) > 0, hi_t, lo_t)
+        for i_t in range(lo_t, hi_t, BLOCK_OTHER):
+            b_acc, b_sum, b_dt = _bwd_fix_tile(
+                b_acc, b_sum, b_dt, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels, y_col, row_shift,
+                w_neg, w_pos, flags, other_order, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
+                m_own, o_dx, m_dx, hi_t, D, offset, b_c, HAS_OFFSET, SQEUCLID, REF_MAJOR,
+                SYMMETRIC, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER,
+                BLOCK_D, BLOCK_DX, i_t=i_t)
+    else:
+        # the other side's tiles that meet the diagonal first, unrolled (straight-line code),
+        # then the main loop over the others, which has no mask at all. Own rows o, other
+        # rows t: the excluded pairs are t = o + offset (own queries) or t = o - offset.
+        i_o0 = i_o * BLOCK_OWN
+        t_lo, t_hi = _diagonal_tiles(i_o0, -offset if REF_MAJOR else offset, hi, HAS_OFFSET,
+                                     BLOCK_OWN, BLOCK_OTHER)
+        for k in tl.static_range(_peeled(HAS_OFFSET, BLOCK_OWN, BLOCK_OTHER)):
+            if t_lo + k < t_hi:
+                b_acc, b_sum, b_dt = _bwd_tile(
+                    b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, s_yk,
+                    y_labels, y_col, row_shift, w_neg, w_pos, g_cls, s_gn, s_gc, b_xn,
+                    b_xl, b_sh, b_wn, b_wp, o_own, m_own, o_dx, m_dx, n_other, D, offset,
+                    b_c, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC, NEED_DX, NEED_DT,
+                    RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX, OTHER_T,
+                    ONE_EXP, sym_w, s_sw, b_s1, b_a1, b_ap, b_an, i_t=(t_lo + k) * BLOCK_OTHER,
+                    DIAG=True)
+        n_diag = t_hi - t_lo
+        for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
+            i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
             b_acc, b_sum, b_dt = _bwd_tile(
                 b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, s_yk, y_labels,
-                y_col, row_shift, w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp,
-                b_fl, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR,
-                SYMMETRIC, FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN,
-                BLOCK_OTHER, BLOCK_D, BLOCK_DX, OTHER_T, ONE_EXP, sym_w, s_sw, b_s1, b_a1, b_ap,
-                b_an, i_t=(t_lo + k) * BLOCK_OTHER, DIAG=True)
-    n_diag = t_hi - t_lo
-    for t in range(0, tl.cdiv(hi, BLOCK_OTHER) - n_diag):
-        i_t = (t + tl.where(t >= t_lo, n_diag, 0)) * BLOCK_OTHER
-        b_acc, b_sum, b_dt = _bwd_tile(
-            b_acc, b_sum, b_dt, i_o0, b_x, x, y, y_tt, s_ytt, s_x, s_xk, s_y, s_yk, y_labels, y_col,
-            row_shift,
-            w_neg, w_pos, flags, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn, b_wp, b_fl, o_own,
-            m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS, REF_MAJOR, SYMMETRIC,
-            FIXUP, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION, BLOCK_OWN, BLOCK_OTHER, BLOCK_D,
-            BLOCK_DX, OTHER_T, ONE_EXP, sym_w, s_sw, b_s1, b_a1, b_ap, b_an, i_t=i_t, DIAG=False)
+                y_col, row_shift, w_neg, w_pos, g_cls, s_gn, s_gc, b_xn, b_xl, b_sh, b_wn,
+                b_wp, o_own, m_own, o_dx, m_dx, n_other, D, offset, b_c, SQEUCLID, CLASS,
+                REF_MAJOR, SYMMETRIC, NEED_DX, NEED_DT, RESIDENT, ACC, PRECISION,
+                BLOCK_OWN, BLOCK_OTHER, BLOCK_D, BLOCK_DX, OTHER_T, ONE_EXP, sym_w, s_sw, b_s1,
+                b_a1, b_ap, b_an, i_t=i_t, DIAG=False)
     if SCALE_DS:
         if REF_MAJOR or SYMMETRIC:
             b_sc = tl.zeros([BLOCK_OWN], dtype=ACC) + tl.load(ds_scale).to(ACC)

@@ -26,6 +26,14 @@ def label_ranks(q_labels, r_labels):
     return padded(ranks[:n], -2), padded(ranks[n:], -2)
 
 
+def label_order(b, ranks):
+    """(the rows of label ranks ``b`` in label order (M,) int32, the range of each label
+    rank there: [ptr[v], ptr[v + 1]) (ranks + 2,) for ranks 0..``ranks``); no host sync."""
+    order = torch.argsort(b, stable=True)
+    ptr = torch.searchsorted(b[order], torch.arange(ranks + 2, device=b.device, dtype=b.dtype))
+    return order.to(torch.int32), ptr
+
+
 def has_positive(a, b, offset):
     """int8 (N,): 1 where some reference other than the excluded pair j = i + offset
     shares query i's label rank (``label_ranks``, >= 1). Counted by a scatter into
