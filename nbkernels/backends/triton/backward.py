@@ -104,7 +104,8 @@ def _fixup_rows(mode, labels, flags, n, m):
     own, other = (b, a) if mode == "dr" else (a, a if mode == "sym" else b)
     if mode == "dq":
         own = torch.where(flags[:n] != 0, a, n + m + 1)
-    order, ptr = tr.label_order(other, n + m)
+    # one label vector: its order from the ranking sort (``label_ranks``)
+    order, ptr = tr.label_order(other, n + m, labels[2] if len(labels) > 2 else None)
     own_perm = order if mode == "sym" else torch.argsort(own, stable=True).to(torch.int32)
     return dict(own_perm=own_perm, other_order=order, label_ptr=ptr)
 
@@ -230,9 +231,9 @@ def _lse_bwd(q: torch.Tensor, r: torch.Tensor, q_labels: torch.Tensor, r_labels:
                 + torch.where(lse_pos == float("-inf"), 0.0, g_pos.float().abs()))
     main, fix, flags = lse_backward_rows(lse_all, lse_pos, g_all, g_pos)
     passes = [((*main, None), None), ((*fix, None), flags)]
-    return _backward(q, r, tr.label_ranks(q_labels, r_labels), temperature, passes, gmax, 0,
-                     metric, offset, has_offset, need_q, need_r, need_t, precision, r_far,
-                     symmetric, lse=lse_all)
+    return _backward(q, r, tr.label_ranks(q_labels, r_labels, order=True), temperature, passes,
+                     gmax, 0, metric, offset, has_offset, need_q, need_r, need_t, precision,
+                     r_far, symmetric, lse=lse_all)
 
 
 @_lse_bwd.register_fake

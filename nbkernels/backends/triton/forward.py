@@ -30,7 +30,7 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
     lse_pos = torch.empty(n, dtype=acc, device=q.device)
     if n == 0:
         return lse_all, lse_pos
-    a, b = tr.label_ranks(q_labels, r_labels)
+    a, b, order = tr.label_ranks(q_labels, r_labels, order=True)
     has_pos = tr.has_positive(a[:n], b[:r.shape[0]], offset if has_offset else None)
     # the rows for the exact pass (written by the main pass)
     redo = torch.empty(n, dtype=torch.int8, device=q.device)
@@ -57,7 +57,7 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
         # the exact pass (``neighbor_fwd_kernel``): the rows flagged 1 first (both sums,
         # over every reference), then those flagged 2 grouped by label (lse_pos, over
         # their labels' references in label order); its programs past them skip
-        order, ptr = tr.label_order(b[:r.shape[0]], n + r.shape[0])
+        order, ptr = tr.label_order(b[:r.shape[0]], n + r.shape[0], order)
         tk.launch("fwd", grid, tune=False, POS_PASS=True,
                   **dict(args, perm=_exact_order(redo, a[:n], n + r.shape[0]), r_order=order,
                          tile_ptr=ptr, row_state=None))

@@ -10,26 +10,32 @@ from . import kernels as tk
 LOG2E = common.LOG2E.value  # the kernels' constant, as a Python float
 
 
-def label_ranks(q_labels, r_labels):
+def label_ranks(q_labels, r_labels, order=False):
     """int32 dense ranks of both label vectors (equal labels, equal ranks), for the
-    kernels' one-compare positives test. Exact for any int64 labels; no host sync."""
+    kernels' one-compare positives test. Exact for any int64 labels; no host sync.
+    ``order``: a third value, for one label vector (``r_labels is q_labels``) its rows in
+    label order (the sort that ranks them, stable; ``label_order`` takes it), else None."""
     same = r_labels is q_labels
     both = q_labels if same else torch.cat([q_labels, r_labels])
-    s, idx = torch.sort(both)
+    s, idx = torch.sort(both, stable=True)
     new = torch.ones(s.shape, dtype=torch.int32, device=s.device)
     new[1:] = (s[1:] != s[:-1]).to(torch.int32)
     ranks = torch.empty_like(new).scatter_(0, idx, torch.cumsum(new, 0, dtype=torch.int32))
     if same:
         ranks = padded(ranks, -2)
-        return ranks, ranks
-    n = q_labels.shape[0]
-    return padded(ranks[:n], -2), padded(ranks[n:], -2)
+        out = ranks, ranks
+    else:
+        n = q_labels.shape[0]
+        out = padded(ranks[:n], -2), padded(ranks[n:], -2)
+    return (*out, idx if same else None) if order else out
 
 
-def label_order(b, ranks):
+def label_order(b, ranks, order=None):
     """(the rows of label ranks ``b`` in label order (M,) int32, the range of each label
-    rank there: [ptr[v], ptr[v + 1]) (ranks + 2,) for ranks 0..``ranks``); no host sync."""
-    order = torch.argsort(b, stable=True)
+    rank there: [ptr[v], ptr[v + 1]) (ranks + 2,) for ranks 0..``ranks``); no host sync.
+    ``order``: that order where the caller has it already (``label_ranks``)."""
+    if order is None:
+        order = torch.argsort(b, stable=True)
     ptr = torch.searchsorted(b[order], torch.arange(ranks + 2, device=b.device, dtype=b.dtype))
     return order.to(torch.int32), ptr
 
