@@ -4,9 +4,10 @@ CPU can check. The arguments it refuses, with the reason; the form ``FORMS`` giv
 triton is the one its results JSON records as the latency model's fastest; and that form
 compiles for sm_90 without a spill, its dots on HGMMA, one exp2 per pair, and its
 simulated cycles per tile within 10 % of the committed figure (regenerate the JSON with
-``python bench/gluon_fwd.py`` when a change is meant to move it). The launcher seam it
-plugs into (``lse_forward_passes``' ``main``) is checked under the interpreter
-(tests/triton/test_triton_forward.py)."""
+``python bench/gluon_fwd.py`` when a change is meant to move it); and it hands the kernel,
+parameter by parameter, the launch arguments of the seam it plugs into
+(``lse_forward_passes``' ``main``, itself checked under the interpreter in
+tests/triton/test_triton_forward.py)."""
 import json
 import sys
 from pathlib import Path
@@ -90,3 +91,43 @@ def test_form_compiles_clean():
     assert got["exps_under_mma"][1] <= f.block_m * G.BLOCK_N / (32 * f.num_warps) + 2
     want = next(r for r in _results()["forms"] if r["name"] == f.name)
     assert got["cycles_per_tile"] <= 1.1 * want["cycles_per_tile"], (got, want)
+
+
+def test_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
+    """What ``main_pass`` passes the kernel, bound to its parameter names, against the
+    launch arguments ``lse_forward_passes`` gives a main pass (bf16 rows, D = 128, the
+    batch): the same tensors, sizes and strides, and the form's constants (a GPU is the
+    first to run the kernel itself)."""
+    from nbkernels import kernel_inputs
+    from nbkernels.backends.triton import forward
+    from nbkernels.backends.triton import kernels as tk
+    # the arguments only: no Triton launch (the exact pass) on this machine
+    monkeypatch.setattr(tk, "launch", lambda *args, **kw: None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, G.D, generator=g).to(torch.bfloat16)
+    y = torch.randint(0, 7, (300,), generator=g)
+    q, _, kmetric = kernel_inputs.prepare(x, x, "sqeuclidean")
+    seen = {}
+    forward.lse_forward_passes(q, q, y, y, torch.tensor(0.1), kmetric, 0, True, "ieee",
+                               main=lambda args, grid: seen.update(args))
+    calls = []
+    names = [p.name for p in G.lse_main_sm90.params]
+
+    def launch(grid):
+        return lambda *args, **kw: calls.append((grid, dict(zip(names, args)), kw))
+    monkeypatch.setattr(G, "lse_main_sm90",
+                        type("Kernel", (), {"__getitem__": lambda self, grid: launch(grid)})())
+    f = G.Form(128, 8, False, True)
+    G.main_pass(seen, None, f)
+    (grid, bound, kw), = calls
+    assert grid == (3,) and kw == {"num_warps": 8}
+    for name, key in (("q", "q"), ("r", "r"), ("q_labels", "q_labels"), ("pack", "r_pack"),
+                      ("scale", "scale"), ("has_pos", "has_pos"), ("lse_all", "lse_all"),
+                      ("lse_pos", "lse_pos"), ("redo", "redo")):
+        assert bound[name] is seen[key], name
+    assert (bound["N"], bound["M"], bound["s_qn"], bound["s_rn"]) == (300, 300, G.D, G.D)
+    assert (bound["BLOCK_M"], bound["BLOCK_N"], bound["D"]) == (128, G.BLOCK_N, G.D)
+    assert (bound["DIAG"], bound["AFTER"], bound["WIDE"]) == (True, False, True)
+    # the packed terms are the launcher's: column term high, label rank low
+    w = bound["pack"][:300]
+    assert torch.equal((w & 0xFFFFFFFF).to(torch.int32), seen["r_labels"][:300])
