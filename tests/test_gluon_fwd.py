@@ -131,3 +131,20 @@ def test_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
     # the packed terms are the launcher's: column term high, label rank low
     w = bound["pack"][:300]
     assert torch.equal((w & 0xFFFFFFFF).to(torch.int32), seen["r_labels"][:300])
+
+
+def test_class_probe_compiles_clean():
+    """bench/sass/gluon_class_probe.py's class forward loop, 128 x 64 with 8 warps: compiles
+    for sm_90 under this triton (its p -> TF32 operand conversion asserted trivial, no
+    shuffle) without local memory, its wgmma under every exp of the tile, and within 10 %
+    of the committed cycles per tile."""
+    from bench.sass import gluon_class_probe as P
+    path = P.results_path()
+    if not path.exists():
+        pytest.skip(f"no {path.name} for triton {G.VERSION} (bench/sass/gluon_class_probe.py)")
+    got = P.modelled(128, 64, 8)
+    assert got["local_bytes"] == 0
+    under, total = got["exps_under_mma"]
+    assert under == total > 0, got["loop"]
+    want = next(r for r in json.loads(path.read_text())["rows"] if r["config"] == [128, 64, 8])
+    assert got["cycles_per_tile"] <= 1.1 * want["cycles_per_tile"], (got, want)
