@@ -19,7 +19,10 @@ make the logit accumulator's registers the TF32 operand's as they are (the conve
 asserted trivial: no shuffle); the one-hot's rows follow the same permutation. The
 one-hot is not built per tile: it streams from a launcher-made [BLOCK_C, M] fp32 matrix
 (each reference's place in its class tile, transposed: TF32 operands are K-major in
-shared memory), 4 bytes per reference and class-tile column.
+shared memory), 4 bytes per reference and class-tile column, its columns permuted within
+each aligned group of 8 as p's are. That holds for tiles that start at multiples of 8:
+a launcher for this loop pads each class tile's references in label order to such a start
+(with references that weigh nothing), which this probe assumes.
 """
 import json
 import os
