@@ -15,9 +15,9 @@ row chunks).
 "rows": the flagged rows. "blocks before": the 128-row blocks the exact pass visited
 when it ran on the main pass's blocks and rows without any positive were flagged too;
 "tiles, both sums": the share of the N x M tiles a pass that redoes both sums of the
-flagged rows over every reference visits (they go first: ceil(rows / 128) blocks, the
-exact pass until the positives pass); "tiles, positives pass": the positives pass's
-share (the flagged rows grouped by label in blocks of 128, each block over the
+flagged rows over every reference visits (ceil(rows / 128) blocks: the exact pass before
+it had positives-only blocks); "tiles, positives pass": the share its positives-only
+blocks visit now (the flagged rows grouped by label in blocks of 128, each block over the
 references of its labels, a contiguous range of label order, in tiles of 128).
 
     python bench/exact_pass_rows.py      # about 3 minutes on 2 CPU cores (the target rows)
@@ -58,8 +58,8 @@ def _flags(x, y, t, chunk):
 
 
 def _tiles(under, y):
-    """The shares of the N x M tiles of the pass over every reference, and of the
-    positives pass (see the module docstring)."""
+    """The shares of the N x M tiles of the pass over every reference, and of the exact
+    pass's positives-only blocks (see the module docstring)."""
     n = y.shape[0]
     total = math.ceil(n / BLOCK) ** 2
     flagged = torch.sort(y[under], stable=True).values

@@ -339,15 +339,6 @@ def results_path(version=VERSION):
     return ROOT / "bench" / "results" / f"gluon_fwd_sm90{tag}.json"
 
 
-def ranked(version=VERSION):
-    """The forms of ``version``'s results JSON, fastest predicted first: [(Form, seconds)]."""
-    import json
-    path = results_path(version)
-    forms = json.loads(path.read_text())["forms"] if path.exists() else []
-    return sorted(((Form(**r["form"]), r["predicted_latency_model"]["time_s"]) for r in forms),
-                  key=lambda x: x[1])
-
-
 def main():
     import json
 

@@ -77,7 +77,9 @@ def test_runs_on_an_sm90_gpu_only():
 def test_form_is_the_recorded_best():
     res = _results()
     assert G.form().name == res["best"] == res["chosen"]
-    assert G.ranked()[0][0] == G.form()
+    # and the first of the forms bench/gpu_perf.py times
+    import gpu_perf
+    assert gpu_perf.gluon_candidates(1)[0][1] == G.form().name
 
 
 def test_form_compiles_clean():

@@ -459,7 +459,7 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         # NaN there; an anchor that is not finite: -inf, a first tile all masked); 2,
         # the positives' sum only (they underflowed against the shift, in a row that has
         # a positive, ``has_pos``; a row without one has b_lp = 0 exactly, and lse_pos =
-        # -inf is already exact), by the positives pass over its label's references
+        # -inf is already exact), redone over its label's references only
         if row_state is not None:
             # diagnostics only (bench/gpu_diagnose.py): the main pass's anchor and sums
             tl.store(row_state + o_m, b_m, mask=m_m)
