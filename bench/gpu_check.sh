@@ -17,6 +17,7 @@
 #                       (tests/triton/test_triton_lowtemp.py), the conformance oracle
 #                       cases, NaN / determinism
 #   configs         45  every GPU tile config on a few cases (fp32, bf16; D = 128)
+#   gluon           45  the loss forward's Gluon main pass (tests/triton/test_gluon_main.py)
 #   speed           75  N = M = 65536, D = 128: nca_loss and soft_knn_predict against
 #                       FlexAttention, torch.compile and SDPA flash (bench/bench_gpu.py,
 #                       NBK_GPU_CASES=target)
@@ -83,6 +84,9 @@ stage correctness 75 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_triton_lowte
 stage configs 45 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_triton_configs.py \
     -k "every_gpu_config and 128 and not float16"
 
+# the loss forward's Gluon main pass (opt-in variant "sm90_gluon"; no CPU check runs it)
+stage gluon 45 "${PYTEST[@]}" tests/triton/test_gluon_main.py
+
 unset NBK_TEST_DEVICE NBK_TRITON_AUTOTUNE
 BENCH_LIMIT=$(( $(left) - 10 )); (( BENCH_LIMIT > 75 )) && BENCH_LIMIT=75
 export NBK_BENCH_RESULTS=$OUT NBK_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 15 ))
@@ -100,7 +104,7 @@ if [ -f setup.py ] && grep -q "CUDAExtension" setup.py; then
     stage tests-cuda 45 "${PYTEST[@]}" tests/cuda
 fi
 stage tests-triton-rest 120 "${PYTEST[@]}" "${XDIST[@]}" tests/triton \
-    -k "not (lowtemp or test_matches_oracle or every_gpu_config)"
+    -k "not (lowtemp or test_matches_oracle or every_gpu_config or gluon_main)"
 stage nightly 120 env NBK_NIGHTLY=1 "${PYTEST[@]}" tests/triton/test_triton_lowtemp.py -m nightly
 unset NBK_TEST_DEVICE NBK_TRITON_AUTOTUNE
 stage determinism 30 "$PY" bench/check_determinism.py --device cuda --n 8192 \

@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 
 import _harness as H  # noqa: E402
+import _gluon_rows as GR  # noqa: E402
 import _pins as V  # noqa: E402
 import _providers as P  # noqa: E402
 
@@ -202,10 +203,11 @@ class Run:
 
     def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
              need_s=25, unavailable=None, bwd_variant=None, class_tile=None, fwd_variant=None,
-             sym_form=None, unit=False):
+             sym_form=None, unit=False, main_variant=None):
         """Check and time ``call`` with the triton backend, at the given configs (None: the
         table's), backward and loss-forward variants (``kernels.VARIANTS``; None: the one
-        chosen), class tile width of the class forward (None: ``class_block_cap``'s) and
+        chosen; ``main_variant``: the loss forward's main pass, kind "fwd_main"), class tile
+        width of the class forward (None: ``class_block_cap``'s) and
         form of the symmetric backward ("two": the two-exp kernel; None: as the rows allow,
         ``rows.one_exp_rows``), on N(0, 0.3^2) embeddings or, ``unit``, unit-norm ones."""
         from nbkernels.backends import triton as tb
@@ -220,6 +222,8 @@ class Run:
             info["inputs"] = "unit-norm rows"
         if sym_form:
             info["sym_form"] = sym_form
+        if main_variant:
+            info["main_pass"] = main_variant
         if class_tile:
             info["class_tile"] = class_tile
         if backward:
@@ -240,18 +244,22 @@ class Run:
                 return reason
             tc.LAUNCHED.clear()
             with tk.fixed_configs(fwd, bwd), V.pinned(("bwd", "bwd_class"), bwd_variant), \
-                    V.pinned(("fwd",), fwd_variant), V.class_tile(class_tile), \
+                    V.pinned(("fwd",), fwd_variant), V.pinned(("fwd_main",), main_variant), \
+                    V.class_tile(class_tile), \
                     V.sym_form(sym_form) as forms:
                 err = self.check(call, dtype, backward, unit)
                 info["check_rel_err"] = err
                 # what ran, from the launchers' own bookkeeping
                 info["fwd_variant"] = V.launched(("fwd",)) or None
+                info["main_variant"] = V.launched(("fwd_main",)) or None
+                if main_variant and info["main_variant"] != main_variant:
+                    return f"main pass {main_variant!r} did not run (its why_not refused)"
                 if backward:
                     info["bwd_variant"] = V.launched(("bwd", "bwd_class"))
                 if not err <= CHECK_TOL[dtype]:
                     return f"check failed: rel err {err:.3g} > {CHECK_TOL[dtype]:g}"
                 x, y = self.inputs(n, dtype, unit=unit)
-                if call is nca or isinstance(call, GluonForward):
+                if call is nca or isinstance(call, GR.Forward):
                     # the rows the forward's exact pass redoes on these inputs (the
                     # backward's fix-up launch takes the rows flagged 2 alike)
                     info["exact_rows"] = exact_rows(x, y, self.shape["t"])
@@ -337,43 +345,6 @@ def exact_rows(x, y, t):
             "positives": int((trace["redo"] == 2).sum())}
 
 
-class GluonForward:
-    """bench/gluon_fwd.py's forward in ``form`` (its Gluon main pass, nbkernels' exact pass)
-    as "triton"; the other backends as ``nca``."""
-    def __init__(self, form):
-        self.form = form
-
-    def __call__(self, x, y, backend, t=0.1):
-        if backend != "triton":
-            return nca(x, y, backend, t)
-        import gluon_fwd
-        return gluon_fwd.nca_rows(x, y, t, gluon_fwd.Form(**self.form))
-
-
-def gluon_candidates(top=2):
-    """The ``top`` forms of the Gluon main pass that the latency model has fastest under
-    the running triton (bench/results/gluon_fwd_sm90*.json; the first is the one
-    ``gluon_fwd.FORMS`` gives it, tests/test_gluon_fwd.py): [(fields, name, seconds)]."""
-    from nbkernels.backends import variants
-    ver = variants.triton_version()
-    tag = "" if ver >= (3, 9) else f"_triton{ver[0]}{ver[1]}"
-    path = ROOT / "bench" / "results" / f"gluon_fwd_sm90{tag}.json"
-    forms = json.loads(path.read_text())["forms"] if path.exists() else []
-    forms = sorted(forms, key=lambda r: r["predicted_latency_model"]["time_s"])[:top]
-    return [(r["form"], r["name"], r["predicted_latency_model"]["time_s"]) for r in forms]
-
-
-def gluon_unavailable(device):
-    """Why the Gluon prototype cannot run on ``device`` (None if it can)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return "needs an sm_90 CUDA device (Gluon has no interpreter)"
-    try:
-        import gluon_fwd  # noqa: F401
-    except Exception as e:  # another triton's Gluon API is a result too
-        return f"does not import with this triton: {type(e).__name__}: {str(e)[:200]}"
-    return None
-
-
 def knn(classes):
     def call(x, y, backend, t=0.1):
         import nbkernels
@@ -401,6 +372,7 @@ def table(records):
         rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"] + (f" (class tile {r['class_tile']})" if r.get("class_tile") else "")
             + (f" (fwd {r['fwd_variant']})" if r.get("fwd_variant") else "")
+            + (f" (main pass {r['main_variant']})" if r.get("main_variant") else "")
             + (f" ({r['inputs']})" if r.get("inputs") else "")
             + (" (exact pass: {both} + {positives} rows)".format(**r["exact_rows"])
                if r.get("exact_rows") else ""),
@@ -438,12 +410,17 @@ def main(argv=None):
     # 0.1 flag 29% of them: bench/results/exact_pass_rows.json; the records count them)
     run.ours("nbkernels-triton", nca, half, "fwd", table_fwd, table_bwd, fwd_pred, unit=True)
     run.ours("nbkernels-triton", nca, half, "fwdbwd", table_fwd, table_bwd)
-    # the Gluon v4 main pass (bench/gluon_fwd.py, not nbkernels; checked against backend
-    # "torch" first), the forward the latency model has fastest under triton 3.6 to 3.9:
-    # its two best forms under the running triton
-    for form, name, pred in gluon_candidates():
-        run.ours(f"v4-gluon-prototype {name}", GluonForward(form), half, "fwd",
-                 predicted_s=pred, unavailable=gluon_unavailable)
+    # the loss forward's Gluon main pass (the opt-in variant "sm90_gluon"), the forward the
+    # latency model has fastest under triton 3.6 to 3.9, checked against backend "torch"
+    # first: through nbkernels (its form in gluon_lse.FORMS), then the model's second form
+    gluon = GR.candidates()
+    for mode in ("fwd", "fwdbwd"):
+        run.ours("nbkernels-triton", nca, half, mode, main_variant="sm90_gluon",
+                 predicted_s=gluon[0][2] if gluon and mode == "fwd" else None,
+                 unavailable=GR.unavailable)
+    for form, name, pred in gluon[1:]:
+        run.ours(f"v4-gluon {name}", GR.Forward(form, nca), half, "fwd", predicted_s=pred,
+                 unavailable=GR.unavailable)
     # the symmetric backward's two forms (one or two exp2 per pair) on unit-norm rows (the
     # N(0, 0.3^2) rows' normalizers spread over 137.5 binades, within the one-exp kernel's
     # 140 but near it: the records say which form worked)

@@ -1,10 +1,12 @@
-"""bench/gluon_fwd.py, the Gluon sm_90 main pass of the loss forward (a measurement
-candidate outside nbkernels; Gluon has no interpreter, so only a GPU runs it): what the
-CPU can check. The arguments it refuses, with the reason; the form ``FORMS`` gives this
-triton is the one its results JSON records as the latency model's fastest; and that form
-compiles for sm_90 without a spill, its dots on HGMMA, one exp2 per pair, and its
-simulated cycles per tile within 10 % of the committed figure (regenerate the JSON with
-``python bench/gluon_fwd.py`` when a change is meant to move it); and it hands the kernel,
+"""The loss forward's Gluon main pass for sm_90 (``nbkernels.backends.triton.gluon_lse``,
+the opt-in variant "sm90_gluon" of kind "fwd_main"; Gluon has no interpreter, so only a
+GPU runs it: tests/triton/test_gluon_main.py): what the CPU can check. The arguments it
+refuses, with the reason; where the launcher takes it (opted in, on sm_90, not
+interpreted); the form ``FORMS`` gives this triton is the one bench/gluon_fwd.py's
+results JSON records as the latency model's fastest; and that form compiles for sm_90
+without a spill, its dots on HGMMA, one exp2 per pair, and its simulated cycles per tile
+within 10 % of the committed figure (regenerate the JSON with ``python
+bench/gluon_fwd.py`` when a change is meant to move it); and it hands the kernel,
 parameter by parameter, the launch arguments of the seam it plugs into
 (``lse_forward_passes``' ``main``, itself checked under the interpreter in
 tests/triton/test_triton_forward.py)."""
@@ -27,6 +29,8 @@ if REASON:
     pytest.skip(f"static SASS model unavailable: {REASON}", allow_module_level=True)
 try:
     import gluon_fwd as G  # noqa: E402
+
+    from nbkernels.backends.triton import gluon_lse as L  # noqa: E402
 except ImportError as e:  # a triton before Gluon
     pytest.skip(f"no Gluon in this triton: {e}", allow_module_level=True)
 
@@ -34,7 +38,7 @@ except ImportError as e:  # a triton before Gluon
 def _results():
     path = G.results_path()
     if not path.exists():
-        pytest.skip(f"no {path.name} for triton {G.VERSION} (python bench/gluon_fwd.py)")
+        pytest.skip(f"no {path.name} for triton {L.VERSION} (python bench/gluon_fwd.py)")
     return json.loads(path.read_text())
 
 
@@ -55,17 +59,36 @@ def _args(dtype=torch.bfloat16, n=4096, m=4096, d=128, offset=0, has_offset=True
     (dict(n=100, m=200, has_offset=False), "two reference tiles"),
 ])
 def test_refuses_what_it_cannot_take(kw, why):
-    assert G.why_not(_args()) is None
-    assert G.why_not(_args(has_offset=False, n=4096, m=2048)) is None
-    assert why in G.why_not(_args(**kw))
+    assert L.why_not(_args()) is None
+    assert L.why_not(_args(has_offset=False, n=4096, m=2048)) is None
+    assert why in L.why_not(_args(**kw))
     with pytest.raises(ValueError, match="the Gluon main pass"):
-        G.main_pass(_args(**kw), None)
+        L.main_pass(_args(**kw), None)
+
+
+def test_launcher_takes_it_where_chosen_and_it_takes_the_arguments(monkeypatch):
+    """``kernels.main_pass``: the Gluon main pass where kind "fwd_main" chooses it (on
+    sm_90, opted in: tests/test_variants.py) and it takes the arguments; else None, the
+    Triton main pass (as on this CPU, even opted in)."""
+    from nbkernels.backends import variants
+    from nbkernels.backends.triton import kernels as tk
+    monkeypatch.setenv("NBK_VARIANTS", "sm90_gluon")
+    cpu = dict(_args(), q=torch.empty(4096, L.D, dtype=torch.bfloat16))
+    assert tk.main_pass(cpu) is None
+    gluon = next(v for v in tk.VARIANTS if v.name == "sm90_gluon")
+    monkeypatch.setattr(variants, "capability", lambda device: (9, 0))
+    choose = tk.choose
+    monkeypatch.setattr(tk, "choose", lambda kind, device, precision=None: gluon
+                        if kind == "fwd_main" else choose(kind, device, precision))
+    assert tk.main_pass(_args()) is L.main_pass
+    assert tk.main_pass(_args(dtype=torch.float32)) is None
+    assert tk.main_pass(_args(offset=3)) is None
 
 
 def test_narrow_form_refuses_offsets_past_int32():
     big = _args(n=256, m=2 ** 24, has_offset=False)
-    narrow, wide = G.Form(128, 8, False, False), G.Form(128, 8, False, True)
-    assert "int32" in G.why_not(big, narrow) and G.why_not(big, wide) is None
+    narrow, wide = L.Form(128, 8, False, False), L.Form(128, 8, False, True)
+    assert "int32" in L.why_not(big, narrow) and L.why_not(big, wide) is None
 
 
 def test_runs_on_an_sm90_gpu_only():
@@ -76,21 +99,21 @@ def test_runs_on_an_sm90_gpu_only():
 
 def test_form_is_the_recorded_best():
     res = _results()
-    assert G.form().name == res["best"] == res["chosen"]
+    assert L.form().name == res["best"] == res["chosen"]
     # and the first of the forms bench/gpu_perf.py times
-    import gpu_perf
-    assert gpu_perf.gluon_candidates(1)[0][1] == G.form().name
+    import _gluon_rows
+    assert _gluon_rows.candidates(1)[0][1] == L.form().name
 
 
 def test_form_compiles_clean():
     from bench.sass import sass
-    f = G.form()
+    f = L.form()
     cubin, name, _, _ = G.compile_sm90(f)
     assert sass.resource_usage(cubin)[name]["local"] == 0
     got = G.modelled(f)
     assert "HGMMA" in got["loop"]
     # one exp2 per pair (64 per thread and tile) and the per-row rescale's
-    assert got["exps_under_mma"][1] <= f.block_m * G.BLOCK_N / (32 * f.num_warps) + 2
+    assert got["exps_under_mma"][1] <= f.block_m * L.BLOCK_N / (32 * f.num_warps) + 2
     want = next(r for r in _results()["forms"] if r["name"] == f.name)
     assert got["cycles_per_tile"] <= 1.1 * want["cycles_per_tile"], (got, want)
 
@@ -106,29 +129,29 @@ def test_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
     # the arguments only: no Triton launch (the exact pass) on this machine
     monkeypatch.setattr(tk, "launch", lambda *args, **kw: None)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, G.D, generator=g).to(torch.bfloat16)
+    x = torch.randn(300, L.D, generator=g).to(torch.bfloat16)
     y = torch.randint(0, 7, (300,), generator=g)
     q, _, kmetric = kernel_inputs.prepare(x, x, "sqeuclidean")
     seen = {}
     forward.lse_forward_passes(q, q, y, y, torch.tensor(0.1), kmetric, 0, True, "ieee",
                                main=lambda args, grid: seen.update(args))
     calls = []
-    names = [p.name for p in G.lse_main_sm90.params]
+    names = [p.name for p in L.lse_main_sm90.params]
 
     def launch(grid):
         return lambda *args, **kw: calls.append((grid, dict(zip(names, args)), kw))
-    monkeypatch.setattr(G, "lse_main_sm90",
+    monkeypatch.setattr(L, "lse_main_sm90",
                         type("Kernel", (), {"__getitem__": lambda self, grid: launch(grid)})())
-    f = G.Form(128, 8, False, True)
-    G.main_pass(seen, None, f)
+    f = L.Form(128, 8, False, True)
+    L.main_pass(seen, None, f)
     (grid, bound, kw), = calls
     assert grid == (3,) and kw == {"num_warps": 8}
     for name, key in (("q", "q"), ("r", "r"), ("q_labels", "q_labels"), ("pack", "r_pack"),
                       ("scale", "scale"), ("has_pos", "has_pos"), ("lse_all", "lse_all"),
                       ("lse_pos", "lse_pos"), ("redo", "redo")):
         assert bound[name] is seen[key], name
-    assert (bound["N"], bound["M"], bound["s_qn"], bound["s_rn"]) == (300, 300, G.D, G.D)
-    assert (bound["BLOCK_M"], bound["BLOCK_N"], bound["D"]) == (128, G.BLOCK_N, G.D)
+    assert (bound["N"], bound["M"], bound["s_qn"], bound["s_rn"]) == (300, 300, L.D, L.D)
+    assert (bound["BLOCK_M"], bound["BLOCK_N"], bound["D"]) == (128, L.BLOCK_N, L.D)
     assert (bound["DIAG"], bound["AFTER"], bound["WIDE"]) == (True, False, True)
     # the packed terms are the launcher's: column term high, label rank low
     w = bound["pack"][:300]
@@ -143,7 +166,7 @@ def test_class_probe_compiles_clean():
     from bench.sass import gluon_class_probe as P
     path = P.results_path()
     if not path.exists():
-        pytest.skip(f"no {path.name} for triton {G.VERSION} (bench/sass/gluon_class_probe.py)")
+        pytest.skip(f"no {path.name} for triton {L.VERSION} (bench/sass/gluon_class_probe.py)")
     got = P.modelled(128, 64, 8)
     assert got["local_bytes"] == 0
     under, total = got["exps_under_mma"]

@@ -22,7 +22,7 @@ def test_gpu_perf_dry_run(tmp_path):
     data = json.loads((tmp_path / "gpu_perf.json").read_text())
     assert data["env"]["dry"] is True
     records = data["records"]
-    ours = [r for r in records if r["name"].startswith("nbkernels")]
+    ours = [r for r in records if r["name"].startswith("nbkernels") and "main_pass" not in r]
     # the table's configs and the other candidates, bf16 (fp16 here) and fp32, fwd and fwdbwd
     assert len(ours) >= 7
     assert {(r["mode"], r["dtype"]) for r in ours} == {
@@ -59,12 +59,18 @@ def test_gpu_perf_dry_run(tmp_path):
     by_name = {r["name"]: r for r in records}
     for cuda_only in ("sdpa-flash", "flex"):
         assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]
-    # the Gluon main pass's two best forms (predicted), skipped off an sm_90 GPU
-    protos = [r for r in records if r["name"].startswith("v4-gluon-prototype ")]
-    assert [r["name"].split()[-1] for r in protos] == [
-        name for _, name, _ in gpu_perf.gluon_candidates()]
-    assert len(protos) == 2 and all(r["predicted_s"] > 0 for r in protos)
-    assert all(r["status"] == "skipped" and "sm_90" in r["reason"] for r in protos)
+    # the Gluon main pass (variant "sm90_gluon"), forward and forward+backward through
+    # nbkernels, and its second-best form's forward (predicted), skipped off an sm_90 GPU
+    import _gluon_rows
+    gluon = [r for r in records if r.get("main_pass") == "sm90_gluon"]
+    assert [(r["name"], r["mode"]) for r in gluon] == [("nbkernels-triton", "fwd"),
+                                                      ("nbkernels-triton", "fwdbwd")]
+    best, second = _gluon_rows.candidates()
+    assert gluon[0]["predicted_s"] == best[2]
+    forms = [r for r in records if r["name"].startswith("v4-gluon ")]
+    assert [r["name"].split()[-1] for r in forms] == [second[1]]
+    assert forms[0]["predicted_s"] == second[2] > 0
+    assert all(r["status"] == "skipped" and "sm_90" in r["reason"] for r in gluon + forms)
     assert by_name["anchor-fa2"]["status"] == "ok"
     assert by_name["compile"]["status"] == "ok"
     table = (tmp_path / "gpu_perf.md").read_text().splitlines()

@@ -174,3 +174,47 @@ def test_pinned_takes_several_kinds():
     assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "sm90_new_triton"
     assert variants.choose(table, "bwd", (9, 0), (3, 9)).name == "generic"
     assert not variants._pinned
+
+
+def test_opt_in_variant_runs_only_where_named_or_pinned(monkeypatch):
+    """An opt-in variant (a kernel no CPU check runs) is never the default: it is chosen
+    where NBK_VARIANTS names it or a test pins it, and listed by ``applicable`` (what a
+    GPU's tests run) all the same; one that the interpreter cannot run does not hold for
+    an interpreted launch, named or not."""
+    table = [variants.Variant("fwd", "gpu_only", "kg", capability=((9, 0), (10, 0)),
+                              opt_in=True, interpreted=False)] + _table()
+    monkeypatch.delenv("NBK_VARIANTS", raising=False)
+    assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "sm90_new_triton"
+    assert [v.name for v in variants.applicable(table, "fwd", (9, 0), (3, 9))][:2] == \
+        ["gpu_only", "sm90_new_triton"]
+    monkeypatch.setenv("NBK_VARIANTS", "other, gpu_only")
+    assert variants.opted_in() == {"other", "gpu_only"}
+    assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "gpu_only"
+    assert variants.choose(table, "fwd", (8, 0), (3, 9)).name == "generic"
+    interpreted = variants.choose(table, "fwd", (9, 0), (3, 9), interpreted=True)
+    assert interpreted.name == "sm90_new_triton"
+    assert "gpu_only" not in [v.name for v in variants.applicable(table, "fwd", (9, 0), (3, 9),
+                                                                  interpreted=True)]
+    monkeypatch.setenv("NBK_VARIANTS", "")
+    with variants.pinned(table, "fwd", "gpu_only"):
+        assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "gpu_only"
+
+
+def test_triton_table_has_the_gluon_main_pass_opt_in_on_sm90(monkeypatch):
+    """Kind "fwd_main" (the loss forward's main pass): the Triton kernel's by default; the
+    Gluon one (``gluon_lse``) where opted in, on sm_90 under triton 3.6 to 3.9, and never
+    interpreted."""
+    tk = pytest.importorskip("nbkernels.backends.triton.kernels")
+    monkeypatch.delenv("NBK_VARIANTS", raising=False)
+    for version in [(3, 6), (3, 9)]:
+        assert variants.choose(tk.VARIANTS, "fwd_main", (9, 0), version).kernel is None
+    monkeypatch.setenv("NBK_VARIANTS", "sm90_gluon")
+    for cap in ((8, 0), (9, 0), (10, 0)):
+        for version in [(3, 5), (3, 6), (3, 9), (3, 10)]:
+            chosen = variants.choose(tk.VARIANTS, "fwd_main", cap, version)
+            want = "sm90_gluon" if cap == (9, 0) and (3, 6) <= version <= (3, 9) else "generic"
+            assert chosen.name == want, (cap, version)
+    chosen = variants.choose(tk.VARIANTS, "fwd_main", (9, 0), (3, 9), interpreted=True)
+    assert chosen.name == "generic"
+    # the launcher's own choice on this machine's CPU tensors: the interpreter's, Triton's
+    assert tk.choose("fwd_main", torch.device("cpu")).name == "generic"

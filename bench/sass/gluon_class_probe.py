@@ -11,8 +11,8 @@ for the exact pass.
 A program owns BLOCK_M query rows (in shared memory) and one class tile, and streams the
 class tile's references (in label order, from any position: rows past the tile weigh
 nothing) through a cp.async ring. Per reference tile: the next tile's logit wgmma is
-issued before this tile's softmax (as ``bench/gluon_fwd.py``), the self pair masked by
-position, the lazy shift; then the class mass ``y += p . onehot`` as two asynchronous
+issued before this tile's softmax (as in the loss forward's, ``gluon_lse``), the self
+pair masked by position, the lazy shift; then the class mass ``y += p . onehot`` as two asynchronous
 TF32 wgmmas with p from registers, p = hi + lo (hi truncated to TF32, lo the exact rest,
 the Triton kernel's ``tf32x2``). p's columns are permuted by a reshape and a permute that
 make the logit accumulator's registers the TF32 operand's as they are (the conversion is
@@ -41,7 +41,7 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
     fence_async_shared, warpgroup_mma, warpgroup_mma_wait)
 
-import gluon_fwd as G  # noqa: E402
+from nbkernels.backends.triton import gluon_lse as G  # noqa: E402
 from bench.sass import build, class_forward, latency, overlap_probe, report, sass  # noqa: E402
 
 BLOCK_C, D = 16, 128

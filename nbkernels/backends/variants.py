@@ -17,6 +17,7 @@ the GPU whose tile configs they run: a CPU device reports ``EMULATED_CAPABILITY`
 """
 import contextlib
 import dataclasses
+import os
 import re
 from typing import Any, Optional
 
@@ -39,7 +40,10 @@ class Variant:
     (``triton.configs.TABLE``); ``None``: the device's. precisions: the dot precisions of
     fp32 inputs it serves ("tf32", "tf32x3", "ieee"; what a launch passes as
     ``PRECISION``, "ieee" for every other dtype); ``None``: all. flags: the compile-time
-    flags a launch of it sets, as (name, value) pairs.
+    flags a launch of it sets, as (name, value) pairs. opt_in: launched only when pinned
+    or named in the environment variable NBK_VARIANTS (comma-separated names), for a
+    kernel that no CPU check runs. interpreted: whether it runs under the interpreter
+    (Gluon kernels do not): where the launch is interpreted, it does not hold.
     """
     kind: str
     name: str
@@ -49,10 +53,15 @@ class Variant:
     configs: Optional[str] = None
     precisions: Optional[tuple] = None
     flags: tuple = ()
+    opt_in: bool = False
+    interpreted: bool = True
 
-    def holds(self, capability, triton_version=None, precision=None):
+    def holds(self, capability, triton_version=None, precision=None, interpreted=False):
         """Whether it serves a launch on ``capability`` with ``triton_version`` and dot
-        ``precision``; a version or precision of None is not checked."""
+        ``precision`` (``interpreted``: on the CPU, through the interpreter or emulator);
+        a version or precision of None is not checked."""
+        if interpreted and not self.interpreted:
+            return False
         lo, hi = self.capability
         if not lo <= tuple(capability) < hi:
             return False
@@ -93,22 +102,34 @@ def triton_version():
 _pinned = {}
 
 
-def choose(table, kind, capability, triton_version=None, precision=None):
+def opted_in():
+    """The opt-in variants' names in NBK_VARIANTS (comma-separated)."""
+    return {n.strip() for n in os.environ.get("NBK_VARIANTS", "").split(",") if n.strip()}
+
+
+def choose(table, kind, capability, triton_version=None, precision=None, interpreted=False):
     """The first variant of ``table`` for ``kind`` that holds for ``capability``,
-    ``triton_version`` and ``precision`` (a pinned one first: ``pinned``)."""
+    ``triton_version``, ``precision`` and ``interpreted`` (a pinned one first:
+    ``pinned``; an opt-in one only where pinned or named in NBK_VARIANTS)."""
     name = _pinned.get((id(table), kind))
+    names = opted_in()
     for v in table:
         if v.kind == kind and (v.name == name if name else
-                               v.holds(capability, triton_version, precision)):
+                               (not v.opt_in or v.name in names)
+                               and v.holds(capability, triton_version, precision,
+                                           interpreted)):
             return v
     raise LookupError(f"no {kind!r} kernel for compute capability {capability}, "
                       f"triton {triton_version} and precision {precision!r} "
                       f"(and pinned {name!r})")
 
 
-def applicable(table, kind, capability, triton_version=None, precision=None):
-    """Every variant of ``table`` for ``kind`` that holds: what tests run on a device."""
-    return [v for v in table if v.kind == kind and v.holds(capability, triton_version, precision)]
+def applicable(table, kind, capability, triton_version=None, precision=None,
+               interpreted=False):
+    """Every variant of ``table`` for ``kind`` that holds, opt-in ones included: what
+    tests run on a device."""
+    return [v for v in table
+            if v.kind == kind and v.holds(capability, triton_version, precision, interpreted)]
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
     ``main``: a callable ``main(args, grid)`` run in place of the Triton main pass, on its
     launch arguments (``args``: inputs, flags, and the outputs lse_all, lse_pos and redo
     it must write, as ``neighbor_fwd_kernel``'s main pass does); the exact pass then
-    recomputes the rows it flags (bench/gluon_fwd.py's Gluon main pass).
+    recomputes the rows it flags. None: the kind "fwd_main" variant's (``kernels.main_pass``:
+    the Gluon one where opted in, ``gluon_lse``), else the Triton kernel's.
 
     ``trace``: a dict to fill with the intermediates, for diagnostics
     (bench/gpu_diagnose.py): the main pass's lse values, anchor and sums (``main_*``),
@@ -46,6 +47,7 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
                 **_common(q, r, temperature, metric, offset, has_offset, precision, "fwd"))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
     with _on_device(q):
+        main = main or tk.main_pass(args)
         if main is None:
             tk.launch("fwd", grid, POS_PASS=False, **args)
         else:

@@ -62,7 +62,9 @@ them in ``ds_scale``; the kernel divides after the dot, exactly.
 """
 import contextlib
 import functools
+import importlib
 
+import torch
 import triton
 
 from nbkernels.backends import variants
@@ -131,7 +133,20 @@ _TF32_TRANSPOSED_TRITON = {"bwd": ((3, 6), (3, 10)), "bwd_class": ((3, 7), (3, 1
 # the FMA dots do.
 _FWD_AHEAD = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 8)),
                   flags=(("AHEAD", True),))
+#
+# "sm90_gluon", kind "fwd_main": the loss forward's main pass in Gluon (``gluon_lse``,
+# the module named here, imported at the first launch), for 16-bit inputs with D = 128
+# (``gluon_lse.why_not``; otherwise the Triton main pass runs), the exact pass Triton's.
+# Its wgmma is pipelined by hand under the previous tile's softmax: predicted at 2.50 ms
+# against 3.09 for the Triton main pass under 3.6, 2.57 against 4.00 under 3.9 (the
+# latency model, N = M = 65536, bench/results/gluon_fwd_sm90*.json; not measured). Opt-in
+# (NBK_VARIANTS=sm90_gluon) until a GPU has run tests/triton/test_gluon_main.py: Gluon has
+# no interpreter. Kind "fwd_main"'s generic entry (no kernel) is the Triton main pass.
+_GLUON_MAIN = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 10)), opt_in=True,
+                   interpreted=False)
 VARIANTS = [
+    variants.Variant("fwd_main", "sm90_gluon", "gluon_lse", **_GLUON_MAIN),
+    variants.Variant("fwd_main", "generic", None),
     variants.Variant("fwd", "sm90_fwd_ahead", neighbor_fwd_kernel, **_FWD_AHEAD),
     variants.Variant("fwd", "generic", neighbor_fwd_kernel),
     variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
@@ -146,7 +161,7 @@ TRITON_VERSION = configs.TRITON_VERSION
 def choose(kind, device, precision=None):
     """The variant a launch of ``kind`` on ``device`` with dot ``precision`` runs."""
     return variants.choose(VARIANTS, kind, variants.capability(device), TRITON_VERSION,
-                           precision)
+                           precision, interpreted=torch.device(device).type != "cuda")
 
 
 def variant_for(kind, capability, precision=None):
@@ -214,3 +229,14 @@ def fixed_configs(fwd, bwd):
 def config(kind, element_size, d, device, precision=None):
     """The config a launch of ``kind`` would take (``configs.select``)."""
     return configs.select(kind, element_size, d, device, precision)[0]
+
+
+def main_pass(args):
+    """The lse forward's main pass for launch arguments ``args``
+    (``forward.lse_forward_passes``' ``main``): the kind "fwd_main" variant's, or None for
+    the Triton kernel's (the generic entry, or a variant whose ``why_not`` refuses them)."""
+    chosen = choose("fwd_main", args["q"].device, args.get("PRECISION"))
+    if chosen.kernel is None:
+        return None
+    module = importlib.import_module(f"{__package__}.{chosen.kernel}")
+    return None if module.why_not(args) else module.main_pass

@@ -1,0 +1,49 @@
+"""What bench/gpu_perf.py times of the loss forward's Gluon main pass
+(``nbkernels.backends.triton.gluon_lse``, the opt-in variant "sm90_gluon" of kind
+"fwd_main"): its forms that the latency model has fastest under the running triton, each
+as a per-row loss, and why it cannot run on a device. Gluon is imported only to run it,
+so that another triton's missing Gluon API is a recorded reason, not an import error."""
+import json
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def candidates(top=2):
+    """The ``top`` forms of the Gluon main pass that the latency model has fastest under
+    the running triton (bench/results/gluon_fwd_sm90*.json; the first is the one
+    ``gluon_lse.FORMS`` gives it, tests/test_gluon_fwd.py): [(fields, name, seconds)]."""
+    from nbkernels.backends import variants
+    ver = variants.triton_version()
+    tag = "" if ver >= (3, 9) else f"_triton{ver[0]}{ver[1]}"
+    path = ROOT / "bench" / "results" / f"gluon_fwd_sm90{tag}.json"
+    forms = json.loads(path.read_text())["forms"] if path.exists() else []
+    forms = sorted(forms, key=lambda r: r["predicted_latency_model"]["time_s"])[:top]
+    return [(r["form"], r["name"], r["predicted_latency_model"]["time_s"]) for r in forms]
+
+
+def unavailable(device):
+    """Why the Gluon main pass cannot run on ``device`` (None if it can)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "needs an sm_90 CUDA device (Gluon has no interpreter)"
+    try:
+        from nbkernels.backends.triton import gluon_lse  # noqa: F401
+    except Exception as e:  # another triton's Gluon API is a result too
+        return f"does not import with this triton: {type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+class Forward:
+    """The batch's per-row NCA losses with the Gluon main pass in ``form`` (fields of
+    ``gluon_lse.Form``) and nbkernels' exact pass as backend "triton"; other backends
+    through ``other(x, y, backend, t)``."""
+    def __init__(self, form, other):
+        self.form, self.other = form, other
+
+    def __call__(self, x, y, backend, t=0.1):
+        if backend != "triton":
+            return self.other(x, y, backend, t)
+        import gluon_fwd
+        return gluon_fwd.nca_rows(x, y, t, gluon_fwd.Form(**self.form))

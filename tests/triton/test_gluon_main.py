@@ -1,0 +1,150 @@
+"""The loss forward's Gluon main pass (``gluon_lse``, variant "sm90_gluon" of kind
+"fwd_main", opt-in) on an sm_90 GPU, against the fp64 oracles.
+
+Gluon has no interpreter: these tests run on an sm_90 GPU only (``NBK_TEST_DEVICE=cuda``,
+``bench/gpu_check.sh``'s "gluon" stage) and skip elsewhere; what the CPU can check of
+the same kernel (the arguments it refuses and those it hands the kernel, its compiled
+SASS) is in tests/test_gluon_fwd.py. Each test pins the variant and asserts that the
+Gluon main pass ran (``configs.LAUNCHED``): inputs it does not take would otherwise pass
+through the Triton main pass unnoticed. The shapes are those it takes (bf16 / fp16 rows
+of D = 128, at least two reference tiles) and odd: the last row block and the last
+reference tile part-filled, the diagonal tile anywhere.
+
+Every row of lse_all and lse_pos, and of the loss they give, is compared with the fp64
+formula at the forward's own precision (fp32 accumulation over rounded 16-bit inputs);
+the gradients, which the Triton backward computes from those lse values, with those of
+the Triton main pass's (within the conformance suite's 16-bit tolerances). Without the
+pin (the Triton main pass in its place) the same tests pass under the interpreter in
+fp16, the 700-row low-temperature case included.
+"""
+import os
+
+import pytest
+import torch
+
+import launcher_cases as cases
+import lowtemp
+from conformance import TOL, Launchers, oracle_lse, upstream_lse
+from nbkernels.backends import variants
+
+DEVICE = os.environ.get("NBK_TEST_DEVICE", "cpu")
+ON_SM90 = DEVICE == "cuda" and torch.cuda.is_available() and \
+    torch.cuda.get_device_capability()[0] == 9
+if not ON_SM90:
+    pytest.skip("the Gluon main pass runs on an sm_90 GPU only (Gluon has no interpreter): "
+                "tests/test_gluon_fwd.py checks it on the CPU", allow_module_level=True)
+D = 128
+# lse values: fp32 accumulation of exact 16-bit products (TOL's fp32 row); the logits
+# reach |2 q.r - |r|^2| / T, so the absolute part scales with 1 / T
+FWD_RTOL = 2e-5
+
+
+@pytest.fixture
+def gluon(tb):
+    """The Gluon main pass pinned; yields a function that asserts it ran since the last
+    call (and clears the record)."""
+    from nbkernels.backends.triton import configs as tc
+    from nbkernels.backends.triton import kernels as tk
+
+    def ran():
+        keys = [k for k in tc.LAUNCHED if k[0] == "fwd_main"]
+        for k in keys:
+            del tc.LAUNCHED[k]
+        assert keys, "the Gluon main pass did not run (its why_not refused the inputs)"
+    with variants.pinned(tk.VARIANTS, "fwd_main", "sm90_gluon"):
+        yield ran
+
+
+def _case(n, m, c, dtype, temperature, batch, seed=0):
+    """Rows ~ N(0, 0.3^2); ``batch``: the queries are the first N references (the self
+    pair i = j excluded, offset 0)."""
+    case = cases.make_case(DEVICE, n=m if batch else n, m=m, d=D, c=c, dtype=dtype, seed=seed,
+                           scale=0.3, temperature=temperature)
+    if batch:
+        case.q, case.a = case.r[:n], case.b[:n]
+    return case
+
+
+def _forward_close(case, metric, offset, got):
+    """lse_all and lse_pos, every row, against the fp64 oracle at fp32 precision: a few
+    ulps of the largest logit magnitude, (2 |q| |r| + |r|^2) / T."""
+    want, _ = oracle_lse(case, metric, offset, *upstream_lse(case))
+    shift = cases.row_shift(case, metric)
+    q, r = case.q.double(), case.r.double()
+    big = (2 * q.norm(dim=1)[:, None] * r.norm(dim=1)[None, :] + r.pow(2).sum(1)).amax()
+    atol = 8 * torch.finfo(torch.float32).eps * float(big / case.t.double())
+    for name, x, y in zip(("lse_all", "lse_pos"), got[:2], want[:2]):
+        cases.close(x + shift, y, atol, FWD_RTOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n, m, batch", [(300, 300, True), (1000, 1000, True),
+                                         (129, 1031, True), (333, 700, False)])
+@pytest.mark.parametrize("c, temperature", [(3, 1.0), (40, 0.1), (400, 0.05)])
+def test_matches_oracle(tb, gluon, dtype, n, m, batch, c, temperature):
+    """The batch (self pair excluded; N <= M) and a cross batch (no pair excluded), few
+    classes to more than a row has positives for (rows without one: lse_pos -inf), T from
+    1 to 0.05: the lse values against the fp64 oracle, and the gradients (the Triton
+    backward's, from these lse values) against those of the Triton main pass's."""
+    from nbkernels.backends.triton import kernels as tk
+    case = _case(n, m, c, dtype, temperature, batch)
+    offset = 0 if batch else None
+    g_all, g_pos = upstream_lse(case)
+    for metric in ("sqeuclidean", "dot"):
+        got = Launchers(tb, precision="ieee").lse(case, metric, offset, g_all, g_pos)
+        gluon()
+        _forward_close(case, metric, offset, got)
+        with variants.pinned(tk.VARIANTS, "fwd_main", "generic"):
+            plain = Launchers(tb, precision="ieee").lse(case, metric, offset, g_all, g_pos)
+        atol, rtol = TOL[dtype]
+        for name, x, y in zip(("dq", "dr", "dt"), got[2:], plain[2:]):
+            cases.close(x.double(), y.double(), atol, rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 0.01])
+def test_low_temperature_rows_exact(tb, gluon, temperature):
+    """The regime where rows need the exact pass (a row's mass far above or below its first
+    tile's anchor: flagged 1, or its positives below 2^-64 of it: flagged 2), x ~ N(0,
+    2.6^2) as in the H200's failing input: the loss rows, lse_all - lse_pos from the
+    launcher's fp32 lse values (the loss itself comes back in the inputs' 16 bits),
+    against ``lowtemp``'s fp64 formula and per-row tolerances, as the Triton forward's
+    are (tests/triton/test_triton_lowtemp.py)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(700, D, generator=g, dtype=torch.float64) * 2.6).to(torch.bfloat16)
+    y = torch.randint(0, 20, (700,), generator=g)
+    want = lowtemp.oracle(x, y, temperature=temperature)
+    xd, yd = x.to(DEVICE), y.to(DEVICE)
+    t = torch.tensor(temperature, dtype=torch.float32, device=DEVICE)
+    lse_all, lse_pos = tb.lse_forward(xd, xd, yd, yd, t, metric="sqeuclidean", offset=0)
+    gluon()
+    lse_all, lse_pos = lse_all.double().cpu(), lse_pos.double().cpu()
+    loss = torch.where(torch.isneginf(lse_pos), 0.0, lse_all - lse_pos)
+    err = (loss - want["loss"]).abs()
+    bad = ~(err <= want["loss_tol"])
+    assert not bad.any(), (f"{int(bad.sum())} rows out of tolerance, worst error "
+                           f"{float(err.max()):.3g}", torch.nonzero(bad).flatten()[:10].tolist())
+
+
+def test_opted_in_through_the_environment(tb, monkeypatch):
+    """NBK_VARIANTS=sm90_gluon makes the public API take it (no pin), forward and
+    backward: the loss rows and the gradients those of the Triton main pass."""
+    import nbkernels
+    from nbkernels.backends.triton import configs as tc
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(517, D, generator=g) * 0.3).to(DEVICE, torch.bfloat16)
+    y = torch.randint(0, 30, (517,), generator=g).to(DEVICE)
+
+    def rows_and_grad():
+        leaf = x.clone().requires_grad_()
+        loss = nbkernels.nca_loss(leaf, y, temperature=0.1, reduction="none", backend="triton")
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), grad
+    monkeypatch.delenv("NBK_VARIANTS", raising=False)
+    plain = rows_and_grad()
+    tc.LAUNCHED.clear()
+    monkeypatch.setenv("NBK_VARIANTS", "sm90_gluon")
+    opted = rows_and_grad()
+    assert any(k[0] == "fwd_main" for k in tc.LAUNCHED)
+    cases.close(opted[0].double(), plain[0].double(), 1e-4, 1e-5)
+    atol, rtol = TOL[torch.bfloat16]
+    cases.close(opted[1].double(), plain[1].double(), atol, rtol)
