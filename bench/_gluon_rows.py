@@ -1,7 +1,8 @@
-"""What bench/gpu_perf.py times of the loss forward's Gluon main pass
-(``nbkernels.backends.triton.gluon_lse``, the opt-in variant "sm90_gluon" of kind
-"fwd_main"): its forms that the latency model has fastest under the running triton, each
-as a per-row loss, and why it cannot run on a device. Gluon is imported only to run it,
+"""What bench/gpu_perf.py times of the forwards' Gluon main passes
+(``nbkernels.backends.triton.gluon_lse`` and ``gluon_class``, the opt-in variant
+"sm90_gluon" of kinds "fwd_main" and "fwd_class_main"): the loss forward's forms that the
+latency model has fastest under the running triton, each as a per-row loss, the class
+forward's predicted time, and why they cannot run on a device. Gluon is imported only to run it,
 so that another triton's missing Gluon API is a recorded reason, not an import error."""
 import json
 from pathlib import Path
@@ -24,12 +25,26 @@ def candidates(top=2):
     return [(r["form"], r["name"], r["predicted_latency_model"]["time_s"]) for r in forms]
 
 
+def class_prediction():
+    """The latency model's time of the class forward's Gluon main pass under the running
+    triton (bench/results/gluon_class_probe_sm90*.json: the batch, self pair excluded,
+    as gpu_perf's soft_knn_predict), or None."""
+    from nbkernels.backends import variants
+    ver = variants.triton_version()
+    tag = "" if ver >= (3, 9) else f"_triton{ver[0]}{ver[1]}"
+    path = ROOT / "bench" / "results" / f"gluon_class_probe_sm90{tag}.json"
+    if not path.exists():
+        return None
+    rows = [r for r in json.loads(path.read_text())["rows"] if r.get("self_mode") == 2]
+    return rows[0]["predicted_ms"] / 1e3 if rows else None
+
+
 def unavailable(device):
-    """Why the Gluon main pass cannot run on ``device`` (None if it can)."""
+    """Why the Gluon main passes cannot run on ``device`` (None if they can)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return "needs an sm_90 CUDA device (Gluon has no interpreter)"
     try:
-        from nbkernels.backends.triton import gluon_lse  # noqa: F401
+        from nbkernels.backends.triton import gluon_class, gluon_lse  # noqa: F401
     except Exception as e:  # another triton's Gluon API is a result too
         return f"does not import with this triton: {type(e).__name__}: {str(e)[:200]}"
     return None

@@ -44,6 +44,8 @@ import _providers as P  # noqa: E402
 TARGET = dict(n=65536, d=128, classes=1000, t=0.1)
 DRY = dict(n=256, d=16, classes=7, t=0.1)
 CHECK_N = {"gpu": 4096, "dry": 48}
+# the kinds of the forwards' main passes (``kernels.VARIANTS``)
+MAIN = ("fwd_main", "fwd_class_main")
 TOP = 3
 # the check: relative error (max over the output and the gradient, by norms) against
 # backend "torch" on the same inputs, a sanity check of each compiled config (the
@@ -206,7 +208,7 @@ class Run:
              sym_form=None, unit=False, main_variant=None):
         """Check and time ``call`` with the triton backend, at the given configs (None: the
         table's), backward and loss-forward variants (``kernels.VARIANTS``; None: the one
-        chosen; ``main_variant``: the loss forward's main pass, kind "fwd_main"), class tile
+        chosen; ``main_variant``: the forwards' main passes, kinds in ``MAIN``), class tile
         width of the class forward (None: ``class_block_cap``'s) and
         form of the symmetric backward ("two": the two-exp kernel; None: as the rows allow,
         ``rows.one_exp_rows``), on N(0, 0.3^2) embeddings or, ``unit``, unit-norm ones."""
@@ -244,14 +246,14 @@ class Run:
                 return reason
             tc.LAUNCHED.clear()
             with tk.fixed_configs(fwd, bwd), V.pinned(("bwd", "bwd_class"), bwd_variant), \
-                    V.pinned(("fwd",), fwd_variant), V.pinned(("fwd_main",), main_variant), \
+                    V.pinned(("fwd",), fwd_variant), V.pinned(MAIN, main_variant), \
                     V.class_tile(class_tile), \
                     V.sym_form(sym_form) as forms:
                 err = self.check(call, dtype, backward, unit)
                 info["check_rel_err"] = err
                 # what ran, from the launchers' own bookkeeping
                 info["fwd_variant"] = V.launched(("fwd",)) or None
-                info["main_variant"] = V.launched(("fwd_main",)) or None
+                info["main_variant"] = V.launched(MAIN) or None
                 if main_variant and info["main_variant"] != main_variant:
                     return f"main pass {main_variant!r} did not run (its why_not refused)"
                 if backward:
@@ -429,6 +431,10 @@ def main(argv=None):
              sym_form="two")
     knn_cands = _candidates("fwd_class")
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd", predicted_s=knn_cands[0][1])
+    # with the class forward's Gluon main pass (the opt-in variant "sm90_gluon"; it takes
+    # class tiles of 16, the launcher's choice at the target shape, also at the check's)
+    run.ours("nbkernels-triton-knn", knn(c), half, "fwd", main_variant="sm90_gluon",
+             class_tile=16, predicted_s=GR.class_prediction(), unavailable=GR.unavailable)
     run.provider("sdpa-flash", "fwd", half, 4 * n * n * d, lambda x, y: P.sdpa_anchor(x, t),
                  need_s=10)
     run.fa2_anchor()

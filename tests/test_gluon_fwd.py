@@ -158,18 +158,173 @@ def test_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
     assert torch.equal((w & 0xFFFFFFFF).to(torch.int32), seen["r_labels"][:300])
 
 
-def test_class_probe_compiles_clean():
-    """bench/sass/gluon_class_probe.py's class forward loop, 128 x 64 with 8 warps: compiles
-    for sm_90 under this triton (its p -> TF32 operand conversion asserted trivial, no
-    shuffle) without local memory, its wgmma under every exp of the tile, and within 10 %
-    of the committed cycles per tile."""
+# --- the class forward's Gluon main pass (``gluon_class``)
+
+def _class_case(m=203, c=37, block_c=16, seed=0):
+    """Class labels in label order (some outside [0, C): -1, as the launcher's), the class
+    tiles' reference ranges (``forward._probs_fwd``'s tile_ptr)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.sort(torch.randint(-1, c, (m,), generator=g)).values.to(torch.int32)
+    tiles = -(-c // block_c)
+    bounds = torch.arange(tiles + 1, dtype=torch.int32) * block_c
+    tile_ptr = torch.searchsorted(labels, bounds)
+    tile_ptr[0], tile_ptr[-1] = 0, m
+    return labels, tile_ptr
+
+
+@pytest.mark.parametrize("m, c, block_c", [(203, 37, 16), (64, 5, 16), (517, 90, 32),
+                                           (1, 3, 16)])
+def test_class_one_hot_gives_the_class_mass(m, c, block_c):
+    """The kernel's mass, emulated: per class tile and reference tile, p's columns in the
+    kernel's permuted register order (zero past the tile's references) times the one-hot
+    columns the launcher lays out (``gluon_class.one_hot``), summed over the tiles, is each
+    row's mass per class of the tile, the direct one-hot sum; labels outside [0, C) and
+    the padding weigh nothing."""
+    from nbkernels.backends.triton import gluon_class as C
+    labels, tile_ptr = _class_case(m, c, block_c)
+    hot, hot_ptr = C.one_hot(labels, tile_ptr, block_c, m)
+    assert hot.shape[1] >= int(hot_ptr[-1]) + C.BLOCK_N and (hot_ptr % 8 == 0).all()
+    # small integers: every sum exact, whatever its order
+    p = torch.randint(1, 1000, (5, m), generator=torch.Generator().manual_seed(1)).double()
+    u = torch.arange(C.BLOCK_N)
+    for t in range(tile_ptr.shape[0] - 1):
+        lo, hi, h_lo = int(tile_ptr[t]), int(tile_ptr[t + 1]), int(hot_ptr[t])
+        got = torch.zeros(5, block_c, dtype=torch.float64)
+        for k in range(-(-(hi - lo) // C.BLOCK_N)):
+            j = lo + k * C.BLOCK_N + C._permuted(u)
+            cols = torch.where(j < hi, p[:, j.clamp(max=m - 1)], 0.0)
+            got += cols @ hot[:, h_lo + k * C.BLOCK_N + u].double().T
+        slot = labels[lo:hi].long() - t * block_c
+        inside = (slot >= 0) & (slot < block_c)
+        want = torch.zeros(5, block_c, dtype=torch.float64)
+        want.index_add_(1, slot[inside], p[:, lo:hi][:, inside])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_class_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
+    """What ``gluon_class.main_pass`` passes the kernel, against the launch arguments
+    ``_probs_fwd`` gives a main pass (bf16 rows, D = 128, the batch, self excluded); and
+    the launcher takes it where kind "fwd_class_main" chooses it (opted in, sm_90), not
+    for inputs it refuses."""
+    from nbkernels.backends import variants
+    from nbkernels.backends.triton import gluon_class as C
+    from nbkernels.backends.triton import kernels as tk
+    monkeypatch.setattr(tk, "launch", lambda *args, **kw: None)
+    seen = {}
+    monkeypatch.setattr(tk, "main_pass", lambda args, kind="fwd_main":
+                        (lambda a, grid, order: seen.update(a, order=order))
+                        if kind == "fwd_class_main" else None)
+    from nbkernels.backends import triton as tb
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, C.D, generator=g).to(torch.bfloat16)
+    y = torch.randint(0, 10, (300,), generator=g)
+    tb.probs_forward(x, x, y, torch.tensor(0.1), 10, metric="sqeuclidean", offset=0)
+    calls = []
+    names = [p.name for p in C.class_main_sm90.params]
+
+    def launch(grid):
+        return lambda *args, **kw: calls.append((grid, dict(zip(names, args)), kw))
+    monkeypatch.setattr(C, "class_main_sm90",
+                        type("Kernel", (), {"__getitem__": lambda self, grid: launch(grid)})())
+    # the batch (self pair excluded: its queries streamed in the references' label order,
+    # SELF 2), then self pairs at positions (1) and none (0)
+    order = seen.pop("order")
+    assert torch.equal(order, torch.argsort(y, stable=True))
+    C.main_pass(seen, None, order=order)
+    C.main_pass(seen, None)
+    C.main_pass(dict(seen, self_pos=None), None)
+    tiles = seen["tile_ptr"].shape[0] - 1
+    for (grid, bound, kw), mode in zip(calls, (2, 1, 0)):
+        assert grid == (3, tiles) and kw == {"num_warps": C.NUM_WARPS}
+        for name in ("q", "r", "r_col", "tile_ptr", "scale", "mass", "tile_max", "tile_sum",
+                     "redo"):
+            assert bound[name] is seen[name], name
+        assert bound["SELF"] == mode
+        assert (bound["self_pos"] is seen["self_pos"]) == (mode >= 1)
+        assert (bound["order"] is order) == (mode == 2)
+        assert (bound["N"], bound["M"], bound["s_qn"]) == (300, 300, C.D)
+        assert (bound["BM"], bound["BN"], bound["BC"]) == (C.BLOCK_M, C.BLOCK_N, seen["BLOCK_C"])
+        hot, hot_ptr = C.one_hot(seen["r_labels"], seen["tile_ptr"], seen["BLOCK_C"], 300)
+        assert torch.equal(bound["hot"], hot) and torch.equal(bound["hot_ptr"], hot_ptr)
+        assert bound["H"] == hot.shape[1]
+    # the references the kernel streams are the launcher's, in label order: with SELF 2 the
+    # queries too (the kernel reads them from r)
+    torch.testing.assert_close(seen["r"], x[order], rtol=0, atol=0)
+    assert seen["mass"].shape[1] == tiles * seen["BLOCK_C"]
+    # where the launcher takes it
+    monkeypatch.undo()
+    monkeypatch.setenv("NBK_VARIANTS", "sm90_gluon")
+    gluon = next(v for v in tk.VARIANTS if v.kind == "fwd_class_main" and v.name == "sm90_gluon")
+    monkeypatch.setattr(variants, "capability", lambda device: (9, 0))
+    choose = tk.choose
+    monkeypatch.setattr(tk, "choose", lambda kind, device, precision=None: gluon
+                        if kind == "fwd_class_main" else choose(kind, device, precision))
+    assert tk.main_pass(seen, "fwd_class_main") is C.main_pass
+    assert tk.main_pass(dict(seen, BLOCK_C=64), "fwd_class_main") is None
+    assert "class tiles" in C.why_not(dict(seen, BLOCK_C=64))
+    assert "D = 128" in C.why_not(dict(seen, D=64))
+    assert "bf16 / fp16" in C.why_not(dict(seen, q=seen["q"].float()))
+
+
+@pytest.mark.parametrize("mode", [2, 1, 0])
+def test_class_main_pass_compiles_clean(mode):
+    """The class forward's Gluon main pass (bench/sass/gluon_class_probe.py's model of it),
+    in each self-pair mode: compiles for sm_90 under this triton (its p -> TF32 operand
+    conversion asserted trivial, no shuffle) without local memory, its wgmma under every
+    exp of the main loop's tile, no self-pair compare left in the loop of the batch's
+    mode (2) and within 10 % of the committed cycles per tile."""
     from bench.sass import gluon_class_probe as P
     path = P.results_path()
     if not path.exists():
         pytest.skip(f"no {path.name} for triton {L.VERSION} (bench/sass/gluon_class_probe.py)")
-    got = P.modelled(128, 64, 8)
+    got = P.modelled(128, 64, 8, mode)
     assert got["local_bytes"] == 0
     under, total = got["exps_under_mma"]
     assert under == total > 0, got["loop"]
-    want = next(r for r in json.loads(path.read_text())["rows"] if r["config"] == [128, 64, 8])
+    want = next(r for r in json.loads(path.read_text())["rows"]
+                if r["config"] == [128, 64, 8] and r["self_mode"] == mode)
     assert got["cycles_per_tile"] <= 1.1 * want["cycles_per_tile"], (got, want)
+    if mode == 2:   # as few instructions as with no pair excluded, give or take a few
+        none = next(r for r in json.loads(path.read_text())["rows"] if r["self_mode"] == 0)
+        assert got["warp_instrs_per_tile"] <= none["warp_instrs_per_tile"] + 32
+
+
+def _schedule(lo, hi, i_m, bm, bn):
+    """The class kernel's tile schedule with SELF == 2, step by step as ``class_main_sm90``
+    writes it (its scalar arithmetic, in Python): [(tile, self mask, column mask)]."""
+    n = -(-(hi - lo) // bn)
+    k_a = e = 0
+    if i_m < hi and i_m + bm > lo:
+        k_a = (max(i_m, lo) - lo) // bn
+        e = (min(i_m + bm, hi) - 1 - lo) // bn - k_a + 1
+
+    def seq(k):
+        return k_a + k if k < e else k - e + (e if k - e >= k_a else 0)
+    if n == 0:
+        return []
+    steps = [(seq(0), True, True)] + [(seq(k), True, True) for k in (1, 2) if e > k]
+    k0 = max(e, 1)
+    steps += [(seq(k), False, False) for k in range(k0, n - 1)]
+    if n - 1 >= k0:
+        steps.append((seq(n - 1), False, True))
+    return steps
+
+
+def test_class_schedule_masks_what_needs_it():
+    """The batch's schedule (SELF == 2; rows [i_m, i_m + BM) in label order): every tile of
+    the class tile once; those holding a self pair or past the class tile's end (the last)
+    streamed with their masks, the main loop's with none; at most 3 self tiles."""
+    from nbkernels.backends.triton import gluon_class as C
+    bm, bn = C.BLOCK_M, C.BLOCK_N
+    for lo in (0, 5, 64, 130, 1000):
+        for size in (0, 1, 63, 64, 65, 200, 1037):
+            hi = lo + size
+            for i_m in range(0, 1300, 37):
+                steps = _schedule(lo, hi, i_m, bm, bn)
+                assert sorted(t for t, _, _ in steps) == list(range(-(-size // bn)))
+                for t, self_mask, col_mask in steps:
+                    a, b = lo + t * bn, lo + (t + 1) * bn
+                    holds_self = a < i_m + bm and min(b, hi) > i_m
+                    assert self_mask or not holds_self, (lo, hi, i_m, t)
+                    assert col_mask or b <= hi, (lo, hi, i_m, t)
+                assert sum(s for _, s, _ in steps[1:]) <= 2

@@ -59,12 +59,16 @@ def test_gpu_perf_dry_run(tmp_path):
     by_name = {r["name"]: r for r in records}
     for cuda_only in ("sdpa-flash", "flex"):
         assert by_name[cuda_only]["status"] == "skipped" and "CUDA" in by_name[cuda_only]["reason"]
-    # the Gluon main pass (variant "sm90_gluon"), forward and forward+backward through
-    # nbkernels, and its second-best form's forward (predicted), skipped off an sm_90 GPU
+    # the Gluon main passes (variant "sm90_gluon"), the loss forward and forward+backward
+    # and soft_knn_predict through nbkernels, and the loss forward's second-best form
+    # (predicted), skipped off an sm_90 GPU
     import _gluon_rows
     gluon = [r for r in records if r.get("main_pass") == "sm90_gluon"]
-    assert [(r["name"], r["mode"]) for r in gluon] == [("nbkernels-triton", "fwd"),
-                                                      ("nbkernels-triton", "fwdbwd")]
+    assert [(r["name"], r["mode"]) for r in gluon] == [
+        ("nbkernels-triton", "fwd"), ("nbkernels-triton", "fwdbwd"),
+        ("nbkernels-triton-knn", "fwd")]
+    assert gluon[2]["class_tile"] == 16 and gluon[2]["predicted_s"] == \
+        _gluon_rows.class_prediction() > 0
     best, second = _gluon_rows.candidates()
     assert gluon[0]["predicted_s"] == best[2]
     forms = [r for r in records if r["name"].startswith("v4-gluon ")]

@@ -200,21 +200,24 @@ def test_opt_in_variant_runs_only_where_named_or_pinned(monkeypatch):
         assert variants.choose(table, "fwd", (9, 0), (3, 9)).name == "gpu_only"
 
 
-def test_triton_table_has_the_gluon_main_pass_opt_in_on_sm90(monkeypatch):
-    """Kind "fwd_main" (the loss forward's main pass): the Triton kernel's by default; the
-    Gluon one (``gluon_lse``) where opted in, on sm_90 under triton 3.6 to 3.9, and never
-    interpreted."""
+@pytest.mark.parametrize("kind, module", [("fwd_main", "gluon_lse"),
+                                          ("fwd_class_main", "gluon_class")])
+def test_triton_table_has_the_gluon_main_passes_opt_in_on_sm90(monkeypatch, kind, module):
+    """Kinds "fwd_main" and "fwd_class_main" (the main passes of the loss and class
+    forwards): the Triton kernel's by default; the Gluon one where opted in, on sm_90 under
+    triton 3.6 to 3.9, and never interpreted."""
     tk = pytest.importorskip("nbkernels.backends.triton.kernels")
     monkeypatch.delenv("NBK_VARIANTS", raising=False)
     for version in [(3, 6), (3, 9)]:
-        assert variants.choose(tk.VARIANTS, "fwd_main", (9, 0), version).kernel is None
+        assert variants.choose(tk.VARIANTS, kind, (9, 0), version).kernel is None
     monkeypatch.setenv("NBK_VARIANTS", "sm90_gluon")
     for cap in ((8, 0), (9, 0), (10, 0)):
         for version in [(3, 5), (3, 6), (3, 9), (3, 10)]:
-            chosen = variants.choose(tk.VARIANTS, "fwd_main", cap, version)
+            chosen = variants.choose(tk.VARIANTS, kind, cap, version)
             want = "sm90_gluon" if cap == (9, 0) and (3, 6) <= version <= (3, 9) else "generic"
             assert chosen.name == want, (cap, version)
-    chosen = variants.choose(tk.VARIANTS, "fwd_main", (9, 0), (3, 9), interpreted=True)
+            assert chosen.kernel == (module if want == "sm90_gluon" else None)
+    chosen = variants.choose(tk.VARIANTS, kind, (9, 0), (3, 9), interpreted=True)
     assert chosen.name == "generic"
     # the launcher's own choice on this machine's CPU tensors: the interpreter's, Triton's
-    assert tk.choose("fwd_main", torch.device("cpu")).name == "generic"
+    assert tk.choose(kind, torch.device("cpu")).name == "generic"

@@ -24,7 +24,7 @@ import torch
 
 import launcher_cases as cases
 import lowtemp
-from conformance import TOL, Launchers, oracle_lse, upstream_lse
+from conformance import TOL, Launchers, oracle_lse, oracle_probs, upstream_lse, upstream_probs
 from nbkernels.backends import variants
 
 DEVICE = os.environ.get("NBK_TEST_DEVICE", "cpu")
@@ -39,19 +39,23 @@ D = 128
 FWD_RTOL = 2e-5
 
 
+KINDS = ("fwd_main", "fwd_class_main")
+
+
 @pytest.fixture
 def gluon(tb):
-    """The Gluon main pass pinned; yields a function that asserts it ran since the last
-    call (and clears the record)."""
+    """The Gluon main passes pinned; yields a function that asserts the one of ``kind``
+    ran since the last call (and clears the record)."""
     from nbkernels.backends.triton import configs as tc
     from nbkernels.backends.triton import kernels as tk
 
-    def ran():
-        keys = [k for k in tc.LAUNCHED if k[0] == "fwd_main"]
+    def ran(kind="fwd_main"):
+        keys = [k for k in tc.LAUNCHED if k[0] == kind]
         for k in keys:
             del tc.LAUNCHED[k]
-        assert keys, "the Gluon main pass did not run (its why_not refused the inputs)"
-    with variants.pinned(tk.VARIANTS, "fwd_main", "sm90_gluon"):
+        assert keys, f"the Gluon {kind} pass did not run (its why_not refused the inputs)"
+        return [dict(k[3]) for k in keys]
+    with variants.pinned(tk.VARIANTS, KINDS, "sm90_gluon"):
         yield ran
 
 
@@ -60,21 +64,33 @@ def _case(n, m, c, dtype, temperature, batch, seed=0):
     pair i = j excluded, offset 0)."""
     case = cases.make_case(DEVICE, n=m if batch else n, m=m, d=D, c=c, dtype=dtype, seed=seed,
                            scale=0.3, temperature=temperature)
-    if batch:
-        case.q, case.a = case.r[:n], case.b[:n]
+    if batch:   # N = M: the same tensors (``r is q``), as the public API's batch passes them
+        case.q, case.a = (case.r, case.b) if n == m else (case.r[:n], case.b[:n])
     return case
 
 
-def _forward_close(case, metric, offset, got):
-    """lse_all and lse_pos, every row, against the fp64 oracle at fp32 precision: a few
-    ulps of the largest logit magnitude, (2 |q| |r| + |r|^2) / T."""
-    want, _ = oracle_lse(case, metric, offset, *upstream_lse(case))
-    shift = cases.row_shift(case, metric)
+def _logit_atol(case):
+    """A few ulps of the largest logit magnitude, (2 |q| |r| + |r|^2) / T: the forward's
+    absolute error on an lse, and relative on a probability."""
     q, r = case.q.double(), case.r.double()
     big = (2 * q.norm(dim=1)[:, None] * r.norm(dim=1)[None, :] + r.pow(2).sum(1)).amax()
-    atol = 8 * torch.finfo(torch.float32).eps * float(big / case.t.double())
+    return 8 * torch.finfo(torch.float32).eps * float(big / case.t.double())
+
+
+def _forward_close(case, metric, offset, got):
+    """lse_all and lse_pos, every row, against the fp64 oracle at fp32 precision."""
+    want, _ = oracle_lse(case, metric, offset, *upstream_lse(case))
+    shift = cases.row_shift(case, metric)
     for name, x, y in zip(("lse_all", "lse_pos"), got[:2], want[:2]):
-        cases.close(x + shift, y, atol, FWD_RTOL, msg=lambda m, name=name: f"{name}: {m}")
+        cases.close(x + shift, y, _logit_atol(case), FWD_RTOL,
+                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _grads_close(got, plain, dtype):
+    """The gradients (the Triton backward's) against those with the Triton main pass."""
+    atol, rtol = TOL[dtype]
+    for name, x, y in zip(("dq", "dr", "dt"), got, plain):
+        cases.close(x.double(), y.double(), atol, rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -94,11 +110,37 @@ def test_matches_oracle(tb, gluon, dtype, n, m, batch, c, temperature):
         got = Launchers(tb, precision="ieee").lse(case, metric, offset, g_all, g_pos)
         gluon()
         _forward_close(case, metric, offset, got)
-        with variants.pinned(tk.VARIANTS, "fwd_main", "generic"):
+        with variants.pinned(tk.VARIANTS, KINDS, "generic"):
             plain = Launchers(tb, precision="ieee").lse(case, metric, offset, g_all, g_pos)
-        atol, rtol = TOL[dtype]
-        for name, x, y in zip(("dq", "dr", "dt"), got[2:], plain[2:]):
-            cases.close(x.double(), y.double(), atol, rtol, msg=lambda m, name=name: f"{name}: {m}")
+        _grads_close(got[2:], plain[2:], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n, m, c, batch", [(300, 300, 10, True), (1000, 1000, 40, True),
+                                            (333, 1031, 40, False)])
+@pytest.mark.parametrize("temperature", [1.0, 0.1, 0.05])
+def test_class_forward_matches_oracle(tb, gluon, dtype, n, m, c, batch, temperature):
+    """The class forward (soft_knn_predict's yhat and lse_all), with M >= 20 C (the class
+    tiles of 16 it takes): the batch with its self pair excluded (``r is q``: the queries
+    streamed in label order, SELF 2; N < M: the pairs at positions, 1) and a cross batch
+    (0), every row and class against the fp64 oracle at fp32 precision; the gradients
+    against the Triton main pass's."""
+    from nbkernels.backends.triton import kernels as tk
+    case = _case(n, m, c, dtype, temperature, batch)
+    offset = 0 if batch else None
+    g = upstream_probs(case)
+    for metric in ("sqeuclidean", "dot"):
+        got = Launchers(tb, precision="ieee").probs(case, metric, offset, g)
+        mode = 0 if not batch else 2 if case.q is case.r else 1
+        assert gluon("fwd_class_main") == [{"SELF": str(mode)}]
+        want = oracle_probs(case, metric, offset, g)
+        atol = _logit_atol(case)
+        cases.close(got[0], want[0], atol, FWD_RTOL, msg=lambda m: f"yhat: {m}")
+        cases.close(got[1] + cases.row_shift(case, metric), want[1], atol, FWD_RTOL,
+                    msg=lambda m: f"lse_all: {m}")
+        with variants.pinned(tk.VARIANTS, KINDS, "generic"):
+            plain = Launchers(tb, precision="ieee").probs(case, metric, offset, g)
+        _grads_close(got[2:], plain[2:], dtype)
 
 
 @pytest.mark.parametrize("temperature", [1e-4, 0.01])
@@ -126,25 +168,30 @@ def test_low_temperature_rows_exact(tb, gluon, temperature):
 
 
 def test_opted_in_through_the_environment(tb, monkeypatch):
-    """NBK_VARIANTS=sm90_gluon makes the public API take it (no pin), forward and
-    backward: the loss rows and the gradients those of the Triton main pass."""
+    """NBK_VARIANTS=sm90_gluon makes the public API take both main passes (no pin): the
+    loss rows and gradients, and soft_knn_predict's yhat, those of the Triton main
+    passes."""
     import nbkernels
     from nbkernels.backends.triton import configs as tc
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(517, D, generator=g) * 0.3).to(DEVICE, torch.bfloat16)
-    y = torch.randint(0, 30, (517,), generator=g).to(DEVICE)
+    y = torch.randint(0, 20, (517,), generator=g).to(DEVICE)
 
-    def rows_and_grad():
+    def run():
         leaf = x.clone().requires_grad_()
         loss = nbkernels.nca_loss(leaf, y, temperature=0.1, reduction="none", backend="triton")
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
-        return loss.detach(), grad
+        yhat = nbkernels.soft_knn_predict(x, x, y, 20, temperature=0.1, exclude_self=True,
+                                          backend="triton")
+        return loss.detach(), grad, yhat
     monkeypatch.delenv("NBK_VARIANTS", raising=False)
-    plain = rows_and_grad()
+    plain = run()
     tc.LAUNCHED.clear()
     monkeypatch.setenv("NBK_VARIANTS", "sm90_gluon")
-    opted = rows_and_grad()
-    assert any(k[0] == "fwd_main" for k in tc.LAUNCHED)
-    cases.close(opted[0].double(), plain[0].double(), 1e-4, 1e-5)
+    opted = run()
+    assert {k[0] for k in tc.LAUNCHED} >= set(KINDS)
+    # the loss rows in bf16 (its rounding: 2^-8 relative); the gradients within TOL
+    cases.close(opted[0].double(), plain[0].double(), 1e-4, 2 ** -8)
     atol, rtol = TOL[torch.bfloat16]
     cases.close(opted[1].double(), plain[1].double(), atol, rtol)
+    cases.close(opted[2].double(), plain[2].double(), 1e-4, 2 ** -8)

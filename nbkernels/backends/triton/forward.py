@@ -103,6 +103,7 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
     n, m, c = q.shape[0], r.shape[0], num_classes
     acc = tr.acc_dtype(q.dtype)
     q, r, q_far, r_far = finite_rows(q, r, metric)
+    batch = q is r and has_offset and offset == 0
     block_c, n_tiles = _class_tiles(c, m)
     # references in label order; class tile t owns perm[tile_ptr[t]:tile_ptr[t + 1]]
     labels, perm = torch.sort(r_labels.contiguous(), stable=True)
@@ -137,7 +138,12 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x2", BLOCK_C=block_c,
                 **_common(q, r_sorted, temperature, metric, offset, has_offset, precision,
                           "fwd_class"))
-            tk.launch("fwd_class", grid, POS_PASS=False, **args)
+            main = tk.main_pass(args, "fwd_class_main")
+            if main is None:
+                tk.launch("fwd_class", grid, POS_PASS=False, **args)
+            else:
+                # the batch (its queries are the references): their label order
+                main(args, grid, order=perm if batch else None)
             # the exact pass (each tile's max) for the rows a class tile flagged, taken
             # first: the programs past them skip, with no host synchronisation
             rows = redo.amax(1)

@@ -134,19 +134,25 @@ _TF32_TRANSPOSED_TRITON = {"bwd": ((3, 6), (3, 10)), "bwd_class": ((3, 7), (3, 1
 _FWD_AHEAD = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 8)),
                   flags=(("AHEAD", True),))
 #
-# "sm90_gluon", kind "fwd_main": the loss forward's main pass in Gluon (``gluon_lse``,
-# the module named here, imported at the first launch), for 16-bit inputs with D = 128
-# (``gluon_lse.why_not``; otherwise the Triton main pass runs), the exact pass Triton's.
+# "sm90_gluon", kinds "fwd_main" and "fwd_class_main": the main passes of the loss and
+# class forwards in Gluon (``gluon_lse``, ``gluon_class``, the modules named here,
+# imported at the first launch), for 16-bit inputs with D = 128 (their ``why_not``;
+# otherwise the Triton main pass runs), the exact passes Triton's.
 # Its wgmma is pipelined by hand under the previous tile's softmax: predicted at 2.50 ms
 # against 3.09 for the Triton main pass under 3.6, 2.57 against 4.00 under 3.9 (the
 # latency model, N = M = 65536, bench/results/gluon_fwd_sm90*.json; not measured). Opt-in
 # (NBK_VARIANTS=sm90_gluon) until a GPU has run tests/triton/test_gluon_main.py: Gluon has
-# no interpreter. Kind "fwd_main"'s generic entry (no kernel) is the Triton main pass.
+# no interpreter. The class forward's (1000 classes, the batch's self pair excluded):
+# 3.90 against 5.21 ms under 3.6 and 3.99 against 5.09 under 3.9 (bench/results/
+# gluon_class_probe_sm90*.json, class_forward_sm90*.json). Each kind's generic entry (no
+# kernel) is the Triton main pass.
 _GLUON_MAIN = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 10)), opt_in=True,
                    interpreted=False)
 VARIANTS = [
     variants.Variant("fwd_main", "sm90_gluon", "gluon_lse", **_GLUON_MAIN),
     variants.Variant("fwd_main", "generic", None),
+    variants.Variant("fwd_class_main", "sm90_gluon", "gluon_class", **_GLUON_MAIN),
+    variants.Variant("fwd_class_main", "generic", None),
     variants.Variant("fwd", "sm90_fwd_ahead", neighbor_fwd_kernel, **_FWD_AHEAD),
     variants.Variant("fwd", "generic", neighbor_fwd_kernel),
     variants.Variant("fwd_class", "generic", neighbor_fwd_kernel),
@@ -231,11 +237,12 @@ def config(kind, element_size, d, device, precision=None):
     return configs.select(kind, element_size, d, device, precision)[0]
 
 
-def main_pass(args):
-    """The lse forward's main pass for launch arguments ``args``
-    (``forward.lse_forward_passes``' ``main``): the kind "fwd_main" variant's, or None for
-    the Triton kernel's (the generic entry, or a variant whose ``why_not`` refuses them)."""
-    chosen = choose("fwd_main", args["q"].device, args.get("PRECISION"))
+def main_pass(args, kind="fwd_main"):
+    """The main pass of the loss forward (``kind`` "fwd_main": ``forward.lse_forward_passes``'
+    ``main``) or the class forward ("fwd_class_main") for launch arguments ``args``: the
+    variant's, or None for the Triton kernel's (the generic entry, or a variant whose
+    ``why_not`` refuses them)."""
+    chosen = choose(kind, args["q"].device, args.get("PRECISION"))
     if chosen.kernel is None:
         return None
     module = importlib.import_module(f"{__package__}.{chosen.kernel}")
