@@ -47,7 +47,7 @@ def modelled(block_m, block_n, num_warps, mode=2):
                   order=t(torch.int64), tile_ptr=t(torch.int64), scale=t(torch.float32),
                   mass=t(torch.float32), tile_max=t(torch.float32), tile_sum=t(torch.float32),
                   redo=t(torch.int8),
-                  N=build.N, M=build.M, H=build.M + 8 * 63 + block_n, s_qn=C.D, BM=block_m,
+                  N=build.N, M=build.M, H=(build.M + 8 * 63 + block_n + 15) // 16 * 16, s_qn=C.D, BM=block_m,
                   BN=block_n, BC=BLOCK_C, D=C.D, SELF=mode)
     src, _ = build.ast_source(C.KERNEL, values)
     k = triton.compile(GluonASTSource(C.KERNEL, src.signature, src.constants, src.attrs),

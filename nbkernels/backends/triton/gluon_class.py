@@ -113,7 +113,7 @@ def _step(q_s, r_s, h_s, c_s, r, hot, r_col, k, k_a, e, n, lo, hi, h_lo, M, H, b
     return b_s, b_m, b_l, b_y
 
 
-@gluon.jit(do_not_specialize=["N", "M", "H"])
+@gluon.jit(do_not_specialize=["N", "M"])
 def class_main_sm90(q, r, hot, hot_ptr, r_col, self_pos, order, tile_ptr, scale, mass,
                     tile_max, tile_sum, redo, N, M, H, s_qn, BM: gl.constexpr,
                     BN: gl.constexpr, BC: gl.constexpr, D: gl.constexpr, SELF: gl.constexpr):
@@ -136,7 +136,8 @@ def class_main_sm90(q, r, hot, hot_ptr, r_col, self_pos, order, tile_ptr, scale,
     n_tiles = gl.num_programs(1)
     lo = gl.load(tile_ptr + i_c).to(gl.int32)
     hi = gl.load(tile_ptr + i_c + 1).to(gl.int32)
-    h_lo = gl.load(hot_ptr + i_c)
+    # in units of 8 columns: the compiler then knows the one-hot loads' alignment
+    h_lo = gl.load(hot_ptr + i_c) * 8
     n = gl.cdiv(hi - lo, BN)
     # the tiles holding self pairs, streamed first (SELF == 2): [k_a, k_a + e)
     k_a = 0
@@ -245,18 +246,21 @@ def _permuted(t):
 
 
 def one_hot(labels, tile_ptr, block_c, m):
-    """([BLOCK_C, H] fp32 one-hot, (tiles,) int32 first column of each class tile): class
-    tile t's references [tile_ptr[t], tile_ptr[t + 1]) (``labels``: class labels in label
-    order, -1 for none) from column hot_ptr[t], a multiple of 8, in the order of p's
+    """([BLOCK_C, H] fp32 one-hot, (tiles,) int32 first column of each class tile over 8):
+    class tile t's references [tile_ptr[t], tile_ptr[t + 1]) (``labels``: class labels in
+    label order, -1 for none) from column 8 hot_ptr[t], in the order of p's
     permuted columns; zero columns past each tile's references and a tile past the end.
-    H = M + 8 tiles + BLOCK_N bounds the extent without a host synchronisation."""
+    H = M + 8 tiles + BLOCK_N (rounded up to 16) bounds the extent without a host
+    synchronisation."""
     tiles = tile_ptr.shape[0] - 1
     dev = labels.device
     size = (tile_ptr[1:] - tile_ptr[:-1]).to(torch.int64)
     padded = (size + 7) // 8 * 8
     hot_ptr = torch.zeros(tiles, dtype=torch.int64, device=dev)
     hot_ptr[1:] = torch.cumsum(padded, 0)[:-1]
-    h = m + 8 * tiles + BLOCK_N
+    # a multiple of 16 (every launch the same specialisation): the one-hot's rows then
+    # start 64-byte aligned, and a thread's 4 columns load as one 16-byte cp.async
+    h = (m + 8 * tiles + BLOCK_N + 15) // 16 * 16
     u = torch.arange(h, dtype=torch.int64, device=dev)
     t = (torch.searchsorted(hot_ptr, u, right=True) - 1).clamp(0, tiles - 1)
     local = _permuted(u - hot_ptr[t])
@@ -266,7 +270,7 @@ def one_hot(labels, tile_ptr, block_c, m):
     inside &= (slot >= 0) & (slot < block_c)
     hot = torch.zeros(block_c, h, dtype=torch.float32, device=dev)
     hot[slot.clamp(0, block_c - 1)[inside], u[inside]] = 1.0
-    return hot, hot_ptr.to(torch.int32)
+    return hot, (hot_ptr // 8).to(torch.int32)
 
 
 def why_not(args):
