@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu_check.sh: the prepared GPU check, 6 minutes of wall time on an H100 / H200
+# bench/gpu_check.sh: the prepared GPU check, 6.5 minutes of wall time on an H100 / H200
 # with a cold Triton cache.
 #
 #     OUT=/some/folder bash bench/gpu_check.sh          (OUT defaults to ./gpu_out)
@@ -7,7 +7,7 @@
 # Run from the repository root on a machine with a CUDA GPU and no internet; wheels in
 # .whl/ (bench/README.md, "Wheels for the GPU machine") are installed first. The stages
 # run in order of value, each under its own time limit (seconds; a stage gets at most
-# what is left of GPU_CHECK_TOTAL_S, default 360):
+# what is left of GPU_CHECK_TOTAL_S, default 390):
 #
 #   stage        limit  what
 #   env             20  GPU, driver, versions
@@ -17,7 +17,8 @@
 #                       (tests/triton/test_triton_lowtemp.py), the conformance oracle
 #                       cases, NaN / determinism
 #   configs         45  every GPU tile config on a few cases (fp32, bf16; D = 128)
-#   gluon           45  the loss forward's Gluon main pass (tests/triton/test_gluon_main.py)
+#   gluon           75  the Gluon main passes of the loss and class forwards (opt-in
+#                       variant "sm90_gluon", tests/triton/test_gluon_main.py)
 #   speed           75  N = M = 65536, D = 128: nca_loss and soft_knn_predict against
 #                       FlexAttention, torch.compile and SDPA flash (bench/bench_gpu.py,
 #                       NBK_GPU_CASES=target)
@@ -33,7 +34,7 @@
 set -u
 LOG=gpu_check.log
 source "$(dirname "$0")/_gpu_setup.sh"
-TOTAL=${GPU_CHECK_TOTAL_S:-360}
+TOTAL=${GPU_CHECK_TOTAL_S:-390}
 T0=$(date +%s)
 export NBK_TEST_LOG=$OUT/tests.jsonl
 FAILED=()
@@ -84,8 +85,8 @@ stage correctness 75 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_triton_lowte
 stage configs 45 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_triton_configs.py \
     -k "every_gpu_config and 128 and not float16"
 
-# the loss forward's Gluon main pass (opt-in variant "sm90_gluon"; no CPU check runs it)
-stage gluon 45 "${PYTEST[@]}" tests/triton/test_gluon_main.py
+# the Gluon main passes (opt-in variant "sm90_gluon"; no CPU check runs them)
+stage gluon 75 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_gluon_main.py
 
 unset NBK_TEST_DEVICE NBK_TRITON_AUTOTUNE
 BENCH_LIMIT=$(( $(left) - 10 )); (( BENCH_LIMIT > 75 )) && BENCH_LIMIT=75
