@@ -43,11 +43,13 @@ def _results():
 
 
 def _args(dtype=torch.bfloat16, n=4096, m=4096, d=128, offset=0, has_offset=True,
-          transposed=False):
+          transposed=False, r_stride=None):
     q = torch.empty(d, n, dtype=dtype, device="meta").t() if transposed else \
         torch.empty(n, d, dtype=dtype, device="meta")
-    return dict(q=q, r=q if m == n else torch.empty(m, d, dtype=dtype, device="meta"),
-                N=n, M=m, D=d, offset=offset, HAS_OFFSET=has_offset)
+    r = q if m == n else torch.empty(m, d, dtype=dtype, device="meta")
+    if r_stride:
+        r = torch.empty(m, r_stride, dtype=dtype, device="meta")[:, :d]
+    return dict(q=q, r=r, N=n, M=m, D=d, offset=offset, HAS_OFFSET=has_offset)
 
 
 @pytest.mark.parametrize("kw, why", [
@@ -57,6 +59,7 @@ def _args(dtype=torch.bfloat16, n=4096, m=4096, d=128, offset=0, has_offset=True
     (dict(offset=3), "offset 0"),
     (dict(n=4096, m=2048), "N <= M"),
     (dict(n=100, m=200, has_offset=False), "two reference tiles"),
+    (dict(r_stride=129), "16-byte aligned"),
 ])
 def test_refuses_what_it_cannot_take(kw, why):
     assert L.why_not(_args()) is None

@@ -37,7 +37,9 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
     redo = torch.empty(n, dtype=torch.int8, device=q.device)
     r_col = tr.column(r, r_far, metric, temperature)
     packed = acc == torch.float32
-    state = None if trace is None else torch.empty(3, n, dtype=acc, device=q.device)
+    # NaN where the main pass does not write it (another ``main``)
+    state = None if trace is None else torch.full((3, n), float("nan"), dtype=acc,
+                                                  device=q.device)
     args = dict(q_labels=a, r_labels=b, r_col=r_col, PACKED=packed,
                 r_pack=tr.packed(b, r_col) if packed else None, perm=None, self_pos=None,
                 tile_ptr=None, r_order=None,

@@ -71,9 +71,10 @@ def _request(r_s, h_s, c_s, r, hot, r_col, k, k_a, e, lo, h_lo, M, H, o_nl, o_d,
 def _step(q_s, r_s, h_s, c_s, r, hot, r_col, k, k_a, e, n, lo, hi, h_lo, M, H, b_s, b_self,
           b_c, b_m, b_l, b_y, zero, o_nl, o_d, o_hr, o_hc, BM: gl.constexpr, BN: gl.constexpr,
           D: gl.constexpr, FIRST: gl.constexpr, SELF: gl.constexpr, COL: gl.constexpr,
-          cols: gl.constexpr, a_l: gl.constexpr, mmc: gl.constexpr):
-    """The k-th streamed tile: its terms, the next tile's logit wgmma issued, this tile's
-    softmax and mass. SELF: the self pairs masked; COL: the columns past the class tile."""
+          cols: gl.constexpr, a_l: gl.constexpr, mmc: gl.constexpr, NEXT: gl.constexpr = True):
+    """The k-th streamed tile: its terms, the next tile's logit wgmma issued (NEXT: there
+    is one), this tile's softmax and mass. SELF: the self pairs masked; COL: the columns
+    past the class tile."""
     b_col = c_s.index(k % 2).load(cols)
     o_s = lo + _seq(k, k_a, e) * BN + gl.arange(0, BN, layout=cols)
     if COL:
@@ -84,8 +85,9 @@ def _step(q_s, r_s, h_s, c_s, r, hot, r_col, k, k_a, e, n, lo, hi, h_lo, M, H, b
     if k + 2 < n:
         _request(r_s, h_s, c_s, r, hot, r_col, k + 2, k_a, e, lo, h_lo, M, H, o_nl, o_d, o_hr,
                  o_hc, BN, D)
-    tok = warpgroup_mma(q_s, r_s.index((k + 1) % 2).permute((1, 0)), zero, use_acc=False,
-                        is_async=True)
+    if NEXT:
+        tok = warpgroup_mma(q_s, r_s.index((k + 1) % 2).permute((1, 0)), zero, use_acc=False,
+                            is_async=True)
     b_z = gl.fma(b_s, b_c, b_col[None, :])
     if SELF:
         b_z = gl.where(o_s[None, :] == b_self[:, None], float("-inf"), b_z)
@@ -107,8 +109,11 @@ def _step(q_s, r_s, h_s, c_s, r, hot, r_col, k, k_a, e, n, lo, hi, h_lo, M, H, b
                         is_async=True)
     b_y = warpgroup_mma(gl.convert_layout(b_p - b_hi, a_l, assert_trivial=True), hs, b_y,
                         is_async=True)
-    b_y = warpgroup_mma_wait(num_outstanding=1, deps=(b_y,))
-    b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
+    # both wgmmas done (they complete in order: the next tile's logits, then the mass)
+    if NEXT:
+        b_y, b_s = warpgroup_mma_wait(num_outstanding=0, deps=(b_y, tok))
+    else:
+        b_y = warpgroup_mma_wait(num_outstanding=0, deps=(b_y,))
     b_y = b_y * gl.convert_layout(b_f, gl.SliceLayout(1, mmc))[:, None]
     return b_s, b_m, b_l, b_y
 
@@ -188,7 +193,9 @@ def class_main_sm90(q, r, hot, hot_ptr, r_col, self_pos, order, tile_ptr, scale,
         b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
         # the first tile sets the anchors; with SELF == 2 it and the next (at most 2) hold
         # the self pairs, the loop none; the class tile's last, part-filled tile is
-        # streamed last (or among the first), the loop's are full
+        # streamed last (or among the first), the loop's are full. The last step issues
+        # no next tile (a first one that is the last, n = 1 or n = e, issues one on a
+        # stale slot, its result unused)
         b_s, b_m, b_l, b_y = _step(q_s, r_s, h_s, c_s, r, hot, r_col, 0, k_a, e, n, lo, hi,
                                    h_lo, M, H, b_s, b_self, b_c, b_m, b_l, b_y, zero, o_nl,
                                    o_d, o_hr, o_hc, BM, BN, D, True, SELF != 0, True, cols, a_l,
@@ -216,16 +223,17 @@ def class_main_sm90(q, r, hot, hot_ptr, r_col, self_pos, order, tile_ptr, scale,
             b_s, b_m, b_l, b_y = _step(q_s, r_s, h_s, c_s, r, hot, r_col, n - 1, k_a, e, n, lo,
                                        hi, h_lo, M, H, b_s, b_self, b_c, b_m, b_l, b_y, zero,
                                        o_nl, o_d, o_hr, o_hc, BM, BN, D, False, SELF == 1, True,
-                                       cols, a_l, mmc)
+                                       cols, a_l, mmc, False)
     # the sums were taken under fl(b_m log2 e): relative to exp(b_m), each times 2^-d
     # (``kernel_fwd``'s class epilogue)
     b_ms = gl.where(b_m == float("-inf"), 0.0, b_m)
     b_sc = gl.exp2(-gl.fma(b_ms, LOG2E, -(b_ms * LOG2E)))
     # the exact pass's rows: a sum that is not finite, or terms under no anchor
     b_bad = ~(b_l < float("inf")) | ((b_m == float("-inf")) & (b_l != 0))
-    w_m = o_m
+    # int64 row offsets: N (n_tiles BC) may pass 2^31
+    w_m = o_m.to(gl.int64)
     if SELF == 2:
-        w_m = gl.load(order + o_m, mask=m_m, other=0).to(gl.int32)
+        w_m = gl.load(order + o_m, mask=m_m, other=0).to(gl.int64)
     gl.store(redo + w_m * n_tiles + i_c, b_bad.to(gl.int8), mask=m_m)
     gl.store(tile_max + w_m * n_tiles + i_c, b_m, mask=m_m)
     gl.store(tile_sum + w_m * n_tiles + i_c, b_l * b_sc, mask=m_m)
@@ -278,8 +286,8 @@ def why_not(args):
     q, r = args["q"], args["r"]
     if q.dtype not in (torch.bfloat16, torch.float16) or args["D"] != D:
         return f"takes bf16 / fp16 rows of D = {D}, got {q.dtype} D = {args['D']}"
-    if q.stride(1) != 1 or r.stride(1) != 1 or r.stride(0) != D:
-        return "takes rows with unit feature stride and contiguous references"
+    if q.stride(1) != 1 or r.stride(1) != 1 or r.stride(0) != D or r.data_ptr() % 16:
+        return "takes rows with unit feature stride and contiguous, 16-byte aligned references"
     if args["BLOCK_C"] not in BLOCK_CS:
         return f"takes class tiles of {BLOCK_CS} classes, got {args['BLOCK_C']}"
     if (r.shape[0] + BLOCK_N) * D >= 2 ** 31:

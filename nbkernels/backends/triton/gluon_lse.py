@@ -252,13 +252,18 @@ def why_not(args, f=None):
         return f"takes bf16 / fp16 rows of D = {D}, got {q.dtype} D = {args['D']}"
     if q.stride(1) != 1 or r.stride(1) != 1:
         return "takes rows with unit feature stride"
+    if (r.stride(0) * r.element_size()) % 16 or r.data_ptr() % 16:
+        # cp.async moves the reference rows 16 bytes at a time
+        return "takes references whose rows start 16-byte aligned"
     if args["HAS_OFFSET"] and args["offset"] != 0:
         return "takes the batch's self pair (offset 0) only"
     if not f.wide and r.shape[0] * r.stride(0) >= 2 ** 31:
         return "takes references whose offsets fit in int32 in this form (wide=False)"
     if args["HAS_OFFSET"] and args["N"] > args["M"]:
         return "takes the batch's self pair with N <= M only"
-    if args["M"] < 2 * BLOCK_N or f.block_m > BLOCK_N:
+    if f.block_m > BLOCK_N:
+        return f"takes row blocks of at most {BLOCK_N} rows, got form {f.name}"
+    if args["M"] < 2 * BLOCK_N:
         return f"needs two reference tiles (M >= {2 * BLOCK_N})"
     return None
 
