@@ -6,8 +6,9 @@ target shape N = M = 65536, D = 128, 1000 classes, T = 0.1.
 Variants: the sm_90 config table's entry and the next best predicted candidates
 (``bench/results/config_table_sm90.json``, ``TOP`` of each) of the bf16 lse forward and
 backward, and the two best of the class forward (soft_knn_predict); the TF32
-forward+backward with the table's configs; the forward with bench/gluon_fwd.py's Gluon
-main pass (sm_90 only); each
+forward+backward with the table's configs; the loss forward, forward+backward and
+soft_knn_predict with the Gluon main passes (the opt-in variant "sm90_gluon", sm_90
+only); each
 through ``nbkernels.backends.triton.kernels.fixed_configs``, so that every timing
 compiles only what it times. Each variant is first checked against backend "torch" on
 the same inputs at N = CHECK_N (the sizes are not specialised: the same compiled kernel)

@@ -8,8 +8,8 @@
 #   overlap_probe.py        whether the loop's minimal forms overlap the wgmma and the exps
 #   ahead_forward.py        the loss forward with and without AHEAD (sm90_fwd_ahead)
 #   one_exp_backward.py     the symmetric backward with one and two exp2 per pair
-#   ../gluon_fwd.py         the Gluon main pass of the loss forward, each form (FORMS)
-#   gluon_class_probe.py    the class forward's loop in Gluon (a probe for the model)
+#   ../gluon_fwd.py         the loss forward's Gluon main pass (gluon_lse), each form (FORMS)
+#   gluon_class_probe.py    the class forward's Gluon main pass (gluon_class), each self-pair mode
 # Predicted from compiled SASS, never measured. Installs each triton beside this one:
 #   bench/sass/other_tritons.sh [DIR]    (default /tmp/nbk-tritons; about 25 min on 2 cores)
 set -euo pipefail

@@ -92,7 +92,7 @@ FORMS = {"plain": (plain, {}), "ahead": (ahead, {}), "tma": (tma, {"WS": False})
 
 
 def _gluon_kernel():
-    """The "ahead" form in Gluon (triton.experimental.gluon), with bench/gluon_fwd.py's
+    """The "ahead" form in Gluon (triton.experimental.gluon), with the Gluon main pass's
     staging: one warpgroup, the reference tiles through a cp.async ring of STAGES buffers,
     the next tile's wgmma issued async before the current tile's exps. CARRY: waited for
     with one group left at the top of the next iteration (the wgmma in flight across the

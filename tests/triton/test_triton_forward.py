@@ -157,7 +157,7 @@ def test_positives_only_blocks(tb, h, flagged, dtype, gap_sq, batch):
                                             + rows[redo == 0].tolist())
 
 
-# what bench/gluon_fwd.py's main pass reads from the launch arguments, and writes
+# what the Gluon main pass (``gluon_lse``) reads from the launch arguments, and writes
 MAIN_PASS_ARGS = {"q", "r", "q_labels", "r_pack", "scale", "has_pos", "N", "M", "D", "offset",
                   "HAS_OFFSET", "lse_all", "lse_pos", "redo"}
 
@@ -166,7 +166,7 @@ MAIN_PASS_ARGS = {"q", "r", "q_labels", "r_pack", "scale", "has_pos", "N", "M", 
 @pytest.mark.parametrize("flag", [1, 2, 0])
 def test_main_pass_seam(tb, h, dtype, flag):
     """``lse_forward_passes``' ``main``: a main pass in place of the Triton kernel's (the
-    Gluon one of bench/gluon_fwd.py) writes lse_all, lse_pos and redo, and the exact pass
+    Gluon one of ``gluon_lse``) writes lse_all, lse_pos and redo, and the exact pass
     recomputes what it flags from the inputs alone. One that writes garbage and flags
     every row 1 must still give the fp64 oracle's lse on every row; flagged 2, lse_pos
     is recomputed and lse_all kept (written right here); flagged 0, both are kept (the
@@ -191,3 +191,49 @@ def test_main_pass_seam(tb, h, dtype, flag):
     tol = TOL[h.acc_dtype(dtype)]
     for name, x, y in (("lse_all", got[0], want[0]), ("lse_pos", got[1], want[1])):
         h.close(x, y, tol, tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("flag", [1, 0])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "cross"])
+def test_class_main_pass_seam(tb, h, monkeypatch, flag, batch):
+    """The class forward's main pass (kind "fwd_class_main", ``kernels.main_pass``; the
+    Gluon one of ``gluon_class`` where opted in) in place of the Triton kernel's: it gets
+    the launch arguments and, for the batch (``r is q``, the pair i = i excluded), the
+    references' label order. One that writes garbage and flags every row and class tile
+    must still give the fp64 oracle's yhat and lse_all on every row (the Triton exact
+    pass recomputes them); flagged 0, what it wrote is kept."""
+    from nbkernels.backends.triton import kernels as tk
+    case = h.make_case(n=37, m=37 if batch else 41, d=5, c=3, dtype=torch.float32)
+    if batch:
+        case.r, case.b = case.q, case.a
+    offset = 0 if batch else None
+    seen = {}
+
+    def garbage(args, grid, order):
+        seen.update(args, order=order)
+        args["mass"].fill_(5.0)
+        args["tile_max"].fill_(0.0)
+        args["tile_sum"].fill_(1.0)
+        args["redo"].fill_(flag)
+    main_pass = tk.main_pass
+    monkeypatch.setattr(tk, "main_pass", lambda args, kind="fwd_main":
+                        garbage if kind == "fwd_class_main" else main_pass(args, kind))
+    yhat, lse_all = tb.probs_forward(case.q, case.r, case.b, case.t, case.c, metric="dot",
+                                     offset=offset, precision="ieee")
+    assert {"q", "r", "r_col", "r_labels", "self_pos", "tile_ptr", "mass", "tile_max",
+            "tile_sum", "redo", "BLOCK_C"} <= seen.keys()
+    if batch:   # the label order the launcher sorted the references into
+        assert torch.equal(seen["order"], torch.argsort(case.b, stable=True))
+        torch.testing.assert_close(seen["r"], case.q[seen["order"]], rtol=0, atol=0)
+    else:
+        assert seen["order"] is None and seen["self_pos"] is None
+    if not flag:   # every class tile's sum 1 at max 0: lse_all = log(tiles), yhat = 5 / tiles
+        tiles = seen["tile_max"].shape[1]
+        h.close(lse_all, torch.full_like(lse_all, math.log(tiles)), 1e-6, 1e-6)
+        h.close(yhat, torch.full_like(yhat, 5.0 / tiles), 1e-6, 1e-6)
+        return
+    want = oracle_rows(case.q.double(), case.r.double(), None, case.b, case.t.double(),
+                       case.c, "dot", offset)
+    tol = TOL[torch.float32]
+    h.close(yhat, want[2].to(yhat), tol, tol, msg=lambda m: f"yhat: {m}")
+    h.close(lse_all, want[0].to(lse_all), tol, tol, msg=lambda m: f"lse_all: {m}")
