@@ -14,8 +14,9 @@ Every row of lse_all and lse_pos, and of the loss they give, is compared with th
 formula at the forward's own precision (fp32 accumulation over rounded 16-bit inputs);
 the gradients, which the Triton backward computes from those lse values, with those of
 the Triton main pass's (within the conformance suite's 16-bit tolerances). Without the
-pin (the Triton main pass in its place) the same tests pass under the interpreter in
-fp16, the 700-row low-temperature case included.
+pin (the Triton main pass in its place) some of these cases passed under the interpreter
+in fp16 (4 loss-forward cases, both low-temperature ones, 6 class-forward ones): the
+oracles and tolerances hold for a correct main pass.
 """
 import os
 
