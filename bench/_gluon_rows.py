@@ -35,7 +35,8 @@ def class_prediction():
     path = ROOT / "bench" / "results" / f"gluon_class_probe_sm90{tag}.json"
     if not path.exists():
         return None
-    rows = [r for r in json.loads(path.read_text())["rows"] if r.get("self_mode") == 2]
+    rows = [r for r in json.loads(path.read_text())["rows"]
+            if r.get("self_mode") == 2 and r.get("kernel")]
     return rows[0]["predicted_ms"] / 1e3 if rows else None
 
 

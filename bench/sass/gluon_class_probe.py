@@ -26,7 +26,9 @@ from nbkernels.backends.triton import gluon_lse as G  # noqa: E402
 from bench.sass import build, class_forward, latency, overlap_probe, report, sass  # noqa: E402
 
 BLOCK_C = 16
-CONFIGS = [(128, 64, 8)]   # BLOCK_M, BLOCK_N, warps: the kernel's (``gluon_class``)
+# BLOCK_M, BLOCK_N, warps: both reference-tile widths (``gluon_class.TILE_N`` takes one
+# per self-pair mode)
+CONFIGS = [(C.BLOCK_M, 128, C.NUM_WARPS), (C.BLOCK_M, 64, C.NUM_WARPS)]
 
 
 MODES = {2: "the batch, self pair excluded (streamed in label order)",
@@ -81,7 +83,8 @@ def main():
     rows = []
     for cfg in CONFIGS:
         for mode, what in MODES.items():
-            rows.append(dict(modelled(*cfg, mode), self_mode=mode, self_pairs=what))
+            rows.append(dict(modelled(*cfg, mode), self_mode=mode, self_pairs=what,
+                             kernel=cfg[1] == C.TILE_N[mode]))
             r = rows[-1]
             print(f"{r['config']} {what}: {r['regs']} regs, {r['ctas_per_sm']} CTA/SM, "
                   f"{r['instrs_per_pair']:.1f} instr/pair, {r['cycles_per_tile']:.0f} cycles a "

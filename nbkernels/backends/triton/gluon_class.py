@@ -41,7 +41,14 @@ from . import configs
 from .gluon_lse import (LN2, LOG2E, MAX_MOVE, RESCALE, _o_w, _shift, async_copy, async_load,
                         barrier)
 
-D, BLOCK_M, BLOCK_N, NUM_WARPS = 128, 128, 64, 8
+# reference tiles per self-pair mode (``class_main_sm90``'s SELF): 128 wide where the main
+# loop has no self mask (at 255 registers a thread, no spill; the latency model, 1000
+# classes, the batch: 3.29 ms under triton 3.6 against 3.89 at 64 wide, 3.46 against 3.99
+# under 3.9; bench/results/gluon_class_probe_sm90*.json), 64 with the mask in every tile
+# (128 wide: 11.7 against 4.0 ms under 3.9)
+D, BLOCK_M, NUM_WARPS = 128, 128, 8
+TILE_N = {0: 128, 1: 64, 2: 128}
+BLOCK_N = max(TILE_N.values())   # the one-hot's padding past its end
 BLOCK_CS = (16,)   # the class tile the model was compiled for (M >= 20 C: class_block_cap)
 
 
@@ -202,17 +209,19 @@ def class_main_sm90(q, r, hot, hot_ptr, r_col, self_pos, order, tile_ptr, scale,
                                    mmc)
         k0 = 1
         if SELF == 2:
-            # unrolled (e <= 3): the loop below is the kernel's one main loop
+            # unrolled (e <= 3, 2 where BM <= BN): the loop below is the kernel's one main
+            # loop
             if e > 1:
                 b_s, b_m, b_l, b_y = _step(q_s, r_s, h_s, c_s, r, hot, r_col, 1, k_a, e, n, lo,
                                            hi, h_lo, M, H, b_s, b_self, b_c, b_m, b_l, b_y,
                                            zero, o_nl, o_d, o_hr, o_hc, BM, BN, D, False, True,
                                            True, cols, a_l, mmc)
-            if e > 2:
-                b_s, b_m, b_l, b_y = _step(q_s, r_s, h_s, c_s, r, hot, r_col, 2, k_a, e, n, lo,
-                                           hi, h_lo, M, H, b_s, b_self, b_c, b_m, b_l, b_y,
-                                           zero, o_nl, o_d, o_hr, o_hc, BM, BN, D, False, True,
-                                           True, cols, a_l, mmc)
+            if BM > BN:
+                if e > 2:
+                    b_s, b_m, b_l, b_y = _step(q_s, r_s, h_s, c_s, r, hot, r_col, 2, k_a, e, n,
+                                               lo, hi, h_lo, M, H, b_s, b_self, b_c, b_m, b_l,
+                                               b_y, zero, o_nl, o_d, o_hr, o_hc, BM, BN, D,
+                                               False, True, True, cols, a_l, mmc)
             k0 = gl.maximum(e, 1)
         for k in range(k0, n - 1):
             b_s, b_m, b_l, b_y = _step(q_s, r_s, h_s, c_s, r, hot, r_col, k, k_a, e, n, lo, hi,
@@ -312,7 +321,7 @@ def main_pass(args, grid, order=None):
         q, r, hot, hot_ptr, args["r_col"], q if self_pos is None else self_pos,
         q if order is None else order, args["tile_ptr"], args["scale"], args["mass"],
         args["tile_max"], args["tile_sum"], args["redo"], args["N"], args["M"], hot.shape[1],
-        r.stride(0) if mode == 2 else q.stride(0), BLOCK_M, BLOCK_N, args["BLOCK_C"], D, mode,
-        num_warps=NUM_WARPS)
+        r.stride(0) if mode == 2 else q.stride(0), BLOCK_M, TILE_N[mode], args["BLOCK_C"], D,
+        mode, num_warps=NUM_WARPS)
     configs.LAUNCHED.setdefault(("fwd_class_main", str(q.dtype), D, (("SELF", str(mode)),)),
-                                set()).add(f"{BLOCK_M}x{BLOCK_N}w{NUM_WARPS}")
+                                set()).add(f"{BLOCK_M}x{TILE_N[mode]}w{NUM_WARPS}")
