@@ -133,7 +133,8 @@ def class_main_sm90(q, r, hot, hot_ptr, r_col, self_pos, order, tile_ptr, scale,
     order), masked in every tile; 2 the batch (the queries are the references, offset 0):
     the program's rows are those at label-order positions [i_m, i_m + BM) (``q`` is
     unused, the rows are read from ``r``, its outputs go to rows ``order``), so its self
-    pairs lie in at most 3 reference tiles, streamed first and masked; the others not."""
+    pairs lie in at most 3 reference tiles (2 where BN >= BM), streamed first and masked;
+    the others not."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BN, 16])
     mmc: gl.constexpr = gl.NVMMADistributedLayout(
