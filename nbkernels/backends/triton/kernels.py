@@ -137,8 +137,8 @@ _FWD_AHEAD = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 8)),
 # "sm90_gluon", kinds "fwd_main" and "fwd_class_main": the main passes of the loss and
 # class forwards in Gluon (``gluon_lse``, ``gluon_class``, the modules named here,
 # imported at the first launch), for 16-bit inputs with D = 128 (their ``why_not``;
-# otherwise the Triton main pass runs), the exact passes Triton's.
-# Its wgmma is pipelined by hand under the previous tile's softmax: predicted at 2.50 ms
+# otherwise the Triton main pass runs), the exact passes Triton's. Each issues a tile's
+# wgmma under the previous tile's softmax. The loss forward's is predicted at 2.50 ms
 # against 3.09 for the Triton main pass under 3.6, 2.57 against 4.00 under 3.9 (the
 # latency model, N = M = 65536, bench/results/gluon_fwd_sm90*.json; not measured). Opt-in
 # (NBK_VARIANTS=sm90_gluon) until a GPU has run tests/triton/test_gluon_main.py: Gluon has
