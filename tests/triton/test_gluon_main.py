@@ -15,10 +15,11 @@ formula at the forward's own precision (fp32 accumulation over rounded 16-bit in
 the gradients, which the Triton backward computes from those lse values, with those of
 the Triton main pass's (within the conformance suite's 16-bit tolerances). Without the
 pin (the Triton main pass in its place) some of these cases passed under the interpreter
-in fp16 (4 loss-forward cases, both low-temperature ones, 6 class-forward ones): the
-oracles and tolerances hold for a correct main pass.
+in fp16 (4 loss-forward cases, both low-temperature ones, 6 class-forward ones, both
+special-row ones): the oracles and tolerances hold for a correct main pass.
 """
 import os
+import types
 
 import pytest
 import torch
@@ -146,6 +147,66 @@ def test_class_forward_matches_oracle(tb, gluon, dtype, n, m, c, batch, temperat
         with variants.pinned(tk.VARIANTS, KINDS, "generic"):
             plain = Launchers(tb, precision="ieee").probs(case, metric, offset, g)
         _grads_close(got[2:], plain[2:], dtype)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "cross"])
+def test_special_rows(tb, gluon, batch):
+    """Rows the launcher prepares before a main pass runs: rows at infinity (squared
+    distances: a reference there weighs nothing, a query's row is NaN), a query with a NaN
+    (cross batch only: in the batch it is a reference too, and NaN reaches every row),
+    reference labels outside [0, C) (in lse_all, in no class). NaN on the same rows as
+    with the Triton main pass, every other row as with it (fp32 precision) and, for the
+    cross batch, as the fp64 oracle on the rows without the special ones."""
+    from nbkernels.backends.triton import kernels as tk
+    n, m, c = (517, 517, 20) if batch else (333, 700, 20)
+    case = _case(n, m, c, torch.bfloat16, 0.1, batch)
+    b = case.b.clone()
+    b[::7] = -1
+    b[3::11] = c + 2
+    case.b = b
+    r = case.r.clone()
+    r[5, 1] = float("inf")
+    case.r = r
+    if batch:
+        case.q, case.a = case.r, case.b
+    case.q[4, 2] = float("-inf")
+    if not batch:
+        case.q[9, 0] = float("nan")
+    offset = 0 if batch else None
+
+    def run():
+        lse = tb.lse_forward(case.q, case.r, case.a, case.b, case.t, metric="sqeuclidean",
+                             offset=offset)
+        return (*lse, *tb.probs_forward(case.q, case.r, case.b, case.t, c,
+                                        metric="sqeuclidean", offset=offset))
+    got = run()
+    gluon()
+    gluon("fwd_class_main")
+    with variants.pinned(tk.VARIANTS, KINDS, "generic"):
+        plain = run()
+    atol = _logit_atol(types.SimpleNamespace(q=torch.nan_to_num(case.q.double(), 0, 0, 0),
+                                             r=torch.nan_to_num(case.r.double(), 0, 0, 0),
+                                             t=case.t))
+    special = torch.isnan(plain[0])
+    assert int(special.sum()) == 2
+    for name, x, y in zip(("lse_all", "lse_pos", "yhat", "lse_all (probs)"), got, plain):
+        nan = torch.isnan(y)
+        assert torch.equal(torch.isnan(x), nan), name
+        cases.close(x[~nan], y[~nan], atol, FWD_RTOL, msg=lambda m, name=name: f"{name}: {m}")
+    if batch:
+        return
+    # the cross batch against the oracle, the special rows and the reference at infinity
+    # (weight 0) left out
+    keep_r = torch.ones(case.r.shape[0], dtype=torch.bool, device=DEVICE)
+    keep_r[5] = False
+    rest = types.SimpleNamespace(q=case.q[~special], a=case.a[~special], r=case.r[keep_r],
+                                 b=case.b[keep_r], t=case.t, c=c)
+    want, _ = oracle_lse(rest, "sqeuclidean", None, *upstream_lse(rest))
+    shift = cases.row_shift(rest, "sqeuclidean")
+    cases.close(got[0][~special] + shift, want[0], atol, FWD_RTOL)
+    cases.close(got[1][~special] + shift, want[1], atol, FWD_RTOL)
+    cases.close(got[2][~special], oracle_probs(rest, "sqeuclidean", None,
+                                               upstream_probs(rest))[0], atol, FWD_RTOL)
 
 
 @pytest.mark.parametrize("temperature", [1e-4, 0.01])
