@@ -6,14 +6,15 @@
 #
 # Run from the repository root on a machine with a CUDA GPU. bench/gpu_perf.py times, in
 # one process and at N = M = 65536, D = 128, 1000 classes: our bf16 forward and
-# forward+backward with the sm_90 table's configs, the forward with the Gluon main pass
-# (bench/gluon_fwd.py), soft_knn_predict, SDPA flash and the
+# forward+backward with the sm_90 table's configs, the forward, forward+backward and
+# soft_knn_predict with the Gluon main passes (the opt-in variant "sm90_gluon"),
+# soft_knn_predict, SDPA flash and the
 # FlashAttention-2 anchor (bench/sass/anchor_fa2.py), FlexAttention and torch.compile of the
 # plain formula (forward, forward+backward), then the other candidate configs of the
 # SASS model (its ranking against the GPU's), TF32 (its backward both ways: the sm_90
 # transposed variant and the generic kernel), soft_knn_predict with 32-wide class tiles
-# (against the default 16). Each of our variants is checked
-# against backend "torch" before it is timed. Files under $OUT: gpu_perf.log,
+# (against the default 16), the Gluon loss forward's second form. Each of our variants is
+# checked against backend "torch" before it is timed. Files under $OUT: gpu_perf.log,
 # perf_env.txt, gpu_perf.json (rewritten after each record: a kill keeps what ran) and
 # gpu_perf.md (the table, also printed last). GPU_PERF_TOTAL_S (default 230) bounds it.
 set -u
