@@ -124,7 +124,10 @@ def test_matches_oracle(tb, gluon, dtype, n, m, batch, c, temperature):
 @pytest.mark.parametrize("dtype, n, m, c, batch, temperature", [
     (BF16, n, m, c, batch, t) for n, m, c, batch in ((300, 300, 10, True), (1000, 1000, 40, True),
                                                      (129, 1031, 40, True), (333, 1031, 40, False))
-    for t in (1.0, 0.1, 0.05)] + [(FP16, 1000, 1000, 40, True, 0.1)])
+    for t in (1.0, 0.1, 0.05)] + [(FP16, 1000, 1000, 40, True, 0.1),
+                                  # the last row's self tile holds its own reference alone
+                                  # (M = 2 x 128 + 1): no anchor there
+                                  (BF16, 257, 257, 10, True, 0.05)])
 def test_class_forward_matches_oracle(tb, gluon, dtype, n, m, c, batch, temperature):
     """The class forward (soft_knn_predict's yhat and lse_all), with M >= 20 C (the class
     tiles of 16 it takes): the batch with its self pair excluded (N = M, ``r is q``: the
@@ -256,8 +259,8 @@ def test_opted_in_through_the_environment(tb, monkeypatch):
     monkeypatch.setenv("NBK_VARIANTS", "sm90_gluon")
     opted = run()
     assert {k[0] for k in tc.LAUNCHED} >= set(KINDS)
-    # the loss rows in bf16 (its rounding: 2^-8 relative); the gradients within TOL
-    cases.close(opted[0].double(), plain[0].double(), 1e-4, 2 ** -8)
+    # the loss rows in bf16 (one rounding step: 2^-7 relative); the gradients within TOL
+    cases.close(opted[0].double(), plain[0].double(), 1e-4, 2 ** -7)
     atol, rtol = TOL[torch.bfloat16]
     cases.close(opted[1].double(), plain[1].double(), atol, rtol)
-    cases.close(opted[2].double(), plain[2].double(), 1e-4, 2 ** -8)
+    cases.close(opted[2].double(), plain[2].double(), 1e-4, 2 ** -7)

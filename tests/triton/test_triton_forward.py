@@ -237,3 +237,31 @@ def test_class_main_pass_seam(tb, h, monkeypatch, flag, batch):
     tol = TOL[torch.float32]
     h.close(yhat, want[2].to(yhat), tol, tol, msg=lambda m: f"yhat: {m}")
     h.close(lse_all, want[0].to(lse_all), tol, tol, msg=lambda m: f"lse_all: {m}")
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.05])
+def test_class_tile_whose_first_tile_has_no_term(tb, h, temperature):
+    """A class tile whose first reference tile holds only references at infinity (more
+    than any BLOCK_N), then references whose terms all underflow under no shift (far
+    from every query, low T): the main pass finds no anchor there and a sum of 0, which
+    must send the row to the exact pass, not leave the class tile empty (16-bit inputs,
+    the main pass with the lazy shift). Every row and class against the fp64 oracle."""
+    dtype = torch.float16 if h.device == "cpu" else torch.bfloat16
+    d = 8
+    inf = torch.zeros(130, d, dtype=torch.float64)
+    inf[:, 0] = float("inf")
+    far = torch.zeros(20, d, dtype=torch.float64)
+    far[:, 0], far[:, 1] = 10.0, torch.linspace(0.0, 1.0, 20)
+    r = torch.cat([inf, far]).to(h.device, dtype)
+    b = torch.cat([torch.zeros(130, dtype=torch.int64), torch.arange(20) % 2 + 1]).to(h.device)
+    q = (torch.randn(7, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+         * 0.1).to(h.device, dtype)
+    t = torch.tensor(temperature, dtype=torch.float32, device=h.device)
+    yhat, lse_all = tb.probs_forward(q, r, b, t, 3, metric="sqeuclidean", offset=None)
+    want = oracle_rows(q.double(), r.double(), None, b, t.double(), 3, "sqeuclidean", None)
+    shift = cases.row_shift(types.SimpleNamespace(q=q, t=t), "sqeuclidean")
+    # fp32 logits of magnitude |r|^2 / T: a few of their ulps, absolute on lse_all and
+    # relative on yhat (before the fix: NaN rows)
+    atol = 8 * torch.finfo(torch.float32).eps * float(far.square().sum(1).max()) / temperature
+    h.close(yhat, want[2].to(yhat), atol, 0.0, msg=lambda m: f"yhat: {m}")
+    h.close(lse_all + shift, want[0].to(lse_all), atol, 0.0, msg=lambda m: f"lse_all: {m}")

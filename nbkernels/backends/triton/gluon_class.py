@@ -43,7 +43,7 @@ from .gluon_lse import (LN2, LOG2E, MAX_MOVE, RESCALE, _o_w, _shift, async_copy,
 
 # reference tiles per self-pair mode (``class_main_sm90``'s SELF): 128 wide where the main
 # loop has no self mask (at 255 registers a thread, no spill; the latency model, 1000
-# classes, the batch: 3.29 ms under triton 3.6 against 3.89 at 64 wide, 3.46 against 3.99
+# classes, the batch: 3.29 ms under triton 3.6 against 3.89 at 64 wide, 3.48 against 3.99
 # under 3.9; bench/results/gluon_class_probe_sm90*.json), 64 with the mask in every tile
 # (128 wide: 11.7 against 4.0 ms under 3.9)
 D, BLOCK_M, NUM_WARPS = 128, 128, 8
@@ -238,8 +238,10 @@ def class_main_sm90(q, r, hot, hot_ptr, r_col, self_pos, order, tile_ptr, scale,
     # (``kernel_fwd``'s class epilogue)
     b_ms = gl.where(b_m == float("-inf"), 0.0, b_m)
     b_sc = gl.exp2(-gl.fma(b_ms, LOG2E, -(b_ms * LOG2E)))
-    # the exact pass's rows: a sum that is not finite, or terms under no anchor
-    b_bad = ~(b_l < float("inf")) | ((b_m == float("-inf")) & (b_l != 0))
+    # the exact pass's rows: a sum that is not finite, or no anchor (a first tile all
+    # masked: with SELF == 2 it may hold the row's own reference alone) where the class
+    # tile has more references (``kernel_fwd``'s class epilogue)
+    b_bad = ~(b_l < float("inf")) | ((b_m == float("-inf")) & (hi - lo > 1))
     # int64 row offsets: N (n_tiles BC) may pass 2^31
     w_m = o_m.to(gl.int64)
     if SELF == 2:

@@ -172,8 +172,8 @@ def _fwd_class_tile(b_m, b_l, b_y, b_q, b_self, q, r, r_labels, r_col, o_m, m_m,
         b_m, b_l, b_p, b_alpha = _online_lse(b_m, b_l, b_s)
         b_y = b_y * b_alpha[:, None]
     elif FIRST:
-        # a row whose first tile is all masked gets anchor -inf: flagged by the launcher
-        # once a later term makes its sum nonzero
+        # a row whose first tile is all masked gets anchor -inf: flagged for the exact
+        # pass where the class tile has more references (the kernel's epilogue)
         b_m = tl.max(b_s, 1)
         b_p = _exp(b_s, _shift(b_m)[:, None])
         b_l = tl.sum(b_p, 1)
@@ -439,8 +439,12 @@ def neighbor_fwd_kernel(q, r, q_labels, r_labels, scale, r_col, r_pack, perm, se
         else:
             # the exact pass's rows (per class tile; the launcher ORs them): a sum that is
             # not finite (inf: a term overflowed past a lagging anchor; NaN inputs stay
-            # NaN there), or terms taken under no anchor (a first tile all masked)
-            b_bad = ~(b_l < float("inf")) | ((b_m == float("-inf")) & (b_l != 0))
+            # NaN there), or no anchor (a first tile all masked: its references at
+            # infinity, or the row's own) where the class tile has more references: the
+            # later tiles' terms were taken under no shift, and may have underflowed to 0
+            # ([BM]: the interpreter takes no scalar operand of a tensor's &)
+            b_more = (tl.zeros([BLOCK_M], dtype=tl.int64) + (hi - lo)) > 1
+            b_bad = ~(b_l < float("inf")) | ((b_m == float("-inf")) & b_more)
             tl.store(redo + o_m * n_tiles + i_c, b_bad.to(tl.int8), mask=m_m)
         tl.store(mass + o_m[:, None] * (n_tiles * BLOCK_C) + o_c[None, :], b_y * b_sc[:, None],
                  mask=m_out[:, None])

@@ -143,7 +143,7 @@ _FWD_AHEAD = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 8)),
 # latency model, N = M = 65536, bench/results/gluon_fwd_sm90*.json; not measured). Opt-in
 # (NBK_VARIANTS=sm90_gluon) until a GPU has run tests/triton/test_gluon_main.py: Gluon has
 # no interpreter. The class forward's (1000 classes, the batch's self pair excluded):
-# 3.29 against 5.21 ms under 3.6 and 3.46 against 5.09 under 3.9 (bench/results/
+# 3.29 against 5.21 ms under 3.6 and 3.48 against 5.09 under 3.9 (bench/results/
 # gluon_class_probe_sm90*.json, class_forward_sm90*.json). Each kind's generic entry (no
 # kernel) is the Triton main pass.
 _GLUON_MAIN = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 10)), opt_in=True,
