@@ -206,13 +206,15 @@ class Run:
 
     def ours(self, name, call, dtype, mode, fwd_cfg=None, bwd_cfg=None, predicted_s=None,
              need_s=25, unavailable=None, bwd_variant=None, class_tile=None, fwd_variant=None,
-             sym_form=None, unit=False, main_variant=None):
+             sym_form=None, unit=False, main_variant=None, check_call=None):
         """Check and time ``call`` with the triton backend, at the given configs (None: the
         table's), backward and loss-forward variants (``kernels.VARIANTS``; None: the one
         chosen; ``main_variant``: the forwards' main passes, kinds in ``MAIN``), class tile
         width of the class forward (None: ``class_block_cap``'s) and
         form of the symmetric backward ("two": the two-exp kernel; None: as the rows allow,
-        ``rows.one_exp_rows``), on N(0, 0.3^2) embeddings or, ``unit``, unit-norm ones."""
+        ``rows.one_exp_rows``), on N(0, 0.3^2) embeddings or, ``unit``, unit-norm ones;
+        checked through ``check_call`` where given (at CHECK_N rows, a call whose loops
+        run as the timed one's do)."""
         from nbkernels.backends import triton as tb
         from nbkernels.backends.triton import configs as tc
         from nbkernels.backends.triton import kernels as tk
@@ -250,7 +252,7 @@ class Run:
                     V.pinned(("fwd",), fwd_variant), V.pinned(MAIN, main_variant), \
                     V.class_tile(class_tile), \
                     V.sym_form(sym_form) as forms:
-                err = self.check(call, dtype, backward, unit)
+                err = self.check(check_call or call, dtype, backward, unit)
                 info["check_rel_err"] = err
                 # what ran, from the launchers' own bookkeeping
                 info["fwd_variant"] = V.launched(("fwd",)) or None
@@ -430,9 +432,11 @@ def main(argv=None):
     knn_cands = _candidates("fwd_class")
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd", predicted_s=knn_cands[0][1])
     # with the class forward's Gluon main pass (the opt-in variant "sm90_gluon"; it takes
-    # class tiles of 16, the launcher's choice at the target shape, also at the check's)
+    # class tiles of 16, the launcher's choice at the target shape, also at the check's,
+    # which has C / 10 classes: several reference tiles a class tile, as at the target)
     run.ours("nbkernels-triton-knn", knn(c), half, "fwd", main_variant="sm90_gluon",
-             class_tile=16, predicted_s=GR.class_prediction(), unavailable=GR.unavailable)
+             class_tile=16, predicted_s=GR.class_prediction(), unavailable=GR.unavailable,
+             check_call=knn(max(1, c // 10)))
     run.provider("sdpa-flash", "fwd", half, 4 * n * n * d, lambda x, y: P.sdpa_anchor(x, t),
                  need_s=10)
     run.fa2_anchor()
