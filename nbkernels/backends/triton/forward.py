@@ -49,11 +49,7 @@ def lse_forward_passes(q, r, q_labels, r_labels, temperature, metric, offset, ha
                 **_common(q, r, temperature, metric, offset, has_offset, precision, "fwd"))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1)  # noqa: E731
     with _on_device(q):
-        main = main or tk.main_pass(args)
-        if main is None:
-            tk.launch("fwd", grid, POS_PASS=False, **args)
-        else:
-            main(args, grid)
+        tk.launch_main("fwd", grid, args, main)
         if trace is not None:
             trace.update(main_lse_all=lse_all.clone(), main_lse_pos=lse_pos.clone(),
                          main_anchor=state[0], main_sum=state[1], main_pos_sum=state[2],
@@ -140,12 +136,9 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
                 MASS_PRECISION="ieee" if acc == torch.float64 else "tf32x2", BLOCK_C=block_c,
                 **_common(q, r_sorted, temperature, metric, offset, has_offset, precision,
                           "fwd_class"))
-            main = tk.main_pass(args, "fwd_class_main")
-            if main is None:
-                tk.launch("fwd_class", grid, POS_PASS=False, **args)
-            else:
-                # the batch (its queries are the references): their label order
-                main(args, grid, order=perm if batch else None)
+            # a main-pass variant gets, for the batch (its queries are the references),
+            # their label order
+            tk.launch_main("fwd_class", grid, args, order=perm if batch else None)
             # the exact pass (each tile's max) for the rows a class tile flagged, taken
             # first: the programs past them skip, with no host synchronisation
             rows = redo.amax(1)

@@ -237,6 +237,16 @@ def config(kind, element_size, d, device, precision=None):
     return configs.select(kind, element_size, d, device, precision)[0]
 
 
+def launch_main(kind, grid, args, main=None, **extra):
+    """The main pass of forward ``kind`` ("fwd", "fwd_class") on its launch arguments
+    ``args``: ``main(args, grid, **extra)`` where given, else the main-pass variant's
+    (``main_pass``), else the Triton kernel's (``launch``, POS_PASS=False)."""
+    main = main or main_pass(args, kind + "_main")
+    if main is None:
+        return launch(kind, grid, POS_PASS=False, **args)
+    return main(args, grid, **extra)
+
+
 def main_pass(args, kind="fwd_main"):
     """The main pass of the loss forward (``kind`` "fwd_main": ``forward.lse_forward_passes``'
     ``main``) or the class forward ("fwd_class_main") for launch arguments ``args``: the
