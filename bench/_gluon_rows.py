@@ -12,14 +12,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def results_path(stem, version=None):
+    """bench/results/<stem>_sm90[_triton<major><minor>].json: the Gluon models' results
+    under triton ``version`` (None: the running one), untagged from 3.9."""
+    if version is None:
+        from nbkernels.backends import variants
+        version = variants.triton_version()
+    tag = "" if version >= (3, 9) else f"_triton{version[0]}{version[1]}"
+    return ROOT / "bench" / "results" / f"{stem}_sm90{tag}.json"
+
+
 def candidates(top=2):
     """The ``top`` forms of the Gluon main pass that the latency model has fastest under
     the running triton (bench/results/gluon_fwd_sm90*.json; the first is the one
     ``gluon_lse.FORMS`` gives it, tests/test_gluon_fwd.py): [(fields, name, seconds)]."""
-    from nbkernels.backends import variants
-    ver = variants.triton_version()
-    tag = "" if ver >= (3, 9) else f"_triton{ver[0]}{ver[1]}"
-    path = ROOT / "bench" / "results" / f"gluon_fwd_sm90{tag}.json"
+    path = results_path("gluon_fwd")
     forms = json.loads(path.read_text())["forms"] if path.exists() else []
     forms = sorted(forms, key=lambda r: r["predicted_latency_model"]["time_s"])[:top]
     return [(r["form"], r["name"], r["predicted_latency_model"]["time_s"]) for r in forms]
@@ -29,10 +36,7 @@ def class_prediction():
     """The latency model's time of the class forward's Gluon main pass under the running
     triton (bench/results/gluon_class_probe_sm90*.json: the batch, self pair excluded,
     as gpu_perf's soft_knn_predict), or None."""
-    from nbkernels.backends import variants
-    ver = variants.triton_version()
-    tag = "" if ver >= (3, 9) else f"_triton{ver[0]}{ver[1]}"
-    path = ROOT / "bench" / "results" / f"gluon_class_probe_sm90{tag}.json"
+    path = results_path("gluon_class_probe")
     if not path.exists():
         return None
     rows = [r for r in json.loads(path.read_text())["rows"]

@@ -82,8 +82,8 @@ def modelled(f):
 
 
 def results_path(version=VERSION):
-    tag = "" if version >= (3, 9) else f"_triton{version[0]}{version[1]}"
-    return ROOT / "bench" / "results" / f"gluon_fwd_sm90{tag}.json"
+    from bench import _gluon_rows
+    return _gluon_rows.results_path("gluon_fwd", version)
 
 
 def main():

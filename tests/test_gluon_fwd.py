@@ -121,6 +121,19 @@ def test_form_compiles_clean():
     assert got["cycles_per_tile"] <= 1.1 * want["cycles_per_tile"], (got, want)
 
 
+def _recorded(monkeypatch, module, name):
+    """Kernel ``module.name`` replaced by a recorder: the list of its launches, each
+    (grid, {parameter name: argument}, keyword options); nothing runs."""
+    calls = []
+    names = [p.name for p in getattr(module, name).params]
+
+    def launch(grid):
+        return lambda *args, **kw: calls.append((grid, dict(zip(names, args)), kw))
+    monkeypatch.setattr(module, name,
+                        type("Kernel", (), {"__getitem__": lambda self, grid: launch(grid)})())
+    return calls
+
+
 def test_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
     """What ``main_pass`` passes the kernel, bound to its parameter names, against the
     launch arguments ``lse_forward_passes`` gives a main pass (bf16 rows, D = 128, the
@@ -138,13 +151,7 @@ def test_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
     seen = {}
     forward.lse_forward_passes(q, q, y, y, torch.tensor(0.1), kmetric, 0, True, "ieee",
                                main=lambda args, grid: seen.update(args))
-    calls = []
-    names = [p.name for p in L.lse_main_sm90.params]
-
-    def launch(grid):
-        return lambda *args, **kw: calls.append((grid, dict(zip(names, args)), kw))
-    monkeypatch.setattr(L, "lse_main_sm90",
-                        type("Kernel", (), {"__getitem__": lambda self, grid: launch(grid)})())
+    calls = _recorded(monkeypatch, L, "lse_main_sm90")
     f = L.Form(128, 8, False, True)
     L.main_pass(seen, None, f)
     (grid, bound, kw), = calls
@@ -224,13 +231,7 @@ def test_class_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
     x = torch.randn(300, C.D, generator=g).to(torch.bfloat16)
     y = torch.randint(0, 10, (300,), generator=g)
     tb.probs_forward(x, x, y, torch.tensor(0.1), 10, metric="sqeuclidean", offset=0)
-    calls = []
-    names = [p.name for p in C.class_main_sm90.params]
-
-    def launch(grid):
-        return lambda *args, **kw: calls.append((grid, dict(zip(names, args)), kw))
-    monkeypatch.setattr(C, "class_main_sm90",
-                        type("Kernel", (), {"__getitem__": lambda self, grid: launch(grid)})())
+    calls = _recorded(monkeypatch, C, "class_main_sm90")
     # the batch (self pair excluded: its queries streamed in the references' label order,
     # SELF 2), then self pairs at positions (1) and none (0)
     order = seen.pop("order")

@@ -74,8 +74,8 @@ def modelled(block_m, block_n, num_warps, mode=2):
 
 
 def results_path(ver=G.VERSION):
-    tag = "" if ver >= (3, 9) else f"_triton{ver[0]}{ver[1]}"
-    return ROOT / "bench" / "results" / f"gluon_class_probe_sm90{tag}.json"
+    from bench import _gluon_rows
+    return _gluon_rows.results_path("gluon_class_probe", ver)
 
 
 def main():
