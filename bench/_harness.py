@@ -228,6 +228,63 @@ def cuda_time(fn, setup=None, budget_s=0.3, max_reps=50, min_reps=3):
             "rounds": len(samples), "method": "cuda-events"}
 
 
+# ----------------------------------------------------------------------------- GPU clocks
+# what bench/gpu_perf.sh samples with nvidia-smi while the timings run (clocks.csv)
+CLOCK_QUERY = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu"
+
+
+def read_clocks(path):
+    """[(unix s, SM MHz, memory MHz, W, deg C)] of an nvidia-smi sample file (``--query-gpu=
+    CLOCK_QUERY --format=csv,noheader,nounits``; its local-time stamps, read on the machine
+    that wrote them); lines that do not parse (a cut last line, "[N/A]") are left out."""
+    out = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        f = [v.strip() for v in line.split(",")]
+        try:
+            t = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            out.append((t, *map(float, f[1:5])))
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+def clocks_during(samples, t0, t1):
+    """The samples taken in [t0, t1] (unix s): their median SM and memory clocks (MHz), the
+    largest power (W) and their count; None without one."""
+    inside = [s for s in samples if t0 <= s[0] <= t1]
+    if not inside:
+        return None
+    med = lambda k: sorted(s[k] for s in inside)[len(inside) // 2]  # noqa: E731
+    return {"sm_clock_mhz": med(1), "mem_clock_mhz": med(2),
+            "power_w_max": max(s[3] for s in inside), "clock_samples": len(inside)}
+
+
+def annotate_clocks(result_path, clocks_path):
+    """Add to each timed record of a result file the clocks sampled while it was timed
+    (its ``time_s["t_unix"]`` window): the model's clock is an assumption, this is the
+    GPU's. Returns how many records gained them."""
+    samples = read_clocks(clocks_path)
+    if not samples or not Path(result_path).exists():
+        return 0
+    data = json.loads(Path(result_path).read_text())
+    n = 0
+    for rec in data["records"]:
+        timing = rec.get("time_s")
+        window = timing.get("t_unix") if isinstance(timing, dict) else None
+        got = clocks_during(samples, *window) if window else None
+        if got:
+            rec.update(got)
+            n += 1
+    tmp = Path(result_path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, result_path)
+    return n
+
+
 # ----------------------------------------------------------------------------- memory model
 # Bytes per element of the N x M matrix that a materializing provider needs for one
 # forward+backward, fp32. Starting values from the issue's CPU table (PML ~5 GB and the

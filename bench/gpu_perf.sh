@@ -15,8 +15,11 @@
 # transposed variant and the generic kernel), soft_knn_predict with 32-wide class tiles
 # (against the default 16), the Gluon loss forward's second form. Each of our variants is
 # checked against backend "torch" before it is timed. Files under $OUT: gpu_perf.log,
-# perf_env.txt, gpu_perf.json (rewritten after each record: a kill keeps what ran) and
-# gpu_perf.md (the table, also printed last). GPU_PERF_TOTAL_S (default 230) bounds it.
+# perf_env.txt, gpu_perf.json (rewritten after each record: a kill keeps what ran),
+# gpu_perf.md (the table, also printed last) and clocks.csv (nvidia-smi's SM and memory
+# clocks, power and temperature every 100 ms; each timed record gets the median SM clock
+# of its timing, which bench/sass/latency_report.py --perf predicts it at).
+# GPU_PERF_TOTAL_S (default 230) bounds it.
 set -u
 LOG=gpu_perf.log
 source "$(dirname "$0")/_gpu_setup.sh"
@@ -29,8 +32,17 @@ export NBK_TRITON_AUTOTUNE=0
 torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"; } \
     > "$OUT/perf_env.txt" 2>&1
 cat "$OUT/perf_env.txt"
+# the GPU's clocks, power and temperature every 100 ms while it runs: each timed record
+# gets the median SM clock of its timing window (the model assumes 1.83 GHz)
+CLOCK_QUERY=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); import _harness as H; print(H.CLOCK_QUERY)")
+$(command -v stdbuf > /dev/null && echo stdbuf -oL) nvidia-smi --query-gpu="$CLOCK_QUERY" --format=csv,noheader,nounits -lms 100 \
+    > "$OUT/clocks.csv" 2> "$OUT/clocks.err" &
+SAMPLER=$!
 # the script stops starting steps 15 s before the limit; the timeout is the backstop
 timeout -k 5 "$TOTAL" "$PY" bench/gpu_perf.py --out "$OUT" --budget-s $(( TOTAL - 15 ))
 rc=$?
 (( rc == 124 || rc == 137 )) && echo "=== gpu_perf.py TIMED OUT after $TOTAL s (records kept)"
+kill "$SAMPLER" 2> /dev/null
+"$PY" -c "import sys; sys.path.insert(0, 'bench'); import _harness as H
+print('records with the clocks of their timing:', H.annotate_clocks('$OUT/gpu_perf.json', '$OUT/clocks.csv'))"
 exit $rc

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,3 +81,81 @@ def test_gpu_perf_dry_run(tmp_path):
     assert by_name["compile"]["status"] == "ok"
     table = (tmp_path / "gpu_perf.md").read_text().splitlines()
     assert len(table) == 2 + len(records) and table == proc.stdout.strip().splitlines()[-len(table):]
+
+
+def test_clock_samples_reach_the_records_timed_while_they_were_taken(tmp_path):
+    """gpu_perf.sh samples nvidia-smi every 100 ms (clocks.csv, local-time stamps); each
+    timed record gets the median SM clock, memory clock, largest power and count of the
+    samples inside its timing window; lines that do not parse are left out, and a record
+    without a window, or with no sample in it, gets nothing."""
+    import datetime
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import _harness as H
+
+    t = 1_790_000_000.0
+
+    def line(dt, sm, mem="2619", power="612.40", temp="51"):
+        stamp = datetime.datetime.fromtimestamp(t + dt).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+        return f"{stamp}, {sm}, {mem}, {power}, {temp}"
+    assert H.CLOCK_QUERY.split(",")[:2] == ["timestamp", "clocks.sm"]
+    clocks = tmp_path / "clocks.csv"
+    clocks.write_text("\n".join([
+        line(0.0, 1980), line(1.0, 1755), line(1.1, 1740, power="690.10"), line(1.2, 1980),
+        line(1.3, "[N/A]"), line(5.0, 1830), "2026/12/05 19:5"]) + "\n")
+    samples = H.read_clocks(clocks)
+    assert [s[1] for s in samples] == [1980, 1755, 1740, 1980, 1830]
+    assert samples[1][0] == pytest.approx(t + 1.0, abs=1e-3)
+    result = tmp_path / "gpu_perf.json"
+    timed = {"median": 1e-3, "t_unix": [t + 0.95, t + 1.25]}
+    result.write_text(json.dumps({"env": {}, "records": [
+        {"name": "a", "status": "ok", "time_s": timed},
+        {"name": "b", "status": "ok", "time_s": {"median": 1e-3, "t_unix": [t + 2, t + 3]}},
+        {"name": "c", "status": "ok", "time_s": {"median": 1e-3}},
+        {"name": "d", "status": "skipped"}]}))
+    assert H.annotate_clocks(result, clocks) == 1
+    recs = json.loads(result.read_text())["records"]
+    assert {k: recs[0][k] for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w_max",
+                                    "clock_samples")} == {
+        "sm_clock_mhz": 1755, "mem_clock_mhz": 2619, "power_w_max": 690.1, "clock_samples": 3}
+    assert not any("sm_clock_mhz" in r for r in recs[1:])
+    # no sample file (no nvidia-smi): nothing changes
+    assert H.annotate_clocks(result, tmp_path / "none.csv") == 0
+
+
+def test_gpu_perf_sh_samples_the_clocks_while_it_times(tmp_path):
+    """gpu_perf.sh, with a stand-in nvidia-smi (a sample every 100 ms, as -lms 100) and a
+    stand-in bench/gpu_perf.py (one record timed over 0.6 s, then stopped by the script's
+    timeout): the sampler runs while the records are timed and they are annotated after,
+    the timeout included."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(
+        "#!/usr/bin/env bash\n"
+        "case \"$*\" in *-lms*) while :; do\n"
+        "  echo \"$(date '+%Y/%m/%d %H:%M:%S.%3N'), 1755, 2619, 600.5, 50\"; sleep 0.1; done;;\n"
+        "esac\necho fake\n")
+    # the stand-in for gpu_perf.py: one record timed over 0.6 s, then hangs until killed
+    stub = tmp_path / "stub.py"
+    stub.write_text(
+        "import json, sys, time\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "t0 = time.time(); time.sleep(0.6)\n"
+        "rec = {'name': 'x', 'status': 'ok', 'time_s': {'median': 1e-3, 't_unix': [t0, time.time()]}}\n"
+        "open(out + '/gpu_perf.json', 'w').write(json.dumps({'env': {}, 'records': [rec]}))\n"
+        "time.sleep(60)\n")
+    py = fake / "py"
+    py.write_text(f"#!/usr/bin/env bash\n"
+                  f"if [ \"$1\" = bench/gpu_perf.py ]; then shift; exec {sys.executable} {stub} \"$@\"; fi\n"
+                  f"exec {sys.executable} \"$@\"\n")
+    for f in (fake / "nvidia-smi", py):
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON=str(py), OUT=str(out),
+               GPU_PERF_TOTAL_S="3")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_perf.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 124, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "TIMED OUT" in proc.stdout and "records with the clocks of their timing: 1" in proc.stdout
+    rec = json.loads((out / "gpu_perf.json").read_text())["records"][0]
+    assert rec["sm_clock_mhz"] == 1755 and rec["clock_samples"] >= 3

@@ -146,9 +146,10 @@ def test_points_from_a_gpu_perf_run(tmp_path):
                     fwd_config=fwd, bwd_config=bwd, time_s={"median": ms / 1e3}, **kw)
     perf = dict(env=dict(git_commit="0123456789abcdef", git_dirty=False, gpu_name="NVIDIA H200",
                          triton="3.6.0"),
-                records=[rec("fwd", [128, 128, 8, 2], [128, 64, 8, 2], 5.0),
+                records=[rec("fwd", [128, 128, 8, 2], [128, 64, 8, 2], 5.0, sm_clock_mhz=1755.0),
                          rec("fwd", [128, 64, 4, 3], [128, 64, 8, 2], 4.0),
-                         rec("fwdbwd", [128, 128, 8, 2], [64, 64, 4, 3], 20.0),
+                         rec("fwdbwd", [128, 128, 8, 2], [64, 64, 4, 3], 20.0,
+                             sm_clock_mhz=1620.0),
                          rec("fwdbwd", [64, 64, 4, 2], [64, 64, 4, 2], 30.0),   # no fwd of it
                          rec("fwd", [64, 64, 4, 2], [128, 64, 8, 2], 9.0, dtype="float32"),
                          rec("fwd", [32, 32, 4, 2], [128, 64, 8, 2], 9.0, status="skipped"),
@@ -166,6 +167,15 @@ def test_points_from_a_gpu_perf_run(tmp_path):
                    "bwd_sym_bf16_sqeuclidean_128x64w8s2": 8.0,
                    "bwd_sym_bf16_sqeuclidean_64x64w4s2_twoexp": 10.0}
     assert any("unit-norm rows" in p["what"] for p in points)
+    # the SM clock sampled while a row was timed goes with its point (a backward's: the
+    # fwd+bwd row's), and the prediction is made at that clock
+    clocks = {p["variants"][0]: p.get("sm_clock_mhz") for p in points}
+    assert clocks["fwd_bf16_sqeuclidean_128x128w8s2"] == 1755.0
+    assert clocks["bwd_sym_bf16_sqeuclidean_64x64w4s3"] == 1620.0
+    assert clocks["fwd_bf16_sqeuclidean_128x64w4s3"] is None
+    assert L.at_clock({}) == 1.0
+    assert L.at_clock({"sm_clock_mhz": 1830.0}) == pytest.approx(1.0)
+    assert L.at_clock({"sm_clock_mhz": 1980.0}) == pytest.approx(1830 / 1980)
     assert {p["commit"] for p in points} == {"0123456"}
     # the triton the GPU ran, which --triton 3.6=PATH compiles the point with
     assert {p["triton"] for p in points} == {"3.6.0"} and L._minor("3.6.0") == "3.6"

@@ -159,6 +159,13 @@ def _minor(version):
     return ".".join(str(version).split(".")[:2])
 
 
+def at_clock(point):
+    """What a prediction (cycles at ``model.CLOCK_HZ``) is multiplied by for a point timed
+    with its SM clock sampled (``sm_clock_mhz``, gpu_perf.sh): 1 without one."""
+    mhz = point.get("sm_clock_mhz")
+    return model.CLOCK_HZ / (1e6 * mhz) if mhz else 1.0
+
+
 def measured_points(factor, tritons=None):
     """Each point of points.json: the predictions of its variants against the measurement.
     ``tritons``: {"3.6": install path}, the tritons the points may be compiled with."""
@@ -174,8 +181,8 @@ def measured_points(factor, tritons=None):
         best = min(preds, key=lambda k: preds[k]["latency"]["time_s"])
         pipe_best = min(preds, key=lambda k: preds[k]["pipe_raw"]["time_s"])
         ms = p["measured_ms"]
-        lat_ms = 1e3 * preds[best]["latency"]["time_s"]
-        pipe_ms = 1e3 * preds[pipe_best]["pipe_raw"]["time_s"]
+        lat_ms = 1e3 * preds[best]["latency"]["time_s"] * at_clock(p)
+        pipe_ms = 1e3 * preds[pipe_best]["pipe_raw"]["time_s"] * at_clock(p)
         rows.append(dict(p, variants=preds, compiled_with=compiled[best]["triton"],
                          latency_pick=best, latency_ms=lat_ms,
                          latency_ratio=ms / lat_ms, pipe_raw_ms=pipe_ms,
@@ -199,9 +206,14 @@ def points_from_perf(perf):
         return f"{kind}_bf16_sqeuclidean_{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}"
     fwd = {tuple(r["fwd_config"]): 1e3 * r["time_s"]["median"] for r in ok if r["mode"] == "fwd"}
     ran = perf["env"].get("triton")
+    # the SM clock sampled while each was timed (H.annotate_clocks), where there is one
+    fwd_clock = {tuple(r["fwd_config"]): r.get("sm_clock_mhz") for r in ok if r["mode"] == "fwd"}
     out = [dict(what=f"bf16 forward, {name('fwd', c)[21:]} ({gpu}, gpu_perf)", commit=commit,
                 dirty=dirty, triton=ran, measured_ms=ms, variants=[name("fwd", c)])
            for c, ms in fwd.items()]
+    for p, c in zip(out, fwd):
+        if fwd_clock[c]:
+            p["sm_clock_mhz"] = fwd_clock[c]
     for r in ok:
         cfg, both = tuple(r["fwd_config"]), 1e3 * r["time_s"]["median"]
         # the symmetric kernel's form that worked (records before it had one form: that
@@ -214,6 +226,8 @@ def points_from_perf(perf):
             out.append(dict(what=f"bf16 batch backward, {what} ({gpu}, gpu_perf: fwd+bwd - fwd)",
                             commit=commit, dirty=dirty, triton=ran, measured_ms=both - fwd[cfg],
                             variants=[name("bwd_sym", r["bwd_config"]) + form]))
+            if r.get("sm_clock_mhz"):
+                out[-1]["sm_clock_mhz"] = r["sm_clock_mhz"]
     return out
 
 
