@@ -92,45 +92,12 @@ FORMS = {"plain": (plain, {}), "ahead": (ahead, {}), "tma": (tma, {"WS": False})
 
 
 def _gluon_kernel():
-    """The "ahead" form in Gluon (triton.experimental.gluon), with the Gluon main pass's
-    staging: one warpgroup, the reference tiles through a cp.async ring of STAGES buffers,
-    the next tile's wgmma issued async before the current tile's exps. CARRY: waited for
-    with one group left at the top of the next iteration (the wgmma in flight across the
-    back edge); else waited for before the back edge."""
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
-
-    from bench.gluon_fwd import issue, stage
-
-    @gluon.jit
-    def gluon_ahead(q, r, out, M, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    D: gl.constexpr, STAGES: gl.constexpr, CARRY: gl.constexpr):
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 16])
-        q_s, r_s, o_nl, o_d = stage(q, r, BLOCK_M, BLOCK_N, D, STAGES)
-        n = M // BLOCK_N
-        zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
-        b_l = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, mma))
-        tok = issue(q_s, r_s, r, o_nl, o_d, 0, n, zero, BLOCK_N, D, STAGES)
-        if not CARRY:
-            b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-        for j in range(n - 1):
-            nxt_tok = issue(q_s, r_s, r, o_nl, o_d, j + 1, n, zero, BLOCK_N, D, STAGES)
-            if CARRY:
-                b_s = warpgroup_mma_wait(num_outstanding=1, deps=(tok,))
-                b_l += gl.sum(gl.exp2(b_s), axis=1)
-                tok = nxt_tok
-            else:
-                b_l += gl.sum(gl.exp2(b_s), axis=1)
-                b_s = warpgroup_mma_wait(num_outstanding=0, deps=(nxt_tok,))
-        if CARRY:
-            b_s = warpgroup_mma_wait(num_outstanding=0, deps=(tok,))
-        b_l += gl.sum(gl.exp2(b_s), axis=1)
-        o_m = gl.program_id(0) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-        gl.store(out + o_m, b_l)
-
-    return gluon_ahead
+    """The "ahead" form in Gluon (``_gluon_probe.gluon_ahead``): one warpgroup, the
+    reference tiles through a cp.async ring of STAGES buffers, the next tile's wgmma
+    issued async before the current tile's exps; CARRY: waited for with one group left at
+    the top of the next iteration, else before the back edge."""
+    from bench.sass import _gluon_probe
+    return _gluon_probe.gluon_ahead
 
 
 def _compile(name, values, num_warps, num_stages):
