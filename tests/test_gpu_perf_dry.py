@@ -144,18 +144,36 @@ def test_gpu_perf_sh_samples_the_clocks_while_it_times(tmp_path):
         "rec = {'name': 'x', 'status': 'ok', 'time_s': {'median': 1e-3, 't_unix': [t0, time.time()]}}\n"
         "open(out + '/gpu_perf.json', 'w').write(json.dumps({'env': {}, 'records': [rec]}))\n"
         "time.sleep(60)\n")
+    # and for the ladder's timing: two rungs timed over 0.3 s each
+    ladder = tmp_path / "ladder_stub.py"
+    ladder.write_text(
+        "import json, sys, time, triton\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "recs = []\n"
+        "for name in ('exp', 'mma'):\n"
+        "    t0 = time.time(); time.sleep(0.3)\n"
+        "    recs.append({'name': name, 'rung': name, 'config': '-', 'status': 'ok',\n"
+        "                 'time_s': {'median': 2e-3, 't_unix': [t0, time.time()]}})\n"
+        "env = {'triton': triton.__version__}\n"
+        "open(out + '/ladder.json', 'w').write(json.dumps({'env': env, 'records': recs}))\n")
     py = fake / "py"
     py.write_text(f"#!/usr/bin/env bash\n"
                   f"if [ \"$1\" = bench/gpu_perf.py ]; then shift; exec {sys.executable} {stub} \"$@\"; fi\n"
+                  f"if [ \"$1 $2\" = \"bench/sass/ladder.py --time\" ]; then shift; exec {sys.executable} {ladder} \"$@\"; fi\n"
                   f"exec {sys.executable} \"$@\"\n")
     for f in (fake / "nvidia-smi", py):
         f.chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON=str(py), OUT=str(out),
-               GPU_PERF_TOTAL_S="3")
+               GPU_PERF_TOTAL_S="4")
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_perf.sh")], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 124, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "TIMED OUT" in proc.stdout and "records with the clocks of their timing: 1" in proc.stdout
+    assert "TIMED OUT" in proc.stdout
+    assert "gpu_perf records with the clocks of their timing: 1" in proc.stdout
+    assert "ladder records with the clocks of their timing: 2" in proc.stdout
     rec = json.loads((out / "gpu_perf.json").read_text())["records"][0]
     assert rec["sm_clock_mhz"] == 1755 and rec["clock_samples"] >= 3
+    # the ladder against its predictions, at the sampled clock (bench/sass/ladder.py)
+    table = (out / "ladder.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| exp", "| mma"]

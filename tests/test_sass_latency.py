@@ -173,9 +173,10 @@ def test_points_from_a_gpu_perf_run(tmp_path):
     assert clocks["fwd_bf16_sqeuclidean_128x128w8s2"] == 1755.0
     assert clocks["bwd_sym_bf16_sqeuclidean_64x64w4s3"] == 1620.0
     assert clocks["fwd_bf16_sqeuclidean_128x64w4s3"] is None
-    assert L.at_clock({}) == 1.0
-    assert L.at_clock({"sm_clock_mhz": 1830.0}) == pytest.approx(1.0)
-    assert L.at_clock({"sm_clock_mhz": 1980.0}) == pytest.approx(1830 / 1980)
+    from bench.sass import model
+    assert model.at_clock({}) == 1.0
+    assert model.at_clock({"sm_clock_mhz": 1830.0}) == pytest.approx(1.0)
+    assert model.at_clock({"sm_clock_mhz": 1980.0}) == pytest.approx(1830 / 1980)
     assert {p["commit"] for p in points} == {"0123456"}
     # the triton the GPU ran, which --triton 3.6=PATH compiles the point with
     assert {p["triton"] for p in points} == {"3.6.0"} and L._minor("3.6.0") == "3.6"

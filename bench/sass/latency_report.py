@@ -159,13 +159,6 @@ def _minor(version):
     return ".".join(str(version).split(".")[:2])
 
 
-def at_clock(point):
-    """What a prediction (cycles at ``model.CLOCK_HZ``) is multiplied by for a point timed
-    with its SM clock sampled (``sm_clock_mhz``, gpu_perf.sh): 1 without one."""
-    mhz = point.get("sm_clock_mhz")
-    return model.CLOCK_HZ / (1e6 * mhz) if mhz else 1.0
-
-
 def measured_points(factor, tritons=None):
     """Each point of points.json: the predictions of its variants against the measurement.
     ``tritons``: {"3.6": install path}, the tritons the points may be compiled with."""
@@ -181,8 +174,8 @@ def measured_points(factor, tritons=None):
         best = min(preds, key=lambda k: preds[k]["latency"]["time_s"])
         pipe_best = min(preds, key=lambda k: preds[k]["pipe_raw"]["time_s"])
         ms = p["measured_ms"]
-        lat_ms = 1e3 * preds[best]["latency"]["time_s"] * at_clock(p)
-        pipe_ms = 1e3 * preds[pipe_best]["pipe_raw"]["time_s"] * at_clock(p)
+        lat_ms = 1e3 * preds[best]["latency"]["time_s"] * model.at_clock(p)
+        pipe_ms = 1e3 * preds[pipe_best]["pipe_raw"]["time_s"] * model.at_clock(p)
         rows.append(dict(p, variants=preds, compiled_with=compiled[best]["triton"],
                          latency_pick=best, latency_ms=lat_ms,
                          latency_ratio=ms / lat_ms, pipe_raw_ms=pipe_ms,

@@ -73,6 +73,13 @@ def pipes(per_pair, tensor_flop_per_pair, hbm_bytes_per_pair=0.0):
     }
 
 
+def at_clock(point):
+    """What a prediction (cycles at CLOCK_HZ) is multiplied by for a point timed with its
+    SM clock sampled (``sm_clock_mhz``: bench/gpu_perf.sh's clocks.csv): 1 without one."""
+    mhz = point.get("sm_clock_mhz")
+    return CLOCK_HZ / (1e6 * mhz) if mhz else 1.0
+
+
 def predict(cycles, flop_per_pair, n=65536, m=65536):
     """Predicted time and TFLOP/s at n x m pairs, for the max (overlap) and sum bounds."""
     out = {}
