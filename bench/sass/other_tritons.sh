@@ -10,6 +10,7 @@
 #   one_exp_backward.py     the symmetric backward with one and two exp2 per pair
 #   ../gluon_fwd.py         the loss forward's Gluon main pass (gluon_lse), each form (FORMS)
 #   gluon_class_probe.py    the class forward's Gluon main pass (gluon_class), each self-pair mode
+#   ladder.py               the latency model's ladder (minimal forms of the loop gpu_perf.sh times)
 # Predicted from compiled SASS, never measured. Installs each triton beside this one:
 #   bench/sass/other_tritons.sh [DIR]    (default /tmp/nbk-tritons; about 25 min on 2 cores)
 set -euo pipefail
@@ -27,6 +28,7 @@ for v in 3.6.0 3.7.1 3.8.0; do
     run python bench/sass/one_exp_backward.py
     run python bench/gluon_fwd.py
     run python bench/sass/gluon_class_probe.py
+    run python bench/sass/ladder.py
     if [ "$tag" = 36 ]; then
         run python bench/sass/class_forward.py --at fa2d95a \
             --out "bench/results/class_forward_sm90_triton$tag.json"
