@@ -200,6 +200,39 @@ def _col_term(r_col, o, m, MASKED: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _gather_index(order, i_t, hi, BLOCK: tl.constexpr):
+    """[B] the rows at label-order positions [i_t, i_t + B) below hi (``order``: their
+    indices, int64; 0 past hi) and their mask."""
+    o_s = i_t + tl.arange(0, BLOCK)
+    m_j = o_s < hi
+    return tl.load(order + o_s, mask=m_j, other=0).to(tl.int64), m_j
+
+
+@triton.jit
+def _gathered_pairs(b_x, x, y, y_labels, y_col, o_x, m_x, b_xl, b_j, m_j, D, offset, s_xn, s_xd,
+                    s_yn, s_yd, HAS_OFFSET: tl.constexpr, Y_QUERIES: tl.constexpr,
+                    RESIDENT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The pairs of the rows o_x (labels b_xl) with gathered rows b_j (``_gather_index``):
+    x.y [BX, BY] and the y tile (as ``_rows_dot``), y's column terms (-inf past the
+    range) and the positives: same label, o_x a real row, and not the excluded pair
+    (j = o + offset, or o = j + offset where the y rows are the queries: Y_QUERIES)."""
+    b_xy, b_yt = _rows_dot(b_x, x, y=y, o_x=o_x, m_x=m_x, o_y=b_j, m_y=m_j, D=D, s_xn=s_xn,
+                           s_xd=s_xd, s_yn=s_yn, s_yd=s_yd, RESIDENT=RESIDENT, ACC=ACC,
+                           PRECISION=PRECISION, BLOCK_X=BLOCK_X, BLOCK_Y=BLOCK_Y,
+                           BLOCK_D=BLOCK_D)
+    b_yn = _col_term(y_col, b_j, m_j, True, ACC)
+    m_pos = (b_xl[:, None] == tl.load(y_labels + b_j, mask=m_j, other=-2)[None, :]) & \
+        m_x[:, None]
+    if HAS_OFFSET:
+        if Y_QUERIES:
+            m_pos = m_pos & (o_x[:, None] != b_j[None, :] + offset)
+        else:
+            m_pos = m_pos & (b_j[None, :] != o_x[:, None] + offset)
+    return b_xy, b_yt, b_yn, m_pos
+
+
+@triton.jit
 def _diagonal(i_x, i_y, offset, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
     """[BX, BY] mask of the pairs j = i + offset of a tile that meets the diagonal, from
     int32 tile-local indices (one compare per pair; the tile's shift fits in int32)."""

@@ -3,8 +3,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    BWD_NO_SPECIALIZE, _col_term, _diagonal, _diagonal_tiles, _exp,
-    _load_rows, _peeled, _rows_dot)
+    BWD_NO_SPECIALIZE, _col_term, _diagonal, _diagonal_tiles, _exp, _gather_index,
+    _gathered_pairs, _load_rows, _peeled, _rows_dot)
 
 
 @triton.jit
@@ -161,9 +161,7 @@ def _bwd_fix_tile(b_acc, b_sum, b_dt, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels,
     BOTHER) below hi_t (``other_order``: their indices), gathered, and their pairs with the
     own rows that share a label (the positives' terms are the only ones a fix-up adds),
     the excluded pair masked by index. Skipped when neither side holds a flagged query."""
-    o_s = i_t + tl.arange(0, BLOCK_OTHER)
-    m_t = o_s < hi_t
-    b_j = tl.load(other_order + o_s, mask=m_t, other=0).to(tl.int64)
+    b_j, m_t = _gather_index(other_order, i_t, hi_t, BLOCK_OTHER)
     if REF_MAJOR:
         run = tl.max(tl.load(flags + b_j, mask=m_t, other=0), 0) > 0
     elif SYMMETRIC:
@@ -171,18 +169,11 @@ def _bwd_fix_tile(b_acc, b_sum, b_dt, b_x, x, y, s_x, s_xk, s_y, s_yk, y_labels,
     else:
         run = tl.max(b_fl, 0) > 0
     if run:
-        b_xy, b_yt = _rows_dot(b_x, x, y=y, o_x=o_own, m_x=m_own, o_y=b_j, m_y=m_t, D=D,
-                               s_xn=s_x, s_xd=s_xk, s_yn=s_y, s_yd=s_yk, RESIDENT=RESIDENT,
-                               ACC=ACC, PRECISION=PRECISION, BLOCK_X=BLOCK_OWN,
-                               BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
-        b_yn = _col_term(y_col, b_j, m_t, True, ACC)
-        m_pos = (b_xl[:, None] == tl.load(y_labels + b_j, mask=m_t, other=-2)[None, :]) & \
-            m_own[:, None]
-        if HAS_OFFSET:
-            if REF_MAJOR:
-                m_pos = m_pos & (o_own[:, None] != b_j[None, :] + offset)
-            else:
-                m_pos = m_pos & (b_j[None, :] != o_own[:, None] + offset)
+        b_xy, b_yt, b_yn, m_pos = _gathered_pairs(
+            b_x, x, y, y_labels, y_col, o_x=o_own, m_x=m_own, b_xl=b_xl, b_j=b_j, m_j=m_t, D=D,
+            offset=offset, s_xn=s_x, s_xd=s_xk, s_yn=s_y, s_yd=s_yk, HAS_OFFSET=HAS_OFFSET,
+            Y_QUERIES=REF_MAJOR, RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+            BLOCK_X=BLOCK_OWN, BLOCK_Y=BLOCK_OTHER, BLOCK_D=BLOCK_D)
         if REF_MAJOR:
             b_u = tl.fma(b_xy, b_c, b_xn[:, None])
             b_sht = tl.load(row_shift + b_j, mask=m_t, other=0).to(ACC)

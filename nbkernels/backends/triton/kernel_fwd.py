@@ -5,7 +5,8 @@ import triton.language as tl
 from .common import (
     FWD_NO_SPECIALIZE, LN2, MAX_MOVE_F32, MAX_MOVE_F64,
     POS_FLOOR_F32, POS_FLOOR_F64, RESCALE_F32, RESCALE_F64, _col_term, _diagonal,
-    _diagonal_tiles, _exp, _load_rows, _lse, _online_lse, _peeled, _residue, _rows_dot, _shift)
+    _diagonal_tiles, _exp, _gather_index, _gathered_pairs, _load_rows, _lse, _online_lse,
+    _peeled, _residue, _rows_dot, _shift)
 
 
 @triton.jit
@@ -116,16 +117,13 @@ def _fwd_pos_tile(b_mp, b_lp, b_q, b_a, q, r, r_labels, r_col, r_order, o_m, m_m
     """A tile of the exact pass's positives-only blocks: the references at label-order
     positions [i_n, i_n + BN) below hi_p (``r_order``: their indices), gathered, into the
     positives' own online log-sum-exp (b_mp, b_lp)."""
-    o_s = i_n + tl.arange(0, BLOCK_N)
-    m_s = o_s < hi_p
-    b_j = tl.load(r_order + o_s, mask=m_s, other=0).to(tl.int64)
-    b_qr, _ = _rows_dot(b_x=b_q, x=q, y=r, o_x=o_m, m_x=m_m, o_y=b_j, m_y=m_s, D=D,
-                        s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd, RESIDENT=RESIDENT, ACC=ACC,
-                        PRECISION=PRECISION, BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
-    b_s = tl.fma(b_qr, b_c, _col_term(r_col, b_j, m_s, True, ACC)[None, :])
-    m_pos = b_a[:, None] == tl.load(r_labels + b_j, mask=m_s, other=-2)[None, :]
-    if HAS_OFFSET:
-        m_pos = m_pos & (b_j[None, :] != o_m[:, None] + offset)
+    b_j, m_s = _gather_index(r_order, i_n, hi_p, BLOCK_N)
+    b_qr, _, b_col, m_pos = _gathered_pairs(
+        b_x=b_q, x=q, y=r, y_labels=r_labels, y_col=r_col, o_x=o_m, m_x=m_m, b_xl=b_a, b_j=b_j,
+        m_j=m_s, D=D, offset=offset, s_xn=s_qn, s_xd=s_qd, s_yn=s_rm, s_yd=s_rd,
+        HAS_OFFSET=HAS_OFFSET, Y_QUERIES=False, RESIDENT=RESIDENT, ACC=ACC, PRECISION=PRECISION,
+        BLOCK_X=BLOCK_M, BLOCK_Y=BLOCK_N, BLOCK_D=BLOCK_D)
+    b_s = tl.fma(b_qr, b_c, b_col[None, :])
     b_mp, b_lp, _, _ = _online_lse(b_mp, b_lp, tl.where(m_pos, b_s, float("-inf")))
     return b_mp, b_lp
 
