@@ -19,7 +19,7 @@ gateway (``nbkernels.backends.get``) decides that.
 import torch
 
 from nbkernels._validation import BackendUnavailableError
-from nbkernels.backends import variants
+from nbkernels.backends import class_tiles, variants
 from nbkernels.backends.infinity import finite_rows, silent_rows, undefined_rows
 from nbkernels.kernel_inputs import KERNEL_METRICS, symmetric_flag
 
@@ -144,10 +144,8 @@ def probs_forward(q, r, r_labels, temperature, num_classes, *, metric, offset):
     mass, tile_max, tile_sum = _op("fwd_class", q.device)(
         q, r, labels, perm, tile_ptr, _temp(temperature), rn, c, CLASS_TILE,
         metric == "sqeuclidean", *_offset(offset))
-    # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse)
-    # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
-    lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
-    scale = torch.exp(tile_max - lse_all.unsqueeze(1))
+    # merge the class tiles (relative to the row's largest anchor: ``class_tiles``)
+    scale, lse_all = class_tiles.merge(tile_max, tile_sum)
     yhat = mass * scale.repeat_interleave(CLASS_TILE, dim=1).narrow(1, 0, c)
     return undefined_rows(yhat, q_far), undefined_rows(lse_all, q_far)
 

@@ -211,9 +211,10 @@ def test_class_main_pass_seam(tb, h, monkeypatch, flag, batch):
 
     def garbage(args, grid, order):
         seen.update(args, order=order)
+        # consistent garbage: each tile's sum its masses' (5 in each of its BLOCK_C columns)
         args["mass"].fill_(5.0)
         args["tile_max"].fill_(0.0)
-        args["tile_sum"].fill_(1.0)
+        args["tile_sum"].fill_(5.0 * args["BLOCK_C"])
         args["redo"].fill_(flag)
     main_pass = tk.main_pass
     monkeypatch.setattr(tk, "main_pass", lambda args, kind="fwd_main":
@@ -227,10 +228,10 @@ def test_class_main_pass_seam(tb, h, monkeypatch, flag, batch):
         torch.testing.assert_close(seen["r"], case.q[seen["order"]], rtol=0, atol=0)
     else:
         assert seen["order"] is None and seen["self_pos"] is None
-    if not flag:   # every class tile's sum 1 at max 0: lse_all = log(tiles), yhat = 5 / tiles
-        tiles = seen["tile_max"].shape[1]
-        h.close(lse_all, torch.full_like(lse_all, math.log(tiles)), 1e-6, 1e-6)
-        h.close(yhat, torch.full_like(yhat, 5.0 / tiles), 1e-6, 1e-6)
+    if not flag:   # every class tile's sum 5 BLOCK_C at max 0: yhat = 1 / (BLOCK_C tiles)
+        total = seen["tile_max"].shape[1] * seen["BLOCK_C"]
+        h.close(lse_all, torch.full_like(lse_all, math.log(5.0 * total)), 1e-6, 1e-6)
+        h.close(yhat, torch.full_like(yhat, 1.0 / total), 1e-6, 1e-6)
         return
     want = oracle_rows(case.q.double(), case.r.double(), None, case.b, case.t.double(),
                        case.c, "dot", offset)
@@ -265,3 +266,47 @@ def test_class_tile_whose_first_tile_has_no_term(tb, h, temperature):
     atol = 8 * torch.finfo(torch.float32).eps * float(far.square().sum(1).max()) / temperature
     h.close(yhat, want[2].to(yhat), atol, 0.0, msg=lambda m: f"yhat: {m}")
     h.close(lse_all + shift, want[0].to(lse_all), atol, 0.0, msg=lambda m: f"lse_all: {m}")
+
+
+def test_class_probabilities_keep_their_precision_at_large_logits(tb, h):
+    """The class tiles are merged relative to the row's largest anchor (``class_tiles``),
+    not through lse_all = logsumexp(tile_max + log tile_sum), which rounds at the size of
+    the logits: with logits near 1e4, exact in fp32 ("dot", D = 1, dyadic values), yhat
+    was off by eps |logit| (4e-6) and its rows did not sum to 1. Every entry now within a
+    few ulps of the fp64 oracle (of 1, the largest entry) and every row sums to 1 as
+    closely."""
+    q = torch.tensor([[100.0], [100.0], [-37.5]], device=h.device)
+    r = torch.tensor([[100.0], [100.125], [99.875], [100.25], [99.5], [100.0]], device=h.device)
+    b = torch.tensor([0, 1, 2, 0, 1, 2], device=h.device)
+    eps = torch.finfo(torch.float32).eps
+    for temperature in (1.0, 0.25):
+        t = torch.tensor(temperature, device=h.device)
+        yhat, _ = tb.probs_forward(q, r, b, t, 3, metric="dot", offset=None, precision="ieee")
+        want = oracle_rows(q.double(), r.double(), None, b, t.double(), 3, "dot", None)[2]
+        h.close(yhat, want.to(yhat), 8 * eps, 8 * eps,
+                msg=lambda m: f"T={temperature} yhat: {m}")
+        h.close(yhat.double().sum(1), torch.ones(3, dtype=torch.float64, device=h.device),
+                4 * eps, 0.0, msg=lambda m: f"T={temperature} row sums: {m}")
+
+
+def test_class_gradient_of_the_row_sums_is_zero(tb, h):
+    """Each row of yhat sums to 1 (every label in [0, C)), so the gradient of sum(yhat) is
+    0: the class backward's delta = sum_c g_c yhat_c cancels each pair's g_c = 1 only as
+    closely as the forward's rows sum to 1. fp32, "dot", logits of a few hundred (T =
+    0.05): before the class tiles were merged from their anchors and masses the rows were
+    off by eps |logit| and dq by hundreds of ulps of |r| / T; now within a few."""
+    g = torch.Generator().manual_seed(4)
+    n, m, d, c = 45, 130, 8, 7
+    q, r = (torch.randn(k, d, generator=g) * 3 for k in (n, m))
+    b = torch.randint(0, c, (m,), generator=g)
+    q, r, b = q.to(h.device), r.to(h.device), b.to(h.device)
+    t = torch.tensor(0.05, device=h.device)
+    yhat, lse_all = tb.probs_forward(q, r, b, t, c, metric="dot", offset=None, precision="ieee")
+    dq, dr, _ = tb.probs_backward(q, r, b, t, yhat, lse_all, torch.ones_like(yhat),
+                                  metric="dot", offset=None, need_q=True, need_r=True,
+                                  need_t=False, precision="ieee")
+    eps = torch.finfo(torch.float32).eps
+    for name, grad, other in (("dq", dq, r), ("dr", dr, q)):
+        bound = 16 * eps * other.abs().max().item() / t.item()
+        assert grad.abs().max().item() <= bound, \
+            f"{name}: {grad.abs().max().item():.3g} against {bound:.3g} (the gradient is 0)"

@@ -3,6 +3,7 @@
 import torch
 import triton
 
+from nbkernels.backends import class_tiles
 from nbkernels.backends.infinity import finite_rows, undefined_rows
 
 from . import kernels as tk
@@ -144,10 +145,14 @@ def _probs_fwd(q: torch.Tensor, r: torch.Tensor, r_labels: torch.Tensor,
             rows = redo.amax(1)
             tk.launch("fwd_class", grid, tune=False, POS_PASS=True,
                       **dict(args, perm=_flagged_first(rows), redo=rows))
-    # merge class tiles: lse_all = logsumexp_t(max_t + log sum_t), yhat = mass_t exp(max_t - lse_all)
-    # (an empty tile has max -inf: scale 0; a row without references: lse -inf, yhat NaN)
-    lse_all = torch.logsumexp(tile_max + tile_sum.log(), dim=1)
-    scale = torch.exp(tile_max - lse_all[:, None])
+    # merge the class tiles (relative to the row's largest anchor, and for the tiles whose
+    # labels all lie in [0, C) from the sum of their masses: ``class_tiles``)
+    whole = torch.ones(n_tiles, dtype=torch.bool, device=q.device)
+    if m:
+        whole[0] &= labels[0] >= 0
+        whole[-1] &= labels[-1] < c
+    scale, lse_all = class_tiles.merge(tile_max, tile_sum,
+                                       mass.view(n, n_tiles, block_c).sum(2), whole)
     return undefined_rows(_scaled_mass(mass, scale, c, block_c), q_far), \
         undefined_rows(lse_all, q_far)
 
