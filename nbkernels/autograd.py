@@ -149,7 +149,7 @@ class NeighborLSE(torch.autograd.Function):
     (cast once to the accumulation dtype, ``kernel_inputs.kernel_temperature``; its gradient
     comes back in its own dtype);
     metric: "sqeuclidean" | "cosine" | "dot"; offset: None or int (query i skips
-    reference i + offset); backend: "torch" | "triton" | "cuda". Returns two (N,)
+    reference i + offset); backend: "torch" | "triton" | "cuda" | "reference". Returns two (N,)
     tensors in the accumulation dtype; ``lse_pos`` is -inf on rows with no positive.
     """
 
@@ -166,16 +166,19 @@ class NeighborLSE(torch.autograd.Function):
         r, qk, rk, kmetric, acc, temperature = _setup(ctx, q, r, temperature, metric, offset,
                                                       backend)
         ctx.symmetric = kernel_inputs.symmetric(qk, rk, q_labels, r_labels, offset)
+        mod = backends.get(backend, qk.device, qk.dtype)
         if _empty(q, r):
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
             lse_pos = lse_all.clone()
         else:
-            lse_all, lse_pos = backends.get(backend, qk.device, qk.dtype).lse_forward(
+            lse_all, lse_pos = mod.lse_forward(
                 qk, rk, q_labels, r_labels, temperature, metric=kmetric, offset=offset,
                 symmetric=ctx.symmetric)
         ctx.save_for_backward(q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos)
-        if kmetric == "sqeuclidean":
-            # the kernels leave out the row constant -||q||^2 / T; add it back
+        # the fused backends leave out the row constant -||q||^2 / T under "sqeuclidean";
+        # add it back (the reference's values are whole: its SHIFTED is False)
+        shifted = getattr(mod, "SHIFTED", True)
+        if kmetric == "sqeuclidean" and shifted:
             shift = kernel_inputs.row_shift(qk, temperature, kmetric)
             return lse_all - shift, lse_pos - shift
         return lse_all.clone(), lse_pos.clone()

@@ -105,6 +105,25 @@ def test_lse_function_with_offset(small_blocks, backend, offset):
     assert_match(got, want, 1e-10, 1e-9)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_lse_function_values_on_each_launcher(backend):
+    """NeighborLSE returns whole log-sum-exps whatever the launcher: the fused ones leave
+    out the row constant ||q||^2 / T under "sqeuclidean", the reference does not (its
+    values were shifted by ||q - centre||^2 / T once too often). Against the dense fp64
+    formula, batch with the self pair excluded."""
+    from nbkernels.autograd import NeighborLSE
+    x, y = make_batch(9, 4, 3, seed=3)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    s = -torch.cdist(x, x).pow(2) / t
+    s.fill_diagonal_(float("-inf"))
+    pos = (y[:, None] == y[None, :]) & ~torch.eye(9, dtype=torch.bool)
+    want_all = torch.logsumexp(s, 1)
+    want_pos = torch.logsumexp(s.masked_fill(~pos, float("-inf")), 1)
+    got_all, got_pos = NeighborLSE.apply(x, None, y, None, t, "sqeuclidean", 0, backend)
+    torch.testing.assert_close(got_all, want_all, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_pos, want_pos, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_blocks_match_reference(backend):
     """Inputs larger than one default tile, with the default tile sizes."""
