@@ -391,3 +391,41 @@ def test_positives_only_at_infinity_count_as_none(backend, chunk_size):
     _close(rows, absent, what="rows")
     mean = nbkernels.nca_loss(x, y, reduction="mean", **kw)
     _close(mean, absent.sum() / (absent != 0).sum(), what="mean over the rows with a positive")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_fp16_rows_far_apart_stay_finite(backend):
+    """fp16 rows at +-6e4 (finite; their distances are not): the centring by the queries'
+    mean put rows at -1.2e5, past fp16's range, and they came out as points at infinity
+    (NaN losses, NaN class rows). Now centred on the midpoint of the rows' range: the loss
+    rows and soft_knn_predict against the fp64 formula (fp16 outputs: a few of its ulps)."""
+    x = torch.tensor([[6e4, 0.0], [6e4, 1.0], [-6e4, 0.0], [-6e4, 1.0], [-6e4, 2.0],
+                      [-6e4, 3.0]], dtype=torch.float16)
+    y = torch.tensor([0, 0, 1, 1, 1, 1])
+    t = 1e9
+    got = nbkernels.nca_loss(x, y, temperature=t, backend=backend, reduction="none")
+    want = formula_loss(x, x, y, y, t, "sqeuclidean", offset=0, reduction="none")
+    _close(got, want, atol=2e-7, rtol=0.0, what="loss rows")
+    probs = nbkernels.soft_knn_predict(x, x, y, 2, temperature=t, backend=backend,
+                                       exclude_self=True)
+    _close(probs, formula_probs(x, x, y, t, 2, "sqeuclidean", offset=0), atol=2e-3, rtol=0.0,
+           what="soft_knn_predict")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_a_class_without_weight_has_probability_zero(backend, dtype):
+    """A class whose only reference is the query's excluded self pair, and one far beyond
+    what the dtype can weigh (the fp64 formula's 6.7e-79, below fp32's range; in fp64
+    exp(-180) is kept): exactly the formula's value, not the floor exp(-87) / exp(-708)
+    that the torch backend's exps clamp their arguments to."""
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=dtype)
+    y = torch.tensor([0, 1, 1])
+    got = nbkernels.soft_knn_predict(x, x, y, 2, backend=backend, exclude_self=True)
+    assert got[0, 0].item() == 0.0 and got[0, 1].item() == 1.0
+    q, r = torch.zeros(1, 2, dtype=dtype), torch.tensor([[0.0, 0.0], [3.0, 0.0]], dtype=dtype)
+    ry = torch.tensor([0, 1])
+    got = nbkernels.soft_knn_predict(q, r, ry, 2, temperature=0.05, backend=backend)
+    want = formula_probs(q, r, ry, 0.05, 2, "sqeuclidean")
+    _close(got, want.to(dtype), atol=0.0, rtol=1e-12 if dtype == torch.float64 else 1e-6,
+           what="far class")

@@ -22,6 +22,8 @@ and ``BLOCK_SYM``, read at each call (tests set them here).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nbkernels._validation import acc_dtype as _acc_dtype
@@ -210,8 +212,12 @@ def blocked_probs_forward(q, r, r_labels, temperature, num_classes, metric, offs
     acc, dev = pb.q.dtype, pb.q.device
     run = _OnlineLSE(pb.n, acc, dev)
     mass = torch.zeros(pb.n, num_classes, dtype=acc, device=dev)  # relative to the running max
+    # _exp_'s floor (exp(-87) in fp32) is no weight: an excluded pair or a reference at
+    # infinity (logit -inf) counts exactly 0 in its class, as one below the floor
+    floor = math.exp(-708.0 if acc == torch.float64 else -87.0)
     for (i0, i1), (j0, j1), _ in pb.tiles():
         alpha, p = run.update(i0, i1, pb.logits(i0, i1, j0, j1))
+        torch.nn.functional.threshold_(p, floor * (1 + 2 ** -20), 0.0)
         mass[i0:i1] *= alpha[:, None]
         mass[i0:i1].index_add_(1, pb.rl[j0:j1], p)
     # a row without any term (l = 0) is undefined: NaN, not tiny / 0
