@@ -63,9 +63,9 @@ class NeighborCache(nn.Module):
         check.choice("metric", metric, kernel_inputs.METRICS)
         check.choice("backend", backend, backends.CHOICES)
         check.temperature(temperature, torch.device("cpu"))
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-        F._scale_options(chunk_size, distributed, group)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        chunk_size = F._scale_options(chunk_size, distributed, group)
         if not isinstance(pin_memory, bool):
             raise TypeError(f"pin_memory must be a bool, got {type(pin_memory).__name__}")
         if pin_memory and (torch.device(device or "cpu").type != "cpu"

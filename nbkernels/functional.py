@@ -51,16 +51,16 @@ def _lse(q, r, q_labels, r_labels, t, metric, offset, backend):
 
 
 def _scale_options(chunk_size, distributed, group):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-        raise TypeError(f"chunk_size must be None or an int, got {type(chunk_size).__name__}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    """Check the scale-out options; returns ``chunk_size`` as a Python int (or None)."""
+    if chunk_size is not None:
+        chunk_size = check.integer("chunk_size", chunk_size, low=1)
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
     if group is not None and not distributed:
         raise ValueError("group was given with distributed=False: pass distributed=True")
     if distributed:
         dist_.require(group)
+    return chunk_size
 
 
 def bank_device(name, refs, labels_name, ref_labels, queries):
@@ -148,7 +148,8 @@ def nca_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, temper
             Every rank must make the same call and back-propagate through it.
         group: the process group (default: the world); needs ``distributed=True``.
 
-    Returns the loss in the embeddings' dtype. Raises TypeError/ValueError on bad input,
+    Returns the loss in the embeddings' dtype, promoted with the references' where they
+    differ (``torch.promote_types``). Raises TypeError/ValueError on bad input,
     RuntimeError for ``distributed=True`` without an initialised process group.
 
     Example::
@@ -170,7 +171,7 @@ def nca_loss(embeddings, labels, *, ref_embeddings=None, ref_labels=None, temper
         check.labels("ref_labels", ref_labels, ref_embeddings.shape[0], "ref_embeddings")
         check.same_dim("ref_embeddings", ref_embeddings, "embeddings", embeddings)
         bank_device("ref_embeddings", ref_embeddings, "ref_labels", ref_labels, embeddings)
-    _scale_options(chunk_size, distributed, group)
+    chunk_size = _scale_options(chunk_size, distributed, group)
     dtype = embeddings.dtype if ref_embeddings is None else torch.promote_types(
         embeddings.dtype, ref_embeddings.dtype)
     t, backend = _common(temperature, metric, backend, embeddings.device, dtype)
@@ -294,7 +295,8 @@ def soft_knn_predict(queries, ref_embeddings, ref_labels, num_classes, *, temper
         exclude_self: drop the pair j == i (the references are the queries); needs N == M.
         temperature, metric, backend, chunk_size: as in :func:`nca_loss`.
 
-    Returns (N, C) in the queries' dtype; every row sums to 1.
+    Returns (N, C) in the queries' dtype, promoted with the references' where they differ
+    (``torch.promote_types``); every row sums to 1.
 
     Example::
 
@@ -317,7 +319,7 @@ def soft_knn_predict(queries, ref_embeddings, ref_labels, num_classes, *, temper
     if ref_embeddings.shape[0] < min_refs:
         raise ValueError(f"ref_embeddings must hold at least {min_refs} row(s) so that every "
                          f"query has a neighbour, got {ref_embeddings.shape[0]}")
-    _scale_options(chunk_size, False, None)
+    chunk_size = _scale_options(chunk_size, False, None)
     t, backend = _common(temperature, metric, backend, queries.device,
                          torch.promote_types(queries.dtype, ref_embeddings.dtype))
     offset = 0 if exclude_self else None

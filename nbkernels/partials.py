@@ -166,13 +166,23 @@ def local_offset(offset, start):
 # ---------------------------------------------------------------- the public API
 
 
-def _check(q, r, temperature, metric, backend):
+def _check(q, r, q_labels, r_labels, temperature, metric, backend, offset, start,
+           num_classes=None):
+    """The arguments of the public functions; returns (temperature, backend, offset
+    local to the chunk)."""
     check.embeddings("q", q)
     check.embeddings("r", r)
     check.same_dim("r", r, "q", q)
+    if q_labels is not None:
+        check.labels("q_labels", q_labels, q.shape[0], "q")
+    check.labels("r_labels", r_labels, r.shape[0], "r")
+    if num_classes is not None:
+        check.label_range("r_labels", r_labels, check.num_classes(num_classes))
     check.choice("metric", metric, kernel_inputs.METRICS)
+    start = check.integer("start", start, low=0)
+    offset = None if offset is None else check.integer("offset", offset)
     t = check.temperature(temperature, q.device, check.acc_dtype(q.dtype))
-    return t, backends.resolve(backend, q.device)
+    return t, backends.resolve(backend, q.device), local_offset(offset, start)
 
 
 def chunk_partials(q, r, q_labels, r_labels, temperature, *, num_classes=None,
@@ -191,12 +201,13 @@ def chunk_partials(q, r, q_labels, r_labels, temperature, *, num_classes=None,
 
     Returns :class:`Partials`. No autograd: see :func:`chunk_backward`.
     """
-    t, backend = _check(q, r, temperature, metric, backend)
+    t, backend, offset = _check(q, r, q_labels, r_labels, temperature, metric, backend, offset,
+                                start, num_classes)
     # the centre of "sqeuclidean" comes from q: every chunk of one state gets the same
     qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     mod = backends.get(backend, qk.device, qk.dtype)
-    return kernel_partials(mod, qk, rk, q_labels, r_labels, t, kmetric,
-                           local_offset(offset, start), num_classes)
+    return kernel_partials(mod, qk, rk, q_labels, r_labels, t, kmetric, offset,
+                           None if num_classes is None else int(num_classes))
 
 
 def merge(*parts):
@@ -253,7 +264,8 @@ def chunk_backward(q, r, q_labels, r_labels, temperature, final, *, g_loss=None,
     Returns ``(dq, dr, dt)``: dq (N, D) and dt in the accumulation dtype (sum them over
     the chunks), dr (M_k, D) in r's dtype; None where not asked for.
     """
-    t, backend = _check(q, r, temperature, metric, backend)
+    t, backend, offset = _check(q, r, q_labels, r_labels, temperature, metric, backend, offset,
+                                start)
     # the centre of "sqeuclidean" comes from q: every chunk of one state gets the same
     qk, rk, kmetric = kernel_inputs.prepare(q, r, metric)
     g_all = g_pos = None
@@ -261,8 +273,8 @@ def chunk_backward(q, r, q_labels, r_labels, temperature, final, *, g_loss=None,
         g_all = torch.where(has_positive(final.lse_pos), g_loss.to(final.lse_all.dtype), 0.0)
         g_pos = -g_all  # loss = lse_all - lse_pos
     mod = backends.get(backend, qk.device, qk.dtype)
-    dq, dr, dt = kernel_backward(mod, qk, rk, q_labels, r_labels, t, kmetric,
-                                 local_offset(offset, start), final, g_all, g_pos, g_yhat,
+    dq, dr, dt = kernel_backward(mod, qk, rk, q_labels, r_labels, t, kmetric, offset, final,
+                                 g_all, g_pos, g_yhat,
                                  need_q=need_q, need_r=need_r, need_t=need_t)
     dq = kernel_inputs.input_grad(q, dq, metric)
     dr = kernel_inputs.input_grad(r, dr, metric)

@@ -161,12 +161,13 @@ def _as_label_tensor(labels) -> torch.Tensor:
             labels = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"labels must be a 1-D sequence of integers, got {type(labels).__name__}") from err
+    # empty first: an empty sequence becomes a float tensor
+    if labels.numel() == 0:
+        raise ValueError("labels must not be empty, got 0 labels")
     if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
         raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D (N,), got shape {tuple(labels.shape)}")
-    if labels.numel() == 0:
-        raise ValueError("labels must not be empty, got 0 labels")
     return labels.detach().to("cpu", torch.int64)
 
 

@@ -121,3 +121,25 @@ def test_low_level_api_validates():
         P.chunk_partials(x, x, y, y, t, metric="l1")
     with pytest.raises(ValueError, match="at least one"):
         P.merge()
+    # labels, classes, start and offset name the argument and what was expected
+    n = x.shape[0]
+    bad = [(dict(q_labels=y.double()), TypeError, "q_labels must have an integer dtype"),
+           (dict(q_labels=y[:2]), ValueError, f"q_labels must have shape \\({n},\\)"),
+           (dict(r=x[:3]), ValueError, "r_labels must have shape \\(3,\\)"),
+           (dict(q_labels=None, num_classes=int(y.max())), ValueError,
+            "r_labels must lie in \\[0, num_classes="),
+           (dict(q_labels=None, num_classes=0), ValueError, "num_classes must be >= 1"),
+           (dict(q_labels=None, r_labels=y - 1, num_classes=int(y.max()) + 1), ValueError,
+            "r_labels must lie in"),
+           (dict(offset=0, start=0.5), TypeError, "start must be an int"),
+           (dict(offset=0, start=-1), ValueError, "start must be >= 0"),
+           (dict(offset=0.0), TypeError, "offset must be an int")]
+    for kw, exc, match in bad:
+        args = dict(q=x, r=x, q_labels=y, r_labels=y, temperature=t) | kw
+        with pytest.raises(exc, match=match):
+            P.chunk_partials(args.pop("q"), args.pop("r"), args.pop("q_labels"),
+                             args.pop("r_labels"), args.pop("temperature"), **args)
+    final = P.chunk_partials(x, x, y, y, t, offset=0)
+    with pytest.raises(TypeError, match="start must be an int"):
+        P.chunk_backward(x, x, y, y, t, final, g_loss=torch.ones(n, dtype=x.dtype), offset=0,
+                         start=0.5)

@@ -121,6 +121,7 @@ def test_works_as_a_dataloader_batch_sampler():
     (torch.tensor([0.0, 1.0]), {}, TypeError, "labels must have an integer dtype, got torch.float32"),
     (torch.tensor([[0, 1]]), {}, ValueError, "labels must be 1-D"),
     (torch.tensor([], dtype=torch.long), {}, ValueError, "labels must not be empty"),
+    ([], {}, ValueError, "labels must not be empty"),   # an empty list becomes a float tensor
     ("ab", {}, TypeError, "labels must be a 1-D sequence of integers"),
     (torch.tensor([0, 1, 1]), {"classes_per_batch": 3}, ValueError,
      "classes_per_batch must be <= the number of distinct labels (2), got 3"),

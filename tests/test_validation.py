@@ -88,6 +88,9 @@ def test_prototype_loss_rejects():
     (dict(size=4, dim=4, num_classes=0), ValueError, "num_classes must be >= 1"),
     (dict(size=4, dim=4, num_classes=3, metric="l1"), ValueError, "metric must be one of"),
     (dict(size=4, dim=4, num_classes=3, temperature=0), ValueError, "temperature"),
+    (dict(size=4, dim=4, num_classes=3, dtype="float32"), TypeError, "dtype must be a floating"),
+    (dict(size=4, dim=4, num_classes=3, dtype=None), TypeError, "dtype must be a floating"),
+    (dict(size=4, dim=4, num_classes=3, dtype=torch.int64), TypeError, "dtype must be a floating"),
 ])
 def test_cache_constructor_rejects(kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -176,6 +179,15 @@ def test_real_rejects(value, exc, match):
 def test_num_classes_accepts_numpy_integers_in_functions():
     probs = nbkernels.soft_knn_predict(X, R, RY, np.int64(3), temperature=0.5)
     torch.testing.assert_close(probs, nbkernels.soft_knn_predict(X, R, RY, 3, temperature=0.5))
+
+
+def test_chunk_size_accepts_numpy_integers():
+    """As num_classes, size and dim do (it is checked as an int and used as one)."""
+    want = nbkernels.soft_knn_predict(X, R, RY, 3, temperature=0.5, chunk_size=2)
+    got = nbkernels.soft_knn_predict(X, R, RY, 3, temperature=0.5, chunk_size=np.int64(2))
+    torch.testing.assert_close(got, want)
+    cache = nbkernels.NeighborCache(8, X.shape[1], 3, chunk_size=np.int32(3))
+    assert cache.chunk_size == 3 and type(cache.chunk_size) is int
 
 
 # ------------------------------------------------------ temperature: any real, range
