@@ -211,3 +211,33 @@ def test_a_scoreboard_waits_for_its_slowest_producer():
     # an LDS (30 cycles) then a MUFU (20) set scoreboard 0; the wait frees with the later
     chain = [op("LDS", stall=1, wbar=0), op("MUFU", stall=1, wbar=0), op(stall=1, wait=0b1)]
     assert latency.simulate(chain, num_warps=1) == latency.LATENCY["LDS"] + 1
+
+
+def test_second_passes_of_the_measured_commit():
+    """bench/sass/second_passes.py: the measured commit's exact pass (the forward) runs
+    its flagged rows' blocks, its fix-up pass (the backward) every tile holding a flagged
+    row (either side for the symmetric kernel); each point's prediction under each
+    candidate input is its main kernel's plus that share of the pass's full grid."""
+    import json
+    import math
+
+    from bench.sass import second_passes as S
+    assert S.grid_share("fwd", 0.25, 128) == 0.25
+    assert S.grid_share("bwd", 0.0, 64) == 0.0
+    assert S.grid_share("bwd", 0.01, 64) == pytest.approx(1 - 0.99 ** 64)
+    assert S.grid_share("bwd_sym", 0.01, 64) == pytest.approx(1 - 0.99 ** 128)
+    data = json.loads(S.OUT.read_text())
+    assert len(data["points"]) == 6
+    assert [name for name, _ in S.INPUTS] == list(data["flagged_rows"])
+    for p in data["points"]:
+        assert p["main"] in p["kernels"] and p["second"] in p["kernels"]
+        assert p["second"].endswith("_pospass" if p["main"].startswith("fwd") else "_fixup")
+        for i in p["inputs"]:
+            want = p["main_ms"] + i["grid_share"] * p["second_full_grid_ms"]
+            assert i["predicted_ms"] == pytest.approx(want)
+            assert i["ratio"] == pytest.approx(p["measured_ms"] / want)
+        # no flagged row: the main kernel alone, the check's ratio
+        assert p["inputs"][0]["flagged_rows"] == 0 and p["inputs"][0]["grid_share"] == 0
+    # the flag rule on the candidate inputs: none at N(0, 0.1^2), some at the others
+    shares = list(data["flagged_rows"].values())
+    assert shares[0] == 0 < shares[1] < shares[2] < 1 and not any(map(math.isnan, shares))

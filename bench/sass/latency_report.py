@@ -73,6 +73,16 @@ triton.compile = _keep_ptx
 want = set(json.loads(sys.argv[1]))
 out = []
 vs = build.variants(dtypes=("bf16", "fp32"), metrics=("sqeuclidean",), classes=(False,))
+# the second launches of a call (PASSES): a variant's kernel with that pass's flags
+from dataclasses import replace
+import torch
+PASSES = {"_pospass": dict(POS_PASS=True, perm=build._meta(torch.int32)),
+          "_fixup": dict(FIXUP=True, flags=build._meta(torch.int8))}
+for name in sorted(want - {v.name for v in vs}):
+    for suffix, flags in PASSES.items():
+        base = next((v for v in vs if name == v.name + suffix), None)
+        if base is not None:
+            vs.append(replace(base, name=name, values=dict(base.values, **flags)))
 # a config outside that commit's GPU lists (timed through an override): built as they are
 for name in sorted(want - {v.name for v in vs}):
     kind, side, dtype, bm, bn, w, s, two = re.match(
