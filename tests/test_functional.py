@@ -175,6 +175,10 @@ def test_backend_from_environment(monkeypatch):
         nbkernels.nca_loss(x, y)
     monkeypatch.delenv("NBKERNELS_BACKEND")
     torch.testing.assert_close(a, nbkernels.nca_loss(x, y))
+    # set but empty (export NBKERNELS_BACKEND=) is unset: "auto" picks as without it
+    monkeypatch.setenv("NBKERNELS_BACKEND", "")
+    assert nbkernels.backends.resolve("auto", x.device) == "torch"
+    torch.testing.assert_close(a, nbkernels.nca_loss(x, y))
     # an explicit backend= wins over the environment
     monkeypatch.setenv("NBKERNELS_BACKEND", "bogus")
     torch.testing.assert_close(a, nbkernels.nca_loss(x, y, backend="torch"))

@@ -105,12 +105,13 @@ def unavailable(name, device):
 
 def resolve(value, device):
     """The backend that ``backend=value`` names on ``device``: "auto" takes
-    ``NBKERNELS_BACKEND`` if set, else "triton" for CUDA tensors when it can run, else
+    ``NBKERNELS_BACKEND`` if set and not empty, else "triton" for CUDA tensors when it can run, else
     "torch". Raises ``ValueError`` for an unknown name and ``BackendUnavailableError``
     when the named backend cannot run on ``device``."""
     choice("backend", value, CHOICES)
     if value == "auto":
-        value = os.environ.get(ENV, "auto")
+        # set but empty (``export NBKERNELS_BACKEND=``) is unset
+        value = os.environ.get(ENV) or "auto"
         if value not in CHOICES:
             raise ValueError(f"environment variable {ENV} must be one of {CHOICES}, "
                              f"got {value!r}")
