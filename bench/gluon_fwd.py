@@ -5,8 +5,10 @@ per-row loss through it in a given form, for ``bench/gpu_perf.py``.
 ``python bench/gluon_fwd.py`` compiles every form for sm_90 under the installed triton,
 without a GPU, and writes the model's estimate of each (``bench/sass/latency.py``) to
 ``bench/results/gluon_fwd_sm90[_tritonXY].json``: the forms (64 or 128 rows; a tile's
-terms read before or after the next wgmma's issue; int32 offsets or int64 tile bases)
-rank differently per triton, and ``gluon_lse.FORMS`` takes each version's best.
+terms read before or after the next wgmma's issue; int32 offsets or int64 tile bases;
+rows and references in their order or in label order, the positives' sum then only in
+the tiles of the block's labels: the model simulates the loop over the others) rank
+differently per triton, and ``gluon_lse.FORMS`` takes each version's best.
 ``nca_rows`` runs on an sm_90 GPU only (Gluon has no interpreter).
 """
 import sys
@@ -52,8 +54,9 @@ def compile_sm90(f):
     values = dict(q=t(torch.bfloat16), r=t(torch.bfloat16), q_labels=t(torch.int32),
                   pack=t(torch.int64), scale=t(torch.float32), has_pos=t(torch.int8),
                   lse_all=t(torch.float32), lse_pos=t(torch.float32), redo=t(torch.int8),
-                  N=build.N, M=build.M, s_qn=D, s_rn=D, BLOCK_M=f.block_m, BLOCK_N=BLOCK_N, D=D,
-                  DIAG=True, AFTER=f.after, WIDE=f.wide)
+                  order=t(torch.int32), span=t(torch.int32), N=build.N, M=build.M, s_qn=D,
+                  s_rn=D, BLOCK_M=f.block_m, BLOCK_N=BLOCK_N, D=D, DIAG=True, AFTER=f.after,
+                  WIDE=f.wide, ORDERED=f.ordered)
     kernel = gluon_lse.lse_main_sm90
     src, _ = build.ast_source(kernel, values)
     k = triton.compile(GluonASTSource(kernel, src.signature, src.constants, src.attrs),
@@ -67,7 +70,8 @@ def modelled(f):
     """The latency model's record of form ``f`` (``bench/sass/latency.py``)."""
     from bench.sass import build, latency, overlap_probe
     cubin, name, shared, ptx = compile_sm90(f)
-    sim = latency.simulate_cubin(cubin, name, shared, f.num_warps)
+    # ORDERED: the loop over the tiles without the block's labels (all but a few)
+    sim = latency.simulate_cubin(cubin, name, shared, f.num_warps, lighter=f.ordered)
     pred = latency.predict(sim.cycles_per_iter, build.M // BLOCK_N, build.N // f.block_m,
                            sim.ctas_per_sm, 2 * build.N * build.M * D)
     seq = overlap_probe._loop(sim.ops)
@@ -95,8 +99,9 @@ def main():
     for block_m, num_warps in ((64, 4), (128, 8)):
         for after in (False, True):
             for wide in (False, True):
-                r = modelled(Form(block_m, num_warps, after, wide))
-                forms.append(r)
+                for ordered in (False, True):
+                    r = modelled(Form(block_m, num_warps, after, wide, ordered))
+                    forms.append(r)
                 print(f"{r['name']}: {r['regs']} regs, {r['ctas_per_sm']} CTA/SM, "
                       f"{r['instrs_per_pair']:.1f} instr/pair, exps under the MMA "
                       f"{r['exps_under_mma']}, {r['cycles_per_tile']:.0f} cycles a tile: "

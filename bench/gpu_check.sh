@@ -17,9 +17,9 @@
 #                       (tests/triton/test_triton_lowtemp.py), the conformance oracle
 #                       cases, NaN / determinism
 #   configs         45  every GPU tile config on a few cases (fp32, bf16; D = 128)
-#   gluon           75  the Gluon main passes of the loss and class forwards (opt-in
+#   gluon           90  the Gluon main passes of the loss and class forwards (opt-in
 #                       variant "sm90_gluon", tests/triton/test_gluon_main.py)
-#   speed           75  N = M = 65536, D = 128: nca_loss and soft_knn_predict against
+#   speed           60  N = M = 65536, D = 128: nca_loss and soft_knn_predict against
 #                       FlexAttention, torch.compile and SDPA flash (bench/bench_gpu.py,
 #                       NBK_GPU_CASES=target)
 #   rest               the time left, in this order: the first call (bench/first_call.py:
@@ -86,12 +86,12 @@ stage configs 45 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_triton_configs.p
     -k "every_gpu_config and 128 and not float16"
 
 # the Gluon main passes (opt-in variant "sm90_gluon"; no CPU check runs them)
-stage gluon 75 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_gluon_main.py
+stage gluon 90 "${PYTEST[@]}" "${XDIST[@]}" tests/triton/test_gluon_main.py
 
 unset NBK_TEST_DEVICE NBK_TRITON_AUTOTUNE
 BENCH_LIMIT=$(( $(left) - 10 )); (( BENCH_LIMIT > 75 )) && BENCH_LIMIT=75
 export NBK_BENCH_RESULTS=$OUT NBK_BENCH_DEADLINE=$(( $(date +%s) + BENCH_LIMIT - 15 ))
-stage speed 75 env NBK_GPU_CASES=target "$PY" -m pytest bench/bench_gpu.py -q -p no:cacheprovider
+stage speed 60 env NBK_GPU_CASES=target "$PY" -m pytest bench/bench_gpu.py -q -p no:cacheprovider
 
 # --- the rest, while time remains ----------------------------------------------------------
 # the first training step: cold and warm Triton cache, new processes, and the steady step

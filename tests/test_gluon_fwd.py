@@ -168,6 +168,98 @@ def test_main_pass_hands_the_kernel_the_launchers_arguments(monkeypatch):
     assert torch.equal((w & 0xFFFFFFFF).to(torch.int32), seen["r_labels"][:300])
 
 
+def _lse_args(n, m, classes, batch, offset=None, seed=0):
+    """The launch arguments ``lse_forward_passes`` hands a main pass (bf16, D = 128)."""
+    from nbkernels import kernel_inputs
+    from nbkernels.backends.triton import forward
+    from nbkernels.backends.triton import kernels as tk
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, L.D, generator=g).to(torch.bfloat16)
+    y = torch.randint(0, classes, (n,), generator=g)
+    r, ry = (x, y) if batch else (torch.randn(m, L.D, generator=g).to(torch.bfloat16),
+                                  torch.randint(0, classes + 3, (m,), generator=g))
+    q, rk, kmetric = kernel_inputs.prepare(x, r, "sqeuclidean")
+    seen = {}
+    old, tk.launch = tk.launch, (lambda *args, **kw: None)   # no Triton exact pass here
+    try:
+        forward.lse_forward_passes(q, rk, y, ry, torch.tensor(0.1), kmetric,
+                                   0 if batch else offset, batch or offset is not None, "ieee",
+                                   main=lambda args, grid: seen.update(args))
+    finally:
+        tk.launch = old
+    return seen
+
+
+@pytest.mark.parametrize("n, m, classes, batch, block_m", [
+    (300, 300, 7, True, 128), (517, 517, 40, True, 64), (300, 650, 5, False, 128),
+    (260, 1030, 90, False, 64), (129, 129, 1, True, 128)])
+def test_label_order_streams_every_positive_and_excluded_pair_first(n, m, classes, batch,
+                                                                    block_m):
+    """The ORDERED form's inputs (``in_label_order``): the queries and references sorted
+    by label (their padding kept), each query's original row, and per row block the tiles
+    streamed first: every pair of a block's row with a reference of its label, and the
+    batch's excluded pair k, k, lies in them (the kernel sums positives and masks only
+    there); the others hold none."""
+    args = _lse_args(n, m, classes, batch)
+    q_o, r_o, a_o, pack_o, order, span = L.in_label_order(args, block_m)
+    a, b, pack = args["q_labels"], args["r_labels"], args["r_pack"]
+    perm_r = torch.sort(b[:m], stable=True).indices
+    order = order.long()
+    assert torch.equal(r_o, args["r"][perm_r]) and torch.equal(q_o, args["q"][order])
+    assert (q_o is r_o) == batch
+    assert torch.equal(a_o[:n], a[:n][order]) and torch.equal(a_o[n:], a[n:])
+    assert bool((a_o[1:n] >= a_o[:n - 1]).all())
+    assert torch.equal(pack_o[:m], pack[:m][perm_r]) and torch.equal(pack_o[m:], pack[m:])
+    b_o = (pack_o[:m] & 0xFFFFFFFF).to(torch.int32)
+    assert span.shape == (-(-n // block_m), 2) and span.dtype == torch.int32
+    tiles = -(-m // L.BLOCK_N)
+    for blk, (lo, e) in enumerate(span.tolist()):
+        rows = torch.arange(blk * block_m, min(n, (blk + 1) * block_m))
+        first = torch.zeros(tiles, dtype=torch.bool)
+        first[lo:lo + e] = True
+        pos = a_o[rows][:, None] == b_o[None, :]                  # (rows, references)
+        if batch:
+            pos[torch.arange(len(rows)), rows] = True               # the excluded pair
+        ref_tiles = torch.nonzero(pos)[:, 1] // L.BLOCK_N
+        assert bool(first[ref_tiles].all()), blk
+        assert 0 <= lo and lo + e <= tiles
+
+
+def test_ordered_form_takes_the_batch_or_no_excluded_pair():
+    """An excluded pair by position between rows that are not the references (offset 0,
+    other rows and labels) need not lie among its row's label's tiles: the ORDERED form
+    is not taken there, the row-order form of the same fields is."""
+    assert L.ordered_ok(_lse_args(300, 300, 7, True))
+    assert L.ordered_ok(_lse_args(300, 650, 5, False))
+    assert not L.ordered_ok(_lse_args(300, 650, 5, False, offset=0))
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_ordered_main_pass_hands_the_kernel_sorted_rows(monkeypatch, batch):
+    """What ``main_pass`` in an ORDERED form passes the kernel: ``in_label_order``'s
+    tensors (the batch's queries the references themselves), the outputs and has-a-
+    positive vector as the launcher gave them (the kernel writes at ``order``), and
+    ORDERED; an offset between other rows falls back to the row-order form."""
+    args = _lse_args(300, 300 if batch else 650, 7, batch)
+    calls = _recorded(monkeypatch, L, "lse_main_sm90")
+    f = L.Form(128, 8, False, False, True)
+    L.main_pass(args, None, f)
+    (grid, bound, kw), = calls
+    q_o, r_o, a_o, pack_o, order, span = L.in_label_order(args, 128)
+    assert grid == (3,) and kw == {"num_warps": 8} and bound["ORDERED"] is True
+    for name, want in (("q", q_o), ("r", r_o), ("q_labels", a_o), ("pack", pack_o),
+                       ("order", order), ("span", span)):
+        assert torch.equal(bound[name], want), name
+    assert (bound["q"] is bound["r"]) == batch
+    for name in ("scale", "has_pos", "lse_all", "lse_pos", "redo"):
+        assert bound[name] is args[name], name
+    assert bound["DIAG"] is batch and (bound["s_qn"], bound["s_rn"]) == (L.D, L.D)
+    calls.clear()
+    L.main_pass(_lse_args(300, 650, 5, False, offset=0), None, f)
+    (_, bound, _), = calls
+    assert bound["ORDERED"] is False and bound["order"] is None and bound["span"] is None
+
+
 # --- the class forward's Gluon main pass (``gluon_class``)
 
 def _class_case(m=203, c=37, block_c=16, seed=0):

@@ -145,21 +145,22 @@ def _smem_bytes(ins):
     return 0
 
 
-def loop_banks(cubin, func, num_warps):
+def loop_banks(cubin, func, num_warps, lighter=False):
     """({SASS address: wavefronts}, summary) of the main loop's shared-memory accesses
     (``banks.for_loop``, from the PTX beside ``cubin``); nothing with BANK_CONFLICTS off."""
-    main = sass.main_loop(func, num_warps)
+    main = sass.main_loop(func, num_warps, lighter)
     if main is None or not BANK_CONFLICTS:
         return {}, dict(ptx=False, sass_accesses=0, matched=0, conflicted=0)
     return banks.for_loop(cubin, [i for i in func.instrs if main.start <= i.addr <= main.end],
                           num_warps)
 
 
-def body(func, hi, num_warps, inner_trips, waves=None):
-    """The main loop of ``func`` as a list of Op, inner loops repeated ``inner_trips`` times
-    (an int, or a callable as in ``sass._weights``). ``waves`` ({address: wavefronts},
-    ``loop_banks``): what each shared-memory access costs; one not in it is conflict-free."""
-    main = sass.main_loop(func, num_warps)
+def body(func, hi, num_warps, inner_trips, waves=None, lighter=False):
+    """The main loop of ``func`` (``sass.main_loop``, ``lighter``) as a list of Op, inner
+    loops repeated ``inner_trips`` times (an int, or a callable as in ``sass._weights``).
+    ``waves`` ({address: wavefronts}, ``loop_banks``): what each shared-memory access
+    costs; one not in it is conflict-free."""
+    main = sass.main_loop(func, num_warps, lighter)
     if main is None:
         return None
     trip = inner_trips if callable(inner_trips) else (lambda lp, i, parent: inner_trips)
@@ -317,14 +318,15 @@ class Simulated:
     banks: dict = None         # loop_banks' summary
 
 
-def simulate_cubin(cubin, name, shared, num_warps, inner_trips=1):
+def simulate_cubin(cubin, name, shared, num_warps, inner_trips=1, lighter=False):
     """Disassemble kernel ``name`` of ``cubin`` (``shared``: its dynamic shared memory),
-    find its main loop and simulate it with the CTAs its registers and memory allow."""
+    find its main loop (``sass.main_loop``, ``lighter``) and simulate it with the CTAs its
+    registers and memory allow."""
     func, hi = disassemble(cubin)[name]
     usage = sass.resource_usage(cubin)[name]
     occ = model.occupancy(usage["regs"], shared + usage["shared_static"], num_warps)
-    waves, summary = loop_banks(cubin, func, num_warps)
-    ops = body(func, hi, num_warps, inner_trips, waves)
+    waves, summary = loop_banks(cubin, func, num_warps, lighter)
+    ops = body(func, hi, num_warps, inner_trips, waves, lighter)
     ctas = max(1, occ["ctas_per_sm"])
     return Simulated(func, ops, usage["regs"], ctas, simulate(ops, num_warps, ctas=ctas),
                      summary)

@@ -247,8 +247,11 @@ def loop_ops(func, lp):
     return Counter(i.base for i in func.instrs if lp.start <= i.addr <= lp.end)
 
 
-def main_loop(func, num_warps):
-    """The main loop of ``func`` (see the module docstring), or None without any loop."""
+def main_loop(func, num_warps, lighter=False):
+    """The main loop of ``func`` (see the module docstring), or None without any loop.
+    ``lighter``: of the loops with the most MMA work, the one with the fewest
+    instructions (a kernel that streams a few tiles through a heavier copy of its loop
+    first, and most through this one)."""
     top = loops(func)
     if not top:
         return None
@@ -256,7 +259,7 @@ def main_loop(func, num_warps):
     def score(lp):
         flop = sum(mma_flop(i, num_warps)[0] for i in func.instrs if lp.start <= i.addr <= lp.end)
         n = sum(1 for i in func.instrs if lp.start <= i.addr <= lp.end)
-        return flop, n
+        return flop, -n if lighter else n
     return max(top, key=score)
 
 

@@ -61,6 +61,16 @@ def gluon(tb):
         yield ran
 
 
+@pytest.fixture(params=[False, True], ids=["row_order", "label_order"])
+def lse_form(request, monkeypatch):
+    """The loss forward's Gluon form this triton takes (``gluon_lse.form``) with its rows
+    in their order and in label order (``ORDERED``): both run, whichever FORMS holds."""
+    from nbkernels.backends.triton import gluon_lse as L
+    f = L.form()._replace(ordered=request.param)
+    monkeypatch.setattr(L, "form", lambda version=None: f)
+    return f
+
+
 def _case(n, m, c, dtype, temperature, batch, seed=0):
     """Rows ~ N(0, 0.3^2); ``batch``: the queries are the first N references (the self
     pair i = j excluded, offset 0)."""
@@ -103,18 +113,22 @@ BF16, FP16 = pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16
     (BF16, n, m, batch, c, t) for n, m, batch in ((300, 300, True), (1000, 1000, True),
                                                   (129, 1031, True), (333, 700, False))
     for c, t in ((3, 1.0), (40, 0.1), (400, 0.05))] + [(FP16, 129, 1031, True, 40, 0.1)])
-def test_matches_oracle(tb, gluon, dtype, n, m, batch, c, temperature):
+def test_matches_oracle(tb, gluon, lse_form, dtype, n, m, batch, c, temperature):
     """The batch (self pair excluded; N <= M) and a cross batch (no pair excluded), few
     classes to more than a row has positives for (rows without one: lse_pos -inf), T from
-    1 to 0.05: the lse values against the fp64 oracle, and the gradients (the Triton
-    backward's, from these lse values) against those of the Triton main pass's."""
+    1 to 0.05, each form in row and in label order (the batch with N < M, whose queries
+    are not the references, in row order): the lse values against the fp64 oracle, and
+    the gradients (the Triton backward's, from these lse values) against those of the
+    Triton main pass's."""
     from nbkernels.backends.triton import kernels as tk
     case = _case(n, m, c, dtype, temperature, batch)
     offset = 0 if batch else None
     g_all, g_pos = upstream_lse(case)
+    ordered = lse_form.ordered and (not batch or n == m)
     for metric in ("sqeuclidean", "dot"):
         got = Launchers(tb, precision="ieee").lse(case, metric, offset, g_all, g_pos)
-        gluon()
+        (ran,) = gluon()
+        assert ran["FORM"].endswith("_ordered") == ordered, ran
         _forward_close(case, metric, offset, got)
         with variants.pinned(tk.VARIANTS, KINDS, "generic"):
             plain = Launchers(tb, precision="ieee").lse(case, metric, offset, g_all, g_pos)
@@ -153,7 +167,7 @@ def test_class_forward_matches_oracle(tb, gluon, dtype, n, m, c, batch, temperat
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batch", "cross"])
-def test_special_rows(tb, gluon, batch):
+def test_special_rows(tb, gluon, lse_form, batch):
     """Rows the launcher prepares before a main pass runs: rows at infinity (squared
     distances: a reference there weighs nothing, a query's row is NaN), a query with a NaN
     (cross batch only: in the batch it is a reference too, and NaN reaches every row),
@@ -213,7 +227,7 @@ def test_special_rows(tb, gluon, batch):
 
 
 @pytest.mark.parametrize("temperature", [1e-4, 0.01])
-def test_low_temperature_rows_exact(tb, gluon, temperature):
+def test_low_temperature_rows_exact(tb, gluon, lse_form, temperature):
     """The regime where rows need the exact pass (a row's mass far above or below its first
     tile's anchor: flagged 1, or its positives below 2^-64 of it: flagged 2), x ~ N(0,
     2.6^2) as in the H200's failing input: the loss rows, lse_all - lse_pos from the

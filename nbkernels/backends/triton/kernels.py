@@ -138,9 +138,10 @@ _FWD_AHEAD = dict(capability=((9, 0), (10, 0)), triton=((3, 6), (3, 8)),
 # class forwards in Gluon (``gluon_lse``, ``gluon_class``, the modules named here,
 # imported at the first launch), for 16-bit inputs with D = 128 (their ``why_not``;
 # otherwise the Triton main pass runs), the exact passes Triton's. Each issues a tile's
-# wgmma under the previous tile's softmax. The loss forward's is predicted at 2.50 ms
-# against 3.09 for the Triton main pass under 3.6, 2.57 against 4.00 under 3.9 (the
-# latency model, N = M = 65536, bench/results/gluon_fwd_sm90*.json; not measured). Opt-in
+# wgmma under the previous tile's softmax. The loss forward's (rows and references in
+# label order: the positives' sum only in the tiles of a block's labels) is predicted at
+# 2.26 ms against 3.09 for the Triton main pass under 3.6, 2.36 against 4.00 under 3.9
+# (the latency model, N = M = 65536, bench/results/gluon_fwd_sm90*.json; not measured). Opt-in
 # (NBK_VARIANTS=sm90_gluon) until a GPU has run tests/triton/test_gluon_main.py: Gluon has
 # no interpreter. The class forward's (1000 classes, the batch's self pair excluded):
 # 3.29 against 5.21 ms under 3.6 and 3.48 against 5.09 under 3.9 (bench/results/
