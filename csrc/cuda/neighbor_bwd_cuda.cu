@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) neighbor_bwd_kernel(const BwdParams 
     }
     __syncthreads();
     float s[kNT][4];
-    tile_dot<P>(s, xs, ys, x, x_idx, y, y_idx, in.D, n_chunks);
+    tile_dot<P>(s, xs, ys, x, x_idx, y, y_idx, in.D, n_chunks, rm);
 
     // [16, kBN] dots -> ds, in place
 #pragma unroll

@@ -131,14 +131,26 @@ struct TF32 {
   }
 };
 
-// d += a b over the parts: hi*hi, plus lo*hi + hi*lo for 3xTF32
+// d += a b over the parts: hi*hi, then hi*lo, then lo*hi for 3xTF32. ``swapped``: a holds
+// the other side's rows (the dr kernel's references against queries), so the two
+// corrections go in the other order, as when a is the queries: every kernel then rounds a
+// logit's sum of the same products in the same order, and the backward's logits are the
+// forward's to the last bit (a different order moved them by 2/T ulps: exp(2/T ulp) off)
 template <class P>
 __device__ __forceinline__ void mma_parts(float (&d)[4], const uint32_t (&a)[P::kParts][4],
-                                          const uint32_t (&b)[P::kParts][2]) {
+                                          const uint32_t (&b)[P::kParts][2],
+                                          bool swapped = false) {
+  if (swapped) {
 #pragma unroll
-  for (int i = 0; i < P::kParts; ++i)
+    for (int j = 0; j < P::kParts; ++j)
 #pragma unroll
-    for (int j = 0; j + i < P::kParts; ++j) P::mma(d, a[i], b[j]);
+      for (int i = 0; i + j < P::kParts; ++i) P::mma(d, a[i], b[j]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < P::kParts; ++i)
+#pragma unroll
+      for (int j = 0; j + i < P::kParts; ++j) P::mma(d, a[i], b[j]);
+  }
 }
 
 // A fragment of a [16, kStep] tile stored row-major at base (leading dim ld)
@@ -194,11 +206,12 @@ __device__ __forceinline__ void load_chunk(typename P::T* sm, const Mat& x, cons
 // acc[16, kBN] (this warp's rows) = x[own rows] . y[other rows]^T over all of D. xs must
 // already hold the own rows when D fits one chunk (n_chunks == 1); otherwise both sides
 // are staged chunk by chunk. Ends with ys holding the last chunk. Call from all threads.
+// ``swapped``: x holds the references, y the queries (``mma_parts``).
 template <class P>
 __device__ __forceinline__ void tile_dot(float (&acc)[kNT][4], typename P::T* xs,
                                          typename P::T* ys, const Mat& x, const int64_t* x_idx,
                                          const Mat& y, const int64_t* y_idx, int64_t D,
-                                         int n_chunks) {
+                                         int n_chunks, bool swapped = false) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int j = 0; j < kNT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
@@ -220,7 +233,7 @@ __device__ __forceinline__ void tile_dot(float (&acc)[kNT][4], typename P::T* xs
           uint32_t b[P::kParts][2];
           // [kStep, 8] of other rows 8j..8j+7
           frag_b<P>(ys + 8 * j * P::kLd + kk * P::kStep, P::kLd, lane, b);
-          mma_parts<P>(acc[j], a, b);
+          mma_parts<P>(acc[j], a, b, swapped);
         }
       }
     }

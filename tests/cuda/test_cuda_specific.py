@@ -86,3 +86,41 @@ def test_fake_matches_real(cb):  # noqa: F811
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_reference_gradients_recompute_the_forwards_logits(cb):  # noqa: F811
+    """The dr kernel holds the references as its own rows: its fp32 dots (three TF32
+    passes) add the two correction products in the forward's order, so its logits are the
+    forward's to the last bit. At T = 1e-4, with positives ~100 away in squared distance,
+    a logit off by an ulp is off by 2/T ulps, and p = exp(s - lse) by as much: dr was 6e-3
+    of its largest entry off (dT, which that kernel gives when q needs none, 1.3e-3).
+    Against the fp64 formula's autograd."""
+    g = torch.Generator().manual_seed(0)
+    k, per = 15, 3
+    near = torch.randn(60 - k * per, 3, generator=g, dtype=torch.float64) * 0.3
+    centre = torch.nn.functional.normalize(torch.randn(k, 3, generator=g, dtype=torch.float64),
+                                           dim=1)
+    far = (centre * 10).repeat_interleave(per, 0) + torch.randn(k * per, 3, generator=g,
+                                                                dtype=torch.float64) * 0.3
+    labels = torch.cat([torch.arange(near.shape[0]) + 1000, torch.arange(k).repeat_interleave(per)])
+    labels[:k] = torch.arange(k)
+    perm = torch.randperm(60, generator=g)
+    x, labels = torch.cat([near, far])[perm], labels[perm]
+    x = x - x[:25].mean(0)          # centred, as kernel_inputs centres sqeuclidean rows
+    q, r, a, b = x[:25], x[25:], labels[:25], labels[25:]
+    w = torch.randn(25, generator=g, dtype=torch.float64)
+    t = 1e-4
+    q64, r64, t64 = (v.clone().requires_grad_() for v in (q, r, torch.tensor(t, dtype=torch.float64)))
+    s = -((q64[:, None] - r64[None]) ** 2).sum(-1) / t64
+    lp = torch.logsumexp(s.masked_fill(a[:, None] != b[None, :], float("-inf")), 1)
+    ok = torch.isfinite(lp)
+    want = torch.autograd.grad((w * torch.logsumexp(s, 1)).sum() - (w[ok] * lp[ok]).sum(),
+                               (r64, t64))
+    qd, rd, ad, bd = (v.to(DEV) for v in (q.float(), r.float(), a, b))
+    td, wd = torch.tensor(t, device=DEV), w.float().to(DEV)
+    la, lpos = cb.lse_forward(qd, rd, ad, bd, td, metric="sqeuclidean", offset=None)
+    _, dr, dt = cb.lse_backward(qd, rd, ad, bd, td, la, lpos, wd, -wd, metric="sqeuclidean",
+                                offset=None, need_q=False, need_r=True, need_t=True)
+    err = (dr.double().cpu() - want[0]).abs().max() / want[0].abs().max()
+    assert err < 1e-6, f"dr: {float(err):.2g} of its largest entry"
+    assert abs(float(dt) / float(want[1]) - 1) < 1e-5, (float(dt), float(want[1]))
