@@ -39,8 +39,9 @@ class NeighborCache(nn.Module):
         distributed: every rank keeps its own ``size`` slots and pushes only its own
             batches; ``loss`` and ``predict`` score the local queries against the union of
             every rank's slots (the queries are gathered, each rank scores them against its
-            slots, the partial results are merged across ranks). Gradients reach the local
-            queries exactly. Every rank must call ``loss``/``predict`` (and backward)
+            slots, the partial results are merged across ranks); ``loss`` reduces over
+            every rank's queries, as ``nca_loss(distributed=True)``. Gradients reach the
+            local queries exactly. Every rank must call ``loss``/``predict`` (and backward)
             together. Needs an initialised torch.distributed process group.
         group: the process group (default: the world); needs ``distributed=True``.
 
@@ -180,9 +181,13 @@ class NeighborCache(nn.Module):
         self.filled.zero_()
 
     def loss(self, embeddings, labels, reduction="mean"):
-        """Loss of the queries against the current content (of every rank, when
-        distributed); 0 (with a gradient path) while it is empty. Gradients reach the
-        queries only."""
+        """Loss of the queries against the current content; 0 (with a gradient path) while
+        it is empty. Gradients reach the queries only. Distributed: against every rank's
+        slots, and "mean" / "sum" over every rank's queries, as ``nca_loss(...,
+        distributed=True)``: the same value on every rank, whose gradient w.r.t. the local
+        queries is world_size times the single-process one (DDP's average of the gradients
+        is then the single-process gradient, whatever the local batch sizes); "none" the
+        local rows."""
         self._check_batch(embeddings, labels)
         check.choice("reduction", reduction, check.REDUCTIONS)
         zero = embeddings.sum(1) * 0.0  # keeps the graph and propagates NaN
@@ -191,7 +196,9 @@ class NeighborCache(nn.Module):
                                                      labels.long().contiguous())
             valid = P.has_positive(lse_pos)
             loss = F._loss_from_lse(lse_all, lse_pos, valid) + zero  # zero: for an empty union
-            return F._reduce(loss, valid, reduction, q.dtype)
+            # over every rank's queries, as nca_loss(distributed=True): DDP's average of
+            # the gradients is then the single-process one, local batch sizes aside
+            return F._global_reduce(loss, valid, reduction, q.dtype, self.group)
         if len(self) == 0:
             return zero if reduction == "none" else zero.sum()
         memory, mem_labels = self._content(embeddings)

@@ -209,7 +209,9 @@ def _sharded_backward(ctx, g_all, g_pos, g_yhat, need_q, need_t):
     else:
         final = P.Partials(fields[0], yhat=fields[1])
     sizes, group, acc = ctx.sizes, ctx.group, fields[0].dtype
-    own = [g.to(acc).reshape(g.shape[0], -1) for g in (g_all, g_pos, g_yhat) if g is not None]
+    # (rows, width): a rank with no rows too (reshape(0, -1) is ambiguous)
+    own = [g.to(acc).unsqueeze(1) if g.dim() == 1 else g.to(acc)
+           for g in (g_all, g_pos, g_yhat) if g is not None]
     full = torch.split(_all_gather_padded(torch.cat(own, 1), sizes, group),
                        [g.shape[1] for g in own], 1)
     if g_yhat is None:

@@ -139,7 +139,7 @@ def _shards(world, skip_rank=None):
     return pushes
 
 
-def _check_sharded_cache(rank, world, skip_rank=None, **kw):
+def _check_sharded_cache(rank, world, skip_rank=None, queryless_rank=None, **kw):
     pushes = _shards(world, skip_rank)
     opts = dict(dict(temperature=0.3, dtype=torch.float64), **kw)
     cache = nbkernels.NeighborCache(7, 5, 4, distributed=True, **opts)
@@ -154,20 +154,37 @@ def _check_sharded_cache(rank, world, skip_rank=None, **kw):
         union.append((shard.memory[:len(shard)], shard.labels[:len(shard)]))
     ux, uy = (torch.cat(t) for t in zip(*union))
     metric = opts.get("metric", "cosine")
-    q, qy = make_batch(3 + rank, 5, 3, seed=90 + rank)
-    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    def queries(r):
+        q, qy = make_batch(3 + r, 5, 3, seed=90 + r)
+        # a rank without queries: its peers' collectives go on
+        return (q[:0], qy[:0]) if r == queryless_rank else (q, qy)
+    q, qy = queries(rank)
+    # every rank's queries (the loss reduces over them): this rank's rows at [lo, hi)
+    every = [queries(r) for r in range(world)]
+    lo = sum(len(every[r][1]) for r in range(rank))
+    qg, qgy = (torch.cat(t) for t in zip(*every))
+    qa, qb = q.clone().requires_grad_(), qg.clone().requires_grad_()
     learn_t = isinstance(cache.temperature, torch.Tensor)
     tb = cache.temperature.detach().clone().requires_grad_() if learn_t else 0.3
     got = cache.loss(qa, qy)
-    want = nbkernels.nca_loss(qb, qy, ref_embeddings=ux, ref_labels=uy, temperature=tb,
+    want = nbkernels.nca_loss(qb, qgy, ref_embeddings=ux, ref_labels=uy, temperature=tb,
                               metric=metric, backend="reference")
-    _close(got, want.detach(), "cache loss")
+    _close(got, want.detach(), "cache loss (over every rank's queries)")
     got.backward()
     want.backward()
-    _close(qa.grad, qb.grad, "cache loss dq")
-    if learn_t:  # each rank: dT of its own loss
-        _close(cache.temperature.grad, tb.grad, "cache loss dT")
-        cache.temperature.grad = None
+    # the local rows' gradient: world_size times the single-process one (DDP averages)
+    _close(qa.grad, world * qb.grad[lo:lo + len(qy)], "cache loss dq")
+    if learn_t:  # dT: each rank's share, world_size times; DDP's average is the global dT
+        dt = cache.temperature.grad.clone()
+        dist.all_reduce(dt)
+        _close(dt / world, tb.grad, "cache loss dT averaged over ranks")
+        cache.temperature.grad = tb.grad = None
+    qa.grad = None
+    qb = q.clone().requires_grad_()
+    got = cache.loss(qa, qy, reduction="none")
+    want = nbkernels.nca_loss(qb, qy, ref_embeddings=ux, ref_labels=uy, temperature=tb,
+                              metric=metric, backend="reference", reduction="none")
+    _close(got, want.detach(), "cache loss rows")
     qa.grad = qb.grad = None
     w = torch.rand(q.shape[0], 4, generator=torch.Generator().manual_seed(rank),
                    dtype=torch.float64)
@@ -179,13 +196,14 @@ def _check_sharded_cache(rank, world, skip_rank=None, **kw):
     (want * w).sum().backward()
     _close(qa.grad, qb.grad, "cache predict dq")
     # forward: loss, then push; the backward after the push uses the old content
-    qa.grad = qb.grad = None
+    qa.grad = None
+    qb = qg.clone().requires_grad_()
     loss = cache(qa, qy)
     loss.backward()
-    want = nbkernels.nca_loss(qb, qy, ref_embeddings=ux, ref_labels=uy, temperature=tb,
+    want = nbkernels.nca_loss(qb, qgy, ref_embeddings=ux, ref_labels=uy, temperature=tb,
                               metric=metric, backend="reference")
     want.backward()
-    _close(qa.grad, qb.grad, "cache forward dq after the push")
+    _close(qa.grad, world * qb.grad[lo:lo + len(qy)], "cache forward dq after the push")
 
 
 @scenario
@@ -198,6 +216,11 @@ def sharded_cache_torch(rank, world):
 def sharded_cache_torch_sqeuclidean_chunked_empty_shard(rank, world):
     _check_sharded_cache(rank, world, skip_rank=world - 1, backend="torch", metric="sqeuclidean",
                          chunk_size=3)
+
+
+@scenario
+def sharded_cache_rank_without_queries(rank, world):
+    _check_sharded_cache(rank, world, queryless_rank=0, backend="torch", metric="sqeuclidean")
 
 
 @scenario
