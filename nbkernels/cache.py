@@ -136,8 +136,9 @@ class NeighborCache(nn.Module):
         """Write a batch into the oldest slots (detached). A batch larger than the
         cache keeps its last ``size`` rows, with a warning.
 
-        Raises ``ValueError`` when a row holds NaN or inf (nothing is written: one such
-        row would poison every later loss and prediction). Embeddings of a dtype that the
+        Raises ``ValueError`` when a row holds NaN or inf, or a value beyond the memory
+        dtype's range (nothing is written: one such row would poison every later loss and
+        prediction, or be stored as inf and lost). Embeddings of a dtype that the
         memory cannot hold exactly (fp64 into an fp32 memory, say) are cast to the
         memory's dtype, with a warning the first time.
         """
@@ -152,6 +153,17 @@ class NeighborCache(nn.Module):
             raise ValueError(f"embeddings pushed into the cache must be finite, got NaN or inf "
                              f"in {rows.numel()} row(s), e.g. rows {rows[:8].tolist()}; "
                              "nothing was pushed")
+        top = torch.finfo(self.memory.dtype).max
+        if embeddings.dtype.is_floating_point and torch.finfo(embeddings.dtype).max > top:
+            # finite rows the memory's dtype cannot hold would be stored as inf: lost
+            big = (embeddings.abs() > top).any(1)
+            if bool(big.any()):
+                rows = big.nonzero().flatten()
+                raise ValueError(
+                    f"embeddings pushed into the cache must fit its {self.memory.dtype} "
+                    f"memory (|x| <= {top:.6g}), got {rows.numel()} row(s) beyond it, e.g. "
+                    f"rows {rows[:8].tolist()}; nothing was pushed (pass a wider dtype= to "
+                    "NeighborCache)")
         if (torch.promote_types(embeddings.dtype, self.memory.dtype) != self.memory.dtype
                 and not self._warned_cast):
             self._warned_cast = True
@@ -236,6 +248,9 @@ class NeighborCache(nn.Module):
             return probs
         if not isinstance(model_probs, torch.Tensor):
             raise TypeError(f"model_probs must be a tensor, got {type(model_probs).__name__}")
+        if not model_probs.dtype.is_floating_point:
+            raise TypeError(f"model_probs must be a floating tensor of probabilities, got "
+                            f"{model_probs.dtype}")
         if model_probs.shape != probs.shape:
             raise ValueError(f"model_probs must have shape {tuple(probs.shape)}, "
                              f"got {tuple(model_probs.shape)}")

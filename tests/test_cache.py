@@ -159,3 +159,31 @@ def test_learned_temperature_survives_the_push():
     want.backward()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(t.grad, t2.grad)
+
+
+def test_rows_beyond_the_memory_dtype_are_refused():
+    """A finite row that the memory's dtype cannot hold (7e4 into fp16, 1e39 into fp32)
+    would be stored as inf and drop out of every later loss and prediction: refused,
+    naming the rows, nothing written; in range, the same batch is kept."""
+    for dtype, big, src in ((torch.float16, 7e4, torch.float32),
+                            (torch.float32, 1e39, torch.float64)):
+        cache = nbkernels.NeighborCache(8, 2, 2, dtype=dtype)
+        x = torch.tensor([[0.0, 1.0], [big, 0.0], [1.0, 0.0]], dtype=src)
+        y = torch.tensor([0, 1, 0])
+        with pytest.raises(ValueError, match=r"fit its .* memory.*rows \[1\]"):
+            cache.push(x, y)
+        assert len(cache) == 0
+        x[1, 0] = 2.0
+        with pytest.warns(UserWarning, match="rounded"):
+            cache.push(x, y)
+        assert len(cache) == 3 and bool(torch.isfinite(cache.memory[:3]).all())
+
+
+def test_model_probs_must_be_floating():
+    """Integer or bool model probabilities would turn the cache's into 0 or 1 in the mix."""
+    cache = nbkernels.NeighborCache(8, 4, 3)
+    cache.push(*_batch(6, seed=1))
+    x, _ = _batch(2, seed=2)
+    for probs in (torch.zeros(2, 3, dtype=torch.int64), torch.ones(2, 3, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="model_probs must be a floating tensor"):
+            cache.predict(x, model_probs=probs)
