@@ -50,14 +50,22 @@ def _lse(q, r, q_labels, r_labels, t, metric, offset, backend):
     return NeighborLSE.apply(q, r, q_labels, r_labels, t, metric, offset, backend)
 
 
-def _scale_options(chunk_size, distributed, group):
-    """Check the scale-out options; returns ``chunk_size`` as a Python int (or None)."""
+def _scale_types(chunk_size, distributed, group):
+    """The scale-out options' types and values (no process group needed yet: modules are
+    built before it); returns ``chunk_size`` as a Python int (or None)."""
     if chunk_size is not None:
         chunk_size = check.integer("chunk_size", chunk_size, low=1)
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
     if group is not None and not distributed:
         raise ValueError("group was given with distributed=False: pass distributed=True")
+    return chunk_size
+
+
+def _scale_options(chunk_size, distributed, group):
+    """Check the scale-out options, and the process group for ``distributed``; returns
+    ``chunk_size`` as a Python int (or None)."""
+    chunk_size = _scale_types(chunk_size, distributed, group)
     if distributed:
         dist_.require(group)
     return chunk_size

@@ -15,7 +15,15 @@ from nbkernels import functional as F
 class _NeighborLossModule(nn.Module):
     def _init_options(self, temperature, metric, reduction, backend, learn_temperature,
                       scale_out):
-        self.scale_out = scale_out  # chunk_size, distributed, group: see nca_loss
+        # chunk_size, distributed, group: see nca_loss; checked here, the process group
+        # in forward (a module may be built before it)
+        F._scale_types(scale_out.get("chunk_size"), scale_out["distributed"], scale_out["group"])
+        self.scale_out = scale_out
+        # a bool, NumPy's too (a comparison of NumPy scalars gives one)
+        if not isinstance(learn_temperature, bool) and type(learn_temperature).__name__ not in (
+                "bool", "bool_"):
+            raise TypeError(f"learn_temperature must be a bool, got "
+                            f"{type(learn_temperature).__name__}")
         check.choice("metric", metric, kernel_inputs.METRICS)
         check.choice("reduction", reduction, check.REDUCTIONS)
         check.choice("backend", backend, backends.CHOICES)

@@ -125,6 +125,17 @@ def test_module_constructors_reject():
         nbkernels.PrototypeLoss(num_classes=3, dim=np.int64(0))
     with pytest.raises(TypeError, match="num_classes must be an int, got bool"):
         nbkernels.PrototypeLoss(num_classes=True, dim=4)
+    # the scale-out options at construction, not at the first forward (a process group
+    # is only needed then)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        nbkernels.NCALoss(chunk_size=0)
+    with pytest.raises(TypeError, match="distributed must be a bool, got str"):
+        nbkernels.NCALoss(distributed="x")
+    with pytest.raises(TypeError, match="distributed must be a bool"):
+        nbkernels.PrototypeLoss(distributed=1)
+    with pytest.raises(TypeError, match="learn_temperature must be a bool, got int"):
+        nbkernels.NCALoss(learn_temperature=1)
+    assert nbkernels.NCALoss(distributed=True).scale_out["distributed"] is True
 
 
 def test_prototype_module_accepts_numpy_integers():
