@@ -100,14 +100,17 @@ def cuda_trips(func, dtype):
 def _cuda_variant(demangled):
     """Variant fields from a demangled csrc kernel name (tile.cuh: kBM = 64, kBN = 64, 4 warps)."""
     m = re.search(r"(neighbor_(fwd|bwd)_kernel)<nbk::(\w+)(?:<(true|false)>)?, (true|false), "
-                  r"(true|false)>", demangled)
+                  r"(true|false)(?:, (true|false))?>", demangled)
     if not m:
         return None
     kind = m.group(2)
     dtype = "fp32" if m.group(3) == "TF32" else ("bf16" if m.group(4) == "true" else "fp16")
     sq, cls = m.group(5) == "true", m.group(6) == "true"
+    # the backward's own rows: the queries (dq) or, kRm, the references (dr)
+    side = {None: "", "false": "_dq", "true": "_dr"}[m.group(7)]
     chunk = 64 if dtype == "fp32" else 128      # P::kChunk, the D step of tile_dot
-    name = f"cuda_{kind}_{dtype}_{'sqeuclidean' if sq else 'dot'}{'_class' if cls else ''}_64x64w4"
+    name = (f"cuda_{kind}{side}_{dtype}_{'sqeuclidean' if sq else 'dot'}"
+            f"{'_class' if cls else ''}_64x64w4")
     # the backward grid has one program per kChunk slice of dx, each recomputing the logits
     passes = -(-build.D // chunk) if kind == "bwd" else 1
     return build.Variant(name=name, kind="cuda", dtype=dtype,

@@ -64,7 +64,7 @@ __device__ __forceinline__ void pair_grad(const BwdParams& p, const Row& q, cons
   dsz = ds != 0.f ? ds * (s - q.norm) : 0.f;
 }
 
-template <class P, bool kSq, bool kClass>
+template <class P, bool kSq, bool kClass, bool kRm>
 __global__ void __launch_bounds__(kThreads) neighbor_bwd_kernel(const BwdParams p) {
   using T = typename P::T;
   constexpr int kDT = P::kChunk / 8;  // n8 tiles of this block's dx slice
@@ -76,8 +76,9 @@ __global__ void __launch_bounds__(kThreads) neighbor_bwd_kernel(const BwdParams 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
   const float inv_t = 1.f / *in.temperature;
   const float c_dot = (kSq ? 2.f : 1.f) * inv_t;
-  // ref_major (block-uniform): own rows are references, the streamed side queries
-  const bool rm = p.ref_major;
+  // ref_major (p.ref_major, a template flag: one order of the 3xTF32 corrections compiled,
+  // ``tile_dot``): own rows are references, the streamed side queries
+  constexpr bool rm = kRm;
   const int64_t n_own = rm ? in.M : in.N, n_other = rm ? in.N : in.M;
   const Mat mq{in.q, in.s_qn, in.s_qd, in.q_vec}, mr{in.r, in.s_rm, in.s_rd, in.r_vec};
   const Mat x = rm ? mr : mq;  // own side
@@ -180,12 +181,12 @@ __global__ void __launch_bounds__(kThreads) neighbor_bwd_kernel(const BwdParams 
   }
 }
 
-template <class P, bool kSq, bool kClass>
+template <class P, bool kSq, bool kClass, bool kRm>
 void launch(const BwdParams& p) {
-  const int64_t n_own = p.ref_major ? p.in.M : p.in.N;
+  const int64_t n_own = kRm ? p.in.M : p.in.N;
   const int64_t n_slices = p.need_dx ? (p.in.D + P::kChunk - 1) / P::kChunk : 1;
   const dim3 grid(unsigned((n_own + kBM - 1) / kBM), unsigned(n_slices > 0 ? n_slices : 1));
-  const auto kernel = neighbor_bwd_kernel<P, kSq, kClass>;
+  const auto kernel = neighbor_bwd_kernel<P, kSq, kClass, kRm>;
   NBK_LAUNCH(kernel, grid, kThreads, p.in.stream, p);
 }
 
@@ -198,7 +199,10 @@ const char* neighbor_bwd_cuda(const BwdParams& p) {
   with_policy(p.in, [&](auto policy) {
     with_flag(p.in.sqeuclidean, [&](auto sq) {
       with_flag(p.classes, [&](auto cls) {
-        launch<decltype(policy), decltype(sq)::value, decltype(cls)::value>(p);
+        with_flag(p.ref_major, [&](auto rm) {
+          launch<decltype(policy), decltype(sq)::value, decltype(cls)::value,
+                 decltype(rm)::value>(p);
+        });
       });
     });
   });
