@@ -166,18 +166,20 @@ class NeighborLSE(torch.autograd.Function):
         r, qk, rk, kmetric, acc, temperature = _setup(ctx, q, r, temperature, metric, offset,
                                                       backend)
         ctx.symmetric = kernel_inputs.symmetric(qk, rk, q_labels, r_labels, offset)
-        mod = backends.get(backend, qk.device, qk.dtype)
+        shifted = True
         if _empty(q, r):
             lse_all = torch.full((q.shape[0],), float("-inf"), dtype=acc, device=q.device)
             lse_pos = lse_all.clone()
         else:
+            mod = backends.get(backend, qk.device, qk.dtype)
             lse_all, lse_pos = mod.lse_forward(
                 qk, rk, q_labels, r_labels, temperature, metric=kmetric, offset=offset,
                 symmetric=ctx.symmetric)
+            # the reference's values are whole (its SHIFTED is False)
+            shifted = getattr(mod, "SHIFTED", True)
         ctx.save_for_backward(q, r, qk, rk, q_labels, r_labels, temperature, lse_all, lse_pos)
         # the fused backends leave out the row constant -||q||^2 / T under "sqeuclidean";
-        # add it back (the reference's values are whole: its SHIFTED is False)
-        shifted = getattr(mod, "SHIFTED", True)
+        # add it back
         if kmetric == "sqeuclidean" and shifted:
             shift = kernel_inputs.row_shift(qk, temperature, kmetric)
             return lse_all - shift, lse_pos - shift

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from nbkernels import _validation as check
 from nbkernels._validation import acc_dtype, kernel_temperature  # noqa: F401 (re-exported)
 from nbkernels.backends.infinity import at_infinity
 
@@ -104,11 +105,23 @@ def prepare_queries(q, metric):
 
 
 def prepare_refs(r, prep):
-    """The kernel rows of references ``r`` (all of them or one chunk) for ``prep``."""
+    """The kernel rows of references ``r`` (all of them or one chunk) for ``prep``.
+
+    Raises ``ValueError`` (asynchronously on an accelerator) where a finite reference
+    shifted by the queries' centre leaves r's dtype (fp16 references 65504 or more from
+    the queries' centre): it would count as a point at infinity."""
     if prep.metric == "cosine":
         return normalize(r)
     if prep.centre is not None:
-        return _shifted(r, prep.centre)
+        rk = _shifted(r, prep.centre)
+        if rk.dtype != prep.centre.dtype and rk.numel():
+            lost = torch.isinf(rk) & torch.isfinite(r)
+            check.device_check(
+                ~lost.any(), f"sqeuclidean references must lie within {r.dtype}'s range "
+                f"(|x| <= {torch.finfo(r.dtype).max:.6g}) of the queries' centre (the mean "
+                "of the queries, or the midpoint of their range), which their rows are "
+                f"shifted by; pass {acc_dtype(r.dtype)} embeddings")
+        return rk
     return r
 
 

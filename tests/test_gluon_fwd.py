@@ -103,6 +103,10 @@ def test_runs_on_an_sm90_gpu_only():
 def test_form_is_the_recorded_best():
     res = _results()
     assert L.form().name == res["best"] == res["chosen"]
+    # and the fallback for arguments the ORDERED forms do not take: the best in row order
+    row = min((r for r in res["forms"] if not r["form"].get("ordered")),
+              key=lambda r: r["predicted_latency_model"]["time_s"])
+    assert (L.ROW_FORMS.get(L.VERSION) or L.ROW_FORMS[max(L.ROW_FORMS)]).name == row["name"]
     # and the first of the forms bench/gpu_perf.py times
     import _gluon_rows
     assert _gluon_rows.candidates(1)[0][1] == L.form().name

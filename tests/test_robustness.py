@@ -429,3 +429,22 @@ def test_a_class_without_weight_has_probability_zero(backend, dtype):
     want = formula_probs(q, r, ry, 0.05, 2, "sqeuclidean")
     _close(got, want.to(dtype), atol=0.0, rtol=1e-12 if dtype == torch.float64 else 1e-6,
            what="far class")
+
+
+def test_fp16_references_beyond_range_of_the_queries_centre_are_refused():
+    """The references are shifted by the queries' centre and rounded to their dtype: fp16
+    references 7e4 from it would come out as points at infinity (weight 0, the loss 0 on
+    every row where the formula gives 0.37 and 1.16): refused, naming what to pass."""
+    g = torch.Generator().manual_seed(0)
+    q = (3e4 + torch.randn(8, 4, generator=g)).half()
+    r = (-4e4 + torch.randn(16, 4, generator=g)).half()
+    ql, rl = torch.randint(0, 2, (8,), generator=g), torch.randint(0, 2, (16,), generator=g)
+    with pytest.raises(ValueError, match=r"references must lie within torch.float16's range"):
+        nbkernels.nca_loss(q, ql, ref_embeddings=r, ref_labels=rl, temperature=1e6,
+                           backend="torch")
+    # within range of the centre: scored as the formula (fp16 output)
+    r = (2e4 + torch.randn(16, 4, generator=g)).half()
+    got = nbkernels.nca_loss(q, ql, ref_embeddings=r, ref_labels=rl, temperature=1e6,
+                             backend="torch", reduction="none")
+    want = formula_loss(q, r, ql, rl, 1e6, "sqeuclidean", reduction="none")
+    _close(got, want, atol=2e-3, rtol=2e-3, what="loss rows")

@@ -37,8 +37,11 @@ def merge(tile_max, tile_sum, in_class=None, whole=None):
     if in_class is not None:
         tile_sum = torch.where(whole, in_class, tile_sum)
     top = tile_max.amax(1, keepdim=True)
-    # rows whose top is not finite: merged from 0, which keeps -inf / inf / NaN as they are
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(tile_max - top)
+    finite = torch.isfinite(top)
+    safe = torch.where(finite, top, torch.zeros_like(top))
+    w = torch.exp(tile_max - safe)
     z = (tile_sum * w).sum(1, keepdim=True)
-    return w / z, (top + z.log()).squeeze(1)
+    # rows whose top is not finite (-inf: no reference; +inf; NaN): the formula's values,
+    # lse_all = top and exp(tile_max - top)
+    scale = torch.where(finite, w / z, torch.exp(tile_max - top))
+    return scale, torch.where(finite, safe + z.log(), top).squeeze(1)

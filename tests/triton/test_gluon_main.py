@@ -135,6 +135,33 @@ def test_matches_oracle(tb, gluon, lse_form, dtype, n, m, batch, c, temperature)
         _grads_close(got[2:], plain[2:], dtype)
 
 
+@pytest.mark.parametrize("kind", ["query_labels_absent", "one_class", "labels_above_all",
+                                  "block64_m257"])
+def test_label_order_edge_spans(tb, gluon, monkeypatch, kind):
+    """The ORDERED form where a row block's labels span no tile (the queries' labels absent
+    from the references, or above every one of them with M a whole number of tiles), every
+    tile (one class: the last tile among the block's), and the 64-row form with a part-
+    filled last tile (M = 257): lse values against the fp64 oracle on every row."""
+    from nbkernels.backends.triton import gluon_lse as L
+    f = L.form()._replace(ordered=True)
+    if kind == "block64_m257":
+        f = f._replace(block_m=64, num_warps=4)
+    monkeypatch.setattr(L, "form", lambda version=None: f)
+    batch = kind in ("one_class", "block64_m257")
+    n, m, c = {"query_labels_absent": (333, 700, 20), "one_class": (300, 300, 1),
+               "labels_above_all": (333, 768, 20), "block64_m257": (257, 257, 10)}[kind]
+    case = _case(n, m, c, torch.bfloat16, 0.1, batch)
+    if kind == "query_labels_absent":
+        case.a = case.a + c          # labels no reference has
+    elif kind == "labels_above_all":
+        case.a = torch.full_like(case.a, 10 * c)
+    offset = 0 if batch else None
+    got = Launchers(tb, precision="ieee").lse(case, "sqeuclidean", offset, *upstream_lse(case))
+    (ran,) = gluon()
+    assert ran["FORM"] == f.name, ran
+    _forward_close(case, "sqeuclidean", offset, got)
+
+
 @pytest.mark.parametrize("dtype, n, m, c, batch, temperature", [
     (BF16, n, m, c, batch, t) for n, m, c, batch in ((300, 300, 10, True), (1000, 1000, 40, True),
                                                      (129, 1031, 40, True), (333, 1031, 40, False))

@@ -88,6 +88,9 @@ class Form(NamedTuple):
 # (bench/gluon_fwd.py, bench/results/gluon_fwd_sm90*.json; tests/test_gluon_fwd.py)
 FORMS = {(3, 6): Form(128, 8, False, False, True), (3, 7): Form(128, 8, False, True, True),
          (3, 8): Form(128, 8, False, True, True), (3, 9): Form(64, 4, False, True, True)}
+# the fastest in row order, for the arguments the ORDERED forms do not take (``ordered_ok``)
+ROW_FORMS = {(3, 6): Form(128, 8, False, False), (3, 7): Form(128, 8, False, True),
+             (3, 8): Form(128, 8, False, True), (3, 9): Form(128, 8, False, False)}
 VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 
 
@@ -297,6 +300,7 @@ def lse_main_sm90(q, r, q_labels, pack, scale, has_pos, lse_all, lse_pos, redo, 
                                         zero, b_s, b_a, b_self, b_c, b_m, b_l, b_lp, cols,
                                         BLOCK_N, D, WIDE, AFTER, True, False)
         b_col, b_b = _terms(w_s, n - 1, cols)
+        # no mask here: o_n (the first tile's columns) is not read
         b_m, b_l, b_lp = _lazy(b_s, b_col, b_b, o_n, b_self, b_a, b_c, b_m, b_l, b_lp, True,
                                False)
     m_m = o_m < N
@@ -322,11 +326,20 @@ def form(version=VERSION):
     return FORMS.get(version) or FORMS[max(FORMS)]
 
 
+def _taken(args, f):
+    """The form that runs on ``args`` for ``f`` (None: ``form()``): an ORDERED one where it
+    takes them (``ordered_ok``), else this triton's fastest in row order."""
+    f = f or form()
+    if f.ordered and not ordered_ok(args):
+        return ROW_FORMS.get(VERSION) or ROW_FORMS[max(ROW_FORMS)]
+    return f
+
+
 def why_not(args, f=None):
     """Why the main pass in form ``f`` (None: ``form()``) cannot take these
     ``lse_forward_passes`` arguments; None if it can."""
     q, r = args["q"], args["r"]
-    f = f or form()
+    f = _taken(args, f)
     if q.dtype not in (torch.bfloat16, torch.float16) or args["D"] != D:
         return f"takes bf16 / fp16 rows of D = {D}, got {q.dtype} D = {args['D']}"
     if q.stride(1) != 1 or r.stride(1) != 1:
@@ -350,10 +363,10 @@ def why_not(args, f=None):
 def in_label_order(args, block_m):
     """The ORDERED form's inputs from ``lse_forward_passes``' arguments: the queries, their
     label ranks, the references and their packed terms in label order (stable sorts;
-    padding kept), each query's original row (int32), its excluded reference's position
-    among the sorted ones (the batch; int32, padded with -1), and per block of
-    ``block_m`` sorted queries the first reference tile of its labels and their count
-    (int32 (blocks, 2): the tiles that hold references of a label the block holds)."""
+    padding kept; the batch's queries are its references, one sort), each query's
+    original row (int32), and per block of ``block_m`` sorted queries the first reference
+    tile of its labels and their count (int32 (blocks, 2): the tiles that hold references
+    with a label from the block's first to its last)."""
     q, r, n, m = args["q"], args["r"], args["N"], args["M"]
     a, b, pack = args["q_labels"], args["r_labels"], args["r_pack"]
     b_sorted, perm_r = torch.sort(b[:m], stable=True)
@@ -381,18 +394,16 @@ def ordered_ok(args):
     lies among the tiles of its row's label; an excluded pair by position between other
     rows need not."""
     return not args["HAS_OFFSET"] or (args["q"] is args["r"] and
-                                      args["q_labels"] is args["r_labels"])
+                                      args.get("q_labels") is args.get("r_labels"))
 
 
 def main_pass(args, grid, f=None):
     """``lse_forward_passes``' main pass (``main``): the Gluon kernel in form ``f`` (None:
     ``form()``) on its arguments, recorded in ``configs.LAUNCHED`` as kind "fwd_main"."""
-    f = f or form()
+    f = _taken(args, f)
     reason = why_not(args, f)
     if reason:
         raise ValueError(f"the Gluon main pass {reason}")
-    if f.ordered and not ordered_ok(args):
-        f = f._replace(ordered=False)
     q, r, a, pack = args["q"], args["r"], args["q_labels"], args["r_pack"]
     order = span = None
     if f.ordered:
