@@ -145,31 +145,46 @@ class NeighborCache(nn.Module):
         self._check_push(embeddings, labels)
         self._write(embeddings, labels)
 
-    def _check_push(self, embeddings, labels):
+    def _check_push(self, embeddings, labels, collective=False):
+        """Refuse a batch ``push`` would lose. ``collective`` (``forward`` of a distributed
+        cache, whose loss is a collective; a push is each rank's own): every rank refuses,
+        or none, since one that raised alone would leave the others waiting in the loss."""
         self._check_batch(embeddings, labels)
         bad = ~torch.isfinite(embeddings).all(1)
-        if bool(bad.any()):  # a push reads ptr on the host anyway: no extra sync point
-            rows = bad.nonzero().flatten()
-            raise ValueError(f"embeddings pushed into the cache must be finite, got NaN or inf "
-                             f"in {rows.numel()} row(s), e.g. rows {rows[:8].tolist()}; "
-                             "nothing was pushed")
         top = torch.finfo(self.memory.dtype).max
-        if embeddings.dtype.is_floating_point and torch.finfo(embeddings.dtype).max > top:
-            # finite rows the memory's dtype cannot hold would be stored as inf: lost
-            big = (embeddings.abs() > top).any(1)
-            if bool(big.any()):
-                rows = big.nonzero().flatten()
-                raise ValueError(
-                    f"embeddings pushed into the cache must fit its {self.memory.dtype} "
-                    f"memory (|x| <= {top:.6g}), got {rows.numel()} row(s) beyond it, e.g. "
-                    f"rows {rows[:8].tolist()}; nothing was pushed (pass a wider dtype= to "
-                    "NeighborCache)")
+        # finite rows the memory's dtype cannot hold would be stored as inf: lost
+        big = (embeddings.abs() > top).any(1) & ~bad if \
+            torch.finfo(embeddings.dtype).max > top else torch.zeros_like(bad)
+        counts = torch.stack([bad.sum(), big.sum()])
+        if collective:
+            dist_.require(self.group)
+            counts = dist_.global_sum(counts.to(embeddings.device), self.group)
+        if bool(counts.any()):  # a push reads ptr on the host anyway: no extra sync point
+            self._refuse(bad, big, counts, top)
         if (torch.promote_types(embeddings.dtype, self.memory.dtype) != self.memory.dtype
                 and not self._warned_cast):
             self._warned_cast = True
             warnings.warn(f"embeddings of dtype {embeddings.dtype} are stored in the cache's "
                           f"{self.memory.dtype} memory (rounded); pass dtype={embeddings.dtype} "
                           "to NeighborCache to keep them exactly", stacklevel=3)
+
+    def _refuse(self, bad, big, counts, top):
+        """The push's ValueError: this rank's rows, else another rank's counts."""
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()
+            raise ValueError(f"embeddings pushed into the cache must be finite, got NaN or inf "
+                             f"in {rows.numel()} row(s), e.g. rows {rows[:8].tolist()}; "
+                             "nothing was pushed")
+        if bool(big.any()):
+            rows = big.nonzero().flatten()
+            raise ValueError(
+                f"embeddings pushed into the cache must fit its {self.memory.dtype} "
+                f"memory (|x| <= {top:.6g}), got {rows.numel()} row(s) beyond it, e.g. "
+                f"rows {rows[:8].tolist()}; nothing was pushed (pass a wider dtype= to "
+                "NeighborCache)")
+        raise ValueError(f"another rank's batch holds {int(counts[0])} row(s) with NaN or inf "
+                         f"and {int(counts[1])} beyond the {self.memory.dtype} memory's range: "
+                         "nothing was pushed on any rank")
 
     def _write(self, embeddings, labels):
         n = embeddings.shape[0]
@@ -221,7 +236,7 @@ class NeighborCache(nn.Module):
     def forward(self, embeddings, labels):
         """Loss against the current content, then push the detached batch (checked first:
         a batch that ``push`` refuses raises before any loss is computed)."""
-        self._check_push(embeddings, labels)
+        self._check_push(embeddings, labels, collective=self.distributed)
         loss = self.loss(embeddings, labels)
         self._write(embeddings, labels)
         return loss

@@ -229,6 +229,23 @@ def sharded_cache_reference(rank, world):
 
 
 @scenario
+def sharded_cache_forward_refused_on_every_rank(rank, world):
+    """``cache(x, y)`` with a NaN row on rank 0: every rank raises (rank 0 naming its rows),
+    none pushes, and the group goes on (a later loss, a collective, runs on every rank)."""
+    cache = nbkernels.NeighborCache(8, 5, 3, distributed=True, backend="torch",
+                                    dtype=torch.float64)
+    cache.push(*make_batch(3, 5, 3, seed=70 + rank))
+    x, y = make_batch(2 + rank, 5, 3, seed=80 + rank)
+    if rank == 0:
+        x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1\]" if rank == 0 else "another rank's batch"):
+        cache(x, y)
+    assert len(cache) == 3
+    x[1, 2] = 0.0
+    assert torch.isfinite(cache.loss(x, y))
+
+
+@scenario
 def sharded_cache_empty_union(rank, world):
     cache = nbkernels.NeighborCache(4, 5, 3, distributed=True, backend="torch")
     q, qy = make_batch(2 + rank, 5, 3, dtype=torch.float32, seed=rank)
