@@ -94,6 +94,11 @@ def _meminfo(key):
 
 
 # ----------------------------------------------------------------------------- inputs
+# what ``nca_inputs`` draws, in every result file that times them: how many rows the
+# Triton forward's exact pass redoes depends on it (bench/sass/second_passes.py)
+NCA_INPUTS = "rows 0.1 N(0, 1) (bench/_harness.nca_inputs), labels uniform"
+
+
 def nca_inputs(n, d, classes, dtype, device, seed=0):
     """Embeddings (n, d) with requires_grad and int64 labels in [0, classes), seeded.
 

@@ -52,7 +52,8 @@ def result_file():
 
     def get(name, device):
         if name not in files:
-            files[name] = H.ResultFile(H.results_dir() / f"{name}.json", H.env_info(device))
+            env = dict(H.env_info(device), inputs=H.NCA_INPUTS)
+            files[name] = H.ResultFile(H.results_dir() / f"{name}.json", env)
             H.log(f"writing {files[name].path}")
         return files[name]
 

@@ -23,6 +23,7 @@ def test_gpu_perf_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_perf.json").read_text())
     assert data["env"]["dry"] is True
+    assert data["env"]["inputs"].startswith("rows N(0, 0.3^2)")
     records = data["records"]
     ours = [r for r in records if r["name"].startswith("nbkernels") and "main_pass" not in r]
     # the table's configs and the other candidates, bf16 (fp16 here) and fp32, fwd and fwdbwd

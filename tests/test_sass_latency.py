@@ -145,7 +145,7 @@ def test_points_from_a_gpu_perf_run(tmp_path):
         return dict(name="nbkernels-triton", mode=mode, dtype=dtype, status=status,
                     fwd_config=fwd, bwd_config=bwd, time_s={"median": ms / 1e3}, **kw)
     perf = dict(env=dict(git_commit="0123456789abcdef", git_dirty=False, gpu_name="NVIDIA H200",
-                         triton="3.6.0"),
+                         triton="3.6.0", inputs="rows N(0, 0.3^2)"),
                 records=[rec("fwd", [128, 128, 8, 2], [128, 64, 8, 2], 5.0, sm_clock_mhz=1755.0),
                          rec("fwd", [128, 64, 4, 3], [128, 64, 8, 2], 4.0),
                          rec("fwdbwd", [128, 128, 8, 2], [64, 64, 4, 3], 20.0,
@@ -178,6 +178,8 @@ def test_points_from_a_gpu_perf_run(tmp_path):
     assert model.at_clock({"sm_clock_mhz": 1830.0}) == pytest.approx(1.0)
     assert model.at_clock({"sm_clock_mhz": 1980.0}) == pytest.approx(1830 / 1980)
     assert {p["commit"] for p in points} == {"0123456"}
+    # the inputs timed go with every point (the exact pass's share depends on them)
+    assert {p["inputs"] for p in points} == {"rows N(0, 0.3^2)"}
     # the triton the GPU ran, which --triton 3.6=PATH compiles the point with
     assert {p["triton"] for p in points} == {"3.6.0"} and L._minor("3.6.0") == "3.6"
     assert L.points_from_perf(dict(perf, env=dict(perf["env"], dry=True))) == []

@@ -204,6 +204,7 @@ def points_from_perf(perf):
     # the commit to compile at; a dirty tree's kernels may differ from it (flagged)
     commit, dirty = perf["env"]["git_commit"][:7], bool(perf["env"].get("git_dirty"))
     gpu = perf["env"].get("gpu_name", "GPU")
+    inputs = perf["env"].get("inputs")
 
     def name(kind, cfg):
         return f"{kind}_bf16_sqeuclidean_{cfg[0]}x{cfg[1]}w{cfg[2]}s{cfg[3]}"
@@ -217,6 +218,9 @@ def points_from_perf(perf):
     for p, c in zip(out, fwd):
         if fwd_clock[c]:
             p["sm_clock_mhz"] = fwd_clock[c]
+    for p in out:   # what was timed: the exact pass's share depends on it
+        if inputs:
+            p["inputs"] = inputs
     for r in ok:
         cfg, both = tuple(r["fwd_config"]), 1e3 * r["time_s"]["median"]
         # the symmetric kernel's form that worked (records before it had one form: that
@@ -231,6 +235,8 @@ def points_from_perf(perf):
                             variants=[name("bwd_sym", r["bwd_config"]) + form]))
             if r.get("sm_clock_mhz"):
                 out[-1]["sm_clock_mhz"] = r["sm_clock_mhz"]
+            if inputs:
+                out[-1]["inputs"] = inputs
     return out
 
 
