@@ -33,10 +33,12 @@ def test_special_rows():
     anchors: as the formula gives them in fp64 (scale 0 for an empty tile; lse -inf and
     NaN scales for a row without a reference)."""
     m = torch.tensor([[0.0, -INF, 5.0], [-INF, -INF, -INF], [INF, 0.0, 100.0],
-                      [NAN, 0.0, 1.0], [2.0, 1.0, -INF], [INF, 100.0, -INF]],
-                     dtype=torch.float64)
+                      [NAN, 0.0, 1.0], [2.0, 1.0, -INF], [INF, 100.0, -INF],
+                      [-INF, -INF, -INF]], dtype=torch.float64)
+    # the last row: a NaN query, whose kernel max dropped its NaN logits (anchors -inf)
+    # while its sums kept them
     s = torch.tensor([[3.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0],
-                      [1.0, 2.0, 0.0], [1.0, 2.0, 0.0]], dtype=torch.float64)
+                      [1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [NAN, NAN, 0.0]], dtype=torch.float64)
     lse = torch.logsumexp(m + s.log(), 1)
     want = torch.exp(m - lse[:, None])
     scale, got = class_tiles.merge(m, s)
@@ -45,6 +47,7 @@ def test_special_rows():
     assert scale[0, 1] == 0 and got[1] == -INF and scale[1].isnan().all()
     # a +inf anchor: NaN for its tile, 0 for the others (finite anchors above exp's range too)
     assert scale[5, 0].isnan() and scale[5, 1] == 0 and scale[5, 2] == 0 and got[5] == INF
+    assert got[6].isnan() and scale[6].isnan().all()
 
 
 def test_whole_tiles_take_their_masses_sum():

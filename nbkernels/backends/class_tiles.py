@@ -31,9 +31,10 @@ def merge(tile_max, tile_sum, in_class=None, whole=None):
     ``in_class`` (N, tiles): each tile's class masses summed, taken in place of its sum
     where ``whole`` (tiles,) holds.
 
-    Special rows as the formula gives them: an empty tile (anchor -inf, sum 0) gets
-    scale 0; a row without any reference lse_all -inf and scales NaN (yhat NaN); a +inf
-    anchor lse_all +inf and scale NaN (0 for the other tiles); a NaN anchor NaN."""
+    Rows whose largest anchor is not finite, as the formula gives them: a row without any
+    reference lse_all -inf and scales NaN (yhat NaN); anchors -inf with a NaN sum (a NaN
+    query) NaN; a +inf anchor lse_all +inf and scale NaN (0 for the other tiles); a NaN
+    anchor NaN. An empty tile (anchor -inf, sum 0) gets scale 0."""
     if in_class is not None:
         tile_sum = torch.where(whole, in_class, tile_sum)
     top = tile_max.amax(1, keepdim=True)
@@ -41,7 +42,8 @@ def merge(tile_max, tile_sum, in_class=None, whole=None):
     safe = torch.where(finite, top, torch.zeros_like(top))
     w = torch.exp(tile_max - safe)
     z = (tile_sum * w).sum(1, keepdim=True)
-    # rows whose top is not finite (-inf: no reference; +inf; NaN): the formula's values,
-    # lse_all = top and exp(tile_max - top)
-    scale = torch.where(finite, w / z, torch.exp(tile_max - top))
-    return scale, torch.where(finite, safe + z.log(), top).squeeze(1)
+    # rows whose top is not finite (-inf: no reference, or a NaN query whose max dropped
+    # its NaN logits while its sum kept them; +inf; NaN): the formula's values as they are
+    lse = torch.logsumexp(tile_max + tile_sum.log(), 1, keepdim=True)
+    scale = torch.where(finite, w / z, torch.exp(tile_max - lse))
+    return scale, torch.where(finite, safe + z.log(), lse).squeeze(1)
