@@ -38,14 +38,15 @@ TARGET = dict(n=65536, d=128, classes=1000, t=0.1, chunk=2048)
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "exact_pass_rows.json")
 
 
-def _flags(x, y, t, chunk):
+def _flags(x, y, t, chunk, rows=None):
     """(flagged rows, rows with a positive) of the batch x (labels y) at temperature t,
-    the logits computed ``chunk`` rows at a time."""
+    the logits computed ``chunk`` rows at a time; ``rows``: only the first that many
+    (a sample; the others False)."""
     n = x.shape[0]
     sq = x.pow(2).sum(1)
     under = torch.zeros(n, dtype=torch.bool)
     has = torch.zeros(n, dtype=torch.bool)
-    for i in range(0, n, chunk):
+    for i in range(0, n if rows is None else rows, chunk):
         rows = torch.arange(i, min(i + chunk, n))
         s = (2 * x[rows] @ x.T - sq[None, :] - sq[rows, None]) / t
         s[torch.arange(len(rows)), rows] = -math.inf

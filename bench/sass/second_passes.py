@@ -43,17 +43,13 @@ def flagged_share(std, n=65536, d=128, classes=1000, t=0.1, sample=SAMPLE, seed=
     """The share of rows whose positives sit more than 64 bits below their nearest
     reference (the batch loss, self pair excluded), on ``sample`` rows of the batch."""
     import torch
+
+    from exact_pass_rows import _flags   # the flag rule, evaluated on the CPU
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, d, generator=g) * std).to(torch.bfloat16).float()
     y = torch.randint(0, classes, (n,), generator=g)
-    sq = x.pow(2).sum(1)
-    rows = torch.arange(sample)
-    s = (2 * x[rows] @ x.T - sq[None, :] - sq[rows, None]) / t
-    s[rows, rows] = -math.inf
-    pos = y[rows, None] == y[None, :]
-    pos[rows, rows] = False
-    gap = (s.max(1).values - torch.logsumexp(s.masked_fill(~pos, -math.inf), 1)) / math.log(2)
-    return float((pos.any(1) & (gap > 64)).double().mean())
+    under, _ = _flags(x, y, t, sample, rows=sample)
+    return float(under[:sample].double().mean())
 
 
 def grid_share(kind, flagged, block):
