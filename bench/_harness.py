@@ -290,6 +290,25 @@ def annotate_clocks(result_path, clocks_path):
     return n
 
 
+def timed(fn, dry, setup=None, budget_s=0.3, max_reps=20):
+    """Seconds of ``fn()`` after one untimed call (compiles, autotunes, caches): on a GPU
+    by ``cuda_time``, with the unix-time window of its timing (``t_unix``, which
+    ``annotate_clocks`` matches the sampled clocks to); ``dry``: one CPU call timed (the
+    interpreter compiles nothing)."""
+    if setup:
+        setup()
+    if dry:
+        t0 = time.perf_counter()
+        fn()
+        s = time.perf_counter() - t0
+        return {"median": s, "min": s, "max": s, "rounds": 1, "method": "dry (cpu, interpreter)"}
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.time()
+    timing = cuda_time(fn, setup=setup, budget_s=budget_s, max_reps=max_reps)
+    return dict(timing, t_unix=[t0, time.time()])
+
+
 # ----------------------------------------------------------------------------- memory model
 # Bytes per element of the N x M matrix that a materializing provider needs for one
 # forward+backward, fp32. Starting values from the issue's CPU table (PML ~5 GB and the

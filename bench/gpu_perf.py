@@ -151,22 +151,8 @@ class Run:
         return x.to(self.device, dtype), y
 
     def time(self, fn, setup=None):
-        """Seconds of ``fn()`` after one untimed call (compiles, autotunes, caches)."""
-        if not self.dry:
-            if setup:
-                setup()
-            fn()
-            torch.cuda.synchronize(self.device)
-            t0 = time.time()
-            timing = H.cuda_time(fn, setup=setup, budget_s=0.3, max_reps=20)
-            # the window gpu_perf.sh's clock samples are matched to (H.annotate_clocks)
-            return dict(timing, t_unix=[t0, time.time()])
-        if setup:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        s = time.perf_counter() - t0
-        return {"median": s, "min": s, "max": s, "rounds": 1, "method": "dry (cpu, interpreter)"}
+        """Seconds of ``fn()`` after one untimed call (``H.timed``)."""
+        return H.timed(fn, self.dry, setup=setup)
 
     def record(self, name, mode, dtype, flop, need_s=10, **kw):
         """Run ``kw['run']()`` (returns a timing dict) and store it, or store why not."""

@@ -159,16 +159,7 @@ def time_rungs(out_dir, budget_s=40.0, dry=False):
 
             def launch():
                 kernel[(n // bm,)](**args, **opts)
-            launch()
-            if dry:
-                t0 = time.perf_counter()
-                launch()
-                timing = {"median": time.perf_counter() - t0, "method": "dry (cpu, interpreter)"}
-            else:
-                torch.cuda.synchronize()
-                t0 = time.time()
-                timing = H.cuda_time(launch, budget_s=0.2, max_reps=20)
-                timing["t_unix"] = [t0, time.time()]
+            timing = H.timed(launch, dry, budget_s=0.2)
             ok = bool(torch.isfinite(out).all())
             res.add(**rec, status="ok" if ok else "error", time_s=timing,
                     **({} if ok else {"reason": "non-finite output"}))
